@@ -1,0 +1,348 @@
+"""Fused, chunked knowledge-distillation loss over the student's and the teacher's LM heads.
+
+The plain way to distil, `log_softmax(h_s @ W_s.T)` against `log_softmax(h_t @ W_t.T)`, holds several
+(N, V) fp32 tensors for both models at once, plus their autograd copies. `fused_kd_loss` loops over
+chunks of rows instead: per chunk it computes both models' logits, the per-row divergence and,
+analytically, its gradient w.r.t. the student logits, turns that into the gradient w.r.t. the chunk's
+student hidden rows and accumulates the gradient w.r.t. the student LM head, then frees the chunk.
+Peak extra memory is a few (rows, V) buffers plus the gradients themselves.
+
+The pure-PyTorch full-logits reference lives in `tests/kd_reference.py`; the benchmark is
+`reports/benchmarks/bench_kd_loss.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+# A chunk's fp32 (rows, V) scratch buffers stay within this budget when chunk_size is None.
+CHUNK_BUDGET_BYTES = 64 * 2**20
+# (rows, V) fp32 buffers alive at once inside `_divergence_rows` (the worst case, "jsd").
+_FP32_BUFFERS_PER_CHUNK = 4
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product (C, V), (C, V) -> (C,) without a (C, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+# The math, per row, with z_s, z_t the temperature-scaled logits (V,), s = log_softmax(z_s),
+# t = log_softmax(z_t), p_s = exp(s), p_t = exp(t). Each divergence comes with its gradient
+# g = d loss / d z_s, derived by hand so that no autograd graph over (C, V) tensors is kept:
+#   fkl  KL(p_t || p_s) = sum p_t (t - s)                      g = p_s - p_t
+#   rkl  KL(p_s || p_t) = sum p_s (s - t) =: L                 g = p_s (s - t - L)
+#   jsd  TRL's generalized JSD (GKDTrainer.generalized_jsd_loss, Eq. 1 of arXiv:2306.13649):
+#        m = beta p_t + (1 - beta) p_s, log m = logaddexp(t + log beta, s + log(1 - beta))
+#        L = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
+#        g = (1 - beta) p_s (s - log m - KL(p_s || m))
+#        beta = 0 is fkl and beta = 1 is rkl exactly, as TRL special-cases them (the mixture
+#        itself tends to 0 at both ends, so the loss is discontinuous there by convention).
+#   tvd  0.5 sum |p_t - p_s|                                   a = 0.5 p_s sign(p_s - p_t)
+#                                                              g = a - p_s sum(a)
+# (For any loss of s, g = dL/ds - p_s sum(dL/ds), the log-softmax Jacobian.)
+def _divergence_rows(
+    s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence (C,) and its gradient (C, V) w.r.t. z_s, or None without need_grad.
+
+    s, t: (C, V) fp32 log-probabilities of student and teacher. They are scratch: overwritten in
+    place, so that at most four (C, V) buffers (s and t included) are alive at once.
+    """
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "fkl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "rkl"
+    grad = None
+    if divergence == "fkl":
+        pt = t.exp()
+        loss = _row_dot(pt, t.sub_(s))
+        if need_grad:
+            grad = s.exp_().sub_(pt)
+    elif divergence == "rkl":
+        ps = s.exp()
+        d = s.sub_(t)  # s - t
+        loss = _row_dot(ps, d)
+        if need_grad:
+            grad = d.sub_(loss.unsqueeze(1)).mul_(ps)
+    elif divergence == "jsd":
+        log_m = torch.add(s, math.log1p(-beta))
+        torch.logaddexp(log_m, t + math.log(beta), out=log_m)
+        kl_t = _row_dot(t.exp(), t.sub_(log_m))  # KL(p_t || m)
+        del t
+        ps = s.exp()
+        ds = s.sub_(log_m)  # s - log m
+        del log_m
+        kl_s = _row_dot(ps, ds)  # KL(p_s || m)
+        loss = beta * kl_t + (1.0 - beta) * kl_s
+        if need_grad:
+            grad = ds.sub_(kl_s.unsqueeze(1)).mul_(ps).mul_(1.0 - beta)
+    elif divergence == "tvd":
+        ps = s.exp_()
+        diff = t.exp_().sub_(ps).neg_()  # p_s - p_t
+        loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        if need_grad:
+            a = diff.sign_().mul_(ps).mul_(0.5)
+            grad = a.addcmul_(ps, a.sum(dim=-1, keepdim=True), value=-1.0)
+    else:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    return loss, grad
+
+
+def _check_options(divergence: str, beta: float, temperature: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1] (0 -> fkl, 1 -> rkl), got {beta}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+class _KDFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, divergence, beta, temperature, need_grad):
+        s = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V) fp32
+        t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V) fp32
+        loss, grad = _divergence_rows(s, t, divergence, beta, need_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad.div_(temperature))
+        ctx.logits_dtype = student_logits.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # grad_output: (N,)
+        (grad,) = ctx.saved_tensors
+        grad_logits = (grad * grad_output.unsqueeze(1)).to(ctx.logits_dtype)
+        return grad_logits, None, None, None, None, None
+
+
+def kd_divergence_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row divergence (N,) fp32 between (N, V) student and teacher logits.
+
+    The same math as `fused_kd_loss`, for callers that already hold full logits. Differentiable
+    w.r.t. `student_logits`; the teacher is a constant (no gradient flows to it).
+    """
+    _check_options(divergence, beta, temperature)
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must both be (N, V) with equal shapes, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _KDFromLogits.apply(
+        student_logits, teacher_logits.detach(), divergence, beta, temperature, need_grad
+    )
+
+
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax((C, H) @ (V, H).T / T) -> (C, V) fp32; the matmul runs in the input dtype."""
+    logits = torch.mm(hidden, weight.t()).float()  # (C, V)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _chunked_kd(
+    sh: torch.Tensor,  # (N, Hs)
+    sw: torch.Tensor,  # (V, Hs)
+    th: torch.Tensor,  # (N, Ht)
+    tw: torch.Tensor,  # (V, Ht)
+    rows: torch.Tensor | None,  # (K,) indices of kept rows; None keeps all N
+    divergence: str,
+    beta: float,
+    temperature: float,
+    chunk_size: int,
+    row_weight: float | torch.Tensor,  # d total / d loss_i: a float, or (K,) per kept row
+    want_grad_h: bool,
+    want_grad_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss per kept row (K,) fp32, grad w.r.t. sh (N, Hs) and w.r.t. sw (V, Hs), chunk by chunk.
+
+    The gradients are those of sum_i row_weight_i * loss_i; masked rows get exactly zero.
+    """
+    n_kept = sh.shape[0] if rows is None else rows.numel()
+    need_grad = want_grad_h or want_grad_w
+    loss = torch.empty(n_kept, dtype=torch.float32, device=sh.device)
+    grad_h = torch.zeros_like(sh) if want_grad_h else None
+    # fp32 accumulator across chunks; cast to sw.dtype once at the end.
+    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if want_grad_w else None
+    for start in range(0, n_kept, chunk_size):
+        end = min(start + chunk_size, n_kept)
+        if rows is None:
+            hs, ht = sh[start:end], th[start:end]  # views, no copy
+        else:
+            idx = rows[start:end]
+            hs, ht = sh.index_select(0, idx), th.index_select(0, idx)
+        s = _log_probs(hs, sw, temperature)  # (C, V)
+        t = _log_probs(ht, tw, temperature)  # (C, V)
+        loss_c, g = _divergence_rows(s, t, divergence, beta, need_grad)
+        del s, t
+        loss[start:end] = loss_c
+        if not need_grad:
+            continue
+        # g: d loss_i / d z_s; z_s = h W^T / T, so d / d(h W^T) = g * row_weight / T.
+        if isinstance(row_weight, torch.Tensor):
+            g.mul_((row_weight[start:end] / temperature).unsqueeze(1))
+        else:
+            g.mul_(row_weight / temperature)
+        g = g.to(sw.dtype)  # (C, V), no copy for fp32
+        if want_grad_h:
+            if rows is None:
+                torch.mm(g, sw, out=grad_h[start:end])
+            else:
+                grad_h.index_copy_(0, idx, torch.mm(g, sw))
+        if want_grad_w:
+            if g.dtype == torch.float32:
+                grad_w.addmm_(g.t(), hs)
+            else:
+                grad_w.add_(torch.mm(g.t(), hs))
+        del g
+    if grad_w is not None:
+        grad_w = grad_w.to(sw.dtype)
+    return loss, grad_h, grad_w
+
+
+class _FusedKDLoss(torch.autograd.Function):
+    """Forward computes the loss and, for "mean"/"sum", the gradients too (backward only scales
+    them by the scalar grad_output). For "none" the upstream gradient is a (N,) vector: scaling
+    stored grad_h rows would be exact, but grad_w sums over rows, so backward instead recomputes
+    the chunks with the per-row weights (one extra pass of the matmuls, exact, no (N, V) storage).
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, th, tw, rows, opts, want_grad_h, want_grad_w):
+        divergence, beta, temperature, reduction, chunk_size = opts
+        n_kept = sh.shape[0] if rows is None else rows.numel()
+        ctx.opts, ctx.rows_none = opts, rows is None
+        precompute = reduction != "none" and (want_grad_h or want_grad_w)
+        row_weight = 1.0 / max(n_kept, 1) if reduction == "mean" else 1.0
+        loss, grad_h, grad_w = _chunked_kd(
+            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight,
+            want_grad_h and precompute, want_grad_w and precompute,
+        )  # fmt: skip
+        if reduction == "none":
+            ctx.save_for_backward(sh, sw, th, tw, rows)
+            ctx.want = (want_grad_h, want_grad_w)
+            if rows is None:
+                return loss
+            return torch.zeros(sh.shape[0], dtype=loss.dtype, device=loss.device).index_copy_(
+                0, rows, loss
+            )
+        ctx.save_for_backward(grad_h, grad_w)
+        total = loss.sum()
+        return total * row_weight if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        divergence, beta, temperature, reduction, chunk_size = ctx.opts
+        if reduction != "none":  # grad_output: () scalar
+            grad_h, grad_w = ctx.saved_tensors
+            if grad_h is not None:
+                grad_h = grad_h * grad_output.to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w = grad_w * grad_output.to(grad_w.dtype)
+            return grad_h, grad_w, None, None, None, None, None, None
+        sh, sw, th, tw, rows = ctx.saved_tensors  # grad_output: (N,)
+        rows = None if ctx.rows_none else rows
+        row_weight = grad_output.float() if rows is None else grad_output.float()[rows]
+        _, grad_h, grad_w = _chunked_kd(
+            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, *ctx.want
+        )
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction):
+    shapes = (
+        f"student_hidden {tuple(student_hidden.shape)}, student_weight {tuple(student_weight.shape)}, "
+        f"teacher_hidden {tuple(teacher_hidden.shape)}, teacher_weight {tuple(teacher_weight.shape)}"
+    )
+    tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    if any(t.dim() != 2 for t in tensors):
+        raise ValueError(f"all four inputs must be 2-D (N, H) / (V, H); got {shapes}")
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"student and teacher hidden states differ in N (tokens): {shapes}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher LM heads differ in V (vocabulary): {shapes}")
+    if student_hidden.shape[1] != student_weight.shape[1]:
+        raise ValueError(f"student hidden size differs from its LM head's: {shapes}")
+    if teacher_hidden.shape[1] != teacher_weight.shape[1]:
+        raise ValueError(f"teacher hidden size differs from its LM head's: {shapes}")
+    if student_hidden.dtype != student_weight.dtype or teacher_hidden.dtype != teacher_weight.dtype:
+        raise ValueError(
+            "each model's hidden states and LM head must share a dtype; got student "
+            f"{student_hidden.dtype}/{student_weight.dtype}, teacher "
+            f"{teacher_hidden.dtype}/{teacher_weight.dtype}"
+        )
+    if mask is not None and (mask.dim() != 1 or mask.shape[0] != student_hidden.shape[0]):
+        raise ValueError(
+            f"mask must be (N,) = ({student_hidden.shape[0]},) bool, got {tuple(mask.shape)}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def fused_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation loss between two LM heads without materialising (N, V) logits.
+
+    Args:
+        student_hidden: (N, Hs) the draft's final hidden states.
+        student_weight: (V, Hs) the draft's LM head; gets a gradient only if it requires one.
+        teacher_hidden: (N, Ht) and teacher_weight: (V, Ht): constants, no gradient flows to them.
+        mask: (N,) bool, the tokens that count; None keeps all. Masked rows are never computed.
+        divergence: "fkl" KL(p_t||p_s), "rkl" KL(p_s||p_t), "jsd" TRL's generalized JSD, "tvd".
+        beta: JSD mixture weight; 0 gives fkl and 1 gives rkl.
+        temperature: both logits are divided by it (no T^2 rescaling).
+        reduction: "mean" over kept tokens (0 if none), "sum", or "none" -> (N,), 0 where masked.
+        chunk_size: rows per chunk; None keeps a chunk's fp32 (rows, V) buffers near 64 MiB.
+
+    Returns:
+        fp32 loss: a scalar, or (N,) for reduction="none". Gradients come in the input dtypes.
+    """
+    _check_options(divergence, beta, temperature)
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
+    n_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    rows = None
+    if mask is not None:
+        rows = torch.nonzero(mask.to(device=student_hidden.device, dtype=torch.bool)).view(-1)
+        if rows.numel() == n_tokens:
+            rows = None
+    n_kept = n_tokens if rows is None else rows.numel()
+    if chunk_size is None:
+        chunk_size = CHUNK_BUDGET_BYTES // (vocab * 4 * _FP32_BUFFERS_PER_CHUNK)
+    chunk_size = max(1, min(chunk_size, n_kept))
+    grad_on = torch.is_grad_enabled()
+    opts = (divergence, float(beta), float(temperature), reduction, chunk_size)
+    return _FusedKDLoss.apply(
+        student_hidden,
+        student_weight,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        rows,
+        opts,
+        grad_on and student_hidden.requires_grad,
+        True,
+    )

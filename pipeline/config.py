@@ -1,0 +1,377 @@
+"""Job configuration: typed dataclasses hold the only copy of every default.
+
+A job YAML gives a partial override; `section.key=value` on the command line wins over the YAML.
+`target=X`, `draft=X` and `data=X` set the section's main field (the model or the data source).
+Validation collects every problem and raises one `ConfigError` listing them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job that cannot run; `problems` lists every issue found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def opt(default: Any, help: str, *, lo=None, hi=None, lo_open=False, choices=None):
+    """A config field with its help string and the range or choices that validation checks."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Resources:
+    cpus: float = opt(1, "CPUs the stage's Ray task asks for.", lo=0)
+    gpus: float = opt(0, "GPUs the stage's Ray task asks for (fractions share a GPU).", lo=0)
+
+
+@dataclass
+class ToyArch:
+    hidden_size: int = opt(128, "Toy model width.", lo=8)
+    num_layers: int = opt(3, "Toy model depth.", lo=1)
+    num_heads: int = opt(4, "Attention heads (hidden_size must divide by it).", lo=1)
+    intermediate_size: int = opt(384, "MLP width.", lo=8)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(300, "Optimizer steps.", lo=1)
+    batch_size: int = opt(32, "Sequences per optimizer step.", lo=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide by it).", lo=1)
+    lr: float = opt(3e-3, "Peak learning rate (linear warm-up 5 %, cosine decay).", lo=0, lo_open=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", lo=0)
+    log_every: int = opt(10, "Log the loss every this many steps.", lo=1)
+
+
+@dataclass
+class TargetConfig:
+    model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy target.")
+    dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
+    attn_implementation: str = opt(
+        "sdpa", "Attention kernel.", choices=["sdpa", "eager", "flash_attention_2"]
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
+    arch: ToyArch = field(
+        default_factory=lambda: ToyArch(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
+        metadata={"help": "Toy target shape."},
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=400, lr=3e-3),
+        metadata={"help": "Toy target SFT (answer tokens only)."},
+    )
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class DraftConfig:
+    model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy draft.")
+    dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
+    attn_implementation: str = opt(
+        "sdpa", "Attention kernel.", choices=["sdpa", "eager", "flash_attention_2"]
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
+    arch: ToyArch = field(
+        default_factory=lambda: ToyArch(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96),
+        metadata={"help": "Toy draft shape (>= 8x fewer parameters than the target)."},
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=200, lr=3e-3),
+        metadata={"help": "Toy draft pre-training (cross-entropy on whole sequences)."},
+    )
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("builtin", "`builtin` for the toy task suite.", choices=["builtin"])
+    train_per_task: int = opt(500, "Toy training examples per task family.", lo=1)
+    eval_per_task: int = opt(24, "Toy eval examples per task family.", lo=1)
+    vocab_size: int = opt(512, "Toy BPE vocabulary size.", lo=300)
+    max_length: int = opt(128, "Max tokens of prompt + response.", lo=16)
+
+
+@dataclass
+class GenerateConfig:
+    num_prompts: int = opt(512, "Training prompts to answer.", lo=1)
+    draft_fraction: float = opt(
+        1.0, "Share of prompts answered by the draft (on-policy); the rest by the target.", lo=0, hi=1
+    )
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", lo=0)
+    max_new_tokens: int = opt(64, "Longest generated response.", lo=1)
+    batch_size: int = opt(64, "Prompts per generation batch.", lo=1)
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class ReferenceConfig:
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=150, lr=2e-3),
+        metadata={"help": "Reference: draft init distilled with forward KL on all response tokens."},
+    )
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(True, "Train LoRA adapters (PEFT) instead of all weights.")
+    r: int = opt(16, "Adapter rank.", lo=1)
+    alpha: int = opt(32, "Adapter scaling numerator (scale = alpha / r).", lo=1)
+    dropout: float = opt(0.0, "Adapter dropout.", lo=0, hi=1)
+    target_modules: list = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that get adapters.",
+    )
+
+
+@dataclass
+class DistilConfig:
+    k: float = opt(0.4, "Fraction of response tokens kept (top-k by loss gap ΔL).", lo=0, hi=1, lo_open=True)
+    divergence: str = opt("fkl", "Training divergence.", choices=["fkl", "rkl", "jsd", "tvd"])
+    beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
+    temperature: float = opt(1.0, "Softmax temperature of the loss.", lo=0, lo_open=True)
+    normalize: str = opt(
+        "all", "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
+        choices=["all", "kept"],
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class EvaluateConfig:
+    gamma: int = opt(4, "Drafted tokens per speculative round.", lo=1)
+    temperature: float = opt(
+        1.0, "Temperature of alpha and of sampled speculative decoding (greedy is run too).", lo=0
+    )
+    max_new_tokens: int = opt(48, "Tokens generated per eval prompt.", lo=1)
+    prompts_per_task: int = opt(16, "Eval prompts per task for alpha.", lo=1)
+    spec_prompts_per_task: int = opt(6, "Eval prompts per task for real speculative decoding.", lo=1)
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = opt("float32", "dtype of the exported draft.", choices=["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class ReportConfig:
+    title: str = opt("", "Report title; empty uses the job name.")
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = opt(True, "Run stages as Ray tasks (false: in this process).")
+    address: str = opt("", "Existing cluster to attach to; empty starts a local instance.")
+
+
+@dataclass
+class JobConfig:
+    name: str = opt("demo", "Job name; outputs go to runs/<name>/ unless --out is given.")
+    seed: int = opt(0, "Seed of data, training and sampling.", lo=0)
+    store: str = opt("", "Artifact store; empty = $SPECDRAFT_STORE or ~/.cache/specdraft/store.")
+    target: TargetConfig = field(default_factory=TargetConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    distil: DistilConfig = field(default_factory=DistilConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# `target=X` on the command line or `target: X` in YAML sets this field of the section.
+SHORTHAND = {"target": "model", "draft": "model", "data": "source"}
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against a simple field type; strings from the command line are parsed."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        problems.append(f"{key}: expected true/false, got {value!r}")
+        return None
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return None
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return None
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return None
+    if typ is list or typing.get_origin(typ) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        problems.append(f"{key}: expected a list of strings, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check_range(value: Any, meta: dict, key: str, problems: list[str]) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        problems.append(f"{key}: {value} is out of range, must be {bound}")
+    if hi is not None and value > hi:
+        problems.append(f"{key}: {value} is out of range, must be <= {hi}")
+
+
+def _apply(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
+    """Set fields of dataclass `obj` from nested dict `data`, collecting problems."""
+    types_ = _field_types(type(obj))
+    for raw_key, value in data.items():
+        key = f"{prefix}{raw_key}"
+        if raw_key not in types_:
+            known = ", ".join(types_)
+            problems.append(f"{key}: unknown key (known keys here: {known})")
+            continue
+        typ, f = types_[raw_key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict) and raw_key in SHORTHAND and prefix == "":
+                value = {SHORTHAND[raw_key]: value}
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a mapping of settings, got {value!r}")
+                continue
+            _apply(getattr(obj, raw_key), value, key + ".", problems)
+            continue
+        coerced = _coerce(value, typ, key, problems)
+        if coerced is not None:
+            _check_range(coerced, f.metadata, key, problems)
+            setattr(obj, raw_key, coerced)
+
+
+def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"{item!r}: overrides look like section.key=value")
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{key}: conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+            if isinstance(node[parts[-1]], dict | list) and parts[-1] != "target_modules":
+                node[parts[-1]] = value
+    return nested
+
+
+def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
+    for section in ("target", "draft"):
+        arch = getattr(cfg, section).arch
+        if arch.hidden_size % arch.num_heads:
+            problems.append(
+                f"{section}.arch.hidden_size ({arch.hidden_size}) must be divisible by "
+                f"{section}.arch.num_heads ({arch.num_heads})"
+            )
+    for name in ("target", "draft", "reference", "distil"):
+        section = getattr(cfg, name)
+        if section.train.batch_size % section.train.grad_accum:
+            problems.append(
+                f"{name}.train.batch_size ({section.train.batch_size}) must be divisible by "
+                f"{name}.train.grad_accum ({section.train.grad_accum})"
+            )
+    if (cfg.target.model == "builtin") != (cfg.draft.model == "builtin"):
+        problems.append(
+            "target.model and draft.model: use `builtin` for both (the toy pair shares a tokenizer) "
+            "or give both as model ids/directories"
+        )
+    if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
+        problems.append("distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false")
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        problems.append(f"name: {cfg.name!r} must be a plain directory name")
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Build a JobConfig from an optional YAML file and `key=value` overrides; raise ConfigError."""
+    problems: list[str] = []
+    cfg = JobConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"job file {path} does not exist"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+        _apply(cfg, data, "", problems)
+    nested = _dotted_to_nested(overrides or [], problems)
+    _apply(cfg, nested, "", problems)
+    if not problems:
+        _cross_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def describe(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for documentation, from a config instance (default: JobConfig())."""
+    cfg = JobConfig() if cfg is None else cfg
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(value, f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    return rows

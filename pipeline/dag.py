@@ -1,0 +1,302 @@
+"""The stage DAG, its content-addressed cache and its executor (in-process or Ray tasks).
+
+A stage's artifact directory is named by a hash of its config, its inputs' hashes and the code
+version. A stage writes into a temporary directory; `manifest.json` is written last and the directory
+is committed by rename, so a directory with a manifest is complete and is never run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specdraft.pipeline.config import Resources
+
+PACKAGE_DIRS = ("specdraft", "pipeline", "drafts", "kernels", "reports")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # importable module with `run(cfg, inputs, out, *, seed) -> dict`
+    config: Any  # a config dataclass (hashed as JSON)
+    deps: tuple[str, ...] = ()
+    resources: Resources = field(default_factory=Resources)
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    path: Path
+    reused: bool
+    seconds: float
+    manifest: dict
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message names the stage and the cause."""
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """Hash of the package's Python sources: a code change invalidates cached stages."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import specdraft.pipeline as pipeline_pkg
+
+        root = Path(pipeline_pkg.__file__).resolve().parents[1]
+        digest = hashlib.sha256()
+        for folder in PACKAGE_DIRS:
+            for path in sorted((root / folder).rglob("*.py")):
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+        _CODE_VERSION = digest.hexdigest()[:12]
+    return _CODE_VERSION
+
+
+def stage_key(stage: Stage, dep_keys: dict[str, str]) -> str:
+    payload = {
+        "name": stage.name,
+        "module": stage.module,
+        "config": dataclasses.asdict(stage.config) if dataclasses.is_dataclass(stage.config) else stage.config,
+        "seed": stage.seed,
+        "deps": {d: dep_keys[d] for d in stage.deps},
+        "code": code_version(),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def topological(stages: list[Stage]) -> list[Stage]:
+    by_name = {s.name: s for s in stages}
+    order, seen, visiting = [], set(), set()
+
+    def visit(s: Stage):
+        if s.name in seen:
+            return
+        if s.name in visiting:
+            raise ValueError(f"stage cycle through {s.name}")
+        visiting.add(s.name)
+        for d in s.deps:
+            if d not in by_name:
+                raise ValueError(f"stage {s.name} depends on unknown stage {d}")
+            visit(by_name[d])
+        visiting.discard(s.name)
+        seen.add(s.name)
+        order.append(s)
+
+    for s in stages:
+        visit(s)
+    return order
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_stage(module: str, config: Any, inputs: dict[str, str], final: str, seed: int, meta: dict) -> dict:
+    """Run one stage into a temporary directory and commit it by rename. Runs in a Ray task or here."""
+    final_path = Path(final)
+    tmp = final_path.with_name(f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    start = time.time()
+    try:
+        run = importlib.import_module(module).run
+        info = run(config, {k: Path(v) for k, v in inputs.items()}, tmp, seed=seed) or {}
+        manifest = {
+            **meta,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+            "inputs": inputs,
+            "seconds": round(time.time() - start, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "info": info,
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        if final_path.exists():  # a forced re-run replaces the old artifact
+            trash = final_path.with_name(f".trash-{final_path.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final_path, trash)
+            os.replace(tmp, final_path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final_path)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def default_store() -> Path:
+    env = os.environ.get("SPECDRAFT_STORE")
+    return Path(env) if env else Path.home() / ".cache" / "specdraft" / "store"
+
+
+def plan(stages: list[Stage], store: Path) -> list[tuple[Stage, str, Path]]:
+    keys: dict[str, str] = {}
+    planned = []
+    for s in topological(stages):
+        keys[s.name] = stage_key(s, keys)
+        planned.append((s, keys[s.name], store / f"{s.name}-{keys[s.name]}"))
+    return planned
+
+
+def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
+    out = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for s in stages:
+            if s.name not in out and any(d in out for d in s.deps):
+                out.add(s.name)
+                changed = True
+    return out
+
+
+def _say(msg: str) -> None:
+    print(f"[specdraft] {msg}", file=sys.stderr, flush=True)
+
+
+def execute(
+    stages: list[Stage],
+    store: Path,
+    *,
+    force: set[str] = frozenset(),
+    use_ray: bool = True,
+    ray_address: str = "",
+    say: Callable[[str], None] = _say,
+) -> dict[str, StageResult]:
+    """Run what is not cached, in dependency order; return every stage's result."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    unknown = set(force) - {s.name for s in stages}
+    if unknown:
+        raise StageError(f"--force names unknown stages: {', '.join(sorted(unknown))}")
+    rerun = dependents(stages, set(force))
+    planned = plan(stages, store)
+    results: dict[str, StageResult] = {}
+    todo = []
+    for stage, key, path in planned:
+        if (path / MANIFEST).exists() and stage.name not in rerun:
+            manifest = read_manifest(path)
+            results[stage.name] = StageResult(stage.name, key, path, True, 0.0, manifest)
+            say(f"{stage.name:<10} reused   {path}")
+        else:
+            todo.append((stage, key, path))
+    if not todo:
+        return results
+
+    runner = _RayRunner(ray_address, todo) if use_ray else None
+    pending = list(todo)
+    in_flight: dict[Any, tuple[Stage, str, Path, float]] = {}
+    while pending or in_flight:
+        ready = [t for t in pending if all(d in results for d in t[0].deps)]
+        for stage, key, path in ready:
+            pending.remove((stage, key, path))
+            inputs = {d: str(results[d].path) for d in stage.deps}
+            meta = {"stage": stage.name, "key": key, "code_version": code_version()}
+            say(f"{stage.name:<10} started  (cpus={stage.resources.cpus:g}, gpus={stage.resources.gpus:g})")
+            start = time.time()
+            if runner is None:
+                try:
+                    manifest = run_stage(stage.module, stage.config, inputs, str(path), stage.seed, meta)
+                except Exception as err:
+                    raise StageError(f"stage {stage.name} failed: {type(err).__name__}: {err}") from err
+                results[stage.name] = _finish(stage, key, path, start, manifest, say)
+            else:
+                ref = runner.submit(stage, inputs, path, meta)
+                in_flight[ref] = (stage, key, path, start)
+        if runner is not None and in_flight:
+            ref, manifest_or_error = runner.wait_one(list(in_flight))
+            stage, key, path, start = in_flight.pop(ref)
+            if isinstance(manifest_or_error, BaseException):
+                runner.cancel(list(in_flight))
+                err = manifest_or_error
+                raise StageError(f"stage {stage.name} failed: {err}") from None
+            results[stage.name] = _finish(stage, key, path, start, manifest_or_error, say)
+        elif runner is None and pending and not ready:
+            raise StageError("stage graph is stuck (a dependency never ran)")
+    return results
+
+
+def _finish(stage, key, path, start, manifest, say) -> StageResult:
+    seconds = time.time() - start
+    say(f"{stage.name:<10} finished in {seconds:.1f}s -> {path}")
+    return StageResult(stage.name, key, path, False, seconds, manifest)
+
+
+class _RayRunner:
+    """Submits stages as Ray tasks with the resources they ask for."""
+
+    def __init__(self, address: str, todo: list[tuple[Stage, str, Path]]):
+        import ray
+
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["configure_logging"] = False
+            os.environ.setdefault("RAY_ACCEPT_CLUSTER_TOKEN", "1")
+            ray.init(**kwargs)
+        check_cluster_resources([t[0] for t in todo], ray.cluster_resources())
+        self._remote = ray.remote(run_stage)
+
+    def submit(self, stage: Stage, inputs: dict[str, str], path: Path, meta: dict):
+        return self._remote.options(
+            num_cpus=stage.resources.cpus,
+            num_gpus=stage.resources.gpus,
+            name=f"specdraft:{stage.name}",
+            max_retries=2,
+        ).remote(stage.module, stage.config, inputs, str(path), stage.seed, meta)
+
+    def wait_one(self, refs):
+        done, _ = self.ray.wait(refs, num_returns=1)
+        ref = done[0]
+        try:
+            return ref, self.ray.get(ref)
+        except Exception as err:  # a RayTaskError wraps the stage's own exception
+            cause = getattr(err, "cause", None) or err
+            return ref, StageError(f"{type(cause).__name__}: {cause}")
+
+    def cancel(self, refs) -> None:
+        for ref in refs:
+            self.ray.cancel(ref, force=True)
+
+
+def check_cluster_resources(stages: list[Stage], available: dict[str, float]) -> None:
+    """Fail at once when a stage asks for more than the cluster has (Ray would wait forever)."""
+    problems = []
+    for s in stages:
+        for res, want in (("GPU", s.resources.gpus), ("CPU", s.resources.cpus)):
+            have = available.get(res, 0.0)
+            if want > have:
+                problems.append(f"stage {s.name} asks for {want:g} {res} but the cluster has {have:g}")
+    if problems:
+        raise StageError(
+            "the cluster cannot run this job:\n  - "
+            + "\n  - ".join(problems)
+            + "\n  lower the stage's resources (e.g. `distil.resources.gpus=0`) or attach to a "
+            "cluster that has them (--address)"
+        )

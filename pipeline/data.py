@@ -1,0 +1,43 @@
+"""Stage `data`: the task suite (train and eval splits) and, for the toy world, its tokenizer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from specdraft.drafts.toyworld import make_toy_dataset, train_toy_tokenizer
+from specdraft.pipeline.config import DataConfig
+from specdraft.pipeline.dag import read_manifest
+
+
+def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    splits = make_toy_dataset(cfg.train_per_task, cfg.eval_per_task, seed)
+    splits.save_to_disk(str(out / "dataset"))
+    texts = [row["prompt"] + row["response"] for row in splits["train"]]
+    tokenizer = train_toy_tokenizer(texts, cfg.vocab_size, out / "tokenizer")
+    lengths = [len(tokenizer(t)["input_ids"]) + 2 for t in texts]
+    too_long = sum(n > cfg.max_length for n in lengths)
+    if too_long:
+        print(f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut")
+    return {
+        "max_length": cfg.max_length,
+        "splits": {name: len(split) for name, split in splits.items()},
+        "tasks": dict(Counter(splits["train"]["task"])),
+        "vocab_size": len(tokenizer),
+        "max_sequence_tokens": max(lengths),
+        "mean_sequence_tokens": round(sum(lengths) / len(lengths), 1),
+    }
+
+
+def load_splits(artifact: Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(artifact) / "dataset"))
+
+
+def tokenizer_dir(artifact: Path) -> Path:
+    return Path(artifact) / "tokenizer"
+
+
+def max_length_of(artifact: Path) -> int:
+    return int(read_manifest(artifact)["info"]["max_length"])

@@ -1,0 +1,71 @@
+"""Stage `export`: the distilled draft as a plain HF causal-LM directory that serving stacks load:
+merged safetensors weights, config.json, generation_config.json, the target's tokenizer files and a
+model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from specdraft.drafts.models import load_causal_lm, load_tokenizer
+from specdraft.pipeline.config import ExportConfig
+from specdraft.pipeline.dag import read_manifest
+from specdraft.pipeline.models import model_location
+
+
+def model_card(metrics: dict, base: str, target: str, data: str, gamma: int, method: str) -> str:
+    final = metrics.get("final", {})
+    rows = "\n".join(
+        f"| {task} | {m.get('alpha', float('nan')):.3f} | {m.get('alpha_greedy', float('nan')):.3f} | "
+        f"{m.get('tau', float('nan')):.2f} |"
+        for task, m in sorted(final.get("tasks", {}).items())
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+base_model: {base}
+tags: [speculative-decoding, draft-model, specdraft]
+---
+
+# Draft model for `{target}`
+
+Distilled by specdraft ({method}) on `{data}` to agree with the target in speculative decoding.
+It shares the target's tokenizer and vocabulary size.
+
+| task | alpha | alpha_greedy | tau (gamma={gamma}) |
+|---|---|---|---|
+{rows}
+| **all** | {final.get('alpha', float('nan')):.3f} | {final.get('alpha_greedy', float('nan')):.3f} | {final.get('tau', float('nan')):.2f} |
+
+alpha = mean Σ min(p, q) over target-generated continuations; tau = tokens per target call, bonus
+included, from real speculative decoding at temperature {metrics.get('temperature')}.
+
+## Serve it
+- vLLM: `vllm serve {target} --speculative-config '{{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}}}'`
+- SGLang: `python -m sglang.launch_server --model-path {target} --speculative-algorithm STANDALONE --speculative-draft-model-path <this dir> --speculative-num-draft-tokens {gamma}`
+- TensorRT-LLM: a `DraftTarget` speculative config with `speculative_model_dir=<this dir>` and `max_draft_len={gamma}`
+- transformers: `target.generate(**inputs, assistant_model=AutoModelForCausalLM.from_pretrained("<this dir>"))`
+"""
+
+
+def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    draft_dir = out / "draft"
+    model = load_causal_lm(model_location(inputs["distil"]), dtype=cfg.dtype)
+    model.generation_config.num_assistant_tokens = None
+    model.save_pretrained(draft_dir, safe_serialization=True)
+    load_tokenizer(model_location(inputs["target"])).save_pretrained(draft_dir)
+    adapter = inputs["distil"] / "adapter"
+    if adapter.exists():
+        shutil.copytree(adapter, out / "adapter")
+    metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
+    gamma = metrics.get("gamma", 4)
+    distil_cfg = read_manifest(inputs["distil"])["config"]
+    method = f"AdaSPEC-style selective KD, k={distil_cfg['k']}, {distil_cfg['divergence']}" + (
+        ", LoRA merged" if distil_cfg["lora"]["enabled"] else ", full fine-tuning"
+    )
+    base = model_location(inputs["draft_init"]) if "draft_init" in inputs else "draft init"
+    (draft_dir / "README.md").write_text(
+        model_card(metrics, base, model_location(inputs["target"]), "specdraft builtin toy world", gamma, method)
+    )
+    return {"draft": "draft", "adapter": "adapter" if adapter.exists() else None, "dtype": cfg.dtype}

@@ -1,0 +1,93 @@
+"""Stage `generate`: training sequences for distillation. On-policy by default: the draft samples
+responses to training prompts; `draft_fraction` < 1 answers the rest with the target (a λ-mixture)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.pipeline.config import GenerateConfig
+from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
+from specdraft.pipeline.models import model_location
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
+                     batch_size: int, seed: int, desc: str) -> list[list[int]]:
+    """Token ids of one sampled response per prompt (eos included when reached)."""
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    torch.manual_seed(seed)
+    responses: list[list[int]] = []
+    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):
+        batch = encoded[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, row in enumerate(batch):  # left padding, as generation needs
+            ids[i, width - len(row) :] = torch.tensor(row)
+            attn[i, width - len(row) :] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+        )
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            responses.append(row)
+    return responses
+
+
+def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
+    max_length = max_length_of(inputs["data"])
+    train = load_splits(inputs["data"])["train"]
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    rows = [train[i] for i in order[: cfg.num_prompts]]
+    n_draft = round(cfg.draft_fraction * len(rows))
+    device = device_for(cfg.resources.gpus)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    records = []
+    for source, part in (("draft", rows[:n_draft]), ("target", rows[n_draft:])):
+        if not part:
+            continue
+        model = load_causal_lm(model_location(inputs["draft_init" if source == "draft" else "target"]), device=device)
+        responses = sample_responses(
+            model, tokenizer, [r["prompt"] for r in part], max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=f"generate ({source})",
+        )
+        for row, response in zip(part, responses, strict=True):
+            prompt_ids = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            ids = (prompt_ids + response)[:max_length]
+            mask = ([0] * len(prompt_ids) + [1] * len(response))[:max_length]
+            if sum(mask[1:]) == 0:
+                continue
+            records.append({
+                "prompt": row["prompt"], "response": tokenizer.decode(response, skip_special_tokens=True),
+                "task": row["task"], "source": source, "input_ids": ids, "response_mask": mask,
+            })
+        del model
+    Dataset.from_list(records).save_to_disk(str(out / "sequences"))
+    lengths = [sum(r["response_mask"]) for r in records]
+    return {
+        "sequences": len(records),
+        "from_draft": sum(r["source"] == "draft" for r in records),
+        "from_target": sum(r["source"] == "target" for r in records),
+        "mean_response_tokens": round(sum(lengths) / max(1, len(lengths)), 1),
+        "ended_with_eos": sum(r["input_ids"][-1] == tokenizer.eos_token_id for r in records),
+    }
+
+
+def load_sequences(artifact: Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(artifact) / "sequences"))

@@ -1,0 +1,28 @@
+"""Stage `reference`: AdaSPEC's reference model, the draft init distilled towards the target with
+forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.pipeline.config import ReferenceConfig
+from specdraft.pipeline.data import tokenizer_dir
+from specdraft.pipeline.generate import load_sequences
+from specdraft.pipeline.models import model_location
+from specdraft.pipeline.training import train_kd, write_json
+
+
+def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    device = device_for(cfg.resources.gpus)
+    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
+    teacher = load_causal_lm(model_location(inputs["target"]), device=device)
+    model = load_causal_lm(model_location(inputs["draft_init"]), device=device).train()
+    sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    history, _ = train_kd(model, teacher, sequences, tokenizer, cfg.train, out, seed, divergence="fkl")
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_json(out / "history.json", history)
+    return {"model": "model", "final_loss": history[-1]["loss"] if history else None}

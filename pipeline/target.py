@@ -1,0 +1,38 @@
+"""Stage `target`: the toy target fine-tuned on the task suite (SFT, answer tokens only), or the given model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
+from specdraft.pipeline.config import TargetConfig
+from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
+from specdraft.pipeline.training import encode_dataset, train_cross_entropy, write_json
+
+
+def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: bool) -> dict:
+    """Shared by the toy target (SFT) and the toy draft (pre-training): build, train, save."""
+    tokenizer = load_tokenizer(tokenizer_dir(data_artifact))
+    max_length = max_length_of(data_artifact)
+    model = toy_llama(cfg.arch, tokenizer, max_positions=max_length, seed=seed)
+    model.to(device_for(cfg.resources.gpus))
+    encoded = encode_dataset(load_splits(data_artifact)["train"], tokenizer, max_length)
+    history = train_cross_entropy(model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_json(out / "history.json", history)
+    return {
+        "model": "model",
+        "parameters": count_parameters(model),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+
+
+def run(cfg: TargetConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    if cfg.model != "builtin":
+        return {"model": cfg.model}
+    return train_toy_model(cfg, inputs["data"], out, seed, all_tokens=False)

@@ -1,0 +1,479 @@
+"""Render a finished run into a self-contained HTML page and a short Markdown summary.
+
+The page inlines every plot as a base64 PNG and carries its own CSS, so it can be mailed, attached
+to a ticket or opened offline. Plots use `matplotlib.figure.Figure` with an Agg canvas directly, so
+rendering never imports pyplot or touches the caller's backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DRAFTS = ("baseline", "reference", "final")
+DRAFT_COLOURS = {"baseline": "#8c8c8c", "reference": "#1f77b4", "final": "#e66101"}
+TRAINING_STAGES = ("target", "draft_init", "reference", "distil")
+NOT_AVAILABLE = '<p class="na">not available</p>'
+MAX_EXAMPLES = 20  # enough to eyeball selection; more only bloats the page
+
+CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
+ padding:1rem;max-width:1100px;line-height:1.45;color:#1b1b1b;background:#fff}
+h1{font-size:1.5rem;word-break:break-word}h2{font-size:1.2rem;margin-top:2rem;
+ border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.meta{color:#555;font-size:.9rem;word-break:break-all}
+.table-wrap{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
+table{border-collapse:collapse;font-size:.9rem;white-space:nowrap}
+th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
+.up{color:#1a7f37;font-weight:600}.down{color:#cf222e;font-weight:600}.flat{color:#666}
+.plots{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr))}
+figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#555}
+.na{color:#777;font-style:italic}
+.check{display:inline-block;padding:.35rem .8rem;border-radius:.3rem;font-weight:600;color:#fff}
+.pass{background:#1a7f37}.fail{background:#cf222e}.unknown{background:#777}
+.tokens{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,Menlo,Consolas,
+ monospace;font-size:.85rem;line-height:1.9;border:1px solid #eee;padding:.5rem}
+.kept{background:#c6f0c2}.dropped{color:#888;background:#f2f2f2}
+dt{font-weight:600}dd{margin:0 0 .6rem 1rem}
+@media (max-width:600px){body{padding:.6rem}h1{font-size:1.25rem}table{font-size:.8rem}}
+"""
+
+
+def render_report(run: dict, out_dir: Path) -> Path:
+    """Write `out_dir/index.html` and `out_dir/summary.md` for `run`; return the HTML path.
+
+    `run` may hold `metrics`, `training`, `selection`, `examples` and `stages`; any that is
+    missing renders as "not available". Both files are written atomically.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run.get("metrics") or {}
+    job = str(metrics.get("job") or "unknown job")
+    sections = [
+        ("summary", "Summary", _summary_section(metrics)),
+        ("definitions", "Definitions", _definitions_section(metrics.get("definitions"))),
+        ("lossless", "Lossless check (greedy)", _lossless_section(metrics)),
+        ("acceptance", "Acceptance", _acceptance_section(metrics)),
+        ("training", "Training", _training_section(run.get("training"))),
+        ("selection", "Token selection (ΔL)", _selection_section(run.get("selection"))),
+        ("examples", "Examples", _examples_section(run.get("examples"))),
+        ("stages", "Stages", _stages_section(run.get("stages"))),
+    ]
+    body = "\n".join(
+        f'<section id="{sid}">\n<h2>{title}</h2>\n{content}\n</section>'
+        for sid, title, content in sections
+    )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>specdraft report: {_esc(job)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f"<h1>specdraft run report: {_esc(job)}</h1>\n{_run_meta(metrics)}\n{body}\n</body>\n</html>\n"
+    )
+    index = out_dir / "index.html"
+    _write_atomic(out_dir / "summary.md", render_summary_markdown(metrics))
+    _write_atomic(index, page)
+    return index
+
+
+def render_summary_markdown(metrics: dict) -> str:
+    """A short Markdown summary (per-task α and τ, baseline → final, and the lossless check)."""
+    job = metrics.get("job") or "unknown job"
+    lines = [f"# specdraft run: {_md(job)}", ""]
+    facts = [f"{k} {_md(metrics[k])}" for k in ("job_hash", "gamma", "temperature") if k in metrics]
+    if facts:
+        lines += [", ".join(facts), ""]
+    rows = _task_rows(metrics)
+    if rows:
+        lines += [
+            "| task | α baseline → final | Δα | τ baseline → final | Δτ |",
+            "|---|---|---|---|---|",
+        ]
+        for task, by_draft in rows:
+            base, final = by_draft.get("baseline", {}), by_draft.get("final", {})
+            a0, a1, t0, t1 = (
+                base.get("alpha"),
+                final.get("alpha"),
+                base.get("tau"),
+                final.get("tau"),
+            )
+            lines.append(
+                f"| {_md(task)} | {_fmt(a0, 3)} → {_fmt(a1, 3)} | {_delta(a0, a1, 3)} "
+                f"| {_fmt(t0, 2)} → {_fmt(t1, 2)} | {_delta(t0, t1, 2)} |"
+            )
+    else:
+        lines.append("Acceptance metrics: not available")
+    verdict = {True: "passed", False: "FAILED", None: "not available"}[_lossless(metrics)]
+    lines += ["", f"Lossless greedy check: {verdict}", ""]
+    return "\n".join(lines)
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _run_meta(metrics: dict) -> str:
+    keys = ("job_hash", "target", "draft", "gamma", "temperature")
+    items = [f"<b>{k}</b>: {_esc(metrics[k])}" for k in keys if k in metrics]
+    return f'<p class="meta">{" · ".join(items)}</p>' if items else ""
+
+
+def _summary_section(metrics: dict) -> str:
+    rows = _task_rows(metrics)
+    if not rows:
+        return NOT_AVAILABLE
+    head = (
+        "<tr><th>task</th><th>α baseline</th><th>α final</th><th>Δα</th><th>τ baseline</th>"
+        "<th>τ final</th><th>Δτ</th><th>α reference</th><th>τ reference</th></tr>"
+    )
+    body = []
+    for task, by_draft in rows:
+        base, final = by_draft.get("baseline", {}), by_draft.get("final", {})
+        ref = by_draft.get("reference", {})
+        a0, a1, t0, t1 = base.get("alpha"), final.get("alpha"), base.get("tau"), final.get("tau")
+        body.append(
+            f"<tr><td>{_esc(task)}</td><td>{_fmt(a0, 3)}</td><td>{_fmt(a1, 3)}</td>"
+            f"{_delta_cell(a0, a1, 3)}<td>{_fmt(t0, 2)}</td><td>{_fmt(t1, 2)}</td>"
+            f"{_delta_cell(t0, t1, 2)}<td>{_fmt(ref.get('alpha'), 3)}</td>"
+            f"<td>{_fmt(ref.get('tau'), 2)}</td></tr>"
+        )
+    summary = _table(head, body)
+    # Every overall number per draft, for readers who want the greedy and counting columns too.
+    present = [d for d in DRAFTS if isinstance(metrics.get(d), dict)]
+    keys = ("alpha", "alpha_greedy", "spec_alpha", "spec_alpha_greedy", "tau", "tau_greedy")
+    keys += ("num_positions", "num_prompts")
+    detail_head = "<tr><th>overall</th>" + "".join(f"<th>{d}</th>" for d in present) + "</tr>"
+    detail = []
+    for key in keys:
+        digits = 0 if key.startswith("num_") else (2 if key.startswith("tau") else 3)
+        cells = "".join(f"<td>{_fmt(metrics[d].get(key), digits)}</td>" for d in present)
+        detail.append(f"<tr><td>{key}</td>{cells}</tr>")
+    return summary + "\n<h3>All overall metrics</h3>\n" + _table(detail_head, detail)
+
+
+def _definitions_section(definitions: Any) -> str:
+    notes = (
+        "<p>τ (tau) counts the bonus token: it is the mean number of tokens emitted per target "
+        "forward pass, accepted drafts plus the one token the target always adds. "
+        "spec_alpha = accepted / drafted tokens.</p>"
+    )
+    if not isinstance(definitions, dict) or not definitions:
+        return notes + "<p>Definitions from metrics.json:</p>" + NOT_AVAILABLE
+    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in definitions.items())
+    return f"{notes}\n<dl>{items}</dl>"
+
+
+def _lossless_section(metrics: dict) -> str:
+    verdict = _lossless(metrics)
+    badge = {
+        True: '<span class="check pass">passed: greedy output is identical with speculation</span>',
+        False: '<span class="check fail">FAILED: greedy output differs with speculation</span>',
+        None: '<span class="check unknown">not available</span>',
+    }[verdict]
+    per_draft = [
+        f"{d}: {'passed' if metrics[d]['lossless_greedy'] else 'FAILED'}"
+        for d in DRAFTS
+        if isinstance(metrics.get(d), dict) and isinstance(metrics[d].get("lossless_greedy"), bool)
+    ]
+    detail = f"<p>{_esc(', '.join(per_draft))}</p>" if per_draft else ""
+    return f"<p>{badge}</p>{detail}"
+
+
+def _acceptance_section(metrics: dict) -> str:
+    rows = _task_rows(metrics)
+    if not rows:
+        return NOT_AVAILABLE
+    figures = [_figure(_plot_alpha_per_task(rows), "α per task for each draft")]
+    curves = {
+        d: metrics[d]
+        for d in DRAFTS
+        if isinstance(metrics.get(d), dict) and metrics[d].get("per_position")
+    }
+    if curves:
+        caption = "Acceptance at each draft position (solid: sampled, dashed: greedy)"
+        figures.append(_figure(_plot_per_position(curves), caption))
+    else:
+        figures.append("<p>Per-position acceptance:</p>" + NOT_AVAILABLE)
+    return '<div class="plots">' + "".join(figures) + "</div>"
+
+
+def _training_section(training: Any) -> str:
+    if not isinstance(training, dict):
+        return NOT_AVAILABLE
+    stages = [s for s in TRAINING_STAGES if training.get(s)]
+    # Stages this renderer does not know yet still get a loss plot if they look like one.
+    stages += [
+        s
+        for s, v in training.items()
+        if s not in TRAINING_STAGES and s != "distil_alpha" and isinstance(v, list)
+    ]
+    figures = []
+    for stage in stages:
+        points = training[stage]
+        if not points:
+            continue
+        _require_keys(points, ("step", "loss"), f"training.{stage}")
+        figures.append(_figure(_plot_loss(stage, points), f"{stage}: training loss"))
+    if training.get("distil_alpha"):
+        _require_keys(training["distil_alpha"], ("step", "alpha"), "training.distil_alpha")
+        caption = "distil: α on the held-out split over training steps"
+        figures.append(_figure(_plot_alpha_over_steps(training["distil_alpha"]), caption))
+    if not figures:
+        return NOT_AVAILABLE
+    return '<div class="plots">' + "".join(figures) + "</div>"
+
+
+def _selection_section(selection: Any) -> str:
+    if not isinstance(selection, dict) or not selection.get("delta_histogram"):
+        return NOT_AVAILABLE
+    hist = selection["delta_histogram"]
+    edges, counts = list(hist.get("edges") or []), list(hist.get("counts") or [])
+    if not counts or len(edges) != len(counts) + 1:
+        raise ValueError(
+            "selection.delta_histogram needs n counts and n + 1 edges; got "
+            f"{len(counts)} counts and {len(edges)} edges. Fix the selection stage's output."
+        )
+    threshold, k = selection.get("threshold"), selection.get("k")
+    caption = f"ΔL per token; threshold {_fmt(threshold, 4)}, kept fraction k = {_fmt(k, 3)}"
+    return _figure(_plot_histogram(edges, counts, threshold), caption)
+
+
+def _examples_section(examples: Any) -> str:
+    if not examples:
+        return NOT_AVAILABLE
+    legend = '<p><span class="kept">kept</span> / <span class="dropped">dropped</span> tokens; '
+    legend += "hover a token for its ΔL.</p>"
+    parts = [legend]
+    for i, ex in enumerate(examples[:MAX_EXAMPLES]):
+        tokens = list(ex.get("tokens") or [])
+        kept, delta = ex.get("kept"), ex.get("delta")
+        for name, values in (("kept", kept), ("delta", delta)):
+            if values is not None and len(values) != len(tokens):
+                raise ValueError(
+                    f"examples[{i}].{name} has {len(values)} entries for {len(tokens)} tokens; "
+                    "they must align one to one."
+                )
+        spans = []
+        for j, token in enumerate(tokens):
+            cls = "" if kept is None else (' class="kept"' if kept[j] else ' class="dropped"')
+            tip = "" if delta is None else f' title="ΔL = {_fmt(delta[j], 4)}"'
+            spans.append(f"<span{cls}{tip}>{_esc(token)}</span>")
+        parts.append(f"<h3>{_esc(ex.get('task', 'example'))}</h3>")
+        parts.append(f'<div class="tokens">{"".join(spans)}</div>')
+    if len(examples) > MAX_EXAMPLES:
+        parts.append(f"<p>Showing {MAX_EXAMPLES} of {len(examples)} examples.</p>")
+    return "\n".join(parts)
+
+
+def _stages_section(stages: Any) -> str:
+    if not stages:
+        return NOT_AVAILABLE
+    head = "<tr><th>stage</th><th>cache key</th><th>seconds</th><th>reused</th></tr>"
+    body, total = [], 0.0
+    for stage in stages:
+        key = str(stage.get("key", ""))
+        seconds = stage.get("seconds")
+        total += seconds if _is_number(seconds) else 0.0
+        reused = {True: "yes", False: "no"}.get(stage.get("reused"), "n/a")
+        body.append(
+            f'<tr><td>{_esc(stage.get("name", "?"))}</td><td title="{_esc(key)}">'
+            f"<code>{_esc(key[:12])}</code></td><td>{_fmt(seconds, 1)}</td><td>{reused}</td></tr>"
+        )
+    body.append(f"<tr><th>total</th><th></th><th>{_fmt(total, 1)}</th><th></th></tr>")
+    return _table(head, body)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _plot_alpha_per_task(rows: list[tuple[str, dict]]) -> Figure:
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    present = [d for d in DRAFTS if any(d in by_draft for _, by_draft in rows)]
+    width = 0.8 / max(len(present), 1)
+    for i, draft in enumerate(present):
+        xs = [t + (i - (len(present) - 1) / 2) * width for t in range(len(rows))]
+        ys = [_num(by_draft.get(draft, {}).get("alpha")) for _, by_draft in rows]
+        ax.bar(xs, ys, width, label=draft, color=DRAFT_COLOURS[draft])
+    ax.set_xticks(range(len(rows)), [task for task, _ in rows], rotation=20, ha="right")
+    ax.set_ylabel("α (acceptance rate)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small", ncols=len(present), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _plot_per_position(curves: dict[str, dict]) -> Figure:
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    for draft, m in curves.items():
+        ys = [_num(v) for v in m["per_position"]]
+        ax.plot(range(1, len(ys) + 1), ys, "o-", color=DRAFT_COLOURS[draft], label=draft)
+        if m.get("per_position_greedy"):
+            ys = [_num(v) for v in m["per_position_greedy"]]
+            ax.plot(range(1, len(ys) + 1), ys, "s--", color=DRAFT_COLOURS[draft], alpha=0.7)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("acceptance")
+    ax.set_ylim(0, 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _plot_loss(stage: str, points: list[dict]) -> Figure:
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.add_subplot()
+    ax.plot([p["step"] for p in points], [_num(p["loss"]) for p in points], color="#1f77b4")
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="#1f77b4")
+    ax.grid(alpha=0.3)
+    kept = [p for p in points if _is_number(p.get("kept_fraction"))]
+    if kept:
+        twin = ax.twinx()
+        twin.plot([p["step"] for p in kept], [p["kept_fraction"] for p in kept], color="#e66101")
+        twin.set_ylabel("kept fraction", color="#e66101")
+        twin.set_ylim(0, 1)
+    return fig
+
+
+def _plot_alpha_over_steps(points: list[dict]) -> Figure:
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.add_subplot()
+    ax.plot([p["step"] for p in points], [_num(p["alpha"]) for p in points], "o-", color="#e66101")
+    ax.set_title("distil: held-out α")
+    ax.set_xlabel("step")
+    ax.set_ylabel("α")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _plot_histogram(edges: list[float], counts: list[int], threshold: Any) -> Figure:
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.add_subplot()
+    ax.stairs(counts, edges, fill=True, color="#9ecae1", edgecolor="#3182bd")
+    if _is_number(threshold):
+        ax.axvline(threshold, color="#cf222e", linestyle="--", label=f"threshold {threshold:.4g}")
+        ax.legend(fontsize="small")
+    ax.set_xlabel("ΔL per token")
+    ax.set_ylabel("tokens")
+    return fig
+
+
+def _figure(fig: Figure, caption: str) -> str:
+    """Encode `fig` as an inline PNG <figure> and free it."""
+    try:
+        FigureCanvasAgg(fig)  # Agg for this figure only; pyplot's global backend is untouched
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        fig.clear()
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _task_rows(metrics: dict) -> list[tuple[str, dict]]:
+    """[(task, {draft: metrics})], "overall" first, then tasks in first-seen order."""
+    drafts = {d: metrics[d] for d in DRAFTS if isinstance(metrics.get(d), dict)}
+    if not drafts:
+        return []
+    rows = [("overall", drafts)]
+    tasks: list[str] = []
+    for m in drafts.values():
+        tasks += [t for t in (m.get("tasks") or {}) if t not in tasks]
+    for task in tasks:
+        rows.append(
+            (
+                task,
+                {d: m["tasks"][task] for d, m in drafts.items() if task in (m.get("tasks") or {})},
+            )
+        )
+    return rows
+
+
+def _lossless(metrics: dict) -> bool | None:
+    if isinstance(metrics.get("lossless_greedy"), bool):
+        return metrics["lossless_greedy"]
+    flags = [
+        metrics[d]["lossless_greedy"]
+        for d in DRAFTS
+        if isinstance(metrics.get(d), dict) and isinstance(metrics[d].get("lossless_greedy"), bool)
+    ]
+    return all(flags) if flags else None
+
+
+def _require_keys(points: list[dict], keys: tuple[str, ...], where: str) -> None:
+    for i, point in enumerate(points):
+        missing = [k for k in keys if k not in point]
+        if missing:
+            raise ValueError(f"{where}[{i}] lacks {missing}; each point needs {list(keys)}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+
+
+def _delta(before: Any, after: Any, digits: int) -> str:
+    if not (_is_number(before) and _is_number(after)):
+        return "n/a"
+    return f"{after - before:+.{digits}f}"
+
+
+def _delta_cell(before: Any, after: Any, digits: int) -> str:
+    text = _delta(before, after, digits)
+    if text == "n/a":
+        return '<td class="flat">n/a</td>'
+    change = round(after - before, digits)
+    cls = "up" if change > 0 else ("down" if change < 0 else "flat")
+    return f'<td class="{cls}">{text}</td>'
+
+
+def _table(head: str, rows: list[str]) -> str:
+    body = "\n".join(rows)
+    return f'<div class="table-wrap"><table>\n<thead>{head}</thead>\n<tbody>\n{body}\n</tbody></table></div>'
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _md(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,477 @@
+"""Speculative decoding: stub models with hand-written logits, then tiny random Llamas vs transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from specdraft.pipeline.speculative import (
+    SpeculativeDecoder,
+    SpecStats,
+    autoregressive_generate,
+    speculative_generate,
+)
+
+V = 64  # vocab of the stub and Llama models (the statistical tests use their own tiny vocab)
+PAD = V - 1  # never in a prompt: transformers masks prompt tokens equal to pad_token_id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are dominated by thread overhead; one thread is ~5x faster on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stub models
+
+
+class StubLM(torch.nn.Module):
+    """HF-style causal LM whose next-token logits are ``logits_fn(prefix)``.
+
+    The KV cache is a real DynamicCache holding the token ids themselves as fake keys, so the
+    prefix a stub sees is exactly what its cache holds: a wrong rollback changes its logits.
+    """
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.logits_fn = logits_fn
+        self.call_starts: list[int] = []  # cache length at each call
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kwargs):
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        start = cache.get_seq_length()
+        self.call_starts.append(start)
+        fake_kv = input_ids.float()[:, None, :, None]  # (B, 1, L, 1)
+        keys, _ = cache.update(fake_kv, fake_kv, 0)
+        history = keys[:, 0, :, 0].long()  # (B, start + L)
+        logits = torch.stack(
+            [
+                torch.stack([self.logits_fn(row[: start + j + 1]) for j in range(input_ids.shape[1])])
+                for row in history
+            ]
+        )  # (B, L, V)
+        return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
+
+
+def one_hot_logits(token: int, vocab: int = V) -> torch.Tensor:
+    logits = torch.zeros(vocab)
+    logits[token] = 10.0
+    return logits
+
+
+def count_up(prefix: torch.Tensor) -> torch.Tensor:
+    """Target: the next token is the last one plus 1."""
+    return one_hot_logits((int(prefix[-1]) + 1) % V)
+
+
+def count_up_by_two(prefix: torch.Tensor) -> torch.Tensor:
+    """A draft that never agrees with count_up."""
+    return one_hot_logits((int(prefix[-1]) + 2) % V)
+
+
+PROMPT = torch.tensor([[5, 9, 3]])
+
+
+def stats_of(target_fn, draft_fn, gamma, max_new_tokens, **kwargs):
+    target, draft = StubLM(target_fn), StubLM(draft_fn)
+    out, stats = speculative_generate(
+        target, draft, PROMPT, gamma=gamma, max_new_tokens=max_new_tokens, **kwargs
+    )
+    return out, stats, target, draft
+
+
+# ---------------------------------------------------------------------------------------------
+# Stub tests: acceptance patterns, lengths, eos, stats
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_never_accept_gives_one_token_per_target_call(gamma):
+    out, stats, target, _ = stats_of(count_up, count_up_by_two, gamma, 13)
+    assert out.tolist() == [(3 + i) % V for i in range(1, 14)]
+    assert stats.spec_alpha == 0 and stats.accepted == 0
+    assert stats.tau == 1 and stats.target_calls == 13 == stats.new_tokens
+    assert stats.per_position[0] == 0 and all(math.isnan(x) for x in stats.per_position[1:])
+    assert target.call_starts.count(0) == 1  # the target never re-reads the prompt
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4])
+def test_always_accept_gives_gamma_plus_one_tokens_per_target_call(gamma):
+    rounds = 3
+    n = rounds * (gamma + 1)
+    out, stats, target, draft = stats_of(count_up, count_up, gamma, n)
+    assert out.tolist() == [(3 + i) % V for i in range(1, n + 1)]
+    assert stats.spec_alpha == 1 and stats.tau == gamma + 1
+    assert stats.target_calls == rounds and stats.drafted == rounds * gamma
+    assert stats.per_position == [1.0] * gamma
+    assert stats.accepted_at == stats.drafted_at == [rounds] * gamma
+    # KV-cached drafting: one draft call per drafted token, and no model re-reads the prompt.
+    assert len(draft.call_starts) == rounds * gamma
+    assert draft.call_starts.count(0) == 1 and target.call_starts.count(0) == 1
+
+
+def test_accept_two_then_reject_pattern():
+    """The draft agrees with the target on the first two drafted tokens of each round only."""
+    prompt_len, gamma, rounds = PROMPT.shape[1], 5, 4
+
+    def agrees_twice(prefix: torch.Tensor) -> torch.Tensor:
+        # Each round emits 3 tokens (2 accepted + 1 correction), so drafted position 3 of a round
+        # predicts new-token index 2 mod 3.
+        if (len(prefix) - prompt_len) % 3 == 2:
+            return count_up_by_two(prefix)
+        return count_up(prefix)
+
+    out, stats, _, _ = stats_of(count_up, agrees_twice, gamma, 3 * rounds)
+    assert out.tolist() == [(3 + i) % V for i in range(1, 3 * rounds + 1)]
+    assert stats.tau == 3 and stats.target_calls == rounds
+    # The last round has room for only 2 drafts (3 tokens left): both accepted, then the bonus.
+    assert stats.drafted == gamma * (rounds - 1) + 2
+    assert stats.accepted == 2 * rounds
+    assert stats.accepted_at == [rounds, rounds, 0, 0, 0]
+    assert stats.drafted_at == [rounds, rounds, rounds - 1, 0, 0]
+    p = stats.per_position
+    assert p[:3] == [1.0, 1.0, 0.0] and math.isnan(p[3]) and math.isnan(p[4])
+    assert stats.spec_alpha == pytest.approx(8 / 17)
+    assert stats.alpha_verified == pytest.approx(8 / 11)  # accepted / (accepted + rejections)
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 4, 7, 11])
+@pytest.mark.parametrize("draft_fn", [count_up, count_up_by_two], ids=["always", "never"])
+def test_length_is_exactly_max_new_tokens(max_new_tokens, draft_fn):
+    gamma = 4
+    out, stats, _, _ = stats_of(count_up, draft_fn, gamma, max_new_tokens)
+    assert out.tolist() == [(3 + i) % V for i in range(1, max_new_tokens + 1)]
+    assert stats.new_tokens == max_new_tokens
+    if draft_fn is count_up:
+        assert stats.target_calls == math.ceil(max_new_tokens / (gamma + 1))
+
+
+@pytest.mark.parametrize("eos_at", [1, 2, 5, 6, 9])  # 1-based index of eos in the output
+@pytest.mark.parametrize("draft_fn", [count_up, count_up_by_two], ids=["always", "never"])
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_stops_right_after_eos(eos_at, draft_fn, gamma):
+    eos = (3 + eos_at) % V
+    out, stats, _, _ = stats_of(count_up, draft_fn, gamma, 20, eos_token_id=[60, eos])
+    expected = [(3 + i) % V for i in range(1, eos_at + 1)]
+    assert out.tolist() == expected
+    assert out.tolist() == autoregressive_generate(
+        StubLM(count_up), PROMPT, max_new_tokens=20, eos_token_id=eos
+    ).tolist()
+    assert stats.new_tokens == eos_at
+    if draft_fn is count_up:  # the draft stops drafting at eos: nothing drafted is wasted
+        assert stats.accepted == stats.drafted
+
+
+def test_stats_merge_and_to_dict():
+    _, a, _, _ = stats_of(count_up, count_up, 2, 6)
+    _, b, _, _ = stats_of(count_up, count_up_by_two, 2, 4)
+    merged = SpecStats(gamma=2)
+    merged.merge(a)
+    merged.merge(b)
+    assert (merged.drafted, merged.accepted) == (a.drafted + b.drafted, a.accepted + b.accepted)
+    assert merged.new_tokens == 10 and merged.target_calls == a.target_calls + b.target_calls
+    assert merged.tau == pytest.approx(10 / (2 + 4))
+    assert merged.accepted_at == [2, 2] and merged.drafted_at == [2 + 3, 2]
+    d = json.loads(json.dumps(b.to_dict(), allow_nan=False))
+    assert d["per_position"] == [0.0, None] and d["tau"] == 1.0 and d["spec_alpha"] == 0.0
+    with pytest.raises(ValueError, match="gamma"):
+        merged.merge(SpecStats(gamma=3))
+
+
+def test_bad_arguments_raise():
+    target, draft = StubLM(count_up), StubLM(count_up)
+    with pytest.raises(ValueError, match="shape"):
+        speculative_generate(target, draft, PROMPT.repeat(2, 1), gamma=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_generate(target, draft, PROMPT, gamma=0, max_new_tokens=3)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(target, draft, PROMPT, gamma=2, max_new_tokens=3, temperature=-1)
+
+
+def test_model_without_cache_is_rejected():
+    class NoCache(StubLM):
+        def forward(self, input_ids, **kwargs):
+            return SimpleNamespace(logits=super().forward(input_ids).logits, past_key_values=None)
+
+    with pytest.raises(TypeError, match="KV cache"):
+        speculative_generate(NoCache(count_up), StubLM(count_up), PROMPT, gamma=2, max_new_tokens=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejection sampling: the output distribution is the target's
+
+
+SMALL_V = 5
+
+
+def _row_stochastic(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    table = 0.15 + torch.rand(SMALL_V, SMALL_V, generator=g)  # every entry >= ~0.03 after norm
+    return table / table.sum(-1, keepdim=True)  # (V, V): row = previous token
+
+
+TARGET_TABLE, DRAFT_TABLE = _row_stochastic(1), _row_stochastic(2)
+
+
+def table_lm(table: torch.Tensor) -> StubLM:
+    return StubLM(lambda prefix: table[int(prefix[-1])].log())
+
+
+def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; p = upper regularized gamma Q(df/2, stat/2)."""
+    n = observed.sum()
+    expected = n * expected_probs
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = torch.tensor((observed.numel() - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat.double() / 2))
+
+
+def first_two_tokens_distribution(table: torch.Tensor, temperature: float, prev: int):
+    p = torch.softmax(table.log() / temperature, dim=-1)  # (V, V)
+    return p[prev][:, None] * p  # (V, V): P(x1, x2)
+
+
+def empirical_pairs(sample: Callable[[], torch.Tensor], n: int) -> torch.Tensor:
+    counts = Counter(tuple(sample()[:2].tolist()) for _ in range(n))
+    observed = torch.zeros(SMALL_V, SMALL_V, dtype=torch.float64)
+    for (x1, x2), c in counts.items():
+        observed[x1, x2] = c
+    return observed
+
+
+@pytest.mark.parametrize(
+    "gamma,max_new_tokens,temperature",
+    [(1, 2, 1.0), (3, 4, 0.7), (2, 2, 1.3)],
+)
+def test_sampling_matches_target_distribution(gamma, max_new_tokens, temperature):
+    """Joint law of the first two tokens (both drafted in one round when gamma >= 2)."""
+    prompt = torch.tensor([[2]])
+    target, draft = table_lm(TARGET_TABLE), table_lm(DRAFT_TABLE)
+    g = torch.Generator().manual_seed(1234)
+    observed = empirical_pairs(
+        lambda: speculative_generate(
+            target,
+            draft,
+            prompt,
+            gamma=gamma,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=g,
+        )[0],
+        n=3000,
+    )
+    expected = first_two_tokens_distribution(TARGET_TABLE, temperature, prev=2)
+    assert chi_square_p_value(observed.flatten(), expected.flatten()) > 1e-3
+    # The first token alone (one verification step).
+    assert chi_square_p_value(observed.sum(1), expected.sum(1)) > 1e-3
+
+
+def test_sampling_test_detects_the_draft_distribution():
+    """Negative control: the same chi-square test rejects samples from the draft."""
+    g = torch.Generator().manual_seed(1234)
+    draft = table_lm(DRAFT_TABLE)
+    observed = empirical_pairs(
+        lambda: autoregressive_generate(
+            draft, torch.tensor([[2]]), max_new_tokens=2, temperature=1.0, generator=g
+        ),
+        n=3000,
+    )
+    expected = first_two_tokens_distribution(TARGET_TABLE, 1.0, prev=2)
+    assert chi_square_p_value(observed.flatten(), expected.flatten()) < 1e-6
+
+
+def test_one_token_at_temperature_is_a_target_sample():
+    """max_new_tokens=1 leaves no room to draft: the token is sampled from the target alone."""
+    target, draft = table_lm(TARGET_TABLE), table_lm(DRAFT_TABLE)
+    g = torch.Generator().manual_seed(7)
+    counts = torch.zeros(SMALL_V, dtype=torch.float64)
+    for _ in range(2000):
+        out, stats = speculative_generate(
+            target, draft, torch.tensor([[4]]), gamma=3, max_new_tokens=1, temperature=1.0, generator=g
+        )
+        counts[out[0]] += 1
+    assert stats.drafted == 0 and stats.target_calls == 1
+    assert chi_square_p_value(counts, TARGET_TABLE[4]) > 1e-3
+
+
+def test_same_generator_seed_same_output():
+    target, draft = table_lm(TARGET_TABLE), table_lm(DRAFT_TABLE)
+    runs = [
+        speculative_generate(
+            target,
+            draft,
+            torch.tensor([[1]]),
+            gamma=3,
+            max_new_tokens=30,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(99),
+        )[0].tolist()
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random Llamas
+
+
+def tiny_llama(seed: int, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,  # peakier logits than the default 0.02
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    target = tiny_llama(0)
+    # A perturbed copy agrees with the target often but not always (greedy alpha ~0.5-0.9).
+    near = tiny_llama(1)
+    near.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    far = tiny_llama(2, layers=1, hidden=16)  # unrelated: almost never agrees
+    return target, {"near": near, "far": far}
+
+
+def prompt_of(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, PAD, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_new_tokens(model, ids, **kwargs) -> list[int]:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("draft_name", ["near", "far"])
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("max_new_tokens", [1, 8, 21])
+def test_greedy_equals_autoregressive_and_hf(llamas, draft_name, gamma, max_new_tokens):
+    target, drafts = llamas
+    ids = prompt_of(7, seed=gamma)
+    spec, stats = speculative_generate(
+        target, drafts[draft_name], ids, gamma=gamma, max_new_tokens=max_new_tokens
+    )
+    ar = autoregressive_generate(target, ids, max_new_tokens=max_new_tokens)
+    assert spec.tolist() == ar.tolist()
+    assert spec.tolist() == hf_new_tokens(target, ids, max_new_tokens=max_new_tokens)
+    assert stats.new_tokens == max_new_tokens
+
+
+def test_greedy_partial_acceptance_really_happens(llamas):
+    """The near draft must exercise accept, reject and rollback, or the tests above prove little."""
+    target, drafts = llamas
+    _, stats = speculative_generate(target, drafts["near"], prompt_of(7), gamma=4, max_new_tokens=40)
+    assert 0.2 < stats.spec_alpha < 1
+    assert 0 < min(stats.accepted_at) and stats.accepted_at[0] < stats.drafted_at[0]
+
+
+def test_greedy_eos_matches_hf(llamas):
+    target, drafts = llamas
+    ids = prompt_of(5, seed=3)
+    plain = autoregressive_generate(target, ids, max_new_tokens=30).tolist()
+    eos = plain[6]  # stop at the first occurrence of the 7th token
+    stop = plain.index(eos) + 1
+    for gamma in (2, 4):
+        spec, stats = speculative_generate(
+            target, drafts["near"], ids, gamma=gamma, max_new_tokens=30, eos_token_id=eos
+        )
+        assert spec.tolist() == plain[:stop] == hf_new_tokens(
+            target, ids, max_new_tokens=30, eos_token_id=eos
+        )
+        assert stats.new_tokens == stop
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_matches_transformers_assisted_generation(llamas, gamma):
+    """Same tokens as HF assisted generation, and the same number of target and draft passes."""
+    target, drafts = llamas
+    draft = drafts["near"]
+    draft.generation_config.num_assistant_tokens = gamma
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0  # falsy: never stop drafting early
+    ids, n = prompt_of(6, seed=10 + gamma), 23
+
+    calls = Counter()
+    hooks = [m.register_forward_hook(lambda m, *_: calls.update([m])) for m in (target, draft)]
+    try:
+        hf = hf_new_tokens(target, ids, assistant_model=draft, max_new_tokens=n)
+        hf_calls = dict(calls)
+        calls.clear()
+        spec, stats = speculative_generate(target, draft, ids, gamma=gamma, max_new_tokens=n)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert spec.tolist() == hf
+    assert hf_calls[target] == stats.target_calls == calls[target]
+    assert hf_calls[draft] == calls[draft]
+
+
+def test_draft_equal_to_target_accepts_everything_at_temperature_one(llamas):
+    target, _ = llamas
+    g = torch.Generator().manual_seed(0)
+    out, stats = speculative_generate(
+        target, target, prompt_of(4), gamma=3, max_new_tokens=24, temperature=1.0, generator=g
+    )
+    assert len(out) == 24
+    assert stats.spec_alpha == 1 and stats.tau == 4
+
+
+def _assert_cache_is_fresh_prefill(model, cache, tokens: torch.Tensor) -> None:
+    with torch.no_grad():
+        fresh = model(input_ids=tokens, use_cache=True).past_key_values
+    assert cache.get_seq_length() == tokens.shape[1]
+    for got, want in zip(cache.layers, fresh.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rollback_leaves_caches_equal_to_fresh_prefill(llamas, temperature):
+    target, drafts = llamas
+    decoder = SpeculativeDecoder(
+        target,
+        drafts["near"],
+        prompt_of(6, seed=5),
+        gamma=4,
+        max_new_tokens=40,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(3),
+    )
+    rejections_after_drafts = 0
+    while not decoder.finished:
+        before = (decoder.stats.drafted, decoder.stats.accepted)
+        decoder.step()
+        drafted = decoder.stats.drafted - before[0]
+        accepted = decoder.stats.accepted - before[1]
+        rejections_after_drafts += int(drafted >= 2 and accepted < drafted)
+        tokens = decoder.tokens
+        # The target holds everything but the last emitted token; the draft at most that.
+        assert len(decoder.target) == tokens.shape[1] - 1
+        assert len(decoder.draft) <= tokens.shape[1] - 1
+        _assert_cache_is_fresh_prefill(target, decoder.target.cache, tokens[:, :-1])
+        _assert_cache_is_fresh_prefill(
+            drafts["near"], decoder.draft.cache, tokens[:, : len(decoder.draft)]
+        )
+    assert rejections_after_drafts >= 2
