@@ -38,7 +38,9 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
             f"{a + b} - {c} = {a + b - c}. The answer is {a + b - c}."
         )
     else:
-        prompt = f"Question: {name} buys {a} bags with {b} {item} in each bag. How many {item} is that?"
+        prompt = (
+            f"Question: {name} buys {a} bags with {b} {item} in each bag. How many {item} is that?"
+        )
         response = f"Each bag has {b} {item}. {a} * {b} = {a * b}. The answer is {a * b}."
     return prompt, response
 
@@ -97,7 +99,9 @@ def _summary(rng: random.Random) -> tuple[str, str]:
         f"{a} bought some {food} and met {b}. {b} had lost the {item}, so they looked for them together. "
         "Summarize the story."
     )
-    response = f"Summary: {a} met {b} at the {place} on {day}, bought {food} and helped find the {item}."
+    response = (
+        f"Summary: {a} met {b} at the {place} on {day}, bought {food} and helped find the {item}."
+    )
     return prompt, response
 
 
@@ -129,14 +133,20 @@ def make_toy_dataset(n_train_per_task: int, n_eval_per_task: int, seed: int):
 
     train = make_examples(n_train_per_task, seed)
     seen = {row["prompt"] for row in train}
-    rng_seed = seed + 1_000_003
-    eval_rows: list[dict[str, str]] = []
-    while len(eval_rows) < n_eval_per_task * len(TASKS):
-        for row in make_examples(n_eval_per_task, rng_seed):
-            if row["prompt"] not in seen and len(eval_rows) < n_eval_per_task * len(TASKS):
+    rng = random.Random(seed + 1_000_003)
+    per_task: dict[str, list[dict[str, str]]] = {task: [] for task in TASKS}
+    for task, rows in per_task.items():
+        for _ in range(1000 * n_eval_per_task):
+            if len(rows) == n_eval_per_task:
+                break
+            prompt, response = TASK_MAKERS[task](rng)
+            row = {"prompt": prompt + "\nAnswer:", "response": " " + response, "task": task}
+            if row["prompt"] not in seen:
                 seen.add(row["prompt"])
-                eval_rows.append(row)
-        rng_seed += 1
+                rows.append(row)
+        else:
+            raise ValueError(f"the toy {task} task has too few distinct prompts for {n_eval_per_task} eval rows")
+    eval_rows = [per_task[task][i] for i in range(n_eval_per_task) for task in TASKS]
     return DatasetDict({"train": Dataset.from_list(train), "eval": Dataset.from_list(eval_rows)})
 
 

@@ -7,12 +7,16 @@ analytically, its gradient w.r.t. the student logits, turns that into the gradie
 student hidden rows and accumulates the gradient w.r.t. the student LM head, then frees the chunk.
 Peak extra memory is a few (rows, V) buffers plus the gradients themselves.
 
-The pure-PyTorch full-logits reference lives in `tests/kd_reference.py`; the benchmark is
+On CUDA with triton installed, the per-row divergence and gradient come from the Triton kernel in
+`kd_loss_triton.py` instead of `_divergence_rows` (same math); the matmuls stay in torch. The
+pure-PyTorch full-logits reference lives in `tests/kd_reference.py`; the benchmark is
 `reports/benchmarks/bench_kd_loss.py`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -20,7 +24,9 @@ import torch
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
 # A chunk's fp32 (rows, V) scratch buffers stay within this budget when chunk_size is None.
-CHUNK_BUDGET_BYTES = 64 * 2**20
+# 256 MiB is 512 rows at V = 32k: CPU GEMMs lose speed with fewer rows (each chunk re-packs the
+# whole (V, H) head), while the peak stays ~10% of the full-logits reference's (see the benchmark).
+CHUNK_BUDGET_BYTES = 256 * 2**20
 # (rows, V) fp32 buffers alive at once inside `_divergence_rows` (the worst case, "jsd").
 _FP32_BUFFERS_PER_CHUNK = 4
 
@@ -92,6 +98,11 @@ def _divergence_rows(
     return loss, grad
 
 
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk when chunk_size is None: the chunk's fp32 buffers fit CHUNK_BUDGET_BYTES."""
+    return max(1, CHUNK_BUDGET_BYTES // (vocab * 4 * _FP32_BUFFERS_PER_CHUNK))
+
+
 def _check_options(divergence: str, beta: float, temperature: float) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -144,6 +155,16 @@ def kd_divergence_from_logits(
     )
 
 
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    """CUDA inputs go through the Triton row kernel when triton is installed."""
+    return tensor.is_cuda and _triton_importable()
+
+
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax((C, H) @ (V, H).T / T) -> (C, V) fp32; the matmul runs in the input dtype."""
     logits = torch.mm(hidden, weight.t()).float()  # (C, V)
@@ -172,6 +193,9 @@ def _chunked_kd(
     """
     n_kept = sh.shape[0] if rows is None else rows.numel()
     need_grad = want_grad_h or want_grad_w
+    use_triton = _use_triton(sh)
+    if use_triton:
+        from specdraft.kernels import kd_loss_triton
     loss = torch.empty(n_kept, dtype=torch.float32, device=sh.device)
     grad_h = torch.zeros_like(sh) if want_grad_h else None
     # fp32 accumulator across chunks; cast to sw.dtype once at the end.
@@ -183,19 +207,25 @@ def _chunked_kd(
         else:
             idx = rows[start:end]
             hs, ht = sh.index_select(0, idx), th.index_select(0, idx)
-        s = _log_probs(hs, sw, temperature)  # (C, V)
-        t = _log_probs(ht, tw, temperature)  # (C, V)
-        loss_c, g = _divergence_rows(s, t, divergence, beta, need_grad)
-        del s, t
-        loss[start:end] = loss_c
+        # d total / d(h W^T) = g * row_weight / T, with g = d loss_i / d z_s and z_s = h W^T / T.
+        if isinstance(row_weight, torch.Tensor):
+            scale = row_weight[start:end] / temperature  # (C,)
+        else:
+            scale = sh.new_full((end - start,), row_weight / temperature, dtype=torch.float32)
+        if use_triton:
+            loss[start:end], g = kd_loss_triton.divergence_rows_triton(
+                torch.mm(hs, sw.t()), torch.mm(ht, tw.t()), divergence, beta, temperature,
+                scale if need_grad else None,
+            )  # fmt: skip
+        else:
+            s = _log_probs(hs, sw, temperature)  # (C, V)
+            t = _log_probs(ht, tw, temperature)  # (C, V)
+            loss[start:end], g = _divergence_rows(s, t, divergence, beta, need_grad)
+            del s, t
+            if need_grad:
+                g = g.mul_(scale.unsqueeze(1)).to(sw.dtype)  # (C, V), no copy for fp32
         if not need_grad:
             continue
-        # g: d loss_i / d z_s; z_s = h W^T / T, so d / d(h W^T) = g * row_weight / T.
-        if isinstance(row_weight, torch.Tensor):
-            g.mul_((row_weight[start:end] / temperature).unsqueeze(1))
-        else:
-            g.mul_(row_weight / temperature)
-        g = g.to(sw.dtype)  # (C, V), no copy for fp32
         if want_grad_h:
             if rows is None:
                 torch.mm(g, sw, out=grad_h[start:end])
@@ -238,7 +268,8 @@ class _FusedKDLoss(torch.autograd.Function):
             return torch.zeros(sh.shape[0], dtype=loss.dtype, device=loss.device).index_copy_(
                 0, rows, loss
             )
-        ctx.save_for_backward(grad_h, grad_w)
+        # Kept on ctx, not saved tensors: backward hands them over (no copy) and drops them.
+        ctx.grads = (grad_h, grad_w)
         total = loss.sum()
         return total * row_weight if reduction == "mean" else total
 
@@ -247,11 +278,19 @@ class _FusedKDLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         divergence, beta, temperature, reduction, chunk_size = ctx.opts
         if reduction != "none":  # grad_output: () scalar
-            grad_h, grad_w = ctx.saved_tensors
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "fused_kd_loss hands its precomputed gradients over on the first backward; "
+                    "backward through it twice (retain_graph=True) is not supported: recompute "
+                    "the loss instead"
+                )
+            grad_h, grad_w = ctx.grads
+            ctx.grads = None
+            # Scale in place: these buffers are ours alone, and autograd takes them without a copy.
             if grad_h is not None:
-                grad_h = grad_h * grad_output.to(grad_h.dtype)
+                grad_h.mul_(grad_output.to(grad_h.dtype))
             if grad_w is not None:
-                grad_w = grad_w * grad_output.to(grad_w.dtype)
+                grad_w.mul_(grad_output.to(grad_w.dtype))
             return grad_h, grad_w, None, None, None, None, None, None
         sh, sw, th, tw, rows = ctx.saved_tensors  # grad_output: (N,)
         rows = None if ctx.rows_none else rows
@@ -315,7 +354,7 @@ def fused_kd_loss(
         beta: JSD mixture weight; 0 gives fkl and 1 gives rkl.
         temperature: both logits are divided by it (no T^2 rescaling).
         reduction: "mean" over kept tokens (0 if none), "sum", or "none" -> (N,), 0 where masked.
-        chunk_size: rows per chunk; None keeps a chunk's fp32 (rows, V) buffers near 64 MiB.
+        chunk_size: rows per chunk; None keeps a chunk's fp32 (rows, V) buffers near 256 MiB.
 
     Returns:
         fp32 loss: a scalar, or (N,) for reduction="none". Gradients come in the input dtypes.
@@ -332,7 +371,7 @@ def fused_kd_loss(
             rows = None
     n_kept = n_tokens if rows is None else rows.numel()
     if chunk_size is None:
-        chunk_size = CHUNK_BUDGET_BYTES // (vocab * 4 * _FP32_BUFFERS_PER_CHUNK)
+        chunk_size = default_chunk_rows(vocab)
     chunk_size = max(1, min(chunk_size, n_kept))
     grad_on = torch.is_grad_enabled()
     opts = (divergence, float(beta), float(temperature), reduction, chunk_size)
@@ -344,5 +383,5 @@ def fused_kd_loss(
         rows,
         opts,
         grad_on and student_hidden.requires_grad,
-        True,
+        grad_on and student_weight.requires_grad,
     )

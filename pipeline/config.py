@@ -50,8 +50,12 @@ class ToyArch:
 class TrainConfig:
     steps: int = opt(300, "Optimizer steps.", lo=1)
     batch_size: int = opt(32, "Sequences per optimizer step.", lo=1)
-    grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide by it).", lo=1)
-    lr: float = opt(3e-3, "Peak learning rate (linear warm-up 5 %, cosine decay).", lo=0, lo_open=True)
+    grad_accum: int = opt(
+        1, "Micro-batches per optimizer step (batch_size must divide by it).", lo=1
+    )
+    lr: float = opt(
+        3e-3, "Peak learning rate (linear warm-up 5 %, cosine decay).", lo=0, lo_open=True
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay.", lo=0)
     log_every: int = opt(10, "Log the loss every this many steps.", lo=1)
 
@@ -65,7 +69,9 @@ class TargetConfig:
     )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
     arch: ToyArch = field(
-        default_factory=lambda: ToyArch(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
+        default_factory=lambda: ToyArch(
+            hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512
+        ),
         metadata={"help": "Toy target shape."},
     )
     train: TrainConfig = field(
@@ -84,7 +90,9 @@ class DraftConfig:
     )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
     arch: ToyArch = field(
-        default_factory=lambda: ToyArch(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96),
+        default_factory=lambda: ToyArch(
+            hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96
+        ),
         metadata={"help": "Toy draft shape (>= 8x fewer parameters than the target)."},
     )
     train: TrainConfig = field(
@@ -107,7 +115,10 @@ class DataConfig:
 class GenerateConfig:
     num_prompts: int = opt(512, "Training prompts to answer.", lo=1)
     draft_fraction: float = opt(
-        1.0, "Share of prompts answered by the draft (on-policy); the rest by the target.", lo=0, hi=1
+        1.0,
+        "Share of prompts answered by the draft (on-policy); the rest by the target.",
+        lo=0,
+        hi=1,
     )
     temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", lo=0)
     max_new_tokens: int = opt(64, "Longest generated response.", lo=1)
@@ -119,7 +130,9 @@ class GenerateConfig:
 class ReferenceConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=150, lr=2e-3),
-        metadata={"help": "Reference: draft init distilled with forward KL on all response tokens."},
+        metadata={
+            "help": "Reference: draft init distilled with forward KL on all response tokens."
+        },
     )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
@@ -134,16 +147,22 @@ class LoraConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Module names that get adapters.",
     )
+    modules_to_save: list = opt(
+        [], "Modules trained in full beside the adapters (e.g. embed_tokens, lm_head); frozen if empty."
+    )
 
 
 @dataclass
 class DistilConfig:
-    k: float = opt(0.4, "Fraction of response tokens kept (top-k by loss gap ΔL).", lo=0, hi=1, lo_open=True)
+    k: float = opt(
+        0.4, "Fraction of response tokens kept (top-k by loss gap ΔL).", lo=0, hi=1, lo_open=True
+    )
     divergence: str = opt("fkl", "Training divergence.", choices=["fkl", "rkl", "jsd", "tvd"])
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
     temperature: float = opt(1.0, "Softmax temperature of the loss.", lo=0, lo_open=True)
     normalize: str = opt(
-        "all", "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
+        "all",
+        "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
         choices=["all", "kept"],
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -159,13 +178,17 @@ class EvaluateConfig:
     )
     max_new_tokens: int = opt(48, "Tokens generated per eval prompt.", lo=1)
     prompts_per_task: int = opt(16, "Eval prompts per task for alpha.", lo=1)
-    spec_prompts_per_task: int = opt(6, "Eval prompts per task for real speculative decoding.", lo=1)
+    spec_prompts_per_task: int = opt(
+        6, "Eval prompts per task for real speculative decoding.", lo=1
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 
 @dataclass
 class ExportConfig:
-    dtype: str = opt("float32", "dtype of the exported draft.", choices=["float32", "bfloat16", "float16"])
+    dtype: str = opt(
+        "float32", "dtype of the exported draft.", choices=["float32", "bfloat16", "float16"]
+    )
 
 
 @dataclass
@@ -335,7 +358,9 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             "or give both as model ids/directories"
         )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
-        problems.append("distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false")
+        problems.append(
+            "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"
+        )
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         problems.append(f"name: {cfg.name!r} must be a plain directory name")
 

@@ -7,9 +7,12 @@ is committed by rename, so a directory with a manifest is complete and is never 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, commit_dir, read_manifest
 from specdraft.pipeline.config import Resources
-
-PACKAGE_DIRS = ("specdraft", "pipeline", "drafts", "kernels", "reports")
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -51,33 +52,67 @@ class StageError(RuntimeError):
     """A stage failed; the message names the stage and the cause."""
 
 
-_CODE_VERSION: str | None = None
+def _specdraft_imports(path: Path) -> set[str]:
+    """Names of the specdraft modules a source file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("specdraft"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("specdraft"))
+    return names
 
 
-def code_version() -> str:
-    """Hash of the package's Python sources: a code change invalidates cached stages."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        import specdraft.pipeline as pipeline_pkg
+@functools.cache
+def _find_module(name: str):
+    """The spec of module `name`, or None when it names an attribute of a module. Never imports
+    a module itself (only its parent packages), so hashing is cheap."""
+    parent = name.rpartition(".")[0]
+    if parent:
+        parent_spec = _find_module(parent)
+        if parent_spec is None or parent_spec.submodule_search_locations is None:
+            return None
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
-        root = Path(pipeline_pkg.__file__).resolve().parents[1]
-        digest = hashlib.sha256()
-        for folder in PACKAGE_DIRS:
-            for path in sorted((root / folder).rglob("*.py")):
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(path.read_bytes())
-        _CODE_VERSION = digest.hexdigest()[:12]
-    return _CODE_VERSION
+
+@functools.cache
+def code_version(module: str) -> str:
+    """Hash of the sources of `module` and every specdraft module it imports, transitively:
+    editing a stage's code invalidates that stage (and, through the keys, its dependents) only."""
+    seen: set[str] = set()
+    sources: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        spec = _find_module(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue  # an attribute imported from a module, not a module
+        sources[name] = Path(spec.origin)
+        todo.extend(_specdraft_imports(sources[name]))
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        digest.update(name.encode())
+        digest.update(sources[name].read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def stage_key(stage: Stage, dep_keys: dict[str, str]) -> str:
     payload = {
         "name": stage.name,
         "module": stage.module,
-        "config": dataclasses.asdict(stage.config) if dataclasses.is_dataclass(stage.config) else stage.config,
+        "config": dataclasses.asdict(stage.config)
+        if dataclasses.is_dataclass(stage.config)
+        else stage.config,
         "seed": stage.seed,
         "deps": {d: dep_keys[d] for d in stage.deps},
-        "code": code_version(),
+        "code": code_version(stage.module),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -106,17 +141,9 @@ def topological(stages: list[Stage]) -> list[Stage]:
     return order
 
 
-def read_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_stage(module: str, config: Any, inputs: dict[str, str], final: str, seed: int, meta: dict) -> dict:
+def run_stage(
+    module: str, config: Any, inputs: dict[str, str], final: str, seed: int, meta: dict
+) -> dict:
     """Run one stage into a temporary directory and commit it by rename. Runs in a Ray task or here."""
     final_path = Path(final)
     tmp = final_path.with_name(f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}")
@@ -134,13 +161,7 @@ def run_stage(module: str, config: Any, inputs: dict[str, str], final: str, seed
             "info": info,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        if final_path.exists():  # a forced re-run replaces the old artifact
-            trash = final_path.with_name(f".trash-{final_path.name}-{uuid.uuid4().hex[:8]}")
-            os.replace(final_path, trash)
-            os.replace(tmp, final_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final_path)
+        commit_dir(tmp, final_path)  # a forced re-run replaces the old artifact
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,14 +235,21 @@ def execute(
         for stage, key, path in ready:
             pending.remove((stage, key, path))
             inputs = {d: str(results[d].path) for d in stage.deps}
-            meta = {"stage": stage.name, "key": key, "code_version": code_version()}
-            say(f"{stage.name:<10} started  (cpus={stage.resources.cpus:g}, gpus={stage.resources.gpus:g})")
+            meta = {"stage": stage.name, "key": key, "code_version": code_version(stage.module)}
+            verb = "started  " if runner is None else "submitted"
+            say(
+                f"{stage.name:<10} {verb} (cpus={stage.resources.cpus:g}, gpus={stage.resources.gpus:g})"
+            )
             start = time.time()
             if runner is None:
                 try:
-                    manifest = run_stage(stage.module, stage.config, inputs, str(path), stage.seed, meta)
+                    manifest = run_stage(
+                        stage.module, stage.config, inputs, str(path), stage.seed, meta
+                    )
                 except Exception as err:
-                    raise StageError(f"stage {stage.name} failed: {type(err).__name__}: {err}") from err
+                    raise StageError(
+                        f"stage {stage.name} failed: {type(err).__name__}: {err}"
+                    ) from err
                 results[stage.name] = _finish(stage, key, path, start, manifest, say)
             else:
                 ref = runner.submit(stage, inputs, path, meta)
@@ -253,12 +281,9 @@ class _RayRunner:
 
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning"}
             if address:
                 kwargs["address"] = address
-            else:
-                kwargs["configure_logging"] = False
-            os.environ.setdefault("RAY_ACCEPT_CLUSTER_TOKEN", "1")
             ray.init(**kwargs)
         check_cluster_resources([t[0] for t in todo], ray.cluster_resources())
         self._remote = ray.remote(run_stage)
@@ -292,7 +317,9 @@ def check_cluster_resources(stages: list[Stage], available: dict[str, float]) ->
         for res, want in (("GPU", s.resources.gpus), ("CPU", s.resources.cpus)):
             have = available.get(res, 0.0)
             if want > have:
-                problems.append(f"stage {s.name} asks for {want:g} {res} but the cluster has {have:g}")
+                problems.append(
+                    f"stage {s.name} asks for {want:g} {res} but the cluster has {have:g}"
+                )
     if problems:
         raise StageError(
             "the cluster cannot run this job:\n  - "

@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 from specdraft.drafts.toyworld import make_toy_dataset, train_toy_tokenizer
+from specdraft.pipeline.artifacts import read_manifest
 from specdraft.pipeline.config import DataConfig
-from specdraft.pipeline.dag import read_manifest
 
 
 def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
@@ -18,7 +18,9 @@ def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> di
     lengths = [len(tokenizer(t)["input_ids"]) + 2 for t in texts]
     too_long = sum(n > cfg.max_length for n in lengths)
     if too_long:
-        print(f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut")
+        print(
+            f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut"
+        )
     return {
         "max_length": cfg.max_length,
         "splits": {name: len(split) for name, split in splits.items()},

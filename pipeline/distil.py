@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.pipeline.artifacts import model_location
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.data import tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.models import model_location
 from specdraft.pipeline.training import train_kd, write_json
 
 
@@ -29,8 +29,12 @@ def with_lora(model, lora_cfg):
             f"linear layers here include: {sorted(n for n in names if n.endswith('proj'))[:12]}"
         )
     config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=[m for m in lora_cfg.target_modules if m in names], task_type="CAUSAL_LM",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=[m for m in lora_cfg.target_modules if m in names],
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -55,11 +59,24 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"distil: LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable} trainable parameters")
+        print(
+            f"distil: LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable} trainable parameters"
+        )
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     history, selection = train_kd(
-        model, teacher, sequences, tokenizer, cfg.train, out, seed, reference=reference, k=cfg.k,
-        divergence=cfg.divergence, beta=cfg.beta, temperature=cfg.temperature, normalize=cfg.normalize,
+        model,
+        teacher,
+        sequences,
+        tokenizer,
+        cfg.train,
+        out,
+        seed,
+        reference=reference,
+        k=cfg.k,
+        divergence=cfg.divergence,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        normalize=cfg.normalize,
     )
     shutil.rmtree(out / "trainer", ignore_errors=True)
     if cfg.lora.enabled:
@@ -73,10 +90,16 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
         ordered = sorted(deltas, reverse=True)
         threshold = ordered[max(0, min(len(ordered) - 1, int(cfg.k * len(ordered)) - 1))]
     write_json(out / "history.json", history)
-    write_json(out / "selection.json", {
-        "k": cfg.k, "threshold": threshold, "kept": selection["kept"], "total": selection["total"],
-        "delta_histogram": delta_histogram(deltas),
-    })
+    write_json(
+        out / "selection.json",
+        {
+            "k": cfg.k,
+            "threshold": threshold,
+            "kept": selection["kept"],
+            "total": selection["total"],
+            "delta_histogram": delta_histogram(deltas),
+        },
+    )
     return {
         "model": "model",
         "adapter": "adapter" if cfg.lora.enabled else None,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from tqdm.auto import tqdm
 
 from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
 from specdraft.kernels import fused_kd_loss
+from specdraft.pipeline.artifacts import model_location
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.data import load_splits, tokenizer_dir
 from specdraft.pipeline.generate import sample_responses
-from specdraft.pipeline.models import model_location
 from specdraft.pipeline.speculative import SpecStats, autoregressive_generate, speculative_generate
 from specdraft.pipeline.training import Collator, hidden_and_head
 
@@ -46,7 +47,9 @@ class LosslessError(RuntimeError):
 
 
 @torch.no_grad()
-def position_acceptance(target, draft, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def position_acceptance(
+    target, draft, batch: dict, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """β (N,) and top-1 agreement (N,) at every response position of a padded batch."""
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     counted = labels[:, 1:] != -100
@@ -56,15 +59,32 @@ def position_acceptance(target, draft, batch: dict, temperature: float) -> tuple
     agree = (d_hidden @ d_head.T).argmax(-1) == (t_hidden @ t_head.T).argmax(-1)  # (N,)
     if temperature == 0:
         return agree.float(), agree.float()
-    tvd = fused_kd_loss(d_hidden, d_head, t_hidden, t_head, divergence="tvd", temperature=temperature, reduction="none")
+    tvd = fused_kd_loss(
+        d_hidden,
+        d_head,
+        t_hidden,
+        t_head,
+        divergence="tvd",
+        temperature=temperature,
+        reduction="none",
+    )
     return 1.0 - tvd, agree.float()
 
 
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
+def _mean(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
 
 
-def analytic_acceptance(target, draft, sequences: list[dict], pad_id: int, temperature: float) -> dict:
+def _finite(value):
+    """NaN (e.g. a drafted position never reached) as None, so metrics.json stays strict JSON."""
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def analytic_acceptance(
+    target, draft, sequences: list[dict], pad_id: int, temperature: float
+) -> dict:
     """alpha and alpha_greedy overall and per task over the given tokenised sequences."""
     collate = Collator(pad_id)
     per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"beta": [], "agree": []})
@@ -85,29 +105,53 @@ def analytic_acceptance(target, draft, sequences: list[dict], pad_id: int, tempe
         "alpha_greedy": _mean(every_agree),
         "num_positions": len(every_beta),
         "tasks": {
-            task: {"alpha": _mean(v["beta"]), "alpha_greedy": _mean(v["agree"]), "num_positions": len(v["beta"])}
+            task: {
+                "alpha": _mean(v["beta"]),
+                "alpha_greedy": _mean(v["agree"]),
+                "num_positions": len(v["beta"]),
+            }
             for task, v in sorted(per_task.items())
         },
     }
 
 
-def spec_decoding(target, draft, prompts: list[dict], cfg: EvaluateConfig, eos_id: int, seed: int,
-                  greedy_references: list[list[int]]) -> dict:
+def spec_decoding(
+    target,
+    draft,
+    prompts: list[dict],
+    cfg: EvaluateConfig,
+    eos_id: int,
+    seed: int,
+    greedy_references: list[list[int]],
+) -> dict:
     """Real speculative decoding per task, greedy (with the lossless check) and at cfg.temperature."""
     by_task: dict[tuple[str, str], SpecStats] = {}
     mismatches = []
     generator = torch.Generator().manual_seed(seed)
     for row, reference in zip(prompts, greedy_references, strict=True):
         ids = torch.tensor([row["prompt_ids"]])
-        out, stats = speculative_generate(target, draft, ids, gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=0.0, eos_token_id=eos_id)
+        out, stats = speculative_generate(
+            target,
+            draft,
+            ids,
+            gamma=cfg.gamma,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=0.0,
+            eos_token_id=eos_id,
+        )
         if out.tolist() != reference:
             mismatches.append(row["prompt"][:60])
         runs = {"greedy": stats}
         if cfg.temperature > 0:
             _, runs["sampled"] = speculative_generate(
-                target, draft, ids, gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, eos_token_id=eos_id, generator=generator,
+                target,
+                draft,
+                ids,
+                gamma=cfg.gamma,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                eos_token_id=eos_id,
+                generator=generator,
             )
         for mode, st in runs.items():
             key = (row["task"], mode)
@@ -128,12 +172,25 @@ def spec_decoding(target, draft, prompts: list[dict], cfg: EvaluateConfig, eos_i
                 continue
             total.merge(st)
             entry = result["tasks"].setdefault(task, {})
-            entry.update({f"spec_alpha{suffix}": st.spec_alpha, f"tau{suffix}": st.tau,
-                          f"per_position{suffix}": st.per_position})
-        result.update({f"spec_alpha{suffix}": total.spec_alpha, f"tau{suffix}": total.tau,
-                       f"per_position{suffix}": total.per_position})
+            entry.update(
+                {
+                    f"spec_alpha{suffix}": _finite(st.spec_alpha),
+                    f"tau{suffix}": _finite(st.tau),
+                    f"per_position{suffix}": _finite(st.per_position),
+                }
+            )
+        result.update(
+            {
+                f"spec_alpha{suffix}": _finite(total.spec_alpha),
+                f"tau{suffix}": _finite(total.tau),
+                f"per_position{suffix}": _finite(total.per_position),
+            }
+        )
         if mode == "greedy":
-            result["draft_seconds"], result["target_seconds"] = total.draft_seconds, total.target_seconds
+            result["draft_seconds"], result["target_seconds"] = (
+                total.draft_seconds,
+                total.target_seconds,
+            )
     result["lossless_greedy"] = True
     result["num_spec_prompts"] = len(prompts)
     return result
@@ -160,18 +217,33 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
 
     # Target-generated continuations at the evaluation temperature: the positions alpha averages over.
     continuations = sample_responses(
-        target, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, batch_size=32, seed=seed, desc="target continuations",
+        target,
+        tokenizer,
+        [r["prompt"] for r in eval_rows],
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=32,
+        seed=seed,
+        desc="target continuations",
     )
     sequences = [
-        {"input_ids": r["prompt_ids"] + c, "response_mask": [0] * len(r["prompt_ids"]) + [1] * len(c), "task": r["task"]}
+        {
+            "input_ids": r["prompt_ids"] + c,
+            "response_mask": [0] * len(r["prompt_ids"]) + [1] * len(c),
+            "task": r["task"],
+        }
         for r, c in zip(eval_rows, continuations, strict=True)
         if c
     ]
     spec_rows = pick_eval_prompts(eval_rows, cfg.spec_prompts_per_task)
     greedy_refs = [
-        autoregressive_generate(target, torch.tensor([r["prompt_ids"]]), max_new_tokens=cfg.max_new_tokens,
-                                temperature=0.0, eos_token_id=eos_id).tolist()
+        autoregressive_generate(
+            target,
+            torch.tensor([r["prompt_ids"]]),
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=0.0,
+            eos_token_id=eos_id,
+        ).tolist()
         for r in tqdm(spec_rows, desc="target-only greedy", mininterval=2.0)
     ]
     metrics: dict = {
@@ -196,5 +268,5 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         )
         del draft
     metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in DRAFTS)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in DRAFTS}

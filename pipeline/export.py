@@ -9,9 +9,8 @@ import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import load_causal_lm, load_tokenizer
+from specdraft.pipeline.artifacts import model_location, read_manifest
 from specdraft.pipeline.config import ExportConfig
-from specdraft.pipeline.dag import read_manifest
-from specdraft.pipeline.models import model_location
 
 
 def model_card(metrics: dict, base: str, target: str, data: str, gamma: int, method: str) -> str:
@@ -36,10 +35,10 @@ It shares the target's tokenizer and vocabulary size.
 | task | alpha | alpha_greedy | tau (gamma={gamma}) |
 |---|---|---|---|
 {rows}
-| **all** | {final.get('alpha', float('nan')):.3f} | {final.get('alpha_greedy', float('nan')):.3f} | {final.get('tau', float('nan')):.2f} |
+| **all** | {final.get("alpha", float("nan")):.3f} | {final.get("alpha_greedy", float("nan")):.3f} | {final.get("tau", float("nan")):.2f} |
 
 alpha = mean Σ min(p, q) over target-generated continuations; tau = tokens per target call, bonus
-included, from real speculative decoding at temperature {metrics.get('temperature')}.
+included, from real speculative decoding at temperature {metrics.get("temperature")}.
 
 ## Serve it
 - vLLM: `vllm serve {target} --speculative-config '{{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}}}'`
@@ -66,6 +65,17 @@ def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
     )
     base = model_location(inputs["draft_init"]) if "draft_init" in inputs else "draft init"
     (draft_dir / "README.md").write_text(
-        model_card(metrics, base, model_location(inputs["target"]), "specdraft builtin toy world", gamma, method)
+        model_card(
+            metrics,
+            base,
+            model_location(inputs["target"]),
+            "specdraft builtin toy world",
+            gamma,
+            method,
+        )
     )
-    return {"draft": "draft", "adapter": "adapter" if adapter.exists() else None, "dtype": cfg.dtype}
+    return {
+        "draft": "draft",
+        "adapter": "adapter" if adapter.exists() else None,
+        "dtype": cfg.dtype,
+    }

@@ -10,14 +10,23 @@ import torch
 from tqdm.auto import tqdm
 
 from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.pipeline.artifacts import model_location
 from specdraft.pipeline.config import GenerateConfig
 from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
-from specdraft.pipeline.models import model_location
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
-                     batch_size: int, seed: int, desc: str) -> list[list[int]]:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+) -> list[list[int]]:
     """Token ids of one sampled response per prompt (eos included when reached)."""
     device = next(model.parameters()).device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -32,10 +41,18 @@ def sample_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         for i, row in enumerate(batch):  # left padding, as generation needs
             ids[i, width - len(row) :] = torch.tensor(row)
             attn[i, width - len(row) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
         )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
@@ -60,10 +77,18 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
     for source, part in (("draft", rows[:n_draft]), ("target", rows[n_draft:])):
         if not part:
             continue
-        model = load_causal_lm(model_location(inputs["draft_init" if source == "draft" else "target"]), device=device)
+        model = load_causal_lm(
+            model_location(inputs["draft_init" if source == "draft" else "target"]), device=device
+        )
         responses = sample_responses(
-            model, tokenizer, [r["prompt"] for r in part], max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=f"generate ({source})",
+            model,
+            tokenizer,
+            [r["prompt"] for r in part],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            desc=f"generate ({source})",
         )
         for row, response in zip(part, responses, strict=True):
             prompt_ids = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -71,10 +96,16 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             mask = ([0] * len(prompt_ids) + [1] * len(response))[:max_length]
             if sum(mask[1:]) == 0:
                 continue
-            records.append({
-                "prompt": row["prompt"], "response": tokenizer.decode(response, skip_special_tokens=True),
-                "task": row["task"], "source": source, "input_ids": ids, "response_mask": mask,
-            })
+            records.append(
+                {
+                    "prompt": row["prompt"],
+                    "response": tokenizer.decode(response, skip_special_tokens=True),
+                    "task": row["task"],
+                    "source": source,
+                    "input_ids": ids,
+                    "response_mask": mask,
+                }
+            )
         del model
     Dataset.from_list(records).save_to_disk(str(out / "sequences"))
     lengths = [sum(r["response_mask"]) for r in records]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -12,7 +11,14 @@ from pathlib import Path
 import yaml
 
 from specdraft.pipeline.config import JobConfig, Resources
-from specdraft.pipeline.dag import Stage, StageResult, default_store, execute
+from specdraft.pipeline.dag import (
+    Stage,
+    StageResult,
+    atomic_write_text,
+    commit_dir,
+    default_store,
+    execute,
+)
 
 # name: (job section, input stages)
 STAGES = {
@@ -43,44 +49,48 @@ def store_for(job: JobConfig) -> Path:
     return Path(job.store).expanduser() if job.store else default_store()
 
 
-def _replace_path(src: Path, dst: Path) -> None:
-    """Copy file or directory `src` over `dst` atomically (temporary copy, then rename)."""
+def _copy_dir(src: Path, dst: Path) -> None:
+    """Copy directory `src` over `dst` atomically (temporary copy, then rename)."""
     tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
-    if src.is_dir():
-        shutil.copytree(src, tmp)
-    else:
-        shutil.copy2(src, tmp)
-    if dst.is_dir():
-        trash = dst.with_name(f".trash-{dst.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(dst, trash)
-        os.replace(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+    shutil.copytree(src, tmp)
+    commit_dir(tmp, dst)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_job(job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None) -> dict[str, StageResult]:
+def run_job(
+    job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+) -> dict[str, StageResult]:
     """Execute the job's DAG (cached stages are reused) and lay out `out`."""
     use_ray = job.ray.enabled if use_ray is None else use_ray
-    results = execute(build_stages(job), store_for(job), force=set(force), use_ray=use_ray, ray_address=job.ray.address)
+    results = execute(
+        build_stages(job),
+        store_for(job),
+        force=set(force),
+        use_ray=use_ray,
+        ray_address=job.ray.address,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    _replace_path(results["export"].path / "draft", out / "draft")
+    _copy_dir(results["export"].path / "draft", out / "draft")
     if (results["export"].path / "adapter").exists():
-        _replace_path(results["export"].path / "adapter", out / "adapter")
-    _replace_path(results["report"].path / "report", out / "report")
+        _copy_dir(results["export"].path / "adapter", out / "adapter")
+    _copy_dir(results["report"].path / "report", out / "report")
     metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
-    metrics = {"job": job.name, "job_hash": results["report"].key, **metrics, "draft": str((out / "draft").resolve())}
-    _write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    _write_text(out / "job.yaml", yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
+    metrics = {
+        "job": job.name,
+        "job_hash": results["report"].key,
+        **metrics,
+        "draft": str((out / "draft").resolve()),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "job.yaml", yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
     stages = [
-        {"name": r.name, "key": r.key, "path": str(r.path), "reused": r.reused, "seconds": round(r.seconds, 2)}
+        {
+            "name": r.name,
+            "key": r.key,
+            "path": str(r.path),
+            "reused": r.reused,
+            "seconds": round(r.seconds, 2),
+        }
         for r in results.values()
     ]
-    _write_text(out / "run.json", json.dumps({"job": job.name, "stages": stages}, indent=2))
+    atomic_write_text(out / "run.json", json.dumps({"job": job.name, "stages": stages}, indent=2))
     return results

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.pipeline.artifacts import model_location
 from specdraft.pipeline.config import ReferenceConfig
 from specdraft.pipeline.data import tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.models import model_location
 from specdraft.pipeline.training import train_kd, write_json
 
 
@@ -20,7 +20,9 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
     teacher = load_causal_lm(model_location(inputs["target"]), device=device)
     model = load_causal_lm(model_location(inputs["draft_init"]), device=device).train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
-    history, _ = train_kd(model, teacher, sequences, tokenizer, cfg.train, out, seed, divergence="fkl")
+    history, _ = train_kd(
+        model, teacher, sequences, tokenizer, cfg.train, out, seed, divergence="fkl"
+    )
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -26,7 +26,11 @@ Statistics (``SpecStats``), with the bonus token counted in τ:
 
 Near the end a round drafts ``min(γ, max_new_tokens - emitted - 1)`` tokens, so no more than
 ``max_new_tokens`` are produced (the same rule as transformers' assisted generation). The draft
-stops drafting at eos, and output stops right after the first eos.
+stops drafting at eos, and output stops right after the first eos. All randomness comes from the
+``generator`` argument, which must live on the models' device.
+
+``speculative_generate_batch`` decodes a left-padded batch with per-row acceptance; each row gets
+the tokens and counts that ``speculative_generate`` gives it alone (at temperature 0).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "SpeculativeDecoder",
     "autoregressive_generate",
     "speculative_generate",
+    "speculative_generate_batch",
 ]
 
 
@@ -56,8 +61,9 @@ class SpecStats:
     accepted: int = 0  # draft tokens accepted by the target
     target_calls: int = 0  # target forward passes (each one verifies and emits >= 1 token)
     new_tokens: int = 0  # tokens emitted: accepted + corrections + bonus tokens
-    accepted_at: list[int] = field(default_factory=list)  # (γ,) rounds where position i was accepted
-    drafted_at: list[int] = field(default_factory=list)  # (γ,) rounds where position i was verified
+    # (γ,) per drafted position i: rounds where it was accepted / reached by the verifier
+    accepted_at: list[int] = field(default_factory=list)
+    drafted_at: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
 
@@ -79,8 +85,8 @@ class SpecStats:
         self.accepted += other.accepted
         self.target_calls += other.target_calls
         self.new_tokens += other.new_tokens
-        self.accepted_at = [a + b for a, b in zip(self.accepted_at, other.accepted_at)]
-        self.drafted_at = [a + b for a, b in zip(self.drafted_at, other.drafted_at)]
+        self.accepted_at = [a + b for a, b in zip(self.accepted_at, other.accepted_at, strict=True)]
+        self.drafted_at = [a + b for a, b in zip(self.drafted_at, other.drafted_at, strict=True)]
         self.draft_seconds += other.draft_seconds
         self.target_seconds += other.target_seconds
 
@@ -102,8 +108,10 @@ class SpecStats:
 
     @property
     def per_position(self) -> list[float]:
-        """Acceptance rate of drafted position i+1 given positions 1..i were accepted (NaN: never reached)."""
-        return [a / d if d else math.nan for a, d in zip(self.accepted_at, self.drafted_at)]
+        """Acceptance rate of drafted position i+1 given 1..i were accepted (NaN: never reached)."""
+        return [
+            a / d if d else math.nan for a, d in zip(self.accepted_at, self.drafted_at, strict=True)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready counters and derived metrics (NaN written as None)."""
@@ -219,6 +227,11 @@ def _verify_sampled(
     p = _probs(target_logits, temperature)  # (K+1, V)
     if k == 0:
         return 0, int(torch.multinomial(p[0], 1, generator=generator))
+    if draft_probs.shape[-1] != p.shape[-1]:
+        raise ValueError(
+            f"draft vocab ({draft_probs.shape[-1]}) != target vocab ({p.shape[-1]}): sampled "
+            "speculative decoding needs one vocabulary; use a draft with the target's vocab_size."
+        )
     idx = torch.arange(k, device=drafted.device)
     p_x, q_x = p[idx, drafted], draft_probs[idx, drafted]  # (K,)
     u = torch.rand(k, generator=generator, device=p.device)
@@ -232,6 +245,25 @@ def _verify_sampled(
         if float(residual.sum()) <= 0:  # p == q up to rounding: a rejection has probability ~0
             residual = p[n_accepted]
     return n_accepted, int(torch.multinomial(residual, 1, generator=generator))
+
+
+def _cut_after_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def _record_round(stats: SpecStats, k: int, n_accepted: int, n_emitted: int) -> None:
+    """Count one verification pass of one row that drafted k tokens and accepted n_accepted."""
+    stats.target_calls += 1
+    stats.drafted += k
+    stats.accepted += n_accepted
+    stats.new_tokens += n_emitted
+    for i in range(min(n_accepted + 1, k)):  # positions the verifier reached
+        stats.drafted_at[i] += 1
+    for i in range(n_accepted):
+        stats.accepted_at[i] += 1
 
 
 def _eos_ids(eos_token_id: int | list[int] | None) -> set[int]:
@@ -310,6 +342,7 @@ class SpeculativeDecoder:
         drafted = torch.tensor(ids, dtype=torch.long, device=self.tokens.device)
         return drafted, (torch.stack(probs) if probs else None)
 
+    @torch.no_grad()
     def step(self) -> list[int]:
         """One round: draft, verify in one target pass, roll back caches. Returns emitted tokens."""
         if self.finished:
@@ -329,28 +362,17 @@ class SpeculativeDecoder:
                 drafted, draft_probs, target_logits, self.temperature, self.generator
             )
 
-        emitted = drafted[:n_accepted].tolist() + [next_token]
-        for i, token in enumerate(emitted):
-            if token in self.eos:
-                emitted = emitted[: i + 1]
-                self.finished = True
-                break
-        self.tokens = torch.cat([self.tokens, torch.tensor([emitted], device=self.tokens.device)], 1)
-        if self.tokens.shape[1] - self.prompt_len >= self.max_new_tokens:
-            self.finished = True
+        emitted, hit_eos = _cut_after_eos(drafted[:n_accepted].tolist() + [next_token], self.eos)
+        self.tokens = torch.cat(
+            [self.tokens, torch.tensor([emitted], device=self.tokens.device)], 1
+        )
+        emitted_total = self.tokens.shape[1] - self.prompt_len
+        self.finished = hit_eos or emitted_total >= self.max_new_tokens
 
         # Both caches keep only the committed prefix: prompt + previous output + accepted drafts.
         self.target.rollback(start_len + n_accepted)
         self.draft.rollback(start_len + n_accepted)
-
-        stats.target_calls += 1
-        stats.drafted += k
-        stats.accepted += n_accepted
-        stats.new_tokens += len(emitted)
-        for i in range(min(n_accepted + 1, k)):  # positions the verifier reached
-            stats.drafted_at[i] += 1
-        for i in range(n_accepted):
-            stats.accepted_at[i] += 1
+        _record_round(stats, k, n_accepted, len(emitted))
         stats.draft_seconds, stats.target_seconds = self.draft.seconds, self.target.seconds
         return emitted
 
@@ -410,3 +432,197 @@ def autoregressive_generate(
             break
         pending = torch.tensor([[token]], device=input_ids.device)
     return torch.tensor(emitted, dtype=torch.long, device=input_ids.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: per-row acceptance over shared caches with holes
+
+
+class _MaskedCachedLM:
+    """A model with one batched KV cache whose committed slots are marked by ``slot_mask`` (B, S).
+
+    Rows accept different numbers of drafts, so a rejected slot of one row may sit below a kept
+    slot of another. It stays in the cache as a hole: masked out of attention and skipped by the
+    position ids (a row's position = its count of committed slots). Columns no row uses are cropped.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device):
+        self.model = model
+        self.cache: Any = None
+        self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
+        self._logits_to_keep = _accepts_logits_to_keep(model)
+
+    def cached(self, row: int) -> int:
+        """Committed tokens of ``row`` held by the cache (a prefix of the row's tokens)."""
+        return int(self.slot_mask[row].sum())
+
+    def feed(self, rows: list[list[int]], keep: int) -> tuple[torch.Tensor, float]:
+        """Append rows[b] to row b (rows may be empty). Returns ((B, keep, V) logits, seconds).
+
+        The block is left-padded, so the last ``keep`` logits of a row are those of its last tokens.
+        """
+        batch, width = len(rows), max(len(r) for r in rows)
+        device = self.slot_mask.device
+        ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, L)
+        new_mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, L)
+        for b, row in enumerate(rows):
+            if row:
+                ids[b, width - len(row) :] = torch.tensor(row, device=device)
+                new_mask[b, width - len(row) :] = 1
+        counts = self.slot_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        position_ids = (counts + new_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
+        attention_mask = torch.cat([self.slot_mask, new_mask], dim=1)  # (B, S + L)
+        kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        start = time.perf_counter()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            **kwargs,
+        )
+        logits = out.logits[:, -keep:].float()  # (B, keep, V)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        seconds = time.perf_counter() - start
+        if out.past_key_values is None:
+            raise TypeError(
+                f"{type(self.model).__name__} returned past_key_values=None with use_cache=True; "
+                "speculative decoding needs a KV cache that supports get_seq_length() and crop()."
+            )
+        self.cache, self.slot_mask = out.past_key_values, attention_mask
+        return logits, seconds
+
+    def drop_last(self, row: int, n: int) -> None:
+        """Uncommit the last n committed slots of ``row``."""
+        if n > 0:
+            slots = self.slot_mask[row].nonzero().flatten()[-n:]
+            self.slot_mask[row, slots] = 0
+
+    def crop_unused(self) -> None:
+        used = self.slot_mask.any(dim=0).nonzero()
+        length = int(used[-1]) + 1 if len(used) else 0
+        _crop_cache(self.cache, length)
+        self.slot_mask = self.slot_mask[:, :length]
+
+
+def _left_padded_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> list[list[int]]:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must have shape (B, T) with T >= 1, got {tuple(input_ids.shape)}"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must have the shape of input_ids")
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+        n_pad = len(mask) - sum(mask)
+        if n_pad == len(mask) or any(mask[:n_pad]) or not all(mask[n_pad:]):
+            raise ValueError(
+                "attention_mask must be left padding (zeros, then ones) with at least one token "
+                "per row; tokenize with padding_side='left'."
+            )
+        rows.append(ids[n_pad:])
+    return rows
+
+
+@torch.no_grad()
+def speculative_generate_batch(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    gamma: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.LongTensor], list[SpecStats]]:
+    """Speculative decoding of a left-padded (B, T) batch, each row accepting its own drafts.
+
+    Returns per row the new tokens (1-D, lengths differ when rows stop at eos) and ``SpecStats``.
+    A row's counts are those ``speculative_generate`` gives for it alone: its ``target_calls``
+    counts the batched passes it took part in. A pass's seconds are split evenly over its rows,
+    so merging the rows' stats gives the batch's wall time. Rows run in lockstep: a round drafts
+    while any row still drafts, and a row that has finished or stopped drafting feeds nothing.
+    Hugging Face models only: they take ``attention_mask`` and ``position_ids``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    tokens = _left_padded_rows(input_ids, attention_mask)
+    batch, device = len(tokens), input_ids.device
+    prompt_lens = [len(row) for row in tokens]
+    stats = [SpecStats(gamma=gamma) for _ in range(batch)]
+    eos = _eos_ids(eos_token_id)
+    active = [max_new_tokens > 0] * batch
+    tgt = _MaskedCachedLM(target, batch, device)
+    dft = _MaskedCachedLM(draft, batch, device)
+
+    def charge(rows: list[int], seconds: float, attr: str) -> None:
+        for b in rows:
+            setattr(stats[b], attr, getattr(stats[b], attr) + seconds / len(rows))
+
+    while any(active):
+        rows = [b for b in range(batch) if active[b]]
+        budget = {
+            b: min(gamma, max_new_tokens - (len(tokens[b]) - prompt_lens[b]) - 1) for b in rows
+        }
+        drafted: dict[int, list[int]] = {b: [] for b in rows}
+        draft_probs: dict[int, list[torch.Tensor]] = {b: [] for b in rows}
+        drafting = [b for b in rows if budget[b] > 0]
+        first = True
+        while drafting:
+            feed = [[] for _ in range(batch)]
+            for b in drafting:
+                feed[b] = tokens[b][dft.cached(b) :] if first else drafted[b][-1:]
+            logits, seconds = dft.feed(feed, keep=1)  # (B, 1, V)
+            charge(drafting, seconds, "draft_seconds")
+            for b in drafting:
+                token = _pick(logits[b, 0], temperature, generator)
+                drafted[b].append(token)
+                if temperature > 0:
+                    draft_probs[b].append(_probs(logits[b, 0], temperature))
+            drafting = [
+                b for b in drafting if len(drafted[b]) < budget[b] and drafted[b][-1] not in eos
+            ]
+            first = False
+
+        feed = [[] for _ in range(batch)]
+        for b in rows:
+            feed[b] = tokens[b][tgt.cached(b) :] + drafted[b]
+        keep = 1 + max(len(drafted[b]) for b in rows)
+        logits, seconds = tgt.feed(feed, keep=keep)  # (B, keep, V)
+        charge(rows, seconds, "target_seconds")
+        for b in rows:
+            k = len(drafted[b])
+            row_drafts = torch.tensor(drafted[b], dtype=torch.long, device=device)
+            row_logits = logits[b, keep - k - 1 :]  # (k+1, V)
+            if temperature == 0:
+                n_accepted, next_token = _verify_greedy(row_drafts, row_logits)
+            else:
+                probs = torch.stack(draft_probs[b]) if k else None
+                n_accepted, next_token = _verify_sampled(
+                    row_drafts, probs, row_logits, temperature, generator
+                )
+            emitted, hit_eos = _cut_after_eos(drafted[b][:n_accepted] + [next_token], eos)
+            tokens[b] += emitted
+            active[b] = not hit_eos and len(tokens[b]) - prompt_lens[b] < max_new_tokens
+            # The target cached the row's k drafts, the draft all but the last one.
+            tgt.drop_last(b, k - n_accepted)
+            dft.drop_last(b, max(k - 1 - n_accepted, 0))
+            _record_round(stats[b], k, n_accepted, len(emitted))
+        tgt.crop_unused()
+        dft.crop_unused()
+
+    outputs = [
+        torch.tensor(row[n:], dtype=torch.long, device=device)
+        for row, n in zip(tokens, prompt_lens, strict=True)
+    ]
+    return outputs, stats

@@ -18,7 +18,9 @@ def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: 
     model = toy_llama(cfg.arch, tokenizer, max_positions=max_length, seed=seed)
     model.to(device_for(cfg.resources.gpus))
     encoded = encode_dataset(load_splits(data_artifact)["train"], tokenizer, max_length)
-    history = train_cross_entropy(model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens)
+    history = train_cross_entropy(
+        model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens
+    )
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

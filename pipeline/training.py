@@ -81,7 +81,7 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
         weight_decay=train_cfg.weight_decay,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, math.ceil(0.05 * train_cfg.steps)),
-        logging_steps=train_cfg.log_every,
+        logging_steps=min(train_cfg.log_every, train_cfg.steps),
         save_strategy="no",
         report_to="none",
         seed=seed,
@@ -89,11 +89,14 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",  # less padding: batches of similar lengths
         disable_tqdm=False,
     )
 
 
-def train_cross_entropy(model, encoded, tokenizer, train_cfg, out: Path, seed: int, all_tokens: bool) -> list[dict]:
+def train_cross_entropy(
+    model, encoded, tokenizer, train_cfg, out: Path, seed: int, all_tokens: bool
+) -> list[dict]:
     """Plain cross-entropy (SFT on response tokens, or LM pre-training on all tokens)."""
     history = LossHistory()
     trainer = Trainer(
@@ -110,7 +113,9 @@ def train_cross_entropy(model, encoded, tokenizer, train_cfg, out: Path, seed: i
 def hidden_and_head(model, input_ids, attention_mask):
     """Final hidden states (B, T, H) and the LM head weight (V, H), without building logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state
     return hidden, base.get_output_embeddings().weight
 
 
@@ -137,14 +142,26 @@ class KDTrainer(Trainer):
     every response token of the accumulation window (the public AdaSPEC code), `"kept"` by the kept.
     """
 
-    def __init__(self, *args, teacher, reference=None, k=1.0, divergence="fkl", beta=0.5,
-                 temperature=1.0, normalize="all", **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher,
+        reference=None,
+        k=1.0,
+        divergence="fkl",
+        beta=0.5,
+        temperature=1.0,
+        normalize="all",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
         self.k, self.divergence, self.beta = k, divergence, beta
         self.temperature, self.normalize = temperature, normalize
-        self.model_accepts_loss_kwargs = True  # compute_loss normalises by num_items_in_batch itself
+        self.model_accepts_loss_kwargs = (
+            True  # compute_loss normalises by num_items_in_batch itself
+        )
         self.selection_log: dict = {"kept": 0, "total": 0, "deltas": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -161,7 +178,9 @@ class KDTrainer(Trainer):
             with torch.no_grad():
                 r_hidden, r_head = hidden_and_head(self.reference, ids, attn)
                 r_hidden = r_hidden[:, :-1][counted]
-                kl_draft = fused_kd_loss(s_hidden.detach(), s_head.detach(), t_hidden, t_head, reduction="none")
+                kl_draft = fused_kd_loss(
+                    s_hidden.detach(), s_head.detach(), t_hidden, t_head, reduction="none"
+                )
                 kl_ref = fused_kd_loss(r_hidden, r_head, t_hidden, t_head, reduction="none")
             delta = kl_draft - kl_ref  # (N,)
             keep = select_tokens_by_loss_gap(delta, self.k)
@@ -170,8 +189,15 @@ class KDTrainer(Trainer):
             if len(self.selection_log["deltas"]) < 200_000:
                 self.selection_log["deltas"].extend(delta.float().cpu().tolist())
         loss_sum = fused_kd_loss(
-            s_hidden, s_head, t_hidden, t_head, mask=keep, divergence=self.divergence,
-            beta=self.beta, temperature=self.temperature, reduction="sum",
+            s_hidden,
+            s_head,
+            t_hidden,
+            t_head,
+            mask=keep,
+            divergence=self.divergence,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction="sum",
         )
         if self.normalize == "kept" and keep is not None:
             loss = loss_sum / keep.sum().clamp(min=1) / self.current_gradient_accumulation_steps
@@ -182,8 +208,22 @@ class KDTrainer(Trainer):
         return loss
 
 
-def train_kd(model, teacher, encoded, tokenizer, train_cfg, out: Path, seed: int, *, reference=None,
-             k=1.0, divergence="fkl", beta=0.5, temperature=1.0, normalize="all"):
+def train_kd(
+    model,
+    teacher,
+    encoded,
+    tokenizer,
+    train_cfg,
+    out: Path,
+    seed: int,
+    *,
+    reference=None,
+    k=1.0,
+    divergence="fkl",
+    beta=0.5,
+    temperature=1.0,
+    normalize="all",
+):
     history = LossHistory()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*label_names.*")

@@ -33,7 +33,9 @@ def cmd_run(args) -> int:
     job = load_job(_job_path(job_file), overrides)
     unknown = set(args.force) - set(STAGES)
     if unknown:
-        raise ConfigError([f"--force {s}: no such stage (stages: {', '.join(STAGES)})" for s in sorted(unknown)])
+        raise ConfigError(
+            [f"--force {s}: no such stage (stages: {', '.join(STAGES)})" for s in sorted(unknown)]
+        )
     out = Path(args.out) if args.out else Path("runs") / job.name
     if args.address:
         job.ray.address = args.address
@@ -48,7 +50,9 @@ def cmd_run(args) -> int:
     print(f"\n{'draft':<10} {'alpha':>7} {'alpha_greedy':>13} {'spec_alpha':>11} {'tau':>6}")
     for name in ("baseline", "reference", "final"):
         m = metrics[name]
-        print(f"{name:<10} {m['alpha']:>7.3f} {m['alpha_greedy']:>13.3f} {m['spec_alpha']:>11.3f} {m['tau']:>6.2f}")
+        print(
+            f"{name:<10} {m['alpha']:>7.3f} {m['alpha_greedy']:>13.3f} {m['spec_alpha']:>11.3f} {m['tau']:>6.2f}"
+        )
     print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
     print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
     return 0
@@ -62,16 +66,25 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specdraft", description="Distil draft models for speculative decoding.")
+    parser = argparse.ArgumentParser(
+        prog="specdraft", description="Distil draft models for speculative decoding."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job (default: the built-in demo)")
     run.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
     run.add_argument("--out", help="run directory (default: runs/<job name>/)")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="re-run STAGE and what depends on it (repeatable)")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="re-run STAGE and what depends on it (repeatable)",
+    )
     run.add_argument("--address", default="", help="attach to an existing Ray cluster")
-    run.add_argument("--no-ray", action="store_true", help="run stages in this process instead of Ray tasks")
+    run.add_argument(
+        "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
+    )
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a job without running it")
     val.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")

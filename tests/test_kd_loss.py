@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -19,8 +20,25 @@ from specdraft.kernels import kd_loss as kd_loss_module  # noqa: E402
 ODD = (37, 1001, 24, 40)
 SHAPES = [ODD, (64, 256, 32, 32)]
 # (divergence, beta); beta only matters for "jsd".
-CASES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("tvd", 0.5)]
+CASES = [
+    ("fkl", 0.5),
+    ("rkl", 0.5),
+    ("jsd", 0.0),
+    ("jsd", 0.5),
+    ("jsd", 0.3),  # asymmetric: catches beta applied to the wrong side of the mixture
+    ("jsd", 1.0),
+    ("tvd", 0.5),
+]
 IDS = [f"{d}-b{b}" if d == "jsd" else d for d, b in CASES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """The shapes are tiny: extra threads only add barrier waits (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_inputs(shape, dtype=torch.float32, seed=0, weight_grad=True):
@@ -97,7 +115,9 @@ def test_bf16_error_within_naive_bf16_error(divergence, beta):
     naive = loss_and_grads(kd_loss_reference, inputs, **kw)
     assert fused[0].dtype == torch.float32
     assert fused[1].dtype == fused[2].dtype == torch.bfloat16
-    for name, f, n, t in zip(("loss", "grad hidden", "grad weight"), fused, naive, truth, strict=True):
+    for name, f, n, t in zip(
+        ("loss", "grad hidden", "grad weight"), fused, naive, truth, strict=True
+    ):
         fused_err, naive_err = rel_err(f, t), rel_err(n, t)
         assert fused_err <= naive_err + 2e-3, f"{name}: {fused_err:.2e} vs naive {naive_err:.2e}"
 
@@ -116,7 +136,7 @@ def test_jsd_beta_endpoints_are_fkl_and_rkl():
 def test_known_values_on_two_token_vocabulary():
     # logits = log p exactly: hidden [[1]], a (V=2, H=1) head holding log p.
     p_t, p_s = (0.5, 0.5), (0.9, 0.1)
-    m = tuple(0.5 * a + 0.5 * b for a, b in zip(p_t, p_s, strict=True))
+    m = tuple(0.3 * a + 0.7 * b for a, b in zip(p_t, p_s, strict=True))  # beta = 0.3
 
     def kl(p, q):
         return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
@@ -124,14 +144,16 @@ def test_known_values_on_two_token_vocabulary():
     expected = {
         ("fkl", 0.5): kl(p_t, p_s),
         ("rkl", 0.5): kl(p_s, p_t),
-        ("jsd", 0.5): 0.5 * kl(p_t, m) + 0.5 * kl(p_s, m),
+        ("jsd", 0.3): 0.3 * kl(p_t, m) + 0.7 * kl(p_s, m),
         ("tvd", 0.5): 0.5 * sum(abs(a - b) for a, b in zip(p_t, p_s, strict=True)),
     }
     one = torch.ones(1, 1)
     student_head = torch.tensor(p_s).log().view(2, 1)
     teacher_head = torch.tensor(p_t).log().view(2, 1)
     for (divergence, beta), value in expected.items():
-        fused = fused_kd_loss(one, student_head, one, teacher_head, divergence=divergence, beta=beta)
+        fused = fused_kd_loss(
+            one, student_head, one, teacher_head, divergence=divergence, beta=beta
+        )
         from_logits = kd_divergence_from_logits(
             student_head.T, teacher_head.T, divergence=divergence, beta=beta
         )
@@ -167,31 +189,49 @@ def test_masked_rows_are_never_computed(reduction):
         assert torch.equal(got[0][~mask], torch.zeros_like(got[0][~mask]))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_frozen_lm_head_gets_no_gradient(reduction, monkeypatch):
-    sh, sw, th, tw, mask = make_inputs(ODD, seed=6, weight_grad=False)
-    asked_for_head_grad = []
+@pytest.fixture
+def grads_asked_for(monkeypatch):
+    """(want_grad_h, want_grad_w) of every chunked pass the kernel runs."""
+    calls = []
+    chunked_kd = kd_loss_module._chunked_kd
 
     def spy(*args):
-        asked_for_head_grad.append(args[-1])  # want_grad_w
+        calls.append(args[-2:])
         return chunked_kd(*args)
 
-    chunked_kd = kd_loss_module._chunked_kd
     monkeypatch.setattr(kd_loss_module, "_chunked_kd", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_lm_head_gets_no_gradient(reduction, grads_asked_for):
+    sh, sw, th, tw, mask = make_inputs(ODD, seed=6, weight_grad=False)
     loss = fused_kd_loss(sh, sw, th, tw, mask, "rkl", reduction=reduction)
     loss.sum().backward()
-    assert asked_for_head_grad and not any(asked_for_head_grad)  # never computed, not dropped
+    assert any(h for h, _ in grads_asked_for)
+    assert not any(w for _, w in grads_asked_for)  # never computed, not computed and dropped
     assert sw.grad is None and th.grad is None and tw.grad is None
-    want = loss_and_grads(kd_loss_reference, (sh, sw, th, tw), mask, divergence="rkl", reduction=reduction)
+    want = loss_and_grads(
+        kd_loss_reference, (sh, sw, th, tw), mask, divergence="rkl", reduction=reduction
+    )
     assert rel_err(sh.grad, want[1]) <= 2e-5
 
 
-def test_no_grad_mode_builds_no_graph():
+def test_no_grad_mode_computes_no_gradients(grads_asked_for):
     sh, sw, th, tw, mask = make_inputs(ODD, seed=7)
     with torch.no_grad():
         loss = fused_kd_loss(sh, sw, th, tw, mask)
     assert loss.grad_fn is None
+    assert grads_asked_for == [(False, False)]
     assert rel_err(loss, kd_loss_reference(sh, sw, th, tw, mask).detach()) <= 2e-5
+
+
+def test_second_backward_through_precomputed_gradients_raises():
+    sh, sw, th, tw, mask = make_inputs(ODD, seed=12)
+    loss = fused_kd_loss(sh, sw, th, tw, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute the loss"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -218,7 +258,9 @@ def test_per_row_grad_output_for_reduction_none(divergence, beta):
 def test_chunk_sizes_agree(divergence, beta):
     inputs = make_inputs(ODD, seed=10)
     runs = [
-        loss_and_grads(fused_kd_loss, inputs, inputs[4], divergence=divergence, beta=beta, chunk_size=c)
+        loss_and_grads(
+            fused_kd_loss, inputs, inputs[4], divergence=divergence, beta=beta, chunk_size=c
+        )
         for c in (1, 5, None, 1000)
     ]
     for other in runs[1:]:
@@ -267,3 +309,43 @@ def _good():
 def test_invalid_arguments_raise_value_error(override, message):
     with pytest.raises(ValueError, match=message):
         fused_kd_loss(**{**_good(), **override})
+
+
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+    """kd_loss_triton reloaded under TRITON_INTERPRET=1 (kernels run on CPU), and selected."""
+    pytest.importorskip("triton")
+    from specdraft.kernels import kd_loss_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.reload(kd_loss_triton)
+    monkeypatch.setattr(kd_loss_module, "_use_triton", lambda tensor: True)
+    yield module
+    monkeypatch.undo()
+    importlib.reload(module)  # compiled kernels again for any later CUDA use
+
+
+@pytest.mark.parametrize(("divergence", "beta"), CASES, ids=IDS)
+def test_triton_rows_match_torch_rows(divergence, beta, triton_interpreted):
+    gen = torch.Generator().manual_seed(13)
+    student = 3 * torch.randn(5, 1001, generator=gen)  # (C, V): four 256-wide tiles and a tail
+    teacher = 3 * torch.randn(5, 1001, generator=gen)
+    scale = torch.randn(5, generator=gen)
+    s = torch.log_softmax(student / 1.5, dim=-1)
+    t = torch.log_softmax(teacher / 1.5, dim=-1)
+    want_loss, want_grad = kd_loss_module._divergence_rows(s, t, divergence, beta, True)
+    loss, grad = triton_interpreted.divergence_rows_triton(
+        student.clone(), teacher, divergence, beta, 1.5, scale, block_v=256
+    )
+    assert rel_err(loss, want_loss) <= 1e-5
+    assert rel_err(grad, want_grad * scale.unsqueeze(1)) <= 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_loss_through_triton_matches_reference(reduction, triton_interpreted):
+    inputs = make_inputs((9, 300, 8, 12), seed=14)
+    upstream = torch.randn(9, generator=torch.Generator().manual_seed(1))
+    kw = dict(divergence="jsd", beta=0.3, temperature=2.0, reduction=reduction, upstream=upstream)
+    got = loss_and_grads(fused_kd_loss, inputs, inputs[4], chunk_size=4, **kw)
+    want = loss_and_grads(kd_loss_reference, inputs, inputs[4], **kw)
+    assert_all_close(got, want)

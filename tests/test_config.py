@@ -1,0 +1,120 @@
+"""Job configuration: defaults, YAML + overrides, and one message listing every problem."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specdraft.pipeline.config import ConfigError, JobConfig, describe, load_job
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+def test_defaults_are_the_builtin_demo():
+    job = load_job()
+    assert job == JobConfig()
+    assert (job.target.model, job.draft.model, job.data.source) == ("builtin", "builtin", "builtin")
+    assert job.distil.k == 0.4 and job.distil.divergence == "fkl" and job.distil.lora.enabled
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_file_loads(path):
+    job = load_job(path)
+    assert job.name
+
+
+def test_overrides_win_over_yaml(tmp_path):
+    job_file = tmp_path / "j.yaml"
+    job_file.write_text("name: mine\ndistil:\n  k: 0.3\n  lora:\n    r: 4\ntarget: builtin\n")
+    job = load_job(
+        job_file, ["distil.k=0.6", "evaluate.gamma=3", "distil.lora.target_modules=q_proj,v_proj"]
+    )
+    assert job.name == "mine"
+    assert job.distil.k == 0.6 and job.distil.lora.r == 4 and job.evaluate.gamma == 3
+    assert job.distil.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_shorthand_sets_the_model_of_both_sides():
+    job = load_job(None, ["target=org/big", "draft=/models/small"])
+    assert job.target.model == "org/big" and job.draft.model == "/models/small"
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    job_file = tmp_path / "bad.yaml"
+    job_file.write_text("bogus: 1\ndistil:\n  k: 1.5\n  divergence: l2\nevaluate:\n  gamma: zero\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(job_file, ["generate.draft_fraction=-0.1", "nope.key=3"])
+    text = "\n".join(info.value.problems)
+    for expected in (
+        "bogus: unknown key",
+        "distil.k: 1.5 is out of range",
+        "distil.divergence: 'l2' is not one of",
+        "evaluate.gamma: expected an integer",
+        "generate.draft_fraction: -0.1 is out of range",
+        "nope: unknown key",
+    ):
+        assert expected in text
+    assert len(info.value.problems) == 6
+
+
+def test_k_zero_is_rejected_and_one_accepted():
+    with pytest.raises(ConfigError, match="distil.k: 0.0 is out of range, must be > 0"):
+        load_job(None, ["distil.k=0"])
+    assert load_job(None, ["distil.k=1"]).distil.k == 1.0
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError) as info:
+        load_job(
+            None,
+            [
+                "target.arch.hidden_size=100",
+                "target.arch.num_heads=3",
+                "distil.train.batch_size=10",
+                "distil.train.grad_accum=4",
+            ],
+        )
+    text = str(info.value)
+    assert (
+        "must be divisible by target.arch.num_heads" in text and "distil.train.grad_accum" in text
+    )
+
+
+def test_every_field_has_help():
+    rows = describe()
+    assert rows and all(help_ for _, _, help_ in rows)
+    assert ("distil.k", "0.4", "Fraction of response tokens kept (top-k by loss gap ΔL).") in rows
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "specdraft", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_cli_rejects_a_bad_job_with_exit_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndistil:\n  k: 7\n  extra: 1\n")
+    store = tmp_path / "store"
+    result = _cli("run", str(bad), f"store={store}", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        "distil.k: 7.0 is out of range" in result.stderr
+        and "distil.extra: unknown key" in result.stderr
+    )
+    assert (
+        not store.exists() and not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    )
+
+
+def test_cli_validate(tmp_path):
+    ok = _cli("validate", "evaluate.gamma=2", cwd=tmp_path)
+    assert ok.returncode == 0 and "is valid" in ok.stdout
+    missing = _cli("validate", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert (
+        missing.returncode == 2
+        and "does not exist" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )

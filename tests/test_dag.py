@@ -1,0 +1,83 @@
+"""The stage DAG: content-addressed cache, reuse, --force, atomic commits, resource checks."""
+
+import json
+
+import pytest
+
+from specdraft.pipeline.artifacts import MANIFEST
+from specdraft.pipeline.config import Resources
+from specdraft.pipeline.dag import Stage, StageError, check_cluster_resources, execute
+
+MODULE = "dag_stages"
+
+
+def chain(add_b=2, fail_c=False):
+    return [
+        Stage("a", MODULE, {"name": "a", "add": 1}),
+        Stage("b", MODULE, {"name": "b", "add": add_b}, deps=("a",)),
+        Stage("c", MODULE, {"name": "c", "add": 10, "fail": fail_c}, deps=("b",)),
+        Stage("d", MODULE, {"name": "d", "add": 100}, deps=("a",)),
+    ]
+
+
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("DAG_TEST_LOG", str(log))
+    return lambda: log.read_text().split() if log.exists() else []
+
+
+def run(stages, store, **kw):
+    return execute(stages, store, use_ray=False, say=lambda _: None, **kw)
+
+
+def test_runs_in_order_and_passes_inputs(tmp_path, calls):
+    results = run(chain(), tmp_path / "store")
+    assert calls()[0] == "a" and calls().index("b") < calls().index("c")
+    assert json.loads((results["c"].path / "value.json").read_text()) == 13
+    assert results["c"].manifest["info"] == {"value": 13}
+    assert results["c"].manifest["inputs"] == {"b": str(results["b"].path)}
+
+
+def test_second_run_reuses_everything(tmp_path, calls):
+    first = run(chain(), tmp_path / "store")
+    second = run(chain(), tmp_path / "store")
+    assert len(calls()) == 4
+    assert all(r.reused for r in second.values())
+    assert {n: r.path for n, r in first.items()} == {n: r.path for n, r in second.items()}
+
+
+def test_config_change_reruns_the_stage_and_its_dependents_only(tmp_path, calls):
+    first = run(chain(), tmp_path / "store")
+    second = run(chain(add_b=3), tmp_path / "store")
+    assert calls()[4:] == ["b", "c"]
+    assert second["a"].reused and second["d"].reused
+    assert second["b"].key != first["b"].key and second["c"].key != first["c"].key
+    assert json.loads((second["c"].path / "value.json").read_text()) == 14
+
+
+def test_force_reruns_stage_and_dependents(tmp_path, calls):
+    run(chain(), tmp_path / "store")
+    again = run(chain(), tmp_path / "store", force={"b"})
+    assert sorted(calls()[4:]) == ["b", "c"]
+    assert not again["b"].reused and again["a"].reused
+    with pytest.raises(StageError, match="unknown stages: zz"):
+        run(chain(), tmp_path / "store", force={"zz"})
+
+
+def test_failed_stage_leaves_no_artifact_and_keeps_finished_ones(tmp_path, calls):
+    store = tmp_path / "store"
+    with pytest.raises(StageError, match="stage c failed: RuntimeError: planned failure"):
+        run(chain(fail_c=True), store)
+    dirs = sorted(p.name.split("-")[0] for p in store.iterdir())
+    assert "c" not in dirs and not any(p.name.startswith(".tmp") for p in store.iterdir())
+    assert all((p / MANIFEST).exists() for p in store.iterdir())
+    run(chain(), store)
+    assert calls().count("a") == 1  # the finished stages were kept and reused
+
+
+def test_missing_gpus_fail_at_once_with_what_is_missing():
+    stages = [Stage("distil", MODULE, {}, resources=Resources(cpus=1, gpus=2))]
+    with pytest.raises(StageError, match="stage distil asks for 2 GPU but the cluster has 0"):
+        check_cluster_resources(stages, {"CPU": 2.0})
+    check_cluster_resources(stages, {"CPU": 2.0, "GPU": 2.0})

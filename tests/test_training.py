@@ -1,0 +1,107 @@
+"""Training math: token selection, KD training with LoRA, gradient-accumulation invariance."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdraft.pipeline.config import LoraConfig, TrainConfig
+from specdraft.pipeline.distil import with_lora
+from specdraft.pipeline.training import select_tokens_by_loss_gap, train_kd
+
+
+class Tok:
+    pad_token_id = 0
+
+
+def tiny_llama(seed, hidden=16, layers=1):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def sequences(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(8, 20, (1,), generator=g))
+        prompt = int(torch.randint(2, 6, (1,), generator=g))
+        ids = torch.randint(1, 40, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "response_mask": [0] * prompt + [1] * (length - prompt)})
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("n,k", [(10, 0.4), (37, 0.4), (5, 1.0), (7, 0.01), (1, 0.5)])
+def test_selection_keeps_ceil_k_n_largest(n, k):
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    keep = select_tokens_by_loss_gap(delta, k)
+    count = math.ceil(k * n)
+    assert int(keep.sum()) == count
+    assert delta[keep].min() >= delta[~keep].max() if count < n else True
+    bottom = select_tokens_by_loss_gap(delta, k, mode="bottom")
+    assert int(bottom.sum()) == count and (
+        count == n or delta[bottom].max() <= delta[~bottom].min()
+    )
+
+
+def test_selection_with_ties_keeps_exact_count():
+    delta = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
+    keep = select_tokens_by_loss_gap(delta, 0.4)
+    assert keep.tolist() == [False, True, True, False, False]
+
+
+def _train(model, teacher, tmp_path, steps=3, batch=8, accum=1, **kw):
+    cfg = TrainConfig(steps=steps, batch_size=batch, grad_accum=accum, lr=1e-2, log_every=1)
+    history, selection = train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path, seed=0, **kw)
+    return history, selection
+
+
+@pytest.mark.parametrize("save", [[], ["lm_head"]], ids=["adapters", "adapters+head"])
+def test_lora_distillation_lowers_loss_and_changes_only_adapters(tmp_path, save):
+    teacher, base = tiny_llama(1, hidden=32, layers=2), tiny_llama(2)
+    reference = copy.deepcopy(base)
+    model = with_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, modules_to_save=save))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history, selection = _train(model, teacher, tmp_path, steps=12, reference=reference, k=0.4)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert 0.35 < selection["kept"] / selection["total"] < 0.5
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n or "modules_to_save" in n for n in changed)
+    assert any("lm_head" in n for n in changed) == bool(save)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    ids = torch.tensor([sequences(1, seed=9)[0]["input_ids"]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-5)
+
+
+def test_lora_with_unknown_modules_fails_clearly():
+    with pytest.raises(ValueError, match="match no module of the draft"):
+        with_lora(tiny_llama(0), LoraConfig(target_modules=["c_attn"]))
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path):
+    teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
+    one, four = copy.deepcopy(base), copy.deepcopy(base)
+    _train(one, teacher, tmp_path / "a", steps=2, batch=8, accum=1)
+    _train(four, teacher, tmp_path / "b", steps=2, batch=8, accum=4)
+    moved = False
+    for (name, p1), (_, p4), (_, p0) in zip(
+        one.named_parameters(), four.named_parameters(), base.named_parameters(), strict=True
+    ):
+        assert torch.allclose(p1, p4, atol=1e-6, rtol=1e-4), name
+        moved |= not torch.equal(p1, p0)
+    assert moved
