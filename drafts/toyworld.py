@@ -73,19 +73,41 @@ def _instruction(rng: random.Random) -> tuple[str, str]:
 
 
 def _code(rng: random.Random) -> tuple[str, str]:
-    op = rng.choice(sorted(OPS))
-    word, symbol = OPS[op]
-    n = rng.randint(1, 9)
-    if rng.random() < 0.5:
-        name = f"{op}_{n}"
+    kind = rng.randrange(5)
+    arg = rng.choice(["x", "n", "value", "num"])
+    items = rng.choice(["xs", "items", "values", "nums"])
+    n = rng.randint(1, 20)
+    if kind in (0, 1):
+        op = rng.choice(sorted(OPS))
+        word, symbol = OPS[op]
+        if kind == 0:
+            name = f"{op}_{n}"
+            return (
+                f"Task: Write a function {name} that returns {arg} {word} {n}.",
+                f"def {name}({arg}):\n    return {arg} {symbol} {n}",
+            )
+        name = f"{op}_all"
         return (
-            f"Task: Write a function {name} that returns x {word} {n}.",
-            f"def {name}(x):\n    return x {symbol} {n}",
+            f"Task: Write a function {name} that returns each item of {items} {word} {n}.",
+            f"def {name}({items}):\n    return [{arg} {symbol} {n} for {arg} in {items}]",
         )
-    name = f"{op}_all"
+    if kind == 2:
+        cmp, word, symbol = rng.choice([("gt", "greater", ">"), ("lt", "less", "<")])
+        name = f"keep_{cmp}_{n}"
+        return (
+            f"Task: Write a function {name} that keeps the items of {items} {word} than {n}.",
+            f"def {name}({items}):\n    return [{arg} for {arg} in {items} if {arg} {symbol} {n}]",
+        )
+    if kind == 3:
+        who = rng.choice(NAMES).lower()
+        return (
+            f"Task: Write a function greet_{who} that returns the text hello {who}.",
+            f"def greet_{who}():\n    return 'hello {who}'",
+        )
+    word = rng.choice(WORDS)
     return (
-        f"Task: Write a function {name} that returns each item of xs {word} {n}.",
-        f"def {name}(xs):\n    return [x {symbol} {n} for x in xs]",
+        f"Task: Write a function count_{word} that counts how often {word} appears in {items}.",
+        f"def count_{word}({items}):\n    return {items}.count('{word}')",
     )
 
 
