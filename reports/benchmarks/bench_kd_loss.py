@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--divergence", default="fkl")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
