@@ -37,3 +37,27 @@ def model_location(artifact: Path) -> str:
     location = read_manifest(artifact)["info"]["model"]
     local = Path(artifact) / location
     return str(local) if local.exists() else location
+
+
+def load_model_artifact(artifact: Path, device="cpu"):
+    """Load the causal LM a model stage produced, with the settings it recorded (dtype, attention)."""
+    from specdraft.drafts.models import load_causal_lm
+
+    info = read_manifest(artifact)["info"]
+    return load_causal_lm(
+        model_location(artifact),
+        dtype=info.get("dtype", "float32"),
+        attn_implementation=info.get("attn_implementation", "sdpa"),
+        trust_remote_code=info.get("trust_remote_code", False),
+        device=device,
+    )
+
+
+def load_tokenizer_artifact(artifact: Path):
+    """The tokenizer of a model stage's model (the target's tokenizer is the pair's tokenizer)."""
+    from specdraft.drafts.models import load_tokenizer
+
+    info = read_manifest(artifact)["info"]
+    return load_tokenizer(
+        model_location(artifact), trust_remote_code=info.get("trust_remote_code", False)
+    )

@@ -104,10 +104,36 @@ class DraftConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("builtin", "`builtin` for the toy task suite.", choices=["builtin"])
-    train_per_task: int = opt(500, "Toy training examples per task family.", lo=1)
-    eval_per_task: int = opt(24, "Toy eval examples per task family.", lo=1)
-    vocab_size: int = opt(512, "Toy BPE vocabulary size.", lo=300)
+    source: str = opt(
+        "builtin",
+        "`builtin` (the toy task suite), a JSONL/JSON/CSV/Parquet file or directory, a dataset "
+        "saved with save_to_disk, or a hub dataset name (resolved through the datasets cache).",
+    )
+    prompt_field: str = opt("prompt", "Field holding the prompt.")
+    response_field: str = opt(
+        "response", "Field holding a reference response; empty = prompt-only data."
+    )
+    task_field: str = opt(
+        "task", "Field naming the task of a row; rows without it are task `default`."
+    )
+    split: str = opt("train", "Split to read from a dataset with several splits.")
+    eval_split: str = opt(
+        "", "Split for evaluation; empty carves `eval_ratio` off the training split."
+    )
+    eval_ratio: float = opt(
+        0.1,
+        "Share of rows held out for evaluation when eval_split is empty.",
+        lo=0,
+        hi=0.9,
+        lo_open=True,
+    )
+    limit: int = opt(0, "Use at most this many training rows (0 = all).", lo=0)
+    chat_template: bool = opt(
+        False, "Render prompts with the tokenizer's chat template (a user turn)."
+    )
+    train_per_task: int = opt(500, "Toy training examples per task family (builtin only).", lo=1)
+    eval_per_task: int = opt(24, "Toy eval examples per task family (builtin only).", lo=1)
+    vocab_size: int = opt(512, "Toy BPE vocabulary size (builtin only).", lo=300)
     max_length: int = opt(128, "Max tokens of prompt + response.", lo=16)
 
 
@@ -148,7 +174,8 @@ class LoraConfig:
         "Module names that get adapters.",
     )
     modules_to_save: list = opt(
-        [], "Modules trained in full beside the adapters (e.g. embed_tokens, lm_head); frozen if empty."
+        [],
+        "Modules trained in full beside the adapters (e.g. embed_tokens, lm_head); frozen if empty.",
     )
 
 

@@ -11,6 +11,19 @@ from specdraft.pipeline.config import DataConfig
 
 
 def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    if cfg.source != "builtin":
+        from specdraft.pipeline.data_sources import load_user_data
+
+        splits = load_user_data(cfg, seed)
+        splits.save_to_disk(str(out / "dataset"))
+        return {
+            "source": cfg.source,
+            "max_length": cfg.max_length,
+            "chat_template": cfg.chat_template,
+            "splits": {name: len(split) for name, split in splits.items()},
+            "tasks": dict(Counter(splits["train"]["task"])),
+            "has_responses": any(splits["train"]["response"]),
+        }
     splits = make_toy_dataset(cfg.train_per_task, cfg.eval_per_task, seed)
     splits.save_to_disk(str(out / "dataset"))
     texts = [row["prompt"] + row["response"] for row in splits["train"]]
@@ -18,13 +31,14 @@ def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> di
     lengths = [len(tokenizer(t)["input_ids"]) + 2 for t in texts]
     too_long = sum(n > cfg.max_length for n in lengths)
     if too_long:
-        print(
-            f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut"
-        )
+        print(f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut")
     return {
+        "source": "builtin",
         "max_length": cfg.max_length,
+        "chat_template": False,
         "splits": {name: len(split) for name, split in splits.items()},
         "tasks": dict(Counter(splits["train"]["task"])),
+        "has_responses": True,
         "vocab_size": len(tokenizer),
         "max_sequence_tokens": max(lengths),
         "mean_sequence_tokens": round(sum(lengths) / len(lengths), 1),
@@ -43,3 +57,8 @@ def tokenizer_dir(artifact: Path) -> Path:
 
 def max_length_of(artifact: Path) -> int:
     return int(read_manifest(artifact)["info"]["max_length"])
+
+
+def chat_template_of(artifact: Path) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template."""
+    return bool(read_manifest(artifact)["info"].get("chat_template", False))

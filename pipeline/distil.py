@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
-from specdraft.pipeline.artifacts import model_location
+from specdraft.drafts.models import device_for
+from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import DistilConfig
-from specdraft.pipeline.data import tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
 from specdraft.pipeline.training import train_kd, write_json
 
@@ -52,10 +51,10 @@ def delta_histogram(deltas: list[float], bins: int = 40) -> dict:
 
 def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
-    teacher = load_causal_lm(model_location(inputs["target"]), device=device)
-    reference = load_causal_lm(model_location(inputs["reference"]), device=device)
-    model = load_causal_lm(model_location(inputs["draft_init"]), device=device).train()
+    tokenizer = load_tokenizer_artifact(inputs["target"])
+    teacher = load_model_artifact(inputs["target"], device)
+    reference = load_model_artifact(inputs["reference"], device)
+    model = load_model_artifact(inputs["draft_init"], device).train()
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -19,14 +19,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
+from specdraft.drafts.models import device_for
 from specdraft.kernels import fused_kd_loss
-from specdraft.pipeline.artifacts import model_location
+from specdraft.pipeline.artifacts import (
+    load_model_artifact,
+    load_tokenizer_artifact,
+    model_location,
+)
 from specdraft.pipeline.config import EvaluateConfig
-from specdraft.pipeline.data import load_splits, tokenizer_dir
+from specdraft.pipeline.data import chat_template_of, load_splits
 from specdraft.pipeline.generate import sample_responses
 from specdraft.pipeline.speculative import SpecStats, autoregressive_generate, speculative_generate
-from specdraft.pipeline.training import Collator, hidden_and_head
+from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}
 
@@ -207,19 +211,19 @@ def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
 
 def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
+    tokenizer = load_tokenizer_artifact(inputs["target"])
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    target = load_causal_lm(model_location(inputs["target"]), device=device)
+    target = load_model_artifact(inputs["target"], device)
+    chat = chat_template_of(inputs["data"])
     eval_rows = pick_eval_prompts(load_splits(inputs["data"])["eval"], cfg.prompts_per_task)
     for row in eval_rows:
-        row["prompt_ids"] = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"], chat)
 
     # Target-generated continuations at the evaluation temperature: the positions alpha averages over.
     continuations = sample_responses(
         target,
         tokenizer,
-        [r["prompt"] for r in eval_rows],
+        [r["prompt_ids"] for r in eval_rows],
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         batch_size=32,
@@ -254,7 +258,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         "definitions": DEFINITIONS,
     }
     for name, stage in DRAFTS.items():
-        draft = load_causal_lm(model_location(inputs[stage]), device=device)
+        draft = load_model_artifact(inputs[stage], device)
         result = analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature)
         spec = spec_decoding(target, draft, spec_rows, cfg, eos_id, seed, greedy_refs)
         for task, entry in spec.pop("tasks").items():

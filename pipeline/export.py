@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from specdraft.drafts.models import load_causal_lm, load_tokenizer
-from specdraft.pipeline.artifacts import model_location, read_manifest
+from specdraft.drafts.models import load_causal_lm
+from specdraft.pipeline.artifacts import load_tokenizer_artifact, model_location, read_manifest
 from specdraft.pipeline.config import ExportConfig
 
 
@@ -50,10 +50,12 @@ included, from real speculative decoding at temperature {metrics.get("temperatur
 
 def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     draft_dir = out / "draft"
-    model = load_causal_lm(model_location(inputs["distil"]), dtype=cfg.dtype)
+    model = load_causal_lm(
+        model_location(inputs["distil"]), dtype=cfg.dtype
+    )  # re-cast to the export dtype
     model.generation_config.num_assistant_tokens = None
     model.save_pretrained(draft_dir, safe_serialization=True)
-    load_tokenizer(model_location(inputs["target"])).save_pretrained(draft_dir)
+    load_tokenizer_artifact(inputs["target"]).save_pretrained(draft_dir)
     adapter = inputs["distil"] / "adapter"
     if adapter.exists():
         shutil.copytree(adapter, out / "adapter")

@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
-from specdraft.pipeline.artifacts import model_location
+from specdraft.drafts.models import device_for
+from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import GenerateConfig
-from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
+from specdraft.pipeline.data import chat_template_of, load_splits, max_length_of
+from specdraft.pipeline.training import prompt_token_ids
 
 
 @torch.no_grad()
 def sample_responses(
     model,
     tokenizer,
-    prompts: list[str],
+    encoded: list[list[int]],
     *,
     max_new_tokens: int,
     temperature: float,
@@ -27,10 +28,8 @@ def sample_responses(
     seed: int,
     desc: str,
 ) -> list[list[int]]:
-    """Token ids of one sampled response per prompt (eos included when reached)."""
+    """Token ids of one sampled response per tokenised prompt (eos included when reached)."""
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     torch.manual_seed(seed)
     responses: list[list[int]] = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):
@@ -64,7 +63,8 @@ def sample_responses(
 def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     from datasets import Dataset
 
-    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
+    tokenizer = load_tokenizer_artifact(inputs["target"])
+    chat = chat_template_of(inputs["data"])
     max_length = max_length_of(inputs["data"])
     train = load_splits(inputs["data"])["train"]
     order = list(range(len(train)))
@@ -72,26 +72,23 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
     rows = [train[i] for i in order[: cfg.num_prompts]]
     n_draft = round(cfg.draft_fraction * len(rows))
     device = device_for(cfg.resources.gpus)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     records = []
     for source, part in (("draft", rows[:n_draft]), ("target", rows[n_draft:])):
         if not part:
             continue
-        model = load_causal_lm(
-            model_location(inputs["draft_init" if source == "draft" else "target"]), device=device
-        )
+        model = load_model_artifact(inputs["draft_init" if source == "draft" else "target"], device)
+        prompts = [prompt_token_ids(tokenizer, r["prompt"], chat) for r in part]
         responses = sample_responses(
             model,
             tokenizer,
-            [r["prompt"] for r in part],
+            prompts,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             batch_size=cfg.batch_size,
             seed=seed,
             desc=f"generate ({source})",
         )
-        for row, response in zip(part, responses, strict=True):
-            prompt_ids = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        for row, prompt_ids, response in zip(part, prompts, responses, strict=True):
             ids = (prompt_ids + response)[:max_length]
             mask = ([0] * len(prompt_ids) + [1] * len(response))[:max_length]
             if sum(mask[1:]) == 0:

@@ -6,19 +6,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from specdraft.drafts.models import device_for, load_causal_lm, load_tokenizer
-from specdraft.pipeline.artifacts import model_location
+from specdraft.drafts.models import device_for
+from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import ReferenceConfig
-from specdraft.pipeline.data import tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
 from specdraft.pipeline.training import train_kd, write_json
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer(tokenizer_dir(inputs["data"]))
-    teacher = load_causal_lm(model_location(inputs["target"]), device=device)
-    model = load_causal_lm(model_location(inputs["draft_init"]), device=device).train()
+    tokenizer = load_tokenizer_artifact(inputs["target"])
+    teacher = load_model_artifact(inputs["target"], device)
+    model = load_model_artifact(inputs["draft_init"], device).train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     history, _ = train_kd(
         model, teacher, sequences, tokenizer, cfg.train, out, seed, divergence="fkl"

@@ -34,7 +34,17 @@ def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: 
     }
 
 
+def given_model(cfg) -> dict:
+    """A user's model is recorded, not copied: later stages load it with these settings."""
+    return {
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+
+
 def run(cfg: TargetConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     if cfg.model != "builtin":
-        return {"model": cfg.model}
+        return given_model(cfg)
     return train_toy_model(cfg, inputs["data"], out, seed, all_tokens=False)

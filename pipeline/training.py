@@ -17,10 +17,23 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from specdraft.kernels import fused_kd_loss
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> dict:
-    """Token ids of prompt + response (+ eos) and a 0/1 mask of the response tokens."""
+def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of a prompt: `[bos] prompt`, or the prompt as a user turn of the chat template."""
+    if chat_template:
+        if not tokenizer.chat_template:
+            raise ValueError("data.chat_template is on but the tokenizer has no chat template")
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(
+    tokenizer, prompt: str, response: str, max_length: int, chat_template: bool = False
+) -> dict:
+    """Token ids of prompt + response (+ eos) and a 0/1 mask of the response tokens."""
+    p = prompt_token_ids(tokenizer, prompt, chat_template)
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (p + r)[:max_length]
     mask = ([0] * len(p) + [1] * len(r))[:max_length]
