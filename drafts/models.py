@@ -66,3 +66,36 @@ def count_parameters(model) -> int:
 
 def device_for(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_tokenizer_files(name_or_path: str | Path, dst: Path) -> list[str]:
+    """Copy the target's tokenizer files byte for byte (a serving stack compares them to the
+    target's); a hub id resolves through the local Hugging Face cache."""
+    import shutil
+
+    src = Path(name_or_path)
+    if not src.is_dir():
+        from huggingface_hub import snapshot_download
+
+        src = Path(snapshot_download(str(name_or_path), allow_patterns=list(TOKENIZER_FILES)))
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if not copied:
+        raise FileNotFoundError(f"no tokenizer files in {src}")
+    return copied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +10,12 @@ import uuid
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+
+
+def lineage_hash(artifacts) -> str:
+    """One hash for a set of content-addressed artifact directories: names the job's results."""
+    names = "\n".join(sorted(Path(p).name for p in artifacts))
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
 def read_manifest(path: Path) -> dict:

@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from specdraft.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A job that cannot run; `problems` lists every issue found."""
 
     def __init__(self, problems: list[str]):
@@ -349,8 +351,13 @@ def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
         if "=" not in item:
             problems.append(f"{item!r}: overrides look like section.key=value")
             continue
-        key, value = item.split("=", 1)
+        key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, dict):
+            value = raw  # a mapping is never a field value: let type checking name the key
+        if len(parts) == 1 and parts[0] in SHORTHAND:
+            parts, value = [parts[0], SHORTHAND[parts[0]]], value
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -358,9 +365,7 @@ def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
                 problems.append(f"{key}: conflicts with another override")
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
-            if isinstance(node[parts[-1]], dict | list) and parts[-1] != "target_modules":
-                node[parts[-1]] = value
+            node[parts[-1]] = value
     return nested
 
 

@@ -49,7 +49,11 @@ class StageResult:
 
 
 class StageError(RuntimeError):
-    """A stage failed; the message names the stage and the cause."""
+    """A stage failed; the message names the stage and the cause (kept in `cause`)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 def _specdraft_imports(path: Path) -> set[str]:
@@ -248,7 +252,7 @@ def execute(
                     )
                 except Exception as err:
                     raise StageError(
-                        f"stage {stage.name} failed: {type(err).__name__}: {err}"
+                        f"stage {stage.name} failed: {type(err).__name__}: {err}", err
                     ) from err
                 results[stage.name] = _finish(stage, key, path, start, manifest, say)
             else:
@@ -260,7 +264,7 @@ def execute(
             if isinstance(manifest_or_error, BaseException):
                 runner.cancel(list(in_flight))
                 err = manifest_or_error
-                raise StageError(f"stage {stage.name} failed: {err}") from None
+                raise StageError(f"stage {stage.name} failed: {err}", err.cause) from None
             results[stage.name] = _finish(stage, key, path, start, manifest_or_error, say)
         elif runner is None and pending and not ready:
             raise StageError("stage graph is stuck (a dependency never ran)")
@@ -303,7 +307,7 @@ class _RayRunner:
             return ref, self.ray.get(ref)
         except Exception as err:  # a RayTaskError wraps the stage's own exception
             cause = getattr(err, "cause", None) or err
-            return ref, StageError(f"{type(cause).__name__}: {cause}")
+            return ref, StageError(f"{type(cause).__name__}: {cause}", cause)
 
     def cancel(self, refs) -> None:
         for ref in refs:

@@ -31,7 +31,9 @@ def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> di
     lengths = [len(tokenizer(t)["input_ids"]) + 2 for t in texts]
     too_long = sum(n > cfg.max_length for n in lengths)
     if too_long:
-        print(f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut")
+        print(
+            f"data: {too_long} training sequences exceed data.max_length={cfg.max_length} and are cut"
+        )
     return {
         "source": "builtin",
         "max_length": cfg.max_length,

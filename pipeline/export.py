@@ -8,12 +8,18 @@ import json
 import shutil
 from pathlib import Path
 
-from specdraft.drafts.models import load_causal_lm
-from specdraft.pipeline.artifacts import load_tokenizer_artifact, model_location, read_manifest
+from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
+from specdraft.pipeline.artifacts import (
+    lineage_hash,
+    model_location,
+    read_manifest,
+)
 from specdraft.pipeline.config import ExportConfig
 
 
-def model_card(metrics: dict, base: str, target: str, data: str, gamma: int, method: str) -> str:
+def model_card(
+    metrics: dict, base: str, target: str, data: str, gamma: int, method: str, job_hash: str
+) -> str:
     final = metrics.get("final", {})
     rows = "\n".join(
         f"| {task} | {m.get('alpha', float('nan')):.3f} | {m.get('alpha_greedy', float('nan')):.3f} | "
@@ -25,6 +31,7 @@ library_name: transformers
 pipeline_tag: text-generation
 base_model: {base}
 tags: [speculative-decoding, draft-model, specdraft]
+specdraft_job_hash: {job_hash}
 ---
 
 # Draft model for `{target}`
@@ -50,15 +57,23 @@ included, from real speculative decoding at temperature {metrics.get("temperatur
 
 def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     draft_dir = out / "draft"
-    model = load_causal_lm(
-        model_location(inputs["distil"]), dtype=cfg.dtype
-    )  # re-cast to the export dtype
-    model.generation_config.num_assistant_tokens = None
-    model.save_pretrained(draft_dir, safe_serialization=True)
-    load_tokenizer_artifact(inputs["target"]).save_pretrained(draft_dir)
+    export_draft(inputs, draft_dir, cfg.dtype)
     adapter = inputs["distil"] / "adapter"
-    if adapter.exists():
-        shutil.copytree(adapter, out / "adapter")
+    return {
+        "draft": "draft",
+        "adapter": "draft/adapter" if adapter.exists() else None,
+        "dtype": cfg.dtype,
+    }
+
+
+def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
+    """Write the servable draft directory from a run's distil, target, evaluate and data artifacts."""
+    model = load_causal_lm(model_location(inputs["distil"]), dtype=dtype)
+    model.save_pretrained(draft_dir, safe_serialization=True)
+    copy_tokenizer_files(model_location(inputs["target"]), draft_dir)
+    adapter = inputs["distil"] / "adapter"
+    if adapter.exists():  # kept beside the merged weights for users who want the adapter itself
+        shutil.copytree(adapter, draft_dir / "adapter")
     metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
     gamma = metrics.get("gamma", 4)
     distil_cfg = read_manifest(inputs["distil"])["config"]
@@ -71,13 +86,14 @@ def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
             metrics,
             base,
             model_location(inputs["target"]),
-            "specdraft builtin toy world",
+            data_name(inputs["data"]),
             gamma,
             method,
+            lineage_hash(inputs.values()),
         )
     )
-    return {
-        "draft": "draft",
-        "adapter": "adapter" if adapter.exists() else None,
-        "dtype": cfg.dtype,
-    }
+
+
+def data_name(data_artifact: Path) -> str:
+    source = read_manifest(data_artifact)["info"].get("source", "builtin")
+    return "specdraft builtin toy world" if source == "builtin" else source

@@ -5,20 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import yaml
 
+from specdraft.pipeline.artifacts import atomic_write_text, commit_dir, lineage_hash
 from specdraft.pipeline.config import JobConfig, Resources
-from specdraft.pipeline.dag import (
-    Stage,
-    StageResult,
-    atomic_write_text,
-    commit_dir,
-    default_store,
-    execute,
-)
+from specdraft.pipeline.dag import Stage, StageError, StageResult, default_store, execute
 
 # name: (job section, input stages)
 STAGES = {
@@ -29,7 +25,7 @@ STAGES = {
     "reference": ("reference", ("data", "target", "draft_init", "generate")),
     "distil": ("distil", ("data", "target", "draft_init", "reference", "generate")),
     "evaluate": ("evaluate", ("data", "target", "draft_init", "reference", "distil")),
-    "export": ("export", ("target", "draft_init", "distil", "evaluate")),
+    "export": ("export", ("data", "target", "draft_init", "distil", "evaluate")),
     "report": ("report", ("target", "draft_init", "reference", "distil", "evaluate")),
 }
 
@@ -56,27 +52,76 @@ def _copy_dir(src: Path, dst: Path) -> None:
     commit_dir(tmp, dst)
 
 
+def resolve_local_paths(job: JobConfig) -> None:
+    """Make local model and data paths absolute, so Ray workers and cache keys agree on them."""
+    for section, key in (("target", "model"), ("draft", "model"), ("data", "source")):
+        cfg = getattr(job, section)
+        value = getattr(cfg, key)
+        if value != "builtin" and Path(value).expanduser().exists():
+            setattr(cfg, key, str(Path(value).expanduser().resolve()))
+
+
+def check_models(job: JobConfig) -> None:
+    """The pair check, before anything trains: a mismatch raises PairError saying what differs."""
+    if job.target.model == "builtin":
+        return  # the toy pair shares the data stage's tokenizer by construction
+    from specdraft.drafts.pair import PairError, check_pair
+
+    report = check_pair(
+        job.target.model,
+        job.draft.model,
+        context_length=job.data.max_length,
+        trust_remote_code=job.target.trust_remote_code or job.draft.trust_remote_code,
+    )
+    if not report.ok:
+        raise PairError(
+            f"target {job.target.model} and draft {job.draft.model} cannot be used together:\n  - "
+            + "\n  - ".join(report.problems)
+        )
+
+
+class RunLog:
+    """Stage events to stderr and appended to `<store>/logs/<job>.log`."""
+
+    def __init__(self, store: Path, job: str):
+        self.path = store / "logs" / f"{job}.log"
+
+    def __call__(self, message: str) -> None:
+        print(f"[specdraft] {message}", file=sys.stderr, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
 def run_job(
     job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
 ) -> dict[str, StageResult]:
     """Execute the job's DAG (cached stages are reused) and lay out `out`."""
     use_ray = job.ray.enabled if use_ray is None else use_ray
-    results = execute(
-        build_stages(job),
-        store_for(job),
-        force=set(force),
-        use_ray=use_ray,
-        ray_address=job.ray.address,
-    )
+    resolve_local_paths(job)
+    check_models(job)
+    store = store_for(job)
+    log = RunLog(store, job.name)
+    try:
+        results = execute(
+            build_stages(job),
+            store,
+            force=set(force),
+            use_ray=use_ray,
+            ray_address=job.ray.address,
+            say=log,
+        )
+    except StageError as err:
+        log(f"FAILED: {err}")
+        raise
     out.mkdir(parents=True, exist_ok=True)
     _copy_dir(results["export"].path / "draft", out / "draft")
-    if (results["export"].path / "adapter").exists():
-        _copy_dir(results["export"].path / "adapter", out / "adapter")
     _copy_dir(results["report"].path / "report", out / "report")
     metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
+    export_inputs = [results[d].path for d in STAGES["export"][1]]
     metrics = {
         "job": job.name,
-        "job_hash": results["report"].key,
+        "job_hash": lineage_hash(export_inputs),
         **metrics,
         "draft": str((out / "draft").resolve()),
     }

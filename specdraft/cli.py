@@ -1,11 +1,17 @@
-"""The `specdraft` command line: `run` a job, `validate` one."""
+"""The `specdraft` command line: run, validate, check-pair, export.
+
+User mistakes (a bad job, missing data, a mismatched pair) print one message and exit with code 2;
+a stage that fails for another reason exits with code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from specdraft.errors import InputError
 from specdraft.pipeline.config import ConfigError, load_job
 
 REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -25,6 +31,21 @@ def _split(args_job: str | None, overrides: list[str]) -> tuple[str | None, list
     return args_job, overrides
 
 
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, int | float) else "n/a"
+
+
+def print_metrics(metrics: dict) -> None:
+    print(f"\n{'draft':<10} {'alpha':>7} {'alpha_greedy':>13} {'spec_alpha':>11} {'tau':>6}")
+    for name in ("baseline", "reference", "final"):
+        m = metrics[name]
+        print(
+            f"{name:<10} {_fmt(m['alpha'], '>7.3f')} {_fmt(m['alpha_greedy'], '>13.3f')} "
+            f"{_fmt(m['spec_alpha'], '>11.3f')} {_fmt(m['tau'], '>6.2f')}"
+        )
+    print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
+
+
 def cmd_run(args) -> int:
     from specdraft.pipeline.dag import StageError
     from specdraft.pipeline.job import STAGES, run_job
@@ -42,18 +63,11 @@ def cmd_run(args) -> int:
     try:
         run_job(job, out, force=set(args.force), use_ray=False if args.no_ray else None)
     except StageError as err:
+        if isinstance(err.cause, InputError):
+            raise err.cause from None
         print(f"specdraft: {err}", file=sys.stderr)
         return 1
-    import json
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    print(f"\n{'draft':<10} {'alpha':>7} {'alpha_greedy':>13} {'spec_alpha':>11} {'tau':>6}")
-    for name in ("baseline", "reference", "final"):
-        m = metrics[name]
-        print(
-            f"{name:<10} {m['alpha']:>7.3f} {m['alpha_greedy']:>13.3f} {m['spec_alpha']:>11.3f} {m['tau']:>6.2f}"
-        )
-    print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
+    print_metrics(json.loads((out / "metrics.json").read_text()))
     print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
     return 0
 
@@ -62,6 +76,56 @@ def cmd_validate(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
     job = load_job(_job_path(job_file), overrides)
     print(f"job {job.name!r} is valid")
+    return 0
+
+
+def cmd_check_pair(args) -> int:
+    from specdraft.drafts.pair import check_pair, format_report
+
+    report = check_pair(
+        args.target,
+        args.draft,
+        context_length=args.context_length,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_report(report, args.target, args.draft))
+    return 0 if report.ok else 2
+
+
+def cmd_export(args) -> int:
+    import uuid
+
+    from specdraft.pipeline.artifacts import MANIFEST, commit_dir
+    from specdraft.pipeline.export import export_draft
+    from specdraft.pipeline.job import STAGES
+
+    run_dir = Path(args.run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise InputError(
+            f"{run_dir} is not a specdraft run directory (no run.json); give the --out of a run"
+        )
+    paths = {s["name"]: Path(s["path"]) for s in json.loads(run_file.read_text())["stages"]}
+    inputs = {name: paths[name] for name in STAGES["export"][1]}
+    missing = [str(p) for p in inputs.values() if not (p / MANIFEST).exists()]
+    if missing:
+        raise InputError(
+            "the run's artifacts are gone from the store: "
+            + ", ".join(missing)
+            + "; re-run the job first"
+        )
+    to = Path(args.to).resolve()
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = to.with_name(f".tmp-{to.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        export_draft(inputs, tmp, args.dtype)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, to)
+    print(f"exported the draft of {run_dir} as {args.dtype} to {to}")
     return 0
 
 
@@ -90,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
     val.add_argument("overrides", nargs="*", help="section.key=value overrides")
     val.set_defaults(func=cmd_validate)
+    pair = sub.add_parser(
+        "check-pair", help="check that a draft can serve a target (tokenizer, vocab, context)"
+    )
+    pair.add_argument("target", help="target model id or directory")
+    pair.add_argument("draft", help="draft model id or directory")
+    pair.add_argument(
+        "--context-length", type=int, default=None, help="context the draft must cover"
+    )
+    pair.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
+    )
+    pair.set_defaults(func=cmd_check_pair)
+    export = sub.add_parser("export", help="re-export a run's draft (e.g. to another dtype)")
+    export.add_argument("run_dir", help="a run directory (the --out of `specdraft run`)")
+    export.add_argument("--to", required=True, help="directory to write the draft to")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -97,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except InputError as err:
         print(f"specdraft: {err}", file=sys.stderr)
         return 2
 

@@ -54,9 +54,11 @@ def test_exported_draft_is_a_plain_hf_directory(tiny_run):
         assert (draft / name).exists(), name
     target_dir = results["target"].path / "model"
     assert (draft / "tokenizer.json").read_bytes() == (target_dir / "tokenizer.json").read_bytes()
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (draft / "adapter" / "adapter_model.safetensors").exists()
     card = (draft / "README.md").read_text()
     assert "base_model:" in card and "speculative-config" in card and "assistant_model" in card
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"specdraft_job_hash: {metrics['job_hash']}" in card
 
 
 def test_exported_draft_runs_assisted_generation_with_transformers_only(tiny_run):

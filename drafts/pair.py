@@ -1,0 +1,383 @@
+"""Check that a draft can serve a target before anything trains.
+
+Serving stacks (vLLM, SGLang, TensorRT-LLM, HF assisted generation) feed the target's token ids to the
+draft and its logits back to the target, so the two must share one tokenizer (same size is not
+enough) and the same embedding size (vLLM rejects padded-vocab mismatches). Only configs and
+tokenizers are loaded, never weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specdraft.errors import InputError
+
+# How many concrete differences one check reports before it summarises the rest.
+MAX_EXAMPLES = 3
+
+
+class PairError(InputError):
+    """A target or draft that cannot be loaded; the message is one line naming it and the fix."""
+
+
+@dataclass
+class PairReport:
+    problems: list[str] = field(default_factory=list)  # what differs, concretely; empty when ok
+    notes: list[str] = field(default_factory=list)  # informational lines for a printed summary
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_pair(
+    target: str,
+    draft: str,
+    *,
+    context_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> PairReport:
+    """Compare the tokenizers and configs of `target` and `draft` (HF ids or local directories)."""
+    target_tok = _load(target, "tokenizer", trust_remote_code)
+    target_cfg = _load(target, "config", trust_remote_code)
+    draft_tok = _load(draft, "tokenizer", trust_remote_code)
+    draft_cfg = _load(draft, "config", trust_remote_code)
+
+    report = PairReport()
+    report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
+    _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
+    return report
+
+
+def format_report(report: PairReport, target: str, draft: str) -> str:
+    """A short summary: the pair, the notes, then OK or every problem."""
+    lines = [f"target {target!r}, draft {draft!r}"]
+    lines += [f"  {note}" for note in report.notes]
+    if report.ok:
+        lines.append("OK: the draft shares the target's tokenizer and vocab_size.")
+    else:
+        count = len(report.problems)
+        lines.append(
+            f"NOT OK: {count} problem{'s' if count > 1 else ''}; a serving stack would reject this draft:"
+        )
+        lines += [f"  - {problem}" for problem in report.problems]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load(name: str, what: str, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    loader = AutoTokenizer if what == "tokenizer" else AutoConfig
+    try:
+        return loader.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
+        # One line, no traceback: the cause is rephrased into what to do.
+        raise PairError(f"cannot load the {what} of {name!r}: {_why(name, what, err)}") from None
+
+
+def _why(name: str, what: str, err: Exception) -> str:
+    path = Path(name).expanduser()
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if path.is_dir():
+        if what == "config" and not (path / "config.json").exists():
+            return "the directory has no config.json."
+        tokenizer_files = (
+            "tokenizer.json",
+            "tokenizer.model",
+            "vocab.json",
+            "tokenizer_config.json",
+        )
+        if what == "tokenizer" and not any((path / f).exists() for f in tokenizer_files):
+            return f"the directory has no tokenizer files ({', '.join(tokenizer_files)})."
+        return first_line
+    if path.exists():
+        return "it is a file, not a model directory."
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return "no such directory."
+    if _hub_offline():
+        return (
+            "not a local directory and not in the Hugging Face cache (offline). "
+            "Download it first or give a local directory."
+        )
+    return f"not a local directory, and the Hugging Face hub could not provide it ({first_line})"
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _compare_tokenizers(target, draft, notes: list[str]) -> list[str]:
+    problems = []
+    target_added = {tok.content for tok in target.added_tokens_decoder.values()}
+    draft_added = {tok.content for tok in draft.added_tokens_decoder.values()}
+    problems += _compare_vocab(target.get_vocab(), draft.get_vocab(), target_added | draft_added)
+    problems += _compare_added_tokens(target.added_tokens_decoder, draft.added_tokens_decoder)
+    problems += _compare_special_tokens(target, draft)
+    problems += _compare_backends(target, draft, notes)
+    notes.append(f"tokenizer: target {len(target)} tokens, draft {len(draft)}")
+    return problems
+
+
+def _compare_vocab(target: dict[str, int], draft: dict[str, int], added: set[str]) -> list[str]:
+    only_target = sorted(set(target) - set(draft), key=target.get)
+    only_draft = sorted(set(draft) - set(target), key=draft.get)
+    moved = sorted((t for t in set(target) & set(draft) if target[t] != draft[t]), key=target.get)
+    differing = set(only_target) | set(only_draft) | set(moved)
+    if not differing or differing <= added:
+        return []  # no difference, or only added tokens: the added-token check names those
+    parts = []
+    if only_target:
+        parts.append(
+            f"{_count(only_target, 'token')} only in the target ({_examples(only_target)})"
+        )
+    if only_draft:
+        parts.append(f"{_count(only_draft, 'token')} only in the draft ({_examples(only_draft)})")
+    if moved:
+        parts.append(f"{_count(moved, 'shared token')} with different ids")
+    problems = [
+        f"vocabulary differs (target {len(target)} tokens, draft {len(draft)}): " + "; ".join(parts)
+    ]
+    problems += [
+        f"token {t!r} has id {target[t]} in the target and {draft[t]} in the draft"
+        for t in moved[:MAX_EXAMPLES]
+    ]
+    return problems
+
+
+def _compare_added_tokens(target: dict, draft: dict) -> list[str]:
+    problems = []
+    for side, mine, other in (("target", target, draft), ("draft", draft, target)):
+        only = [i for i in sorted(mine) if i not in other]
+        if only:
+            shown = ", ".join(f"{mine[i].content!r} ({i})" for i in only[:MAX_EXAMPLES])
+            more = ", ..." if len(only) > MAX_EXAMPLES else ""
+            problems.append(f"{_count(only, 'added token')} only in the {side}: {shown}{more}")
+    attrs = ("content", "special", "lstrip", "rstrip", "single_word", "normalized")
+    for i in sorted(set(target) & set(draft)):
+        for attr in attrs:
+            a, b = getattr(target[i], attr, None), getattr(draft[i], attr, None)
+            if a != b:
+                problems.append(
+                    f"added token {i} differs in {attr}: target {_show(target[i], attr)}, "
+                    f"draft {_show(draft[i], attr)}"
+                )
+                break
+    return problems
+
+
+def _show(token, attr: str) -> str:
+    value = getattr(token, attr, None)
+    return f"{value!r}" if attr == "content" else f"{token.content!r} {attr}={value}"
+
+
+def _compare_special_tokens(target, draft) -> list[str]:
+    problems = []
+    names = list(dict.fromkeys([*target.special_tokens_map, *draft.special_tokens_map]))
+    for name in names:
+        a, b = target.special_tokens_map.get(name), draft.special_tokens_map.get(name)
+        a_id = target.convert_tokens_to_ids(a) if a is not None else None
+        b_id = draft.convert_tokens_to_ids(b) if b is not None else None
+        if (a, a_id) != (b, b_id):
+            problems.append(
+                f"{name} differs: target {_special(a, a_id)}, draft {_special(b, b_id)}"
+            )
+    target_extra, draft_extra = _extra_special(target), _extra_special(draft)
+    if target_extra != draft_extra:
+        problems.append(
+            "additional special tokens differ: "
+            f"target {_special_list(target_extra)}, draft {_special_list(draft_extra)}"
+        )
+    return problems
+
+
+def _extra_special(tok) -> list[tuple[str, int]]:
+    # transformers 5 calls them extra_special_tokens (a list, or a dict of named extras).
+    extra = getattr(tok, "extra_special_tokens", None)
+    if extra is None:
+        extra = getattr(tok, "additional_special_tokens", None) or []
+    tokens = [str(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+    return sorted((t, tok.convert_tokens_to_ids(t)) for t in tokens)
+
+
+def _special(token: str | None, token_id: int | None) -> str:
+    return "not set" if token is None else f"{token!r} ({token_id})"
+
+
+def _special_list(tokens: list[tuple[str, int]]) -> str:
+    if not tokens:
+        return "none"
+    shown = ", ".join(_special(t, i) for t, i in tokens[:MAX_EXAMPLES])
+    return shown + (f", ... ({len(tokens)} in all)" if len(tokens) > MAX_EXAMPLES else "")
+
+
+def _compare_backends(target, draft, notes: list[str]) -> list[str]:
+    """Compare the `tokenizers` JSON: the model (merges and settings) and the text pipeline."""
+    target_json, draft_json = _tokenizer_json(target), _tokenizer_json(draft)
+    if target_json is None or draft_json is None:
+        notes.append(
+            "a tokenizer is not a fast (tokenizers) tokenizer: merges and normalizers were not "
+            "compared, only the vocabulary, added and special tokens"
+        )
+        return []
+    problems = _compare_models(target_json["model"], draft_json["model"])
+    for section in ("normalizer", "pre_tokenizer", "decoder"):
+        diff = _first_difference(target_json.get(section), draft_json.get(section))
+        if diff:
+            problems.append(f"{section} differs{_describe(diff)}")
+    diff = _first_difference(target_json.get("post_processor"), draft_json.get("post_processor"))
+    if diff:
+        # Decides which special tokens wrap a prompt; serving stacks encode with the target's.
+        notes.append(f"post_processor differs{_describe(diff)}")
+    return problems
+
+
+def _tokenizer_json(tok) -> dict | None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    return None if backend is None else json.loads(backend.to_str())
+
+
+def _compare_models(target: dict, draft: dict) -> list[str]:
+    if target.get("type") != draft.get("type"):
+        return [
+            f"tokenizer model type differs: target {target.get('type')}, draft {draft.get('type')}"
+        ]
+    kind = target.get("type")
+    problems = []
+    if kind == "BPE":
+        target_merges, draft_merges = _merges(target), _merges(draft)
+        if target_merges != draft_merges:
+            index = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(target_merges, draft_merges, strict=False))
+                    if a != b
+                ),
+                min(len(target_merges), len(draft_merges)),
+            )
+            sizes = (
+                f"target {len(target_merges)} merges, draft {len(draft_merges)}; "
+                if len(target_merges) != len(draft_merges)
+                else ""
+            )
+            problems.append(
+                f"merges differ ({sizes}first at index {index}: {_merge_at(target_merges, index)} "
+                f"vs {_merge_at(draft_merges, index)})"
+            )
+        skip = {"vocab", "merges"}  # the vocabulary is compared through get_vocab()
+    else:
+        skip = {"vocab"} if isinstance(target.get("vocab"), dict) else set()
+    for key in sorted((set(target) | set(draft)) - skip):
+        diff = _first_difference(target.get(key), draft.get(key), key)
+        if diff:
+            problems.append(f"{kind} model differs{_describe(diff)}")
+    return problems
+
+
+def _merges(model: dict) -> list[str]:
+    # tokenizers >= 0.20 stores merges as pairs; older files as "a b" strings.
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def _merge_at(merges: list[str], index: int) -> str:
+    return repr(merges[index]) if index < len(merges) else "(none)"
+
+
+def _first_difference(a, b, path: str = ""):
+    """(path, a_value, b_value) of the first place two JSON values differ, or None."""
+    if a == b:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(dict.fromkeys([*a, *b])):
+            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if diff:
+                return diff
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            diff = _first_difference(x, y, f"{path}[{i}]")
+            if diff:
+                return diff
+    return path, a, b
+
+
+def _describe(diff) -> str:
+    path, a, b = diff
+    where = f" at {path!r}" if path else ""
+    return f"{where}: target {_short(a)}, draft {_short(b)}"
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False) if value is not None else "none"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _examples(tokens: list[str]) -> str:
+    shown = ", ".join(repr(t) for t in tokens[:MAX_EXAMPLES])
+    return shown + (", ..." if len(tokens) > MAX_EXAMPLES else "")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report) -> None:
+    target_text, draft_text = _text_config(target_cfg), _text_config(draft_cfg)
+    target_vocab = getattr(target_text, "vocab_size", None)
+    draft_vocab = getattr(draft_text, "vocab_size", None)
+    if target_vocab is None or draft_vocab is None:
+        report.notes.append(
+            f"vocab_size missing from a config (target {target_vocab}, draft {draft_vocab}): "
+            "embedding sizes not compared"
+        )
+    elif target_vocab != draft_vocab:
+        report.problems.append(
+            f"vocab_size differs: target {target_vocab}, draft {draft_vocab} "
+            "(padded embeddings included)"
+        )
+    report.notes.append(f"vocab_size (embedding rows): target {target_vocab}, draft {draft_vocab}")
+    for side, vocab, tok in (
+        ("target", target_vocab, target_tok),
+        ("draft", draft_vocab, draft_tok),
+    ):
+        if vocab is not None and len(tok) > vocab:
+            report.notes.append(
+                f"the {side}'s tokenizer has {len(tok)} tokens but its vocab_size is {vocab}: "
+                "ids past the embedding cannot be looked up"
+            )
+
+    target_ctx = getattr(target_text, "max_position_embeddings", None)
+    draft_ctx = getattr(draft_text, "max_position_embeddings", None)
+    report.notes.append(f"max_position_embeddings: target {target_ctx}, draft {draft_ctx}")
+    if draft_ctx is None:
+        if context_length is not None:
+            report.notes.append(
+                f"the draft config has no max_position_embeddings: context_length {context_length} "
+                "not checked"
+            )
+    elif context_length is not None and draft_ctx < context_length:
+        report.problems.append(
+            f"the draft's max_position_embeddings {draft_ctx} is below context_length "
+            f"{context_length}: the draft cannot cover the serving context"
+        )
+    elif context_length is None and target_ctx is not None and draft_ctx < target_ctx:
+        report.notes.append(f"serve with a context of at most {draft_ctx} (the draft's limit)")
+
+
+def _text_config(config):
+    # Multimodal configs keep the language model's sizes in a text sub-config.
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if get_text_config is not None else config
