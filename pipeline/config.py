@@ -118,6 +118,7 @@ class DataConfig:
     task_field: str = opt(
         "task", "Field naming the task of a row; rows without it are task `default`."
     )
+    subset: str = opt("", "Configuration (subset) of a hub dataset, e.g. `main` for openai/gsm8k.")
     split: str = opt("train", "Split to read from a dataset with several splits.")
     eval_split: str = opt(
         "", "Split for evaluation; empty carves `eval_ratio` off the training split."

@@ -153,7 +153,7 @@ def _empty_saved_splits(path: Path) -> list[str]:
     return empty
 
 
-def _load(src: _Source) -> datasets.DatasetDict:
+def _load(src: _Source, subset: str = "") -> datasets.DatasetDict:
     if src.kind == "saved":
         try:
             loaded = datasets.load_from_disk(src.name)
@@ -170,7 +170,7 @@ def _load(src: _Source) -> datasets.DatasetDict:
             ) from err
     elif src.kind == "hub":
         try:
-            loaded = datasets.load_dataset(src.name)
+            loaded = datasets.load_dataset(src.name, subset or None)
         except Exception as err:
             raise DataError(
                 f"dataset {src.name!r} is not a local path and could not be loaded from the hub "
@@ -273,7 +273,7 @@ def load_user_data(cfg: DataConfig, seed: int) -> datasets.DatasetDict:
     held out, chosen by `seed`. `cfg.limit` caps the training rows that remain.
     """
     src = _resolve(cfg.source)
-    loaded = _load(src)
+    loaded = _load(src, cfg.subset)
     name, train = _pick_split(loaded, cfg.split, "data.split", cfg.source)
     train_cols = _to_columns(train, cfg, f"split {name!r} of {cfg.source!r}")
     if cfg.eval_split:
