@@ -184,16 +184,42 @@ class LoraConfig:
 
 @dataclass
 class DistilConfig:
-    k: float = opt(
-        0.4, "Fraction of response tokens kept (top-k by loss gap ΔL).", lo=0, hi=1, lo_open=True
+    selection: str = opt(
+        "top",
+        "Tokens trained on: `top` k by loss gap ΔL (AdaSPEC), `bottom` k (the paper's ablation), "
+        "or `all` (plain distillation; k and the reference are not used).",
+        choices=["top", "bottom", "all"],
     )
-    divergence: str = opt("fkl", "Training divergence.", choices=["fkl", "rkl", "jsd", "tvd"])
+    k: float = opt(
+        0.4, "Fraction of response tokens kept by top/bottom selection.", lo=0, hi=1, lo_open=True
+    )
+    scope: str = opt(
+        "microbatch",
+        "Where the top-k threshold is taken: per `microbatch` (the public AdaSPEC code) or "
+        "`global` (one threshold per optimizer step across accumulation and workers).",
+        choices=["microbatch", "global"],
+    )
+    divergence: str = opt(
+        "fkl",
+        "Training divergence: fkl KL(p‖q), rkl KL(q‖p), jsd (with beta), tvd, or lk, the LK hybrid "
+        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)).",
+        choices=["fkl", "rkl", "jsd", "tvd", "lk"],
+    )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
+    lk_eta: float = opt(3.0, "η of the LK hybrid.", lo=0)
     temperature: float = opt(1.0, "Softmax temperature of the loss.", lo=0, lo_open=True)
     normalize: str = opt(
         "all",
         "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
         choices=["all", "kept"],
+    )
+    eval_every: int = opt(
+        25,
+        "Held-out alpha every this many steps; the best weights are kept (0 = keep the last).",
+        lo=0,
+    )
+    holdout: float = opt(
+        0.05, "Share of the training sequences held out for that alpha.", lo=0, hi=0.5, lo_open=True
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
@@ -210,6 +236,12 @@ class EvaluateConfig:
     prompts_per_task: int = opt(16, "Eval prompts per task for alpha.", lo=1)
     spec_prompts_per_task: int = opt(
         6, "Eval prompts per task for real speculative decoding.", lo=1
+    )
+    batch_size: int = opt(
+        8,
+        "Prompts per batch of real speculative decoding and of its target-only baseline; rows "
+        "accept drafts independently (1 = one prompt at a time).",
+        lo=1,
     )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 

@@ -4,16 +4,21 @@ the configured divergence on those tokens only. Adapters are merged for the save
 
 from __future__ import annotations
 
+import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from specdraft.drafts.models import device_for
+from specdraft.errors import InputError
+from specdraft.kernels import fused_kd_loss
 from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.training import train_kd, write_json
+from specdraft.pipeline.training import Collator, KDOptions, hidden_and_head, train_kd, write_json
 
 
 def with_lora(model, lora_cfg):
@@ -23,7 +28,7 @@ def with_lora(model, lora_cfg):
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in lora_cfg.target_modules if m not in names]
     if len(missing) == len(lora_cfg.target_modules):
-        raise ValueError(
+        raise InputError(
             f"distil.lora.target_modules {lora_cfg.target_modules} match no module of the draft; "
             f"linear layers here include: {sorted(n for n in names if n.endswith('proj'))[:12]}"
         )
@@ -49,12 +54,87 @@ def delta_histogram(deltas: list[float], bins: int = 40) -> dict:
     return {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
 
 
+class BestAlphaCheckpoint(TrainerCallback):
+    """Every `every` optimizer steps, alpha = mean Σ min(p, q) on held-out sequences; the weights
+    with the best alpha are restored at the end (validation loss and acceptance disagree)."""
+
+    def __init__(self, teacher, held_out: list[dict], pad_id: int, every: int, temperature: float):
+        self.teacher, self.held_out, self.every, self.temperature = (
+            teacher,
+            held_out,
+            every,
+            temperature,
+        )
+        self.collate = Collator(pad_id)
+        self.history: list[dict] = []
+        self.best: tuple[float, int, dict] | None = None
+
+    @torch.no_grad()
+    def alpha(self, model) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(self.held_out), 16):
+            batch = self.collate(self.held_out[start : start + 16])
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            counted = batch["labels"][:, 1:] != -100
+            t_hidden, t_head = hidden_and_head(
+                self.teacher, batch["input_ids"], batch["attention_mask"]
+            )
+            s_hidden, s_head = hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
+            tvd = fused_kd_loss(
+                s_hidden[:, :-1][counted],
+                s_head,
+                t_hidden[:, :-1][counted],
+                t_head,
+                divergence="tvd",
+                temperature=self.temperature,
+                reduction="none",
+            )
+            total += float((1.0 - tvd).sum())
+            count += tvd.numel()
+        return total / max(1, count)
+
+    def _check(self, model, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        alpha = self.alpha(model)
+        model.train(was_training)
+        self.history.append({"step": step, "alpha": alpha})
+        if self.best is None or alpha > self.best[0]:
+            weights = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+            self.best = (alpha, step, weights)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._check(model, state.global_step)
+
+    def restore(self, model) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best[2].items():
+                params[name].copy_(value)
+
+
 def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"])
     teacher = load_model_artifact(inputs["target"], device)
-    reference = load_model_artifact(inputs["reference"], device)
+    selective = cfg.selection != "all"
+    reference = load_model_artifact(inputs["reference"], device) if selective else None
     model = load_model_artifact(inputs["draft_init"], device).train()
+    check_vocabularies(teacher, model, reference)
+    if cfg.divergence == "tvd":
+        warnings.warn(
+            "distil.divergence=tvd from a cold start: TV has a vanishing gradient and can leave the "
+            "draft where it started. Use distil.divergence=lk, the LK hybrid λ·KL + (1 − λ)·TV, "
+            "which warms up with KL by itself (or distil from an fkl-trained draft).",
+            UserWarning,
+            stacklevel=2,
+        )
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -62,6 +142,24 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
             f"distil: LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable} trainable parameters"
         )
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    callbacks = []
+    if cfg.eval_every:
+        split = sequences.train_test_split(test_size=cfg.holdout, seed=seed)
+        sequences = split["train"]
+        checkpoint = BestAlphaCheckpoint(
+            teacher, list(split["test"]), tokenizer.pad_token_id, cfg.eval_every, cfg.temperature
+        )
+        callbacks.append(checkpoint)
+    options = KDOptions(
+        divergence=cfg.divergence,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        lk_eta=cfg.lk_eta,
+        selection=cfg.selection,
+        k=cfg.k,
+        scope=cfg.scope,
+        normalize=cfg.normalize,
+    )
     history, selection = train_kd(
         model,
         teacher,
@@ -71,37 +169,66 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
         out,
         seed,
         reference=reference,
-        k=cfg.k,
-        divergence=cfg.divergence,
-        beta=cfg.beta,
-        temperature=cfg.temperature,
-        normalize=cfg.normalize,
+        options=options,
+        callbacks=callbacks,
     )
     shutil.rmtree(out / "trainer", ignore_errors=True)
+    info: dict = {}
+    if cfg.eval_every:
+        checkpoint.restore(model)
+        info["best_step"], info["best_alpha"] = checkpoint.best[1], checkpoint.best[0]
+        write_json(out / "alpha_history.json", checkpoint.history)
+        print(
+            f"distil: kept the weights of step {checkpoint.best[1]} (held-out alpha {checkpoint.best[0]:.3f})"
+        )
     if cfg.lora.enabled:
         model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     deltas = selection["deltas"]
-    threshold = None
-    if deltas:
-        ordered = sorted(deltas, reverse=True)
-        threshold = ordered[max(0, min(len(ordered) - 1, int(cfg.k * len(ordered)) - 1))]
     write_json(out / "history.json", history)
-    write_json(
-        out / "selection.json",
-        {
-            "k": cfg.k,
-            "threshold": threshold,
-            "kept": selection["kept"],
-            "total": selection["total"],
-            "delta_histogram": delta_histogram(deltas),
-        },
-    )
+    if selective:
+        write_json(
+            out / "selection.json",
+            {
+                "k": cfg.k,
+                "selection": cfg.selection,
+                "scope": cfg.scope,
+                "threshold": selection_threshold(deltas, cfg.k, cfg.selection),
+                "kept": selection["kept"],
+                "total": selection["total"],
+                "delta_histogram": delta_histogram(deltas),
+            },
+        )
     return {
         "model": "model",
         "adapter": "adapter" if cfg.lora.enabled else None,
         "final_loss": history[-1]["loss"] if history else None,
-        "kept_fraction": selection["kept"] / max(1, selection["total"]),
+        "kept_fraction": selection["kept"] / max(1, selection["total"]) if selective else 1.0,
+        **info,
     }
+
+
+def selection_threshold(deltas: list[float], k: float, selection: str) -> float | None:
+    """The ΔL at the k-quantile over all scored tokens (for the report's histogram)."""
+    if not deltas:
+        return None
+    ordered = sorted(deltas, reverse=selection == "top")
+    return ordered[max(0, min(len(ordered), math.ceil(k * len(ordered))) - 1)]
+
+
+def check_vocabularies(teacher, draft, reference=None) -> None:
+    """The loss compares distributions token by token: every model needs the target's vocabulary."""
+    sizes = {
+        "target": teacher.get_output_embeddings().weight.shape[0],
+        "draft": draft.get_output_embeddings().weight.shape[0],
+    }
+    if reference is not None:
+        sizes["reference"] = reference.get_output_embeddings().weight.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise InputError(
+            "the models' vocabularies differ ("
+            + ", ".join(f"{k} {v}" for k, v in sizes.items())
+            + "): distillation compares next-token distributions over one vocabulary"
+        )

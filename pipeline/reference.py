@@ -10,7 +10,7 @@ from specdraft.drafts.models import device_for
 from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import ReferenceConfig
 from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.training import train_kd, write_json
+from specdraft.pipeline.training import KDOptions, train_kd, write_json
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
@@ -20,7 +20,7 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
     model = load_model_artifact(inputs["draft_init"], device).train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     history, _ = train_kd(
-        model, teacher, sequences, tokenizer, cfg.train, out, seed, divergence="fkl"
+        model, teacher, sequences, tokenizer, cfg.train, out, seed, options=KDOptions()
     )
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model.save_pretrained(out / "model")

@@ -19,6 +19,9 @@ def run(cfg: ReportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
         history = _json(inputs[stage] / "history.json") if stage in inputs else None
         if history:
             training[stage] = history
+    alpha_history = _json(inputs["distil"] / "alpha_history.json")
+    if alpha_history:
+        training["distil_alpha"] = alpha_history
     run_info = {
         "metrics": _json(inputs["evaluate"] / "metrics.json"),
         "training": training,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -147,78 +148,141 @@ def select_tokens_by_loss_gap(delta: torch.Tensor, k: float, mode: str = "top") 
     return keep
 
 
-class KDTrainer(Trainer):
-    """Distils `model` towards `teacher` with the fused KD loss on response tokens.
+@dataclass
+class KDOptions:
+    """What a distillation loss is: divergence, token selection and normalisation."""
 
-    With a `reference` model, tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_ref) and only the
-    top-k fraction per micro-batch counts (AdaSPEC). `normalize="all"` divides the summed loss by
-    every response token of the accumulation window (the public AdaSPEC code), `"kept"` by the kept.
+    divergence: str = "fkl"  # fkl | rkl | jsd | tvd | lk
+    beta: float = 0.5  # JSD mixture weight
+    temperature: float = 1.0
+    lk_eta: float = 3.0  # LK hybrid: λ = exp(−η·sg(α))
+    selection: str = "all"  # top | bottom | all
+    k: float = 1.0  # fraction kept by top/bottom selection
+    scope: str = "microbatch"  # microbatch | global
+    normalize: str = "all"  # all | kept
+
+
+def kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions) -> torch.Tensor:
+    """Summed divergence over the kept tokens, exact over the vocabulary, without (N, V) logits.
+
+    The LK hybrid per token is λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−η·sg(α)), α = 1 − TV:
+    KL pulls from a cold start, TV (the acceptance itself) takes over as α grows.
     """
-
-    def __init__(
-        self,
-        *args,
-        teacher,
-        reference=None,
-        k=1.0,
-        divergence="fkl",
-        beta=0.5,
-        temperature=1.0,
-        normalize="all",
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
-        self.k, self.divergence, self.beta = k, divergence, beta
-        self.temperature, self.normalize = temperature, normalize
-        self.model_accepts_loss_kwargs = (
-            True  # compute_loss normalises by num_items_in_batch itself
-        )
-        self.selection_log: dict = {"kept": 0, "total": 0, "deltas": []}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, attn, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        counted = labels[:, 1:] != -100  # (B, T-1): positions whose next token is a response token
-        n_all = counted.sum()
-        with torch.no_grad():
-            t_hidden, t_head = hidden_and_head(self.teacher, ids, attn)
-            t_hidden = t_hidden[:, :-1][counted]  # (N, Ht)
-        s_hidden, s_head = hidden_and_head(model, ids, attn)
-        s_hidden = s_hidden[:, :-1][counted]  # (N, Hs)
-        keep = None
-        if self.reference is not None and self.k < 1.0:
-            with torch.no_grad():
-                r_hidden, r_head = hidden_and_head(self.reference, ids, attn)
-                r_hidden = r_hidden[:, :-1][counted]
-                kl_draft = fused_kd_loss(
-                    s_hidden.detach(), s_head.detach(), t_hidden, t_head, reduction="none"
-                )
-                kl_ref = fused_kd_loss(r_hidden, r_head, t_hidden, t_head, reduction="none")
-            delta = kl_draft - kl_ref  # (N,)
-            keep = select_tokens_by_loss_gap(delta, self.k)
-            self.selection_log["kept"] += int(keep.sum())
-            self.selection_log["total"] += int(keep.numel())
-            if len(self.selection_log["deltas"]) < 200_000:
-                self.selection_log["deltas"].extend(delta.float().cpu().tolist())
-        loss_sum = fused_kd_loss(
+    common = dict(mask=keep, temperature=opts.temperature)
+    if opts.divergence != "lk":
+        return fused_kd_loss(
             s_hidden,
             s_head,
             t_hidden,
             t_head,
-            mask=keep,
-            divergence=self.divergence,
-            beta=self.beta,
-            temperature=self.temperature,
+            divergence=opts.divergence,
+            beta=opts.beta,
             reduction="sum",
+            **common,
         )
-        if self.normalize == "kept" and keep is not None:
-            loss = loss_sum / keep.sum().clamp(min=1) / self.current_gradient_accumulation_steps
-        elif num_items_in_batch is not None:
-            loss = loss_sum / num_items_in_batch
-        else:
-            loss = loss_sum / n_all.clamp(min=1)
-        return loss
+    kl = fused_kd_loss(
+        s_hidden, s_head, t_hidden, t_head, divergence="fkl", reduction="none", **common
+    )
+    tv = fused_kd_loss(
+        s_hidden, s_head, t_hidden, t_head, divergence="tvd", reduction="none", **common
+    )
+    lam = torch.exp(-opts.lk_eta * (1.0 - tv.detach()))  # (N,); masked rows have kl = tv = 0
+    return (lam * kl + (1.0 - lam) * tv).sum()
+
+
+def _gathered(values: torch.Tensor) -> torch.Tensor:
+    """All workers' values (data-parallel), or these ones."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat(parts).to(values.device)
+
+
+class KDTrainer(Trainer):
+    """Distils `model` towards `teacher` with the fused KD loss on response tokens.
+
+    With a `reference` model and `selection` top/bottom, tokens are scored by
+    ΔL = KL(p‖q_draft) − KL(p‖q_ref) and only the top (or bottom) k fraction counts (AdaSPEC):
+    per micro-batch (`scope="microbatch"`, the public AdaSPEC code) or with one threshold per
+    optimizer step across the accumulation window and data-parallel workers (`"global"`).
+    `normalize="all"` divides the summed loss by every response token of the accumulation window
+    (the public AdaSPEC code), `"kept"` by the kept ones.
+    """
+
+    def __init__(self, *args, teacher, reference=None, options: KDOptions | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
+        self.opts = options or KDOptions()
+        if self.opts.selection != "all" and self.reference is None:
+            raise ValueError("token selection needs a reference model")
+        self.model_accepts_loss_kwargs = (
+            True  # compute_loss normalises by num_items_in_batch itself
+        )
+        self.selection_log: dict = {"kept": 0, "total": 0, "deltas": []}
+        self._threshold: float | None = None
+
+    def _response_hidden(self, model, inputs, grad: bool):
+        counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
+        with torch.set_grad_enabled(grad):
+            hidden, head = hidden_and_head(model, inputs["input_ids"], inputs["attention_mask"])
+        return hidden[:, :-1][counted], head  # (N, H), (V, H)
+
+    @torch.no_grad()
+    def loss_gap(
+        self, inputs, s_hidden=None, s_head=None, t_hidden=None, t_head=None
+    ) -> torch.Tensor:
+        """ΔL = KL(p‖q_draft) − KL(p‖q_ref) per response token, (N,)."""
+        if s_hidden is None:
+            s_hidden, s_head = self._response_hidden(self.model, inputs, grad=False)
+            t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
+        r_hidden, r_head = self._response_hidden(self.reference, inputs, grad=False)
+        kl_draft = fused_kd_loss(
+            s_hidden.detach(), s_head.detach(), t_hidden, t_head, reduction="none"
+        )
+        kl_ref = fused_kd_loss(r_hidden, r_head, t_hidden, t_head, reduction="none")
+        return kl_draft - kl_ref
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.opts.selection != "all" and self.opts.scope == "global" and batch_samples:
+            deltas = _gathered(
+                torch.cat([self.loss_gap(self._prepare_inputs(b)) for b in batch_samples])
+            )
+            count = max(1, math.ceil(self.opts.k * deltas.numel() - 1e-9))
+            ordered = torch.sort(deltas, descending=self.opts.selection == "top").values
+            self._threshold = float(ordered[min(count, deltas.numel()) - 1])
+        return batch_samples, num_items
+
+    def _select(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.opts.scope == "global":
+            return (
+                delta >= self._threshold
+                if self.opts.selection == "top"
+                else delta <= self._threshold
+            )
+        return select_tokens_by_loss_gap(delta, self.opts.k, self.opts.selection)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
+        s_hidden, s_head = self._response_hidden(model, inputs, grad=True)
+        keep = None
+        if self.opts.selection != "all":
+            delta = self.loss_gap(inputs, s_hidden, s_head, t_hidden, t_head)
+            keep = self._select(delta)
+            self.selection_log["kept"] += int(keep.sum())
+            self.selection_log["total"] += int(keep.numel())
+            if len(self.selection_log["deltas"]) < 200_000:
+                self.selection_log["deltas"].extend(delta.float().cpu().tolist())
+        loss_sum = kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, self.opts)
+        if self.opts.normalize == "kept" and keep is not None:
+            return loss_sum / keep.sum().clamp(min=1) / self.current_gradient_accumulation_steps
+        if num_items_in_batch is not None:
+            return loss_sum / num_items_in_batch
+        return loss_sum / max(1, s_hidden.shape[0])
 
 
 def train_kd(
@@ -231,11 +295,8 @@ def train_kd(
     seed: int,
     *,
     reference=None,
-    k=1.0,
-    divergence="fkl",
-    beta=0.5,
-    temperature=1.0,
-    normalize="all",
+    options: KDOptions | None = None,
+    callbacks=(),
 ):
     history = LossHistory()
     with warnings.catch_warnings():
@@ -245,14 +306,10 @@ def train_kd(
             args=training_args(train_cfg, out, seed, use_cpu=not torch.cuda.is_available()),
             train_dataset=encoded,
             data_collator=Collator(tokenizer.pad_token_id),
-            callbacks=[history],
+            callbacks=[history, *callbacks],
             teacher=teacher,
             reference=reference,
-            k=k,
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            normalize=normalize,
+            options=options,
         )
         trainer.train()
     return history.rows, trainer.selection_log

@@ -84,7 +84,7 @@ def test_cross_field_checks():
 def test_every_field_has_help():
     rows = describe()
     assert rows and all(help_ for _, _, help_ in rows)
-    assert ("distil.k", "0.4", "Fraction of response tokens kept (top-k by loss gap ΔL).") in rows
+    assert ("distil.k", "0.4", "Fraction of response tokens kept by top/bottom selection.") in rows
 
 
 def _cli(*args, cwd):

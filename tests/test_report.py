@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from specdraft.reports.render import render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdraft.pipeline.config import LoraConfig, TrainConfig
 from specdraft.pipeline.distil import with_lora
-from specdraft.pipeline.training import select_tokens_by_loss_gap, train_kd
+from specdraft.pipeline.training import KDOptions, select_tokens_by_loss_gap, train_kd
 
 
 class Tok:
@@ -74,7 +74,14 @@ def test_lora_distillation_lowers_loss_and_changes_only_adapters(tmp_path, save)
     reference = copy.deepcopy(base)
     model = with_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, modules_to_save=save))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    history, selection = _train(model, teacher, tmp_path, steps=12, reference=reference, k=0.4)
+    history, selection = _train(
+        model,
+        teacher,
+        tmp_path,
+        steps=12,
+        reference=reference,
+        options=KDOptions(selection="top", k=0.4),
+    )
     assert history[-1]["loss"] < history[0]["loss"]
     assert 0.35 < selection["kept"] / selection["total"] < 0.5
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -105,3 +112,54 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
         assert torch.allclose(p1, p4, atol=1e-6, rtol=1e-4), name
         moved |= not torch.equal(p1, p0)
     assert moved
+
+
+def test_global_scope_equals_microbatch_with_one_microbatch(tmp_path):
+    teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
+    reference = tiny_llama(3)
+    models = {}
+    for scope in ("microbatch", "global"):
+        models[scope] = copy.deepcopy(base)
+        opts = KDOptions(selection="top", k=0.4, scope=scope)
+        _train(models[scope], teacher, tmp_path / scope, steps=3, reference=reference, options=opts)
+    for (name, p1), (_, p2) in zip(
+        models["microbatch"].named_parameters(), models["global"].named_parameters(), strict=True
+    ):
+        assert torch.allclose(p1, p2, atol=1e-6), name
+
+
+def test_global_scope_thresholds_the_whole_accumulation_window(tmp_path):
+    teacher, base, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    opts = KDOptions(selection="top", k=0.25, scope="global")
+    _, sel = _train(
+        copy.deepcopy(base), teacher, tmp_path, steps=2, accum=4, reference=reference, options=opts
+    )
+    # one threshold per window: the kept share is k over the window, not per micro-batch
+    assert abs(sel["kept"] / sel["total"] - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "jsd", "tvd", "lk"])
+def test_every_divergence_trains(tmp_path, divergence):
+    teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
+    model = copy.deepcopy(base)
+    history, _ = _train(model, teacher, tmp_path, steps=8, options=KDOptions(divergence=divergence))
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_lk_hybrid_matches_its_formula():
+    from specdraft.pipeline.training import kd_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    sh, sw = torch.randn(9, 8, generator=g, requires_grad=True), torch.randn(20, 8, generator=g)
+    th, tw = torch.randn(9, 6, generator=g), torch.randn(20, 6, generator=g)
+    keep = torch.tensor([True, False] * 4 + [True])
+    loss = kd_loss_sum(sh, sw, th, tw, keep, KDOptions(divergence="lk", lk_eta=3.0))
+    p, q = torch.softmax(th @ tw.T, -1), torch.softmax(sh @ sw.T, -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    tv = 0.5 * (p - q).abs().sum(-1)
+    lam = torch.exp(-3.0 * (1 - tv)).detach()
+    expected = ((lam * kl + (1 - lam) * tv) * keep).sum()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    (g1,) = torch.autograd.grad(loss, sh)
+    (g2,) = torch.autograd.grad(expected, sh)
+    assert torch.allclose(g1, g2, atol=1e-5)
