@@ -145,9 +145,13 @@ class GenerateConfig:
     num_prompts: int = opt(512, "Training prompts to answer.", lo=1)
     draft_fraction: float = opt(
         1.0,
-        "Share of prompts answered by the draft (on-policy); the rest by the target.",
+        "Share of prompts answered by the draft (on-policy); the rest by the target, after "
+        "dataset_fraction.",
         lo=0,
         hi=1,
+    )
+    dataset_fraction: float = opt(
+        0.0, "Share of prompts that keep the dataset's own response (needs responses).", lo=0, hi=1
     )
     temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", lo=0)
     max_new_tokens: int = opt(64, "Longest generated response.", lo=1)
@@ -212,6 +216,11 @@ class DistilConfig:
         "all",
         "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
         choices=["all", "kept"],
+    )
+    rounds: int = opt(
+        1,
+        "On-policy rounds: round r > 1 generates with round r − 1's draft and distils from it.",
+        lo=1,
     )
     eval_every: int = opt(
         25,
@@ -421,6 +430,11 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
         problems.append(
             "target.model and draft.model: use `builtin` for both (the toy pair shares a tokenizer) "
             "or give both as model ids/directories"
+        )
+    if cfg.generate.draft_fraction + cfg.generate.dataset_fraction > 1 + 1e-9:
+        problems.append(
+            f"generate.draft_fraction ({cfg.generate.draft_fraction}) + generate.dataset_fraction "
+            f"({cfg.generate.dataset_fraction}) exceed 1; the target answers what is left"
         )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(

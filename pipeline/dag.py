@@ -33,9 +33,19 @@ class Stage:
     name: str
     module: str  # importable module with `run(cfg, inputs, out, *, seed) -> dict`
     config: Any  # a config dataclass (hashed as JSON)
-    deps: tuple[str, ...] = ()
+    deps: tuple[str, ...] = ()  # stage names, or "key=stage" to pass a stage under another key
     resources: Resources = field(default_factory=Resources)
     seed: int = 0
+
+
+def dep_name(dep: str) -> str:
+    """The stage a dependency entry names ("generate" or "draft_init=distil" -> "distil")."""
+    return dep.partition("=")[2] or dep
+
+
+def dep_key(dep: str) -> str:
+    """The key the stage sees the dependency under ("draft_init=distil" -> "draft_init")."""
+    return dep.partition("=")[0]
 
 
 @dataclass
@@ -115,7 +125,7 @@ def stage_key(stage: Stage, dep_keys: dict[str, str]) -> str:
         if dataclasses.is_dataclass(stage.config)
         else stage.config,
         "seed": stage.seed,
-        "deps": {d: dep_keys[d] for d in stage.deps},
+        "deps": {d: dep_keys[dep_name(d)] for d in stage.deps},
         "code": code_version(stage.module),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -132,7 +142,7 @@ def topological(stages: list[Stage]) -> list[Stage]:
         if s.name in visiting:
             raise ValueError(f"stage cycle through {s.name}")
         visiting.add(s.name)
-        for d in s.deps:
+        for d in map(dep_name, s.deps):
             if d not in by_name:
                 raise ValueError(f"stage {s.name} depends on unknown stage {d}")
             visit(by_name[d])
@@ -192,7 +202,7 @@ def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
     while changed:
         changed = False
         for s in stages:
-            if s.name not in out and any(d in out for d in s.deps):
+            if s.name not in out and any(dep_name(d) in out for d in s.deps):
                 out.add(s.name)
                 changed = True
     return out
@@ -235,10 +245,10 @@ def execute(
     pending = list(todo)
     in_flight: dict[Any, tuple[Stage, str, Path, float]] = {}
     while pending or in_flight:
-        ready = [t for t in pending if all(d in results for d in t[0].deps)]
+        ready = [t for t in pending if all(dep_name(d) in results for d in t[0].deps)]
         for stage, key, path in ready:
             pending.remove((stage, key, path))
-            inputs = {d: str(results[d].path) for d in stage.deps}
+            inputs = {dep_key(d): str(results[dep_name(d)].path) for d in stage.deps}
             meta = {"stage": stage.name, "key": key, "code_version": code_version(stage.module)}
             verb = "started  " if runner is None else "submitted"
             say(

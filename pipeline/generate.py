@@ -1,5 +1,6 @@
 """Stage `generate`: training sequences for distillation. On-policy by default: the draft samples
-responses to training prompts; `draft_fraction` < 1 answers the rest with the target (a λ-mixture)."""
+responses to training prompts. A mixture is one flag away: `dataset_fraction` of the prompts keep the
+dataset's responses, `draft_fraction` are answered by the draft and the rest by the target."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from specdraft.drafts.models import device_for
+from specdraft.errors import InputError
 from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import GenerateConfig
 from specdraft.pipeline.data import chat_template_of, load_splits, max_length_of
-from specdraft.pipeline.training import prompt_token_ids
+from specdraft.pipeline.training import encode_example, prompt_token_ids
 
 
 @torch.no_grad()
@@ -60,6 +62,17 @@ def sample_responses(
     return responses
 
 
+def dataset_record(tokenizer, row: dict, chat: bool, max_length: int) -> dict:
+    encoded = encode_example(tokenizer, row["prompt"], row["response"], max_length, chat)
+    return {
+        "prompt": row["prompt"],
+        "response": row["response"],
+        "task": row["task"],
+        "source": "dataset",
+        **encoded,
+    }
+
+
 def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     from datasets import Dataset
 
@@ -70,10 +83,17 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     rows = [train[i] for i in order[: cfg.num_prompts]]
+    n_data = round(cfg.dataset_fraction * len(rows))
     n_draft = round(cfg.draft_fraction * len(rows))
+    if n_data and not all(r["response"] for r in rows[:n_data]):
+        raise InputError(
+            "generate.dataset_fraction > 0 needs responses in the data; set data.response_field "
+            "or generate.dataset_fraction=0"
+        )
     device = device_for(cfg.resources.gpus)
-    records = []
-    for source, part in (("draft", rows[:n_draft]), ("target", rows[n_draft:])):
+    records = [dataset_record(tokenizer, row, chat, max_length) for row in rows[:n_data]]
+    parts = (("draft", rows[n_data : n_data + n_draft]), ("target", rows[n_data + n_draft :]))
+    for source, part in parts:
         if not part:
             continue
         model = load_model_artifact(inputs["draft_init" if source == "draft" else "target"], device)
@@ -110,6 +130,7 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         "sequences": len(records),
         "from_draft": sum(r["source"] == "draft" for r in records),
         "from_target": sum(r["source"] == "target" for r in records),
+        "from_dataset": sum(r["source"] == "dataset" for r in records),
         "mean_response_tokens": round(sum(lengths) / max(1, len(lengths)), 1),
         "ended_with_eos": sum(r["input_ids"][-1] == tokenizer.eos_token_id for r in records),
     }

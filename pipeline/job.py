@@ -30,14 +30,52 @@ STAGES = {
 }
 
 
+def final_distil(job: JobConfig) -> str:
+    return "distil" if job.distil.rounds == 1 else f"distil_r{job.distil.rounds}"
+
+
 def build_stages(job: JobConfig) -> list[Stage]:
+    """The DAG. On-policy rounds r = 2..R are unrolled as `generate_r<r>` (the previous round's
+    draft samples) and `distil_r<r>` (which starts from it), each cached on its own."""
+    last = final_distil(job)
     stages = []
     for name, (section, deps) in STAGES.items():
         cfg = getattr(job, section)
         resources = getattr(cfg, "resources", Resources(cpus=1))
         if name in ("target", "draft_init") and cfg.model != "builtin":
             resources = Resources(cpus=1)  # a given model is only recorded, not trained
+        if name in ("evaluate", "export", "report") and last != "distil":
+            deps = tuple(f"distil={last}" if d == "distil" else d for d in deps)
         stages.append(Stage(name, f"specdraft.pipeline.{name}", cfg, deps, resources, job.seed))
+        if name == "distil":
+            for r in range(2, job.distil.rounds + 1):
+                previous = "distil" if r == 2 else f"distil_r{r - 1}"
+                stages.append(
+                    Stage(
+                        f"generate_r{r}",
+                        "specdraft.pipeline.generate",
+                        job.generate,
+                        ("data", "target", f"draft_init={previous}"),
+                        job.generate.resources,
+                        job.seed + r - 1,
+                    )
+                )
+                stages.append(
+                    Stage(
+                        f"distil_r{r}",
+                        "specdraft.pipeline.distil",
+                        job.distil,
+                        (
+                            "data",
+                            "target",
+                            f"draft_init={previous}",
+                            "reference",
+                            f"generate=generate_r{r}",
+                        ),
+                        job.distil.resources,
+                        job.seed + r - 1,
+                    )
+                )
     return stages
 
 
@@ -118,7 +156,7 @@ def run_job(
     _copy_dir(results["export"].path / "draft", out / "draft")
     _copy_dir(results["report"].path / "report", out / "report")
     metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
-    export_inputs = [results[d].path for d in STAGES["export"][1]]
+    export_inputs = [Path(p) for p in results["export"].manifest["inputs"].values()]
     metrics = {
         "job": job.name,
         "job_hash": lineage_hash(export_inputs),
@@ -131,6 +169,7 @@ def run_job(
         {
             "name": r.name,
             "key": r.key,
+            "inputs": r.manifest.get("inputs", {}),
             "path": str(r.path),
             "reused": r.reused,
             "seconds": round(r.seconds, 2),

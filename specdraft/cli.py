@@ -1,4 +1,4 @@
-"""The `specdraft` command line: run, validate, check-pair, export.
+"""The `specdraft` command line: run, validate, check-pair, export, eval.
 
 User mistakes (a bad job, missing data, a mismatched pair) print one message and exit with code 2;
 a stage that fails for another reason exits with code 1.
@@ -97,7 +97,6 @@ def cmd_export(args) -> int:
 
     from specdraft.pipeline.artifacts import MANIFEST, commit_dir
     from specdraft.pipeline.export import export_draft
-    from specdraft.pipeline.job import STAGES
 
     run_dir = Path(args.run_dir)
     run_file = run_dir / "run.json"
@@ -105,8 +104,8 @@ def cmd_export(args) -> int:
         raise InputError(
             f"{run_dir} is not a specdraft run directory (no run.json); give the --out of a run"
         )
-    paths = {s["name"]: Path(s["path"]) for s in json.loads(run_file.read_text())["stages"]}
-    inputs = {name: paths[name] for name in STAGES["export"][1]}
+    stages = {s["name"]: s for s in json.loads(run_file.read_text())["stages"]}
+    inputs = {key: Path(path) for key, path in stages["export"]["inputs"].items()}
     missing = [str(p) for p in inputs.values() if not (p / MANIFEST).exists()]
     if missing:
         raise InputError(
@@ -127,6 +126,66 @@ def cmd_export(args) -> int:
     commit_dir(tmp, to)
     print(f"exported the draft of {run_dir} as {args.dtype} to {to}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    from specdraft.pipeline.eval_cli import EvalRequest, format_table, run_eval, write_metrics
+
+    fields = EvalRequest.__dataclass_fields__
+    metrics = run_eval(EvalRequest(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(format_table(metrics))
+    if args.out:
+        write_metrics(metrics, Path(args.out))
+        print(f"metrics: {args.out}")
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    from specdraft.pipeline.eval_cli import EvalRequest
+
+    d = EvalRequest("", "", "")  # the defaults live in EvalRequest
+    ev = sub.add_parser(
+        "eval",
+        help="acceptance and speculative decoding of one target/draft pair on a prompt set",
+    )
+    ev.add_argument("--target", required=True, help="target model id or directory")
+    ev.add_argument("--draft", required=True, help="draft model id or directory")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="prompts: a JSONL/JSON/CSV/Parquet file or directory, a save_to_disk directory, a hub "
+        "dataset name, or `builtin` (the toy eval split)",
+    )
+    ev.add_argument("--gamma", type=int, default=d.gamma, help="drafted tokens per round")
+    ev.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="temperature of alpha and of sampled speculative decoding (greedy always runs too)",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ev.add_argument(
+        "--num-prompts", type=int, default=d.num_prompts, help="prompts used, round-robin by task"
+    )
+    ev.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
+    ev.add_argument("--prompt-field", default=d.prompt_field, help="column holding the prompt")
+    ev.add_argument("--task-field", default=d.task_field, help="column naming the task")
+    ev.add_argument(
+        "--split", default=d.split, help="split whose rows are the prompts (or the only split)"
+    )
+    ev.add_argument(
+        "--chat-template", action="store_true", help="render prompts as a chat user turn"
+    )
+    ev.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda:0, ...")
+    ev.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
+    )
+    ev.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of sampling and of the toy split"
+    )
+    ev.add_argument("--out", help="write the metrics as JSON to this file")
+    ev.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, help="directory to write the draft to")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(func=cmd_export)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -14,10 +14,22 @@ METRIC_KEYS = {"alpha", "alpha_greedy", "spec_alpha", "tau", "tasks"}
 
 def test_every_stage_ran_once_through_ray(tiny_run):
     _, out, results = tiny_run
-    assert set(results) == set(STAGES)
+    assert set(results) == set(STAGES) | {"generate_r2", "distil_r2"}
     assert not any(r.reused for r in results.values())
     run_info = json.loads((out / "run.json").read_text())
-    assert [s["name"] for s in run_info["stages"]] == list(STAGES)
+    assert [s["name"] for s in run_info["stages"]][:6] == list(STAGES)[:6]
+
+
+def test_second_round_is_on_policy_from_the_first(tiny_run):
+    _, _, results = tiny_run
+    generate_r2 = results["generate_r2"].manifest["inputs"]
+    assert generate_r2["draft_init"] == str(results["distil"].path)
+    distil_r2 = results["distil_r2"].manifest["inputs"]
+    assert distil_r2["draft_init"] == str(results["distil"].path)
+    assert distil_r2["generate"] == str(results["generate_r2"].path)
+    for stage in ("evaluate", "export", "report"):
+        assert results[stage].manifest["inputs"]["distil"] == str(results["distil_r2"].path)
+    assert results["generate_r2"].key != results["generate"].key
 
 
 def test_metrics_have_every_draft_and_task(tiny_run):
@@ -96,7 +108,7 @@ def test_stage_outputs(tiny_run, stage):
     path = results[stage].path
     info = results[stage].manifest["info"]
     if stage == "generate":
-        assert info["sequences"] > 0 and info["from_draft"] == 9 and info["from_target"] == 3
+        assert (info["from_dataset"], info["from_draft"], info["from_target"]) == (3, 6, 3)
     else:
         assert (path / "model" / "model.safetensors").exists()
         history = json.loads((path / "history.json").read_text())
@@ -104,3 +116,6 @@ def test_stage_outputs(tiny_run, stage):
     if stage == "distil":
         selection = json.loads((path / "selection.json").read_text())
         assert selection["k"] == 0.4 and 0 < selection["kept"] < selection["total"]
+        alphas = json.loads((path / "alpha_history.json").read_text())
+        assert [a["step"] for a in alphas] == [0, 2, 3]
+        assert info["best_alpha"] == max(a["alpha"] for a in alphas)
