@@ -60,6 +60,14 @@ class TrainConfig:
     )
     weight_decay: float = opt(0.0, "AdamW weight decay.", lo=0)
     log_every: int = opt(10, "Log the loss every this many steps.", lo=1)
+    precision: str = opt(
+        "fp32", "Mixed precision of training (bf16 autocast).", choices=["fp32", "bf16"]
+    )
+    report_to: str = opt(
+        "none",
+        "Experiment tracker for Trainer (tensorboard/wandb need their package).",
+        choices=["none", "tensorboard", "wandb"],
+    )
 
 
 @dataclass

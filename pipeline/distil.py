@@ -5,7 +5,6 @@ the configured divergence on those tokens only. Adapters are merged for the save
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -120,6 +119,15 @@ class BestAlphaCheckpoint(TrainerCallback):
 
 
 def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    if cfg.divergence == "tvd":
+        warnings.warn(
+            "distil.divergence=tvd from a cold start: TV has a vanishing gradient and can leave the "
+            "draft where it started. Use distil.divergence=lk, the LK hybrid λ·KL + (1 − λ)·TV, "
+            "which warms up with KL by itself (or distil from an fkl-trained draft). Silence with "
+            "PYTHONWARNINGS=ignore::UserWarning.",
+            UserWarning,
+            stacklevel=2,
+        )
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"])
     teacher = load_model_artifact(inputs["target"], device)
@@ -127,14 +135,6 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
     reference = load_model_artifact(inputs["reference"], device) if selective else None
     model = load_model_artifact(inputs["draft_init"], device).train()
     check_vocabularies(teacher, model, reference)
-    if cfg.divergence == "tvd":
-        warnings.warn(
-            "distil.divergence=tvd from a cold start: TV has a vanishing gradient and can leave the "
-            "draft where it started. Use distil.divergence=lk, the LK hybrid λ·KL + (1 − λ)·TV, "
-            "which warms up with KL by itself (or distil from an fkl-trained draft).",
-            UserWarning,
-            stacklevel=2,
-        )
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -172,7 +172,6 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
         options=options,
         callbacks=callbacks,
     )
-    shutil.rmtree(out / "trainer", ignore_errors=True)
     info: dict = {}
     if cfg.eval_every:
         checkpoint.restore(model)

@@ -3,7 +3,6 @@ forward KL on all response tokens (full fine-tuning). It is also the DistillSpec
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import device_for
@@ -22,7 +21,6 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
     history, _ = train_kd(
         model, teacher, sequences, tokenizer, cfg.train, out, seed, options=KDOptions()
     )
-    shutil.rmtree(out / "trainer", ignore_errors=True)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     write_json(out / "history.json", history)

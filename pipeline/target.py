@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
@@ -21,7 +20,6 @@ def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: 
     history = train_cross_entropy(
         model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens
     )
-    shutil.rmtree(out / "trainer", ignore_errors=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out / "model")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,8 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
         warmup_steps=max(1, math.ceil(0.05 * train_cfg.steps)),
         logging_steps=min(train_cfg.log_every, train_cfg.steps),
         save_strategy="no",
-        report_to="none",
+        report_to=train_cfg.report_to,
+        bf16=train_cfg.precision == "bf16",
         seed=seed,
         data_seed=seed,
         use_cpu=use_cpu,
@@ -121,7 +123,14 @@ def train_cross_entropy(
         callbacks=[history],
     )
     trainer.train()
+    _tidy(train_cfg, out)
     return history.rows
+
+
+def _tidy(train_cfg, out: Path) -> None:
+    """Trainer's output directory holds only tracker logs: keep it when a tracker is on."""
+    if train_cfg.report_to == "none":
+        shutil.rmtree(out / "trainer", ignore_errors=True)
 
 
 def hidden_and_head(model, input_ids, attention_mask):
@@ -312,6 +321,7 @@ def train_kd(
             options=options,
         )
         trainer.train()
+    _tidy(train_cfg, out)
     return history.rows, trainer.selection_log
 
 
