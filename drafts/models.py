@@ -31,10 +31,22 @@ def toy_llama(arch, tokenizer, max_positions: int, seed: int):
     return LlamaForCausalLM(config)
 
 
+def resolve_attention(attn_implementation: str) -> str:
+    """`auto`: FlashAttention-2 where flash-attn and a CUDA device are there, else PyTorch SDPA
+    (which dispatches to FlashAttention kernels itself on CUDA)."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_causal_lm(
     name_or_path: str | Path,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
 ):
@@ -44,7 +56,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(name_or_path),
         dtype=DTYPES[dtype],
-        attn_implementation=attn_implementation,
+        attn_implementation=resolve_attention(attn_implementation),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )

@@ -54,7 +54,7 @@ def load_model_artifact(artifact: Path, device="cpu"):
     return load_causal_lm(
         model_location(artifact),
         dtype=info.get("dtype", "float32"),
-        attn_implementation=info.get("attn_implementation", "sdpa"),
+        attn_implementation=info.get("attn_implementation", "auto"),
         trust_remote_code=info.get("trust_remote_code", False),
         device=device,
     )

@@ -75,7 +75,9 @@ class TargetConfig:
     model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy target.")
     dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
     attn_implementation: str = opt(
-        "sdpa", "Attention kernel.", choices=["sdpa", "eager", "flash_attention_2"]
+        "auto",
+        "Attention kernel: `auto` = flash_attention_2 when flash-attn and a CUDA device are there, else sdpa.",
+        choices=["auto", "sdpa", "eager", "flash_attention_2"],
     )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
     arch: ToyArch = field(
@@ -96,7 +98,9 @@ class DraftConfig:
     model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy draft.")
     dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
     attn_implementation: str = opt(
-        "sdpa", "Attention kernel.", choices=["sdpa", "eager", "flash_attention_2"]
+        "auto",
+        "Attention kernel: `auto` = flash_attention_2 when flash-attn and a CUDA device are there, else sdpa.",
+        choices=["auto", "sdpa", "eager", "flash_attention_2"],
     )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
     arch: ToyArch = field(

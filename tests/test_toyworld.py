@@ -40,3 +40,22 @@ def test_tokenizer_round_trips_and_has_special_tokens(tmp_path):
     text = rows[2]["prompt"] + rows[2]["response"]
     assert tok.decode(tok(text)["input_ids"]) == text
     assert (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_attention_auto_is_sdpa_without_cuda_or_flash_attn():
+    from specdraft.drafts.models import resolve_attention
+
+    assert resolve_attention("auto") == "sdpa"  # this test machine has no CUDA device
+    assert resolve_attention("eager") == "eager"
+
+
+def test_default_draft_is_at_least_8x_smaller_than_the_target(tmp_path):
+    from specdraft.drafts.models import count_parameters, toy_llama
+    from specdraft.pipeline.config import JobConfig
+
+    rows = make_examples(40, seed=0)
+    tok = train_toy_tokenizer([r["prompt"] + r["response"] for r in rows], 512, tmp_path / "tok")
+    job = JobConfig()
+    target = toy_llama(job.target.arch, tok, 128, seed=0)
+    draft = toy_llama(job.draft.arch, tok, 128, seed=0)
+    assert count_parameters(target) >= 8 * count_parameters(draft)
