@@ -167,7 +167,9 @@ def make_toy_dataset(n_train_per_task: int, n_eval_per_task: int, seed: int):
                 seen.add(row["prompt"])
                 rows.append(row)
         else:
-            raise ValueError(f"the toy {task} task has too few distinct prompts for {n_eval_per_task} eval rows")
+            raise ValueError(
+                f"the toy {task} task has too few distinct prompts for {n_eval_per_task} eval rows"
+            )
     eval_rows = [per_task[task][i] for i in range(n_eval_per_task) for task in TASKS]
     return DatasetDict({"train": Dataset.from_list(train), "eval": Dataset.from_list(eval_rows)})
 

@@ -1,12 +1,18 @@
 """Stage `evaluate`: acceptance of the baseline (draft init), reference and final drafts.
 
 - `alpha`: β = Σ_v min(p_v, q_v) = 1 − TVD(p, q) at the evaluation temperature, averaged over the
-  response positions of target-generated continuations of eval prompts (DistillSpec's definition).
+  response positions of target-generated continuations of eval prompts (DistillSpec's definition);
+  also per task and per position bucket (`early` / `late` half of each continuation).
 - `alpha_greedy`: top-1 agreement of draft and target at the same positions.
 - `spec_alpha` / `tau`: accepted / drafted tokens and tokens per target call (bonus included) from
-  real speculative decoding with `gamma` drafted tokens at the evaluation temperature.
+  real speculative decoding with `gamma` drafted tokens at the evaluation temperature, in batches
+  of `batch_size` prompts whose rows accept independently.
 - `*_greedy`: the same at temperature 0, where the output must equal target-only greedy decoding
-  token for token (`lossless_greedy`); a mismatch fails the stage.
+  token for token (`lossless_greedy`); a mismatch fails the stage. The greedy runs are timed
+  against target-only decoding of the same prompts at the same batch size (`speedup`).
+
+Real speculative decoding is measured in pipeline/spec_eval.py; `specdraft eval`
+(pipeline/eval_cli.py) evaluates one target/draft pair with the same functions.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from specdraft.drafts.models import device_for
 from specdraft.kernels import fused_kd_loss
@@ -29,7 +34,7 @@ from specdraft.pipeline.artifacts import (
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.data import chat_template_of, load_splits
 from specdraft.pipeline.generate import sample_responses
-from specdraft.pipeline.speculative import SpecStats, autoregressive_generate, speculative_generate
+from specdraft.pipeline.spec_eval import spec_decoding, target_only_greedy
 from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}
@@ -38,16 +43,24 @@ DEFINITIONS = {
     "alpha": "mean over response positions of target-generated continuations of sum_v min(p_v, q_v) "
     "(= 1 - TVD) at `temperature`",
     "alpha_greedy": "top-1 agreement of draft and target at the same positions",
+    "position_buckets": "alpha and alpha_greedy over the `early` half of each continuation's "
+    "response positions (position j of n with 2j < n, 0-based: the middle one when n is odd) and "
+    "the `late` rest; halves of each continuation, not fixed token ranges",
     "spec_alpha": "accepted / drafted tokens in real speculative decoding at `temperature` "
     "(greedy verification at 0, rejection sampling above)",
     "tau": "tokens emitted per target forward pass, bonus token included (block efficiency)",
     "per_position": "acceptance rate of drafted position i = 1..gamma, given it was reached",
+    "spec_alpha_verified": "accepted / verified drafted tokens (drafts after a rejection are never "
+    "verified): the per-token acceptance rate, the alpha of tau_predicted",
+    "tau_predicted": "(1 - a^(gamma+1)) / (1 - a) with a = spec_alpha_verified of the same run: "
+    "tau if acceptance were i.i.d. across positions and every round drafted gamma tokens",
+    "cost_ratio": "c = seconds per draft forward pass / seconds per target forward pass, measured "
+    "in the greedy speculative decoding (batched passes shared evenly by their rows)",
+    "speedup": "wall seconds of target-only greedy decoding / wall seconds of greedy speculative "
+    "decoding, same prompts, same batch_size, same machine",
+    "speedup_predicted": "tau_greedy / (cost_ratio * gamma + 1)",
     "lossless_greedy": "greedy speculative output equals target-only greedy output token for token",
 }
-
-
-class LosslessError(RuntimeError):
-    pass
 
 
 @torch.no_grad()
@@ -79,125 +92,104 @@ def _mean(values: list[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def _finite(value):
-    """NaN (e.g. a drafted position never reached) as None, so metrics.json stays strict JSON."""
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+def position_bucket(j: int, n: int) -> str:
+    """`early` for the first half of a continuation's n response positions (0-based j), else `late`."""
+    return "early" if 2 * j < n else "late"
+
+
+def _acceptance_summary(beta: list[float], agree: list[float]) -> dict:
+    return {"alpha": _mean(beta), "alpha_greedy": _mean(agree), "num_positions": len(beta)}
 
 
 def analytic_acceptance(
     target, draft, sequences: list[dict], pad_id: int, temperature: float
 ) -> dict:
-    """alpha and alpha_greedy overall and per task over the given tokenised sequences."""
+    """alpha and alpha_greedy overall, per task and per position bucket over tokenised sequences."""
     collate = Collator(pad_id)
-    per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"beta": [], "agree": []})
+    # (task, bucket) -> lists of β and agreement at the positions there
+    values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(
+        lambda: {"beta": [], "agree": []}
+    )
     for start in range(0, len(sequences), 16):
         chunk = sequences[start : start + 16]
         batch = collate(chunk)
         beta, agree = position_acceptance(target, draft, batch, temperature)
         counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        beta, agree = beta.tolist(), agree.tolist()
         offset = 0
         for row, n in zip(chunk, counts, strict=True):
-            per_task[row["task"]]["beta"].extend(beta[offset : offset + n].tolist())
-            per_task[row["task"]]["agree"].extend(agree[offset : offset + n].tolist())
+            for j in range(n):
+                cell = values[(row["task"], position_bucket(j, n))]
+                cell["beta"].append(beta[offset + j])
+                cell["agree"].append(agree[offset + j])
             offset += n
-    every_beta = [b for t in per_task.values() for b in t["beta"]]
-    every_agree = [a for t in per_task.values() for a in t["agree"]]
+
+    def summary(task: str | None = None, bucket: str | None = None) -> dict:
+        cells = [
+            v
+            for (t, b), v in values.items()
+            if (task is None or t == task) and (bucket is None or b == bucket)
+        ]
+        return _acceptance_summary(
+            [x for c in cells for x in c["beta"]], [x for c in cells for x in c["agree"]]
+        )
+
+    def with_buckets(task: str | None) -> dict:
+        buckets = {b: summary(task, b) for b in ("early", "late")}
+        return {**summary(task), "position_buckets": buckets}
+
     return {
-        "alpha": _mean(every_beta),
-        "alpha_greedy": _mean(every_agree),
-        "num_positions": len(every_beta),
-        "tasks": {
-            task: {
-                "alpha": _mean(v["beta"]),
-                "alpha_greedy": _mean(v["agree"]),
-                "num_positions": len(v["beta"]),
-            }
-            for task, v in sorted(per_task.items())
-        },
+        **with_buckets(None),
+        "tasks": {task: with_buckets(task) for task in sorted({t for t, _ in values})},
     }
 
 
-def spec_decoding(
+def evaluate_draft(
     target,
     draft,
-    prompts: list[dict],
-    cfg: EvaluateConfig,
-    eos_id: int,
-    seed: int,
+    *,
+    sequences: list[dict],
+    spec_rows: list[dict],
     greedy_references: list[list[int]],
+    target_only_seconds: float,
+    cfg: EvaluateConfig,
+    eos_id,
+    pad_id: int,
+    seed: int,
+    desc: str = "speculative",
 ) -> dict:
-    """Real speculative decoding per task, greedy (with the lossless check) and at cfg.temperature."""
-    by_task: dict[tuple[str, str], SpecStats] = {}
-    mismatches = []
-    generator = torch.Generator().manual_seed(seed)
-    for row, reference in zip(prompts, greedy_references, strict=True):
-        ids = torch.tensor([row["prompt_ids"]])
-        out, stats = speculative_generate(
-            target,
-            draft,
-            ids,
-            gamma=cfg.gamma,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=0.0,
-            eos_token_id=eos_id,
-        )
-        if out.tolist() != reference:
-            mismatches.append(row["prompt"][:60])
-        runs = {"greedy": stats}
-        if cfg.temperature > 0:
-            _, runs["sampled"] = speculative_generate(
-                target,
-                draft,
-                ids,
-                gamma=cfg.gamma,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                eos_token_id=eos_id,
-                generator=generator,
-            )
-        for mode, st in runs.items():
-            key = (row["task"], mode)
-            if key not in by_task:
-                by_task[key] = SpecStats(gamma=cfg.gamma)
-            by_task[key].merge(st)
-    if mismatches:
-        raise LosslessError(
-            f"greedy speculative decoding differed from target-only greedy decoding on {len(mismatches)} "
-            f"prompt(s), e.g. {mismatches[0]!r}: the decoder is not lossless"
-        )
-    sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
-    result: dict = {"tasks": {}}
-    for mode, suffix in ((sampled_mode, ""), ("greedy", "_greedy")):
-        total = SpecStats(gamma=cfg.gamma)
-        for (task, m), st in sorted(by_task.items()):
-            if m != mode:
-                continue
-            total.merge(st)
-            entry = result["tasks"].setdefault(task, {})
-            entry.update(
-                {
-                    f"spec_alpha{suffix}": _finite(st.spec_alpha),
-                    f"tau{suffix}": _finite(st.tau),
-                    f"per_position{suffix}": _finite(st.per_position),
-                }
-            )
-        result.update(
-            {
-                f"spec_alpha{suffix}": _finite(total.spec_alpha),
-                f"tau{suffix}": _finite(total.tau),
-                f"per_position{suffix}": _finite(total.per_position),
-            }
-        )
-        if mode == "greedy":
-            result["draft_seconds"], result["target_seconds"] = (
-                total.draft_seconds,
-                total.target_seconds,
-            )
-    result["lossless_greedy"] = True
-    result["num_spec_prompts"] = len(prompts)
+    """Every metric of one draft: analytic acceptance on `sequences`, speculative decoding of
+    `spec_rows` (dicts with prompt, prompt_ids, task); per-task entries merged under `tasks`."""
+    result = analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature)
+    spec = spec_decoding(
+        target,
+        draft,
+        spec_rows,
+        cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        seed=seed,
+        greedy_references=greedy_references,
+        target_only_seconds=target_only_seconds,
+        desc=desc,
+    )
+    for task, entry in spec.pop("tasks").items():
+        result["tasks"].setdefault(task, {}).update(entry)
+    result.update(spec)
     return result
+
+
+def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> list[dict]:
+    """Prompt + target continuation as the tokenised sequences `analytic_acceptance` reads."""
+    return [
+        {
+            "input_ids": r["prompt_ids"] + c,
+            "response_mask": [0] * len(r["prompt_ids"]) + [1] * len(c),
+            "task": r["task"],
+        }
+        for r, c in zip(rows, continuations, strict=True)
+        if c
+    ]
 
 
 def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
@@ -230,45 +222,45 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         seed=seed,
         desc="target continuations",
     )
-    sequences = [
-        {
-            "input_ids": r["prompt_ids"] + c,
-            "response_mask": [0] * len(r["prompt_ids"]) + [1] * len(c),
-            "task": r["task"],
-        }
-        for r, c in zip(eval_rows, continuations, strict=True)
-        if c
-    ]
+    sequences = continuation_sequences(eval_rows, continuations)
     spec_rows = pick_eval_prompts(eval_rows, cfg.spec_prompts_per_task)
-    greedy_refs = [
-        autoregressive_generate(
-            target,
-            torch.tensor([r["prompt_ids"]]),
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=0.0,
-            eos_token_id=eos_id,
-        ).tolist()
-        for r in tqdm(spec_rows, desc="target-only greedy", mininterval=2.0)
-    ]
+    greedy_refs, target_only_seconds = target_only_greedy(
+        target,
+        [r["prompt_ids"] for r in spec_rows],
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
     metrics: dict = {
         "gamma": cfg.gamma,
         "temperature": cfg.temperature,
         "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
         "target": model_location(inputs["target"]),
         "definitions": DEFINITIONS,
     }
     for name, stage in DRAFTS.items():
         draft = load_model_artifact(inputs[stage], device)
-        result = analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature)
-        spec = spec_decoding(target, draft, spec_rows, cfg, eos_id, seed, greedy_refs)
-        for task, entry in spec.pop("tasks").items():
-            result["tasks"].setdefault(task, {}).update(entry)
-        result.update(spec)
+        result = evaluate_draft(
+            target,
+            draft,
+            sequences=sequences,
+            spec_rows=spec_rows,
+            greedy_references=greedy_refs,
+            target_only_seconds=target_only_seconds,
+            cfg=cfg,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            seed=seed,
+            desc=f"speculative ({name})",
+        )
         result["model"] = model_location(inputs[stage])
         metrics[name] = result
         print(
             f"evaluate {name:<9} alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
-            f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f}"
+            f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f} "
+            f"speedup={result['speedup'] or math.nan:.2f}"
         )
         del draft
     metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in DRAFTS)

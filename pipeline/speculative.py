@@ -23,6 +23,10 @@ Statistics (``SpecStats``), with the bonus token counted in τ:
 - ``per_position[i] = accepted_at[i] / drafted_at[i]``: the acceptance rate of drafted position
   i + 1 *given that positions 1..i were accepted* (``drafted_at`` counts only positions the
   verifier reached); NaN where a position was never reached.
+- ``cost_ratio`` c = (seconds per draft forward pass) / (seconds per target forward pass), from
+  the decoding itself (the first pass of each model carries the prompt). A batched pass is
+  shared evenly by the rows in it: each row is charged seconds / rows and 1 / rows passes, so
+  the merged stats of a batch count every pass once.
 
 Near the end a round drafts ``min(γ, max_new_tokens - emitted - 1)`` tokens, so no more than
 ``max_new_tokens`` are produced (the same rule as transformers' assisted generation). The draft
@@ -47,6 +51,7 @@ __all__ = [
     "SpecStats",
     "SpeculativeDecoder",
     "autoregressive_generate",
+    "autoregressive_generate_batch",
     "speculative_generate",
     "speculative_generate_batch",
 ]
@@ -66,6 +71,9 @@ class SpecStats:
     drafted_at: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
+    # forward passes; a batched pass counts 1 / rows for each row in it (its seconds likewise)
+    draft_passes: float = 0.0
+    target_passes: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gamma < 1:
@@ -89,6 +97,8 @@ class SpecStats:
         self.drafted_at = [a + b for a, b in zip(self.drafted_at, other.drafted_at, strict=True)]
         self.draft_seconds += other.draft_seconds
         self.target_seconds += other.target_seconds
+        self.draft_passes += other.draft_passes
+        self.target_passes += other.target_passes
 
     @property
     def spec_alpha(self) -> float:
@@ -113,6 +123,14 @@ class SpecStats:
             a / d if d else math.nan for a, d in zip(self.accepted_at, self.drafted_at, strict=True)
         ]
 
+    @property
+    def cost_ratio(self) -> float:
+        """c: seconds per draft forward pass / seconds per target forward pass (NaN if unmeasured)."""
+        if not (self.draft_passes and self.target_passes and self.target_seconds):
+            return math.nan
+        draft_step = self.draft_seconds / self.draft_passes
+        return draft_step / (self.target_seconds / self.target_passes)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready counters and derived metrics (NaN written as None)."""
 
@@ -129,6 +147,9 @@ class SpecStats:
             "drafted_at": list(self.drafted_at),
             "draft_seconds": self.draft_seconds,
             "target_seconds": self.target_seconds,
+            "draft_passes": self.draft_passes,
+            "target_passes": self.target_passes,
+            "cost_ratio": finite(self.cost_ratio),
             "spec_alpha": finite(self.spec_alpha),
             "alpha_verified": finite(self.alpha_verified),
             "tau": finite(self.tau),
@@ -166,6 +187,7 @@ class _CachedLM:
         self.model = model
         self.cache: Any = None
         self.seconds = 0.0
+        self.calls = 0
         self._logits_to_keep = _accepts_logits_to_keep(model)
 
     def __len__(self) -> int:
@@ -180,6 +202,7 @@ class _CachedLM:
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         self.seconds += time.perf_counter() - start
+        self.calls += 1
         if out.past_key_values is None:
             raise TypeError(
                 f"{type(self.model).__name__} returned past_key_values=None with use_cache=True; "
@@ -374,6 +397,7 @@ class SpeculativeDecoder:
         self.draft.rollback(start_len + n_accepted)
         _record_round(stats, k, n_accepted, len(emitted))
         stats.draft_seconds, stats.target_seconds = self.draft.seconds, self.target.seconds
+        stats.draft_passes, stats.target_passes = self.draft.calls, self.target.calls
         return emitted
 
 
@@ -547,9 +571,10 @@ def speculative_generate_batch(
 
     Returns per row the new tokens (1-D, lengths differ when rows stop at eos) and ``SpecStats``.
     A row's counts are those ``speculative_generate`` gives for it alone: its ``target_calls``
-    counts the batched passes it took part in. A pass's seconds are split evenly over its rows,
-    so merging the rows' stats gives the batch's wall time. Rows run in lockstep: a round drafts
-    while any row still drafts, and a row that has finished or stopped drafting feeds nothing.
+    counts the batched passes it took part in. A pass's seconds (and the pass itself, in
+    ``*_passes``) are split evenly over its rows, so merging the rows' stats gives the batch's
+    forward-pass time and count. Rows run in lockstep: a round drafts while any row still drafts,
+    and a row that has finished or stopped drafting feeds nothing.
     Hugging Face models only: they take ``attention_mask`` and ``position_ids``.
     """
     if max_new_tokens < 0:
@@ -565,9 +590,11 @@ def speculative_generate_batch(
     tgt = _MaskedCachedLM(target, batch, device)
     dft = _MaskedCachedLM(draft, batch, device)
 
-    def charge(rows: list[int], seconds: float, attr: str) -> None:
+    def charge(rows: list[int], seconds: float, model: str) -> None:
         for b in rows:
-            setattr(stats[b], attr, getattr(stats[b], attr) + seconds / len(rows))
+            row = stats[b]
+            setattr(row, f"{model}_seconds", getattr(row, f"{model}_seconds") + seconds / len(rows))
+            setattr(row, f"{model}_passes", getattr(row, f"{model}_passes") + 1 / len(rows))
 
     while any(active):
         rows = [b for b in range(batch) if active[b]]
@@ -583,7 +610,7 @@ def speculative_generate_batch(
             for b in drafting:
                 feed[b] = tokens[b][dft.cached(b) :] if first else drafted[b][-1:]
             logits, seconds = dft.feed(feed, keep=1)  # (B, 1, V)
-            charge(drafting, seconds, "draft_seconds")
+            charge(drafting, seconds, "draft")
             for b in drafting:
                 token = _pick(logits[b, 0], temperature, generator)
                 drafted[b].append(token)
@@ -599,7 +626,7 @@ def speculative_generate_batch(
             feed[b] = tokens[b][tgt.cached(b) :] + drafted[b]
         keep = 1 + max(len(drafted[b]) for b in rows)
         logits, seconds = tgt.feed(feed, keep=keep)  # (B, keep, V)
-        charge(rows, seconds, "target_seconds")
+        charge(rows, seconds, "target")
         for b in rows:
             k = len(drafted[b])
             row_drafts = torch.tensor(drafted[b], dtype=torch.long, device=device)
@@ -626,3 +653,39 @@ def speculative_generate_batch(
         for row, n in zip(tokens, prompt_lens, strict=True)
     ]
     return outputs, stats
+
+
+@torch.no_grad()
+def autoregressive_generate_batch(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[torch.LongTensor]:
+    """Target-only, KV-cached decoding of a left-padded (B, T) batch: the batched baseline of
+    ``speculative_generate_batch`` (same cache and masking). Returns the new tokens of each row;
+    at temperature 0 each row's are those ``autoregressive_generate`` gives for it alone."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    feed = _left_padded_rows(input_ids, attention_mask)
+    batch, device = len(feed), input_ids.device
+    eos = _eos_ids(eos_token_id)
+    lm = _MaskedCachedLM(model, batch, device)
+    emitted: list[list[int]] = [[] for _ in range(batch)]
+    active = [max_new_tokens > 0] * batch
+    while any(active):
+        logits, _ = lm.feed([feed[b] if active[b] else [] for b in range(batch)], keep=1)
+        for b in range(batch):
+            if not active[b]:
+                continue
+            token = _pick(logits[b, 0], temperature, generator)
+            emitted[b].append(token)
+            active[b] = token not in eos and len(emitted[b]) < max_new_tokens
+            feed[b] = [token]
+    return [torch.tensor(row, dtype=torch.long, device=device) for row in emitted]

@@ -170,9 +170,7 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
     ev.add_argument("--prompt-field", default=d.prompt_field, help="column holding the prompt")
     ev.add_argument("--task-field", default=d.task_field, help="column naming the task")
-    ev.add_argument(
-        "--split", default=d.split, help="split whose rows are the prompts (or the only split)"
-    )
+    ev.add_argument("--split", default=d.split, help="split whose rows are the prompts")
     ev.add_argument(
         "--chat-template", action="store_true", help="render prompts as a chat user turn"
     )

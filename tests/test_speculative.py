@@ -18,10 +18,23 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from specdraft.pipeline.config import EvaluateConfig
+from specdraft.pipeline.evaluate import (
+    analytic_acceptance,
+    continuation_sequences,
+    evaluate_draft,
+)
+from specdraft.pipeline.spec_eval import (
+    LosslessError,
+    spec_decoding,
+    target_only_greedy,
+    tau_predicted,
+)
 from specdraft.pipeline.speculative import (
     SpecStats,
     SpeculativeDecoder,
     autoregressive_generate,
+    autoregressive_generate_batch,
     speculative_generate,
     speculative_generate_batch,
 )
@@ -448,8 +461,9 @@ def test_matches_transformers_assisted_generation(llamas, gamma):
         for h in hooks:
             h.remove()
     assert spec.tolist() == hf
-    assert hf_calls[target] == stats.target_calls == calls[target]
-    assert hf_calls[draft] == calls[draft]
+    assert hf_calls[target] == stats.target_calls == calls[target] == stats.target_passes
+    assert hf_calls[draft] == calls[draft] == stats.draft_passes
+    assert stats.cost_ratio > 0
 
 
 def test_draft_equal_to_target_accepts_everything_at_temperature_one(llamas):
@@ -519,7 +533,9 @@ def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def counts_of(stats: SpecStats) -> dict:
     d = stats.to_dict()
-    del d["draft_seconds"], d["target_seconds"]
+    # Cost accounting depends on the batch (a batched pass is shared by its rows), counts do not.
+    for key in ("draft_seconds", "target_seconds", "draft_passes", "target_passes", "cost_ratio"):
+        del d[key]
     return d
 
 
@@ -650,3 +666,183 @@ def test_qwen2_greedy_equals_hf_single_and_batch():
         alone, stats = speculative_generate(target, draft, prompt, gamma=3, max_new_tokens=12)
         assert out.tolist() == alone.tolist() == hf_new_tokens(target, prompt, max_new_tokens=12)
         assert stats.accepted > 0
+
+
+def test_batch_passes_are_shared_so_merged_stats_count_each_pass_once(llamas):
+    target, drafts = llamas
+    ids, mask = left_pad(BATCH_PROMPTS)
+    calls = Counter()
+    models = (target, drafts["near"])
+    hooks = [m.register_forward_hook(lambda m, *_: calls.update([m])) for m in models]
+    try:
+        _, stats = speculative_generate_batch(
+            target, drafts["near"], ids, mask, gamma=3, max_new_tokens=15
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    merged = SpecStats(gamma=3)
+    for row in stats:
+        merged.merge(row)
+    assert merged.target_passes == pytest.approx(calls[target])
+    assert merged.draft_passes == pytest.approx(calls[drafts["near"]])
+    assert merged.target_calls > calls[target]  # per-row calls, for tau, count each row
+
+
+def test_autoregressive_batch_equals_each_row_alone(llamas):
+    target, _ = llamas
+    ids, mask = left_pad(BATCH_PROMPTS)
+    plain = autoregressive_generate(target, torch.tensor([BATCH_PROMPTS[1]]), max_new_tokens=20)
+    eos = plain[6].item()  # row 1 stops early, the others when they meet it or at 20 tokens
+    outs = autoregressive_generate_batch(target, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    for prompt, out in zip(BATCH_PROMPTS, outs, strict=True):
+        alone = autoregressive_generate(
+            target, torch.tensor([prompt]), max_new_tokens=20, eos_token_id=eos
+        )
+        assert out.tolist() == alone.tolist()
+    assert len(outs[1]) <= 7 and outs[1][-1] == eos
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage's functions (also behind `specdraft eval`)
+
+
+def eval_rows(n: int) -> list[dict]:
+    return [
+        {
+            "prompt": f"p{i}",
+            "prompt_ids": prompt_of(2 + i % 5, seed=i)[0].tolist(),
+            "task": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]
+
+
+def run_evaluate(target, draft, rows, cfg: EvaluateConfig) -> dict:
+    refs, seconds = target_only_greedy(
+        target,
+        [r["prompt_ids"] for r in rows],
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_id=None,
+        pad_id=PAD,
+    )
+    return evaluate_draft(
+        target,
+        draft,
+        sequences=continuation_sequences(rows, refs),
+        spec_rows=rows,
+        greedy_references=refs,
+        target_only_seconds=seconds,
+        cfg=cfg,
+        eos_id=None,
+        pad_id=PAD,
+        seed=0,
+    )
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_evaluate_draft_equal_to_target_gives_alpha_one_and_tau_gamma_plus_one(llamas, batch_size):
+    target, _ = llamas
+    gamma = 3
+    cfg = EvaluateConfig(gamma=gamma, temperature=1.0, max_new_tokens=3 * (gamma + 1))
+    cfg.batch_size = batch_size
+    m = run_evaluate(target, target, eval_rows(5), cfg)
+    assert m["alpha"] == pytest.approx(1.0, abs=1e-5) and m["alpha_greedy"] == 1.0
+    for bucket in m["position_buckets"].values():
+        assert bucket["alpha"] == pytest.approx(1.0, abs=1e-5)
+    for suffix in ("", "_greedy"):  # rejection sampling at T = 1 and greedy
+        assert m[f"spec_alpha{suffix}"] == 1.0 and m[f"tau{suffix}"] == gamma + 1
+        assert m[f"per_position{suffix}"] == [1.0] * gamma
+        assert m[f"tau_predicted{suffix}"] == gamma + 1
+    for task in m["tasks"].values():
+        assert task["alpha"] == pytest.approx(1.0, abs=1e-5) and task["tau"] == gamma + 1
+    assert m["lossless_greedy"] is True and m["num_spec_prompts"] == 5
+
+
+def test_evaluate_batched_equals_batch_one_at_temperature_zero(llamas):
+    """Rows of a batch are independent: the same spec stats, per task too, as one at a time."""
+    target, drafts = llamas
+    rows = eval_rows(7)
+    results = []
+    for batch_size in (1, 4):
+        cfg = EvaluateConfig(gamma=4, temperature=0.0, max_new_tokens=14, batch_size=batch_size)
+        refs, seconds = target_only_greedy(
+            target,
+            [r["prompt_ids"] for r in rows],
+            batch_size=batch_size,
+            max_new_tokens=14,
+            eos_id=None,
+            pad_id=PAD,
+        )
+        spec = spec_decoding(
+            target,
+            drafts["near"],
+            rows,
+            cfg,
+            eos_id=None,
+            pad_id=PAD,
+            seed=0,
+            greedy_references=refs,
+            target_only_seconds=seconds,
+        )
+        results.append((refs, spec))
+    (refs_1, one), (refs_4, four) = results
+    assert refs_1 == refs_4
+    keys = ("spec_alpha", "tau", "per_position", "spec_alpha_verified", "tau_predicted")
+    for key in keys + tuple(f"{k}_greedy" for k in keys):
+        assert one[key] == four[key], key
+        for task in ("a", "b"):
+            assert one["tasks"][task][key] == four["tasks"][task][key]
+    assert 0 < one["spec_alpha"] < 1  # partial acceptance: the comparison means something
+    assert one["batch_size"] == 1 and four["batch_size"] == 4
+    assert one["cost_ratio"] > 0 and four["speedup"] > 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_evaluate_fails_loudly_when_greedy_output_differs_from_the_reference(llamas, batch_size):
+    target, drafts = llamas
+    rows = eval_rows(3)
+    cfg = EvaluateConfig(gamma=2, temperature=0.0, max_new_tokens=6, batch_size=batch_size)
+    refs, seconds = target_only_greedy(
+        target,
+        [r["prompt_ids"] for r in rows],
+        batch_size=batch_size,
+        max_new_tokens=6,
+        eos_id=None,
+        pad_id=PAD,
+    )
+    refs[1] = refs[1][:-1] + [(refs[1][-1] + 1) % PAD]  # one wrong token in one reference
+    with pytest.raises(LosslessError, match="1 prompt"):
+        spec_decoding(
+            target,
+            drafts["near"],
+            rows,
+            cfg,
+            eos_id=None,
+            pad_id=PAD,
+            seed=0,
+            greedy_references=refs,
+            target_only_seconds=seconds,
+        )
+
+
+def test_position_buckets_split_each_continuation_in_halves(llamas):
+    target, drafts = llamas
+    rows = eval_rows(4)
+    lengths = [5, 4, 1, 6]  # response positions per continuation
+    continuations = [list(range(1, n + 1)) for n in lengths]
+    m = analytic_acceptance(
+        target, drafts["near"], continuation_sequences(rows, continuations), PAD, 1.0
+    )
+    early, late = m["position_buckets"]["early"], m["position_buckets"]["late"]
+    assert early["num_positions"] == 3 + 2 + 1 + 3 and late["num_positions"] == 2 + 2 + 0 + 3
+    weighted = early["alpha"] * early["num_positions"] + late["alpha"] * late["num_positions"]
+    assert m["alpha"] == pytest.approx(weighted / m["num_positions"])
+    assert m["tasks"]["b"]["position_buckets"]["early"]["num_positions"] == 2 + 3
+
+
+def test_tau_predicted():
+    assert tau_predicted(0.0, 4) == 1.0 and tau_predicted(1.0, 4) == 5.0
+    assert tau_predicted(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert math.isnan(tau_predicted(math.nan, 3))

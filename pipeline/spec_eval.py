@@ -1,0 +1,204 @@
+"""Real speculative decoding measured on a prompt set: per-row acceptance in batches, the lossless
+check against target-only greedy decoding, the cost ratio c and the wall-clock speedup.
+
+Used by the evaluate stage and `specdraft eval`; definitions in `evaluate.DEFINITIONS`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from specdraft.pipeline.config import EvaluateConfig
+from specdraft.pipeline.speculative import (
+    SpecStats,
+    autoregressive_generate,
+    autoregressive_generate_batch,
+    speculative_generate,
+    speculative_generate_batch,
+)
+
+
+class LosslessError(RuntimeError):
+    pass
+
+
+def _finite(value):
+    """NaN (e.g. a drafted position never reached) as None, so metrics.json stays strict JSON."""
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def tau_predicted(alpha: float, gamma: int) -> float:
+    """Block efficiency (1 − α^(γ+1)) / (1 − α) for i.i.d. acceptance α (γ + 1 at α = 1)."""
+    if math.isnan(alpha):
+        return math.nan
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
+def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts in batches of similar length (less left padding)."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    return [[order[i] for i in batch] for batch in _batches(len(order), batch_size)]
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.tensor(row)
+        mask[b, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def target_only_greedy(
+    target,
+    prompt_ids: list[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id,
+    pad_id: int,
+) -> tuple[list[list[int]], float]:
+    """Target-only greedy decoding in batches of `batch_size` (KV-cached, as the speculative
+    decoder): the lossless reference and the speedup's baseline. Returns tokens per prompt and the
+    wall seconds of the decoding calls."""
+    device = _device_of(target)
+    outputs: list[list[int]] = [[] for _ in prompt_ids]
+    seconds = 0.0
+    batches = length_sorted_batches(prompt_ids, batch_size)
+    for batch in tqdm(batches, desc="target-only greedy", mininterval=2.0):
+        start = time.perf_counter()
+        if batch_size == 1:
+            ids = torch.tensor([prompt_ids[batch[0]]], device=device)
+            outs = [
+                autoregressive_generate(
+                    target, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_id
+                )
+            ]
+        else:
+            ids, mask = _left_padded([prompt_ids[i] for i in batch], pad_id, device)
+            outs = autoregressive_generate_batch(
+                target, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id
+            )
+        seconds += time.perf_counter() - start
+        for i, out in zip(batch, outs, strict=True):
+            outputs[i] = out.tolist()
+    return outputs, seconds
+
+
+def _speculative(
+    target, draft, rows, cfg: EvaluateConfig, temperature, eos_id, pad_id, generator
+) -> tuple[list[list[int]], list[SpecStats]]:
+    """One batch of prompts: the batch-1 decoder when batch_size is 1, else the batched one."""
+    device = _device_of(target)
+    kwargs = dict(
+        gamma=cfg.gamma,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_id,
+        generator=generator,
+    )
+    if cfg.batch_size == 1:
+        out, stats = speculative_generate(
+            target, draft, torch.tensor([rows[0]], device=device), **kwargs
+        )
+        return [out.tolist()], [stats]
+    ids, mask = _left_padded(rows, pad_id, device)
+    outs, stats = speculative_generate_batch(target, draft, ids, mask, **kwargs)
+    return [o.tolist() for o in outs], stats
+
+
+def _spec_summary(stats: SpecStats, suffix: str) -> dict:
+    return {
+        f"spec_alpha{suffix}": _finite(stats.spec_alpha),
+        f"tau{suffix}": _finite(stats.tau),
+        f"per_position{suffix}": _finite(stats.per_position),
+        f"spec_alpha_verified{suffix}": _finite(stats.alpha_verified),
+        f"tau_predicted{suffix}": _finite(tau_predicted(stats.alpha_verified, stats.gamma)),
+    }
+
+
+def spec_decoding(
+    target,
+    draft,
+    prompts: list[dict],
+    cfg: EvaluateConfig,
+    *,
+    eos_id,
+    pad_id: int,
+    seed: int,
+    greedy_references: list[list[int]],
+    target_only_seconds: float,
+    desc: str = "speculative",
+) -> dict:
+    """Real speculative decoding in batches of cfg.batch_size, per task: greedy (timed, with the
+    lossless check against `greedy_references`) and at cfg.temperature."""
+    by_task: dict[tuple[str, str], SpecStats] = {}
+    mismatches = []
+    generator = torch.Generator(device=_device_of(target)).manual_seed(seed)
+    prompt_ids = [row["prompt_ids"] for row in prompts]
+    spec_seconds = 0.0
+    for batch in tqdm(
+        length_sorted_batches(prompt_ids, cfg.batch_size), desc=desc, mininterval=2.0
+    ):
+        rows = [prompt_ids[i] for i in batch]
+        start = time.perf_counter()
+        outs, greedy = _speculative(target, draft, rows, cfg, 0.0, eos_id, pad_id, None)
+        spec_seconds += time.perf_counter() - start
+        runs = {"greedy": greedy}
+        if cfg.temperature > 0:
+            _, runs["sampled"] = _speculative(
+                target, draft, rows, cfg, cfg.temperature, eos_id, pad_id, generator
+            )
+        for k, i in enumerate(batch):
+            if outs[k] != greedy_references[i]:
+                mismatches.append(prompts[i]["prompt"][:60])
+            for mode, stats in runs.items():
+                by_task.setdefault((prompts[i]["task"], mode), SpecStats(gamma=cfg.gamma))
+                by_task[(prompts[i]["task"], mode)].merge(stats[k])
+    if mismatches:
+        raise LosslessError(
+            f"greedy speculative decoding differed from target-only greedy decoding on {len(mismatches)} "
+            f"prompt(s), e.g. {mismatches[0]!r}: the decoder is not lossless"
+        )
+    sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
+    result: dict = {"tasks": {}}
+    for mode, suffix in ((sampled_mode, ""), ("greedy", "_greedy")):
+        total = SpecStats(gamma=cfg.gamma)
+        for (task, m), st in sorted(by_task.items()):
+            if m == mode:
+                total.merge(st)
+                result["tasks"].setdefault(task, {}).update(_spec_summary(st, suffix))
+        result.update(_spec_summary(total, suffix))
+        if mode == "greedy":
+            greedy_total = total
+    cost = greedy_total.cost_ratio
+    result.update(
+        {
+            "cost_ratio": _finite(cost),
+            "speedup": target_only_seconds / spec_seconds if spec_seconds else None,
+            "speedup_predicted": _finite(greedy_total.tau / (cost * cfg.gamma + 1)),
+            "target_only_seconds": target_only_seconds,
+            "spec_seconds_greedy": spec_seconds,
+            "draft_seconds": greedy_total.draft_seconds,
+            "target_seconds": greedy_total.target_seconds,
+            "batch_size": cfg.batch_size,
+            "lossless_greedy": True,
+            "num_spec_prompts": len(prompts),
+        }
+    )
+    return result

@@ -1,0 +1,192 @@
+"""`specdraft eval` end to end on a tiny Llama pair built here, and its bad-input exits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from specdraft.cli import main
+from specdraft.drafts.toyworld import TASKS
+
+WORDS = "the cat sat on a mat and the dog ran to the park while birds sang songs of rain".split()
+CONTEXT = 512  # max_position_embeddings of both models
+
+METRIC_KEYS = {
+    "alpha",
+    "alpha_greedy",
+    "position_buckets",
+    "spec_alpha",
+    "tau",
+    "per_position",
+    "spec_alpha_greedy",
+    "tau_greedy",
+    "per_position_greedy",
+    "tau_predicted",
+    "tau_predicted_greedy",
+    "cost_ratio",
+    "speedup",
+    "lossless_greedy",
+    "tasks",
+}
+
+
+def make_tokenizer(texts, vocab_size=300):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+
+
+def tiny_llama(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=CONTEXT,
+        initializer_range=0.2,  # peaky logits: the draft below agrees often, not always
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save(model, tokenizer, path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A target, a draft that is a perturbed copy of it, a mismatched draft and a prompt file."""
+    root = tmp_path_factory.mktemp("eval_pair")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(12):
+        picks = torch.randint(0, len(WORDS), (5,), generator=g).tolist()
+        rows.append(
+            {"question": f"Say {i}: " + " ".join(WORDS[j] for j in picks), "kind": "ab"[i % 2]}
+        )
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = make_tokenizer([r["question"] for r in rows])
+    target = tiny_llama(tok, hidden=32, layers=2, seed=0)
+    draft = tiny_llama(tok, hidden=32, layers=2, seed=0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    save(target, tok, root / "target")
+    save(draft, tok, root / "draft")
+    other = make_tokenizer(["zebra quokka lemur " * 9, "completely different words " * 5], 290)
+    save(tiny_llama(other, hidden=16, layers=1, seed=2), other, root / "other")
+    return root
+
+
+def specdraft(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "specdraft", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_eval_writes_the_metrics_of_one_draft(pair):
+    out = pair / "eval.json"
+    result = specdraft(
+        "eval",
+        "--target",
+        str(pair / "target"),
+        "--draft",
+        str(pair / "draft"),
+        "--data",
+        str(pair / "prompts.jsonl"),
+        "--prompt-field=question",
+        "--task-field=kind",
+        "--gamma=3",
+        "--temperature=1.0",
+        "--max-new-tokens=10",
+        "--num-prompts=7",
+        "--batch-size=3",
+        "--out",
+        str(out),
+        cwd=pair,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert METRIC_KEYS <= set(m)
+    assert (m["gamma"], m["temperature"], m["num_prompts"], m["batch_size"]) == (3, 1.0, 7, 3)
+    assert (m["target"], m["draft"]) == (str(pair / "target"), str(pair / "draft"))
+    assert m["lossless_greedy"] is True and m["num_spec_prompts"] == 7
+    assert 0 < m["alpha"] < 1 and 0 < m["alpha_greedy"] <= 1
+    assert 1 <= m["tau"] <= 4 and 1 <= m["tau_greedy"] <= 4 and len(m["per_position"]) == 3
+    assert m["cost_ratio"] > 0 and m["speedup"] > 0
+    assert set(m["tasks"]) == {"a", "b"}
+    for task in m["tasks"].values():
+        assert {"alpha", "alpha_greedy", "spec_alpha", "tau", "position_buckets"} <= set(task)
+    early, late = m["position_buckets"]["early"], m["position_buckets"]["late"]
+    assert early["num_positions"] + late["num_positions"] == m["num_positions"]
+    assert "lossless greedy check: passed" in result.stdout and "overall" in result.stdout
+    assert "speculative" in result.stderr  # the progress bar
+
+
+def test_eval_on_the_builtin_prompts(pair, capsys):
+    code = main(
+        [
+            "eval",
+            "--target",
+            str(pair / "target"),
+            "--draft",
+            str(pair / "draft"),
+            "--data",
+            "builtin",
+            "--num-prompts=4",
+            "--max-new-tokens=4",
+            "--batch-size=4",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert all(task in printed for task in TASKS)  # round-robin: one prompt per task
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--draft": "other"}, "cannot be used together"),
+        ({"--gamma": "0"}, "--gamma must be >= 1"),
+        ({"--data": "empty.jsonl"}, "no rows"),
+        ({"--max-new-tokens": str(CONTEXT - 2)}, "longer than the context"),
+    ],
+    ids=["tokenizer", "gamma", "empty", "too-long"],
+)
+def test_bad_input_exits_2_with_one_message(pair, tmp_path, change, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    args = {
+        "--target": str(pair / "target"),
+        "--draft": str(pair / "draft"),
+        "--data": str(pair / "prompts.jsonl"),
+        "--prompt-field": "question",
+    }
+    for key, value in change.items():
+        args[key] = str(pair / value) if value == "other" else value
+    if args["--data"] == "empty.jsonl":
+        args["--data"] = str(tmp_path / "empty.jsonl")
+    out = tmp_path / "eval.json"
+    result = specdraft("eval", *[x for kv in args.items() for x in kv], "--out", str(out), cwd=pair)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
