@@ -71,15 +71,20 @@ class TrainConfig:
 
 
 @dataclass
-class TargetConfig:
-    model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy target.")
+class ModelConfig:
+    model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy model.")
     dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
     attn_implementation: str = opt(
         "auto",
-        "Attention kernel: `auto` = flash_attention_2 when flash-attn and a CUDA device are there, else sdpa.",
+        "Attention kernel: `auto` = flash_attention_2 when flash-attn and a CUDA device are there, "
+        "else sdpa.",
         choices=["auto", "sdpa", "eager", "flash_attention_2"],
     )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
+
+
+@dataclass
+class TargetConfig(ModelConfig):
     arch: ToyArch = field(
         default_factory=lambda: ToyArch(
             hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512
@@ -94,15 +99,7 @@ class TargetConfig:
 
 
 @dataclass
-class DraftConfig:
-    model: str = opt("builtin", "HF model id, local directory, or `builtin` for the toy draft.")
-    dtype: str = opt("float32", "Weights dtype.", choices=["float32", "bfloat16", "float16"])
-    attn_implementation: str = opt(
-        "auto",
-        "Attention kernel: `auto` = flash_attention_2 when flash-attn and a CUDA device are there, else sdpa.",
-        choices=["auto", "sdpa", "eager", "flash_attention_2"],
-    )
-    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint (off by default).")
+class DraftConfig(ModelConfig):
     arch: ToyArch = field(
         default_factory=lambda: ToyArch(
             hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96
