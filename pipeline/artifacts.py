@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from contextvars import ContextVar
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -16,6 +17,11 @@ def lineage_hash(artifacts) -> str:
     """One hash for a set of content-addressed artifact directories: names the job's results."""
     names = "\n".join(sorted(Path(p).name for p in artifacts))
     return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+# Set by the executor while a stage runs: a directory that survives a failed attempt (named after
+# the stage's artifact), where training stages keep checkpoints so that a retry resumes.
+checkpoint_dir: ContextVar[Path | None] = ContextVar("checkpoint_dir", default=None)
 
 
 def read_manifest(path: Path) -> dict:

@@ -60,6 +60,11 @@ class TrainConfig:
     )
     weight_decay: float = opt(0.0, "AdamW weight decay.", lo=0)
     log_every: int = opt(10, "Log the loss every this many steps.", lo=1)
+    save_every: int = opt(
+        0,
+        "Checkpoint every this many steps; a retried stage resumes from the last one (0 = off).",
+        lo=0,
+    )
     precision: str = opt(
         "fp32", "Mixed precision of training (bf16 autocast).", choices=["fp32", "bf16"]
     )

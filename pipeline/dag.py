@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, commit_dir, read_manifest
+from specdraft.pipeline.artifacts import (
+    MANIFEST,
+    atomic_write_text,
+    checkpoint_dir,
+    commit_dir,
+    read_manifest,
+)
 from specdraft.pipeline.config import Resources
 
 
@@ -162,6 +168,8 @@ def run_stage(
     final_path = Path(final)
     tmp = final_path.with_name(f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    checkpoints = final_path.with_name(f".ckpt-{final_path.name}")
+    token = checkpoint_dir.set(checkpoints)
     start = time.time()
     try:
         run = importlib.import_module(module).run
@@ -176,10 +184,13 @@ def run_stage(
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
         commit_dir(tmp, final_path)  # a forced re-run replaces the old artifact
+        shutil.rmtree(checkpoints, ignore_errors=True)
         return manifest
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay: the next attempt resumes
         raise
+    finally:
+        checkpoint_dir.reset(token)
 
 
 def default_store() -> Path:

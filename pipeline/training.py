@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.kernels import fused_kd_loss
+from specdraft.pipeline.artifacts import checkpoint_dir
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
@@ -85,10 +86,38 @@ class LossHistory(TrainerCallback):
             self.rows.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
 
 
+def trainer_dir(train_cfg, out: Path) -> Path:
+    """Where Trainer writes: the stage's checkpoint directory (kept across failed attempts) when
+    checkpointing is on, else inside the stage's temporary output."""
+    ckpt = checkpoint_dir.get()
+    return ckpt if train_cfg.save_every and ckpt is not None else out / "trainer"
+
+
+def _train(trainer, train_cfg, out: Path) -> None:
+    """Run Trainer, resuming from the last checkpoint a failed attempt left."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = trainer_dir(train_cfg, out)
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() and train_cfg.save_every else None
+    if last:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    if train_cfg.report_to == "none" and folder == out / "trainer":
+        shutil.rmtree(folder, ignore_errors=True)  # holds only tracker logs: keep them when on
+
+
 def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArguments:
     micro = train_cfg.batch_size // train_cfg.grad_accum
+    saving = {"save_strategy": "no"}
+    if train_cfg.save_every:
+        saving = {
+            "save_strategy": "steps",
+            "save_steps": train_cfg.save_every,
+            "save_total_limit": 1,
+        }
     return TrainingArguments(
-        output_dir=str(out / "trainer"),
+        output_dir=str(trainer_dir(train_cfg, out)),
+        **saving,
         max_steps=train_cfg.steps,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=train_cfg.grad_accum,
@@ -97,7 +126,6 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
         lr_scheduler_type="cosine",
         warmup_steps=max(1, math.ceil(0.05 * train_cfg.steps)),
         logging_steps=min(train_cfg.log_every, train_cfg.steps),
-        save_strategy="no",
         report_to=train_cfg.report_to,
         bf16=train_cfg.precision == "bf16",
         seed=seed,
@@ -122,15 +150,8 @@ def train_cross_entropy(
         data_collator=Collator(tokenizer.pad_token_id, all_tokens=all_tokens),
         callbacks=[history],
     )
-    trainer.train()
-    _tidy(train_cfg, out)
+    _train(trainer, train_cfg, out)
     return history.rows
-
-
-def _tidy(train_cfg, out: Path) -> None:
-    """Trainer's output directory holds only tracker logs: keep it when a tracker is on."""
-    if train_cfg.report_to == "none":
-        shutil.rmtree(out / "trainer", ignore_errors=True)
 
 
 def hidden_and_head(model, input_ids, attention_mask):
@@ -320,8 +341,7 @@ def train_kd(
             reference=reference,
             options=options,
         )
-        trainer.train()
-    _tidy(train_cfg, out)
+        _train(trainer, train_cfg, out)
     return history.rows, trainer.selection_log
 
 

@@ -13,6 +13,16 @@ def _log(out: Path, name: str) -> None:
 def run(cfg, inputs, out, *, seed):
     _log(out, cfg["name"])
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
+    if cfg.get("checkpointed"):  # fails on its first attempt, after leaving a checkpoint
+        from specdraft.pipeline.artifacts import checkpoint_dir
+
+        ckpt = checkpoint_dir.get()
+        attempts = int((ckpt / "attempts").read_text()) if (ckpt / "attempts").exists() else 0
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "attempts").write_text(str(attempts + 1))
+        if attempts == 0:
+            raise RuntimeError("first attempt dies")
+        cfg = {**cfg, "add": cfg["add"] + attempts}
     if cfg.get("fail"):
         (out / "partial.txt").write_text("half-written")
         raise RuntimeError("planned failure")

@@ -81,3 +81,15 @@ def test_missing_gpus_fail_at_once_with_what_is_missing():
     with pytest.raises(StageError, match="stage distil asks for 2 GPU but the cluster has 0"):
         check_cluster_resources(stages, {"CPU": 2.0})
     check_cluster_resources(stages, {"CPU": 2.0, "GPU": 2.0})
+
+
+def test_checkpoints_survive_a_failed_attempt_and_go_with_success(tmp_path, calls):
+    stages = [Stage("a", MODULE, {"name": "a", "add": 1, "checkpointed": True})]
+    store = tmp_path / "store"
+    with pytest.raises(StageError, match="first attempt dies"):
+        run(stages, store)
+    (ckpt,) = [p for p in store.iterdir() if p.name.startswith(".ckpt-a-")]
+    assert (ckpt / "attempts").read_text() == "1"
+    results = run(stages, store)
+    assert json.loads((results["a"].path / "value.json").read_text()) == 2  # saw the checkpoint
+    assert not ckpt.exists()

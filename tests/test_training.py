@@ -163,3 +163,40 @@ def test_lk_hybrid_matches_its_formula():
     (g1,) = torch.autograd.grad(loss, sh)
     (g2,) = torch.autograd.grad(expected, sh)
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path):
+    from transformers import TrainerCallback
+
+    from specdraft.pipeline.artifacts import checkpoint_dir
+
+    teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
+
+    def attempt(model, folder, callbacks=()):
+        token = checkpoint_dir.set(folder)
+        try:
+            return train_kd(
+                model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=callbacks
+            )
+        finally:
+            checkpoint_dir.reset(token)
+
+    uninterrupted = copy.deepcopy(base)
+    attempt(uninterrupted, tmp_path / "ckpt_a")
+
+    class WorkerDies(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        attempt(copy.deepcopy(base), tmp_path / "ckpt_b", [WorkerDies()])
+    assert (tmp_path / "ckpt_b" / "checkpoint-4").is_dir()
+    resumed = copy.deepcopy(base)  # a retried task starts from the stage's inputs again
+    history, _ = attempt(resumed, tmp_path / "ckpt_b")
+    assert [row["step"] for row in history] == [5, 6]
+    for (name, p1), (_, p2) in zip(
+        uninterrupted.named_parameters(), resumed.named_parameters(), strict=True
+    ):
+        assert torch.allclose(p1, p2, atol=1e-5), name
