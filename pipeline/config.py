@@ -225,6 +225,10 @@ class DistilConfig:
     )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
     lk_eta: float = opt(3.0, "η of the LK hybrid.", lo=0)
+    fused_loss: bool = opt(
+        True,
+        "Chunked KD loss that never builds (tokens × vocab) logits; false = plain logits (benchmarks).",
+    )
     temperature: float = opt(1.0, "Softmax temperature of the loss.", lo=0, lo_open=True)
     normalize: str = opt(
         "all",

@@ -159,6 +159,7 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
         k=cfg.k,
         scope=cfg.scope,
         normalize=cfg.normalize,
+        fused=cfg.fused_loss,
     )
     history, selection = train_kd(
         model,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from specdraft.kernels import fused_kd_loss
+from specdraft.kernels import fused_kd_loss, kd_divergence_from_logits
 from specdraft.pipeline.artifacts import checkpoint_dir
 
 
@@ -190,6 +190,7 @@ class KDOptions:
     k: float = 1.0  # fraction kept by top/bottom selection
     scope: str = "microbatch"  # microbatch | global
     normalize: str = "all"  # all | kept
+    fused: bool = True  # False: full (N, V) logits of both models (the unfused baseline)
 
 
 def kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions) -> torch.Tensor:
@@ -198,24 +199,40 @@ def kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions) -> to
     The LK hybrid per token is λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−η·sg(α)), α = 1 − TV:
     KL pulls from a cold start, TV (the acceptance itself) takes over as α grows.
     """
-    common = dict(mask=keep, temperature=opts.temperature)
-    if opts.divergence != "lk":
+    if opts.fused and opts.divergence != "lk":
         return fused_kd_loss(
             s_hidden,
             s_head,
             t_hidden,
             t_head,
+            mask=keep,
             divergence=opts.divergence,
             beta=opts.beta,
+            temperature=opts.temperature,
             reduction="sum",
-            **common,
         )
-    kl = fused_kd_loss(
-        s_hidden, s_head, t_hidden, t_head, divergence="fkl", reduction="none", **common
-    )
-    tv = fused_kd_loss(
-        s_hidden, s_head, t_hidden, t_head, divergence="tvd", reduction="none", **common
-    )
+
+    def rows(divergence: str) -> torch.Tensor:  # (N,), 0 where not kept
+        if opts.fused:
+            return fused_kd_loss(
+                s_hidden,
+                s_head,
+                t_hidden,
+                t_head,
+                mask=keep,
+                divergence=divergence,
+                beta=opts.beta,
+                temperature=opts.temperature,
+                reduction="none",
+            )
+        per_row = kd_divergence_from_logits(  # (N, V) logits of both models: the unfused baseline
+            s_hidden @ s_head.T, t_hidden @ t_head.T, divergence, opts.beta, opts.temperature
+        )
+        return per_row if keep is None else per_row * keep
+
+    if opts.divergence != "lk":
+        return rows(opts.divergence).sum()
+    kl, tv = rows("fkl"), rows("tvd")
     lam = torch.exp(-opts.lk_eta * (1.0 - tv.detach()))  # (N,); masked rows have kl = tv = 0
     return (lam * kl + (1.0 - lam) * tv).sum()
 

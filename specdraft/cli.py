@@ -1,4 +1,4 @@
-"""The `specdraft` command line: run, validate, check-pair, export, eval.
+"""The `specdraft` command line: run, validate, check-pair, export, eval, report.
 
 User mistakes (a bad job, missing data, a mismatched pair) print one message and exit with code 2;
 a stage that fails for another reason exits with code 1.
@@ -140,6 +140,47 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from specdraft.reports.report_cli import main as report_main
+
+    return report_main(args)
+
+
+def _add_report_parser(sub) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code_version = version("specdraft")
+    except PackageNotFoundError:
+        code_version = ""
+    rep = sub.add_parser(
+        "report",
+        help="report finished runs with their acceptance history; flag regressions",
+    )
+    rep.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="finished run directories (with metrics.json)",
+    )
+    rep.add_argument("--history", help="history directory: append the runs, report all of it")
+    rep.add_argument("--out", help="report directory (default: runs/report/)")
+    rep.add_argument(
+        "--threshold",
+        type=float,
+        default=0.02,
+        help="regression drop: absolute for alpha, relative (fraction) for tau",
+    )
+    rep.add_argument(
+        "--window", type=int, default=5, help="runs before the newest whose median it is held to"
+    )
+    rep.add_argument(
+        "--fail-on-regression", action="store_true", help="exit with code 3 on any regression"
+    )
+    rep.add_argument("--code-version", default=code_version, help="recorded with each history row")
+    rep.set_defaults(func=cmd_report)
+
+
 def _add_eval_parser(sub) -> None:
     from specdraft.pipeline.eval_cli import EvalRequest
 
@@ -229,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(func=cmd_export)
     _add_eval_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 

@@ -200,3 +200,30 @@ def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path):
         uninterrupted.named_parameters(), resumed.named_parameters(), strict=True
     ):
         assert torch.allclose(p1, p2, atol=1e-5), name
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "lk"])
+def test_fused_and_plain_logits_losses_give_the_same_update(tmp_path, divergence):
+    teacher, base, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    models = {}
+    for fused in (True, False):
+        models[fused] = copy.deepcopy(base)
+        opts = KDOptions(divergence=divergence, selection="top", k=0.5, fused=fused)
+        _train(
+            models[fused],
+            teacher,
+            tmp_path / str(fused),
+            steps=3,
+            reference=reference,
+            options=opts,
+        )
+    moved = False
+    for (name, p1), (_, p2), (_, p0) in zip(
+        models[True].named_parameters(),
+        models[False].named_parameters(),
+        base.named_parameters(),
+        strict=True,
+    ):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+        moved |= not torch.equal(p1, p0)
+    assert moved

@@ -20,21 +20,16 @@ The result goes to reports/benchmarks/results/eval_cpu.json with the machine des
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-import transformers
 
 from specdraft.pipeline.config import load_job
 from specdraft.pipeline.dag import execute
 from specdraft.pipeline.eval_cli import EvalRequest, run_eval
 from specdraft.pipeline.job import build_stages
+from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT = REPO / "reports" / "benchmarks" / "results" / "eval_cpu.json"
@@ -46,35 +41,6 @@ def build_toy_pair(store: Path) -> tuple[Path, Path]:
     stages = [s for s in build_stages(job) if s.name in ("data", "target", "draft_init")]
     results = execute(stages, store, use_ray=False)
     return results["target"].path / "model", results["draft_init"].path / "model"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        )
-        ram = f"{mem_kb / 2**20:.1f} GiB"
-    except (OSError, StopIteration):
-        ram = "unknown"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram": ram,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-        "load_average_1_5_15_min_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def measure(target: Path, draft: Path, batch_size: int, args) -> dict:
@@ -125,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULT))
     args = parser.parse_args()
 
-    host = machine()
+    host = describe_machine()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     trials: dict[int, list[dict]] = {b: [] for b in batch_sizes}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,10 +13,8 @@ RSS (ru_maxrss) minus the RSS just before the call, with inputs already allocate
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -84,28 +84,6 @@ def measure_memory_child(args) -> None:
     )
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        ram_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": round(ram_kib / 2**20, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "os": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -121,7 +99,7 @@ def main() -> None:
         measure_memory_child(args)
         return
     torch.set_num_threads(args.threads)
-    info = machine()
+    info = describe_machine()
     dims = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     dims += ["--divergence", args.divergence, "--threads", str(args.threads)]
 

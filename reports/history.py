@@ -1,0 +1,232 @@
+"""Acceptance history across runs: a SQLite store and the regression rule of the nightly report.
+
+The store is one file, `<history_dir>/history.sqlite`, with one row per (run, draft role, task);
+task `all` is the draft's overall row. It runs in WAL mode with a busy timeout, so two processes
+appending at the same time both succeed (each run is written in one transaction).
+
+`load_history` never drops a row silently: a row whose alpha or tau is not a finite number, whose
+other numbers are not finite, whose `per_position` is not a JSON list of numbers or whose timestamp
+is not ISO 8601 is skipped and named in `problems`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import statistics
+import uuid
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from specdraft.errors import InputError
+
+HISTORY_FILE = "history.sqlite"
+ROLES = ("baseline", "reference", "final")
+OVERALL = "all"  # the task name of a draft's overall row
+METRICS = ("alpha", "alpha_greedy", "spec_alpha", "tau")
+REQUIRED = ("alpha", "tau")  # the series the regression rule follows
+BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another one's transaction
+
+COLUMNS = (
+    "run_id",
+    "job",
+    "job_hash",
+    "target",
+    "draft",
+    "draft_role",
+    "task",
+    "gamma",
+    "temperature",
+    *METRICS,
+    "per_position",
+    "timestamp",
+    "code_version",
+)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS acceptance (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    job TEXT, job_hash TEXT, target TEXT, draft TEXT, draft_role TEXT, task TEXT,
+    gamma INTEGER, temperature REAL,
+    alpha REAL, alpha_greedy REAL, spec_alpha REAL, tau REAL,
+    per_position TEXT,
+    timestamp TEXT,
+    code_version TEXT
+)
+"""
+
+
+def _connect(history_dir: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(Path(history_dir) / HISTORY_FILE, timeout=BUSY_TIMEOUT_S)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(SCHEMA)
+    return conn
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (SQLite stores NaN as NULL anyway; load_history reports it)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def metrics_to_rows(
+    metrics: dict, *, timestamp: str, code_version: str = "", run_id: str | None = None
+) -> list[dict]:
+    """The history rows of one run's metrics.json dict: per draft role, `all` then each task."""
+    missing = [r for r in ROLES if not isinstance(metrics.get(r), dict)]
+    if missing:
+        raise InputError(
+            f"metrics lack the draft role(s) {', '.join(missing)}; "
+            "give the metrics.json of a finished `specdraft run`"
+        )
+    run_id = run_id or uuid.uuid4().hex
+    rows = []
+    for role in ROLES:
+        by_task = {OVERALL: metrics[role], **(metrics[role].get("tasks") or {})}
+        for task, entry in by_task.items():
+            row = {
+                "run_id": run_id,
+                "job": str(metrics.get("job", "")),
+                "job_hash": str(metrics.get("job_hash", "")),
+                "target": str(metrics.get("target", "")),
+                # each role records its own model; the top-level `draft` is the exported final one
+                "draft": str(
+                    metrics[role].get("model")
+                    or (metrics.get("draft", "") if role == "final" else "")
+                ),
+                "draft_role": role,
+                "task": str(task),
+                "gamma": metrics.get("gamma"),
+                "temperature": _number(metrics.get("temperature")),
+                **{m: _number(entry.get(m)) for m in METRICS},
+                "per_position": json.dumps(entry.get("per_position")),
+                "timestamp": timestamp,
+                "code_version": code_version,
+            }
+            rows.append(row)
+    return rows
+
+
+def append_run(
+    history_dir: Path | str, metrics: dict, *, timestamp: str | None = None, code_version: str = ""
+) -> int:
+    """Append one run's metrics (a metrics.json dict) to the history; return the rows written.
+
+    `timestamp` is ISO 8601 (default: now, UTC). All rows of the run go in one transaction.
+    """
+    history_dir = Path(history_dir)
+    history_dir.mkdir(parents=True, exist_ok=True)
+    timestamp = timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = metrics_to_rows(metrics, timestamp=timestamp, code_version=code_version)
+    sql = f"INSERT INTO acceptance ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    with closing(_connect(history_dir)) as conn, conn:
+        conn.executemany(sql, [tuple(r[c] for c in COLUMNS) for r in rows])
+    return len(rows)
+
+
+def _row_problem(row: dict) -> str | None:
+    """Why `row` cannot be used, or None."""
+    for key in REQUIRED:
+        if _number(row[key]) is None:
+            return f"{key} is {row[key]!r}, not a finite number"
+    for key in (*METRICS, "temperature"):
+        if row[key] is not None and _number(row[key]) is None:
+            return f"{key} is {row[key]!r}, not a finite number"
+    try:
+        per_position = json.loads(row["per_position"]) if row["per_position"] is not None else None
+    except (TypeError, ValueError):
+        return f"per_position is not JSON: {str(row['per_position'])[:60]!r}"
+    if per_position is not None and not (
+        isinstance(per_position, list) and all(_number(p) is not None for p in per_position)
+    ):
+        return f"per_position is not a list of finite numbers: {str(row['per_position'])[:60]!r}"
+    row["per_position"] = per_position
+    try:
+        datetime.fromisoformat(str(row["timestamp"]))
+    except ValueError:
+        return f"timestamp {row['timestamp']!r} is not ISO 8601"
+    return None
+
+
+def load_history(history_dir: Path | str) -> tuple[list[dict], list[str]]:
+    """All usable rows (oldest first, `per_position` parsed) and a message per skipped row."""
+    path = Path(history_dir) / HISTORY_FILE
+    if not path.is_file():
+        return [], []
+    try:
+        with closing(_connect(Path(history_dir))) as conn:
+            conn.row_factory = sqlite3.Row
+            raw = [dict(r) for r in conn.execute("SELECT * FROM acceptance ORDER BY id")]
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"{path} is not a readable specdraft history ({err})") from None
+    rows, problems = [], []
+    for row in raw:
+        problem = _row_problem(row)
+        if problem is None:
+            rows.append(row)
+        else:
+            problems.append(
+                f"history row {row['id']} (job {row['job']!r}, {row['draft_role']}, task "
+                f"{row['task']!r}, {row['timestamp']}) skipped: {problem}"
+            )
+    return rows, problems
+
+
+def _drop(metric: str, before: float, after: float) -> float:
+    """How far `after` fell below `before`: absolute for alpha, a fraction of `before` for tau."""
+    if metric == "tau":
+        return (before - after) / before if before > 0 else 0.0
+    return before - after
+
+
+def run_series(rows: list[dict], role: str = "final") -> dict[tuple[str, str, str], list[dict]]:
+    """{(job, target, task): rows of `role`, one per run, oldest first}."""
+    series: dict[tuple[str, str, str], list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["timestamp"], r.get("id") or 0)):
+        if row["draft_role"] == role:
+            series.setdefault((row["job"], row["target"], row["task"]), []).append(row)
+    return series
+
+
+def find_regressions(
+    rows: list[dict], *, threshold: float = 0.02, window: int = 5, role: str = "final"
+) -> list[dict]:
+    """Regressions of the newest run of each (job, target, task) series of the `final` draft.
+
+    The newest alpha (or tau) regresses when it drops by more than `threshold` below both the
+    previous run's value and the median of the `window` runs before it. For alpha the drop is
+    absolute (0.02 = two points of acceptance); for tau it is relative (0.02 = 2 % fewer tokens per
+    target pass), since tau's scale grows with gamma. `drop` is the smaller of the two drops.
+    """
+    if threshold < 0 or window < 1:
+        raise InputError(f"threshold must be >= 0 and window >= 1, got {threshold} and {window}")
+    found = []
+    for (job, target, task), points in run_series(rows, role).items():
+        if len(points) < 2:
+            continue
+        newest, before = points[-1], points[-1 - window : -1]
+        for metric in REQUIRED:
+            current, previous = newest[metric], before[-1][metric]
+            median = statistics.median(p[metric] for p in before)
+            drop = min(_drop(metric, previous, current), _drop(metric, median, current))
+            if drop > threshold:
+                found.append(
+                    {
+                        "job": job,
+                        "target": target,
+                        "task": task,
+                        "metric": metric,
+                        "previous": previous,
+                        "median": median,
+                        "current": current,
+                        "drop": drop,
+                        "relative": metric == "tau",
+                        "run_id": newest["run_id"],
+                        "timestamp": newest["timestamp"],
+                    }
+                )
+    return found

@@ -1,0 +1,260 @@
+"""`specdraft report`: the acceptance report of one or more finished runs, with their history.
+
+For each RUN_DIR (the --out of `specdraft run`, holding metrics.json) in the order given, the run's
+metrics are appended to the history store when --history is given. The history is then all rows in
+the store (or, without --history, the given runs alone), and the report goes to --out (default
+`runs/report/`, beside the run directories and ignored by git):
+
+- `index.html`: the newest given run's report (reports/render.py, metrics only) plus a history
+  section: per (job, target, task) trend lines of the final draft's alpha and tau as inline PNGs,
+  regressions marked, and the skipped history rows;
+- `summary.md`: the run summary plus the regressions and problems, in a few lines;
+- `summary.json`: `runs` (per run and task, baseline → final alpha and tau), `regressions`,
+  `problems`.
+
+A run's timestamp is its metrics.json's modification time (when the run finished). Appending the
+same run twice records it twice: give each run directory to `--history` once.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from specdraft.errors import InputError
+from specdraft.reports.history import (
+    OVERALL,
+    append_run,
+    find_regressions,
+    load_history,
+    metrics_to_rows,
+    run_series,
+)
+from specdraft.reports.render import render_report
+
+DEFAULT_OUT = Path("runs") / "report"
+
+
+def read_run(run_dir: Path) -> tuple[dict, str]:
+    """A run directory's metrics.json dict and its finish time (ISO 8601, UTC)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no metrics.json; give the --out of a finished run")
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path} is not valid JSON ({err}); re-run the job") from None
+    if not isinstance(metrics, dict):
+        raise InputError(f"{path} is not a metrics object; re-run the job")
+    finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    return metrics, finished.isoformat(timespec="seconds")
+
+
+def build_report(
+    run_dirs: list[Path],
+    *,
+    history_dir: Path | None,
+    out_dir: Path,
+    threshold: float,
+    window: int,
+    code_version: str = "",
+) -> dict:
+    """Append the runs to the history, write the report files to `out_dir`; return summary.json."""
+    if not run_dirs and history_dir is None:
+        raise InputError("nothing to report: give RUN_DIR(s), --history DIR, or both")
+    runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]  # read all before appending any
+    rows: list[dict] = []
+    problems: list[str] = []
+    for _, metrics, finished in runs:
+        if history_dir is not None:
+            append_run(history_dir, metrics, timestamp=finished, code_version=code_version)
+        else:
+            rows += metrics_to_rows(metrics, timestamp=finished, code_version=code_version)
+    if history_dir is not None:
+        rows, problems = load_history(history_dir)
+    for i, row in enumerate(rows):
+        row.setdefault("id", i)
+    regressions = find_regressions(rows, threshold=threshold, window=window)
+    summary = {
+        "history": str(history_dir) if history_dir is not None else None,
+        "threshold": threshold,
+        "window": window,
+        "runs": [_run_summary(d, m, t) for d, m, t in runs],
+        "regressions": regressions,
+        "problems": problems,
+    }
+    newest = runs[-1][1] if runs else {}
+    with tempfile.TemporaryDirectory() as tmp:  # render_report's files, extended below
+        render_report({"metrics": newest}, Path(tmp))
+        page = (Path(tmp) / "index.html").read_text(encoding="utf-8")
+        markdown = (Path(tmp) / "summary.md").read_text(encoding="utf-8")
+    section = _history_section(rows, regressions, problems, threshold, window)
+    page = page.replace("</body>", f"{section}\n</body>", 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_atomic(out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}")
+    _write_atomic(out_dir / "index.html", page)
+    return summary
+
+
+def _run_summary(run_dir: Path, metrics: dict, finished: str) -> dict:
+    tasks: dict[str, dict] = {}
+    for role in ("baseline", "final"):
+        entry = metrics.get(role) or {}
+        for task, m in {OVERALL: entry, **(entry.get("tasks") or {})}.items():
+            for metric in ("alpha", "tau"):
+                tasks.setdefault(task, {})[f"{metric}_{role}"] = m.get(metric)
+    return {
+        "run_dir": str(run_dir),
+        "job": metrics.get("job"),
+        "job_hash": metrics.get("job_hash"),
+        "target": metrics.get("target"),
+        "finished": finished,
+        "tasks": tasks,
+    }
+
+
+# --- history section ---------------------------------------------------------------------------
+
+
+def _history_section(
+    rows: list[dict], regressions: list[dict], problems: list[str], threshold: float, window: int
+) -> str:
+    esc = _esc
+    runs = len({r["run_id"] for r in rows})
+    parts = [
+        f"<p>{runs} run(s) in the history. A regression is the newest run's final-draft alpha "
+        f"falling more than {threshold:g} (absolute), or tau more than {threshold:.0%} (relative), "
+        f"below both the previous run and the median of the {window} runs before it.</p>"
+    ]
+    if regressions:
+        items = "".join(
+            f"<tr><td>{esc(r['job'])}</td><td>{esc(r['target'])}</td><td>{esc(r['task'])}</td>"
+            f"<td>{esc(r['metric'])}</td><td>{r['previous']:.3f}</td><td>{r['median']:.3f}</td>"
+            f'<td class="down">{r["current"]:.3f}</td><td class="down">{_drop_text(r)}</td></tr>'
+            for r in regressions
+        )
+        parts.append(
+            '<h3 class="down">Regressions</h3><div class="table-wrap"><table><thead><tr>'
+            "<th>job</th><th>target</th><th>task</th><th>metric</th><th>previous</th>"
+            f"<th>median</th><th>current</th><th>drop</th></tr></thead><tbody>{items}</tbody>"
+            "</table></div>"
+        )
+    else:
+        parts.append('<p class="up">No regressions.</p>')
+    flagged = {(r["job"], r["target"], r["task"], r["metric"]) for r in regressions}
+    figures = [
+        _trend_figure(key, points, flagged)
+        for key, points in sorted(run_series(rows).items(), key=lambda kv: kv[0])
+    ]
+    parts.append(f'<div class="plots">{"".join(figures)}</div>' if figures else "")
+    if problems:
+        items = "".join(f"<li>{esc(p)}</li>" for p in problems)
+        parts.append(f"<h3>Skipped history rows ({len(problems)})</h3><ul>{items}</ul>")
+    body = "\n".join(p for p in parts if p)
+    return f'<section id="history">\n<h2>History</h2>\n{body}\n</section>'
+
+
+def _trend_figure(key: tuple[str, str, str], points: list[dict], flagged: set) -> str:
+    """alpha and tau of one (job, target, task) series over runs; a red cross on a regression."""
+    job, target, task = key
+    fig = Figure(figsize=(6.4, 2.8))
+    x = list(range(len(points)))
+    labels = [str(p["timestamp"])[:10] for p in points]
+    if len(set(labels)) < len(labels):  # several runs a day: show the time too
+        labels = [str(p["timestamp"])[:16].replace("T", " ") for p in points]
+    for i, metric in enumerate(("alpha", "tau")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(x, [p[metric] for p in points], marker="o", color="#e66101", label="final")
+        if (job, target, task, metric) in flagged:
+            ax.plot([x[-1]], [points[-1][metric]], "x", color="#cf222e", markersize=14, mew=3)
+            ax.set_title(f"{metric}: REGRESSION", color="#cf222e")
+        else:
+            ax.set_title(metric)
+        step = max(1, len(x) // 6)
+        ax.set_xticks(x[::step], labels[::step], rotation=30, fontsize=7)
+        ax.grid(alpha=0.3)
+    caption = f"{job} · {task} · target {target}"
+    return _figure(fig, caption)
+
+
+def _figure(fig: Figure, caption: str) -> str:
+    FigureCanvasAgg(fig)  # Agg for this figure only; pyplot's global backend is untouched
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
+
+
+def _history_markdown(summary: dict, num_rows: int) -> str:
+    lines = ["## History", ""]
+    regressions = summary["regressions"]
+    if not regressions:
+        lines.append("No regressions.")
+    for r in regressions:
+        lines.append(
+            f"- REGRESSION {r['job']} / {r['task']}: {r['metric']} {r['previous']:.3f} "
+            f"(median {r['median']:.3f}) → {r['current']:.3f}, drop {_drop_text(r)}"
+        )
+    if summary["problems"]:
+        lines += ["", f"{len(summary['problems'])} history row(s) skipped; see summary.json."]
+    return "\n".join(lines) + "\n"
+
+
+def _drop_text(regression: dict) -> str:
+    drop = regression["drop"]
+    return f"{drop:.1%}" if regression["relative"] else f"{drop:.3f}"
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(args) -> int:
+    """The `specdraft report` command: 3 when --fail-on-regression and a regression is found."""
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    summary = build_report(
+        [Path(d) for d in args.run_dirs],
+        history_dir=Path(args.history) if args.history else None,
+        out_dir=out,
+        threshold=args.threshold,
+        window=args.window,
+        code_version=args.code_version,
+    )
+    regressions, problems = summary["regressions"], summary["problems"]
+    for r in regressions:
+        print(f"REGRESSION {r['job']} / {r['task']}: {r['metric']} {r['current']:.3f}")
+    if problems:
+        print(
+            f"specdraft: warning: {len(problems)} history row(s) skipped as corrupt "
+            f"(listed in {out / 'summary.json'})",
+            file=sys.stderr,
+        )
+    print(f"report: {out / 'index.html'} ({len(regressions)} regression(s))")
+    return 3 if regressions and args.fail_on_regression else 0
