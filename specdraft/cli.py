@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -227,6 +228,70 @@ def _add_eval_parser(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
+def cmd_submit(args) -> int:
+    from specdraft.pipeline import submit
+
+    job_file, overrides = _split(args.job, args.overrides)
+    job_id = submit.submit(job_file, overrides, args.address, args.out)
+    print(job_id)
+    if not args.follow:
+        return 0
+    status = submit.wait(args.address, job_id, follow_logs=True)
+    print(f"\njob {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    from specdraft.pipeline import submit
+
+    print(submit.client(args.address).get_job_status(args.job_id))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from specdraft.pipeline import submit
+
+    if args.follow:
+        status = submit.wait(args.address, args.job_id, follow_logs=True)
+        print(f"\njob {args.job_id}: {status}")
+    else:
+        print(submit.client(args.address).get_job_logs(args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from specdraft.pipeline import submit
+
+    stopped = submit.client(args.address).stop_job(args.job_id)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def _add_cluster_parsers(sub) -> None:
+    address = {
+        "default": os.environ.get("RAY_ADDRESS", ""),
+        "help": "the cluster's dashboard, e.g. http://HEAD:8265 (or $RAY_ADDRESS)",
+    }
+    submit = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Jobs)")
+    submit.add_argument("job", nargs="?", help="job YAML inside the working directory")
+    submit.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    submit.add_argument("--address", **address)
+    submit.add_argument("--out", help="run directory on the cluster (default: runs/<job name>/)")
+    submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    submit.set_defaults(func=cmd_submit)
+    for name, helptext, func in (
+        ("status", "a submitted job's status", cmd_status),
+        ("logs", "a submitted job's logs", cmd_logs),
+        ("stop", "stop a submitted job", cmd_stop),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("job_id")
+        command.add_argument("--address", **address)
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream until the job ends")
+        command.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdraft", description="Distil draft models for speculative decoding."
@@ -271,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
     _add_eval_parser(sub)
     _add_report_parser(sub)
+    _add_cluster_parsers(sub)
     return parser
 
 

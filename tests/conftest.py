@@ -54,7 +54,8 @@ TINY = [
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    context = ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, log_to_driver=False)
+    ray.dashboard_address = f"http://{context.dashboard_url}"  # for `specdraft submit`
     yield ray
     ray.shutdown()
 
