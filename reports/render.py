@@ -82,8 +82,8 @@ def render_report(run: dict, out_dir: Path) -> Path:
         f"<h1>specdraft run report: {_esc(job)}</h1>\n{_run_meta(metrics)}\n{body}\n</body>\n</html>\n"
     )
     index = out_dir / "index.html"
-    _write_atomic(out_dir / "summary.md", render_summary_markdown(metrics))
-    _write_atomic(index, page)
+    write_atomic(out_dir / "summary.md", render_summary_markdown(metrics))
+    write_atomic(index, page)
     return index
 
 
@@ -467,7 +467,7 @@ def _md(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

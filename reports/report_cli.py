@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-import os
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -40,7 +39,7 @@ from specdraft.reports.history import (
     metrics_to_rows,
     run_series,
 )
-from specdraft.reports.render import render_report
+from specdraft.reports.render import render_report, write_atomic
 
 DEFAULT_OUT = Path("runs") / "report"
 
@@ -101,9 +100,9 @@ def build_report(
     section = _history_section(rows, regressions, problems, threshold, window)
     page = page.replace("</body>", f"{section}\n</body>", 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}")
-    _write_atomic(out_dir / "index.html", page)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}")
+    write_atomic(out_dir / "index.html", page)
     return summary
 
 
@@ -222,18 +221,6 @@ def _drop_text(regression: dict) -> str:
 
 def _esc(value) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(args) -> int:
