@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdraft.cli import main
-from specdraft.drafts.toyworld import TASKS
+from specdraft.drafts.toyworld import TASKS, train_toy_tokenizer
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang songs of rain".split()
 CONTEXT = 512  # max_position_embeddings of both models
@@ -32,21 +31,6 @@ METRIC_KEYS = {
     "lossless_greedy",
     "tasks",
 }
-
-
-def make_tokenizer(texts, vocab_size=300):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
-    )
 
 
 def tiny_llama(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
@@ -85,7 +69,7 @@ def pair(tmp_path_factory):
             {"question": f"Say {i}: " + " ".join(WORDS[j] for j in picks), "kind": "ab"[i % 2]}
         )
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = make_tokenizer([r["question"] for r in rows])
+    tok = train_toy_tokenizer([r["question"] for r in rows], 300, root / "tok")
     target = tiny_llama(tok, hidden=32, layers=2, seed=0)
     draft = tiny_llama(tok, hidden=32, layers=2, seed=0)
     with torch.no_grad():
@@ -93,7 +77,9 @@ def pair(tmp_path_factory):
             p.add_(0.05 * p.std() * torch.randn_like(p))
     save(target, tok, root / "target")
     save(draft, tok, root / "draft")
-    other = make_tokenizer(["zebra quokka lemur " * 9, "completely different words " * 5], 290)
+    other = train_toy_tokenizer(
+        ["zebra quokka lemur " * 9, "completely different words " * 5], 290, root / "other_tok"
+    )
     save(tiny_llama(other, hidden=16, layers=1, seed=2), other, root / "other")
     return root
 
