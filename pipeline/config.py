@@ -7,6 +7,7 @@ Validation collects every problem and raises one `ConfigError` listing them all.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ def opt(default: Any, help: str, *, lo=None, hi=None, lo_open=False, choices=Non
 class Resources:
     cpus: float = opt(1, "CPUs the stage's Ray task asks for.", lo=0)
     gpus: float = opt(0, "GPUs the stage's Ray task asks for (fractions share a GPU).", lo=0)
+    workers: int = opt(
+        1,
+        "Data-parallel workers (generate only): prompts are sharded by whole batches over this "
+        "many Ray tasks, each with the cpus and gpus above; the output is the same for any count.",
+        lo=1,
+    )
 
 
 @dataclass
@@ -67,6 +74,13 @@ class TrainConfig:
     )
     precision: str = opt(
         "fp32", "Mixed precision of training (bf16 autocast).", choices=["fp32", "bf16"]
+    )
+    packing: str = opt(
+        "auto",
+        "Batch layout: `packed` lays sequences end to end without padding (position_ids restart "
+        "per sequence; varlen FlashAttention on GPU), `padded` right-pads them; `auto` packs when "
+        "the model uses flash_attention_2.",
+        choices=["auto", "packed", "padded"],
     )
     report_to: str = opt(
         "none",
@@ -219,9 +233,10 @@ class DistilConfig:
     )
     divergence: str = opt(
         "fkl",
-        "Training divergence: fkl KL(p‖q), rkl KL(q‖p), jsd (with beta), tvd, or lk, the LK hybrid "
-        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)).",
-        choices=["fkl", "rkl", "jsd", "tvd", "lk"],
+        "Training divergence: fkl KL(p‖q), rkl KL(q‖p), jsd (with beta), tvd, lk, the LK hybrid "
+        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)), or ce, cross-entropy on the sequences' own "
+        "tokens (no teacher: the SFT control of a comparison).",
+        choices=["fkl", "rkl", "jsd", "tvd", "lk", "ce"],
     )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
     lk_eta: float = opt(3.0, "η of the LK hybrid.", lo=0)
@@ -454,6 +469,12 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"generate.draft_fraction ({cfg.generate.draft_fraction}) + generate.dataset_fraction "
             f"({cfg.generate.dataset_fraction}) exceed 1; the target answers what is left"
         )
+    for name in ("target", "draft", "reference", "distil", "evaluate"):
+        if getattr(cfg, name).resources.workers > 1:
+            problems.append(
+                f"{name}.resources.workers: data-parallel workers are implemented for generate "
+                "only; set it to 1"
+            )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"
@@ -464,19 +485,31 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a JobConfig from an optional YAML file and `key=value` overrides; raise ConfigError."""
+    data = read_job_yaml(path) if path is not None else {}
+    if "compare" in data:
+        raise ConfigError([f"{path} is a comparison: run it with `specdraft compare {path}`"])
+    return job_from_dict(data, overrides)
+
+
+def read_job_yaml(path: str | Path) -> dict:
+    """The settings mapping of a job YAML file; ConfigError if it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"job file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+    return data
+
+
+def job_from_dict(data: dict, overrides: list[str] | None = None) -> JobConfig:
+    """A JobConfig from YAML-shaped `data` and `key=value` overrides; raise ConfigError."""
     problems: list[str] = []
     cfg = JobConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"job file {path} does not exist"])
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of settings"])
-        _apply(cfg, data, "", problems)
+    _apply(cfg, copy.deepcopy(data), "", problems)
     nested = _dotted_to_nested(overrides or [], problems)
     _apply(cfg, nested, "", problems)
     if not problems:

@@ -32,6 +32,7 @@ from specdraft.pipeline.artifacts import (
     read_manifest,
 )
 from specdraft.pipeline.config import Resources
+from specdraft.pipeline.lock import StoreLocks
 
 
 @dataclass(frozen=True)
@@ -253,12 +254,44 @@ def execute(
         return results
 
     runner = _RayRunner(ray_address, todo) if use_ray else None
+    locks = StoreLocks(store)
+    try:
+        _run_todo(todo, results, runner, locks, rerun, say)
+    finally:
+        locks.release_all()
+    return results
+
+
+POLL_SECONDS = 2.0  # how often a stage locked by another run is looked at again
+
+
+def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) -> None:
+    """Run `todo` in dependency order: each stage under its store lock, or reused when another run
+    sharing the store made it meanwhile (unless this run was asked to re-run it)."""
     pending = list(todo)
     in_flight: dict[Any, tuple[Stage, str, Path, float]] = {}
+    waiting: set[str] = set()
     while pending or in_flight:
         ready = [t for t in pending if all(dep_name(d) in results for d in t[0].deps)]
         for stage, key, path in ready:
+            if not locks.acquire(path):
+                if stage.name not in waiting:
+                    holder = locks.holder(path) or {}
+                    say(
+                        f"{stage.name:<10} waiting  (another run is making it: "
+                        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
+                    )
+                    waiting.add(stage.name)
+                continue
             pending.remove((stage, key, path))
+            if (path / MANIFEST).exists() and stage.name not in rerun:
+                locks.release(path)  # the other run finished it: reuse
+                results[stage.name] = StageResult(
+                    stage.name, key, path, True, 0.0, read_manifest(path)
+                )
+                say(f"{stage.name:<10} reused   {path} (made by another run)")
+                continue
+            waiting.discard(stage.name)
             inputs = {dep_key(d): str(results[dep_name(d)].path) for d in stage.deps}
             meta = {"stage": stage.name, "key": key, "code_version": code_version(stage.module)}
             verb = "started  " if runner is None else "submitted"
@@ -275,21 +308,28 @@ def execute(
                     raise StageError(
                         f"stage {stage.name} failed: {type(err).__name__}: {err}", err
                     ) from err
+                finally:
+                    locks.release(path)
                 results[stage.name] = _finish(stage, key, path, start, manifest, say)
             else:
                 ref = runner.submit(stage, inputs, path, meta)
                 in_flight[ref] = (stage, key, path, start)
         if runner is not None and in_flight:
-            ref, manifest_or_error = runner.wait_one(list(in_flight))
+            done = runner.wait_one(list(in_flight), timeout=POLL_SECONDS if waiting else None)
+            if done is None:
+                continue
+            ref, manifest_or_error = done
             stage, key, path, start = in_flight.pop(ref)
+            locks.release(path)
             if isinstance(manifest_or_error, BaseException):
                 runner.cancel(list(in_flight))
                 err = manifest_or_error
                 raise StageError(f"stage {stage.name} failed: {err}", err.cause) from None
             results[stage.name] = _finish(stage, key, path, start, manifest_or_error, say)
-        elif runner is None and pending and not ready:
+        elif pending and waiting:
+            time.sleep(POLL_SECONDS)
+        elif pending and not ready:
             raise StageError("stage graph is stuck (a dependency never ran)")
-    return results
 
 
 def _finish(stage, key, path, start, manifest, say) -> StageResult:
@@ -314,15 +354,20 @@ class _RayRunner:
         self._remote = ray.remote(run_stage)
 
     def submit(self, stage: Stage, inputs: dict[str, str], path: Path, meta: dict):
+        # A data-parallel stage's task only coordinates: its worker tasks hold the resources.
+        parallel = getattr(stage.resources, "workers", 1) > 1
         return self._remote.options(
-            num_cpus=stage.resources.cpus,
-            num_gpus=stage.resources.gpus,
+            num_cpus=0 if parallel else stage.resources.cpus,
+            num_gpus=0 if parallel else stage.resources.gpus,
             name=f"specdraft:{stage.name}",
             max_retries=2,
         ).remote(stage.module, stage.config, inputs, str(path), stage.seed, meta)
 
-    def wait_one(self, refs):
-        done, _ = self.ray.wait(refs, num_returns=1)
+    def wait_one(self, refs, timeout: float | None = None):
+        """The first stage to end, (ref, manifest or StageError); None if none ended in `timeout`."""
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if not done:
+            return None
         ref = done[0]
         try:
             return ref, self.ray.get(ref)

@@ -110,6 +110,7 @@ def analytic_acceptance(
     values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(
         lambda: {"beta": [], "agree": []}
     )
+    per_prompt = []  # mean β and agreement over each sequence's positions (paired comparisons)
     for start in range(0, len(sequences), 16):
         chunk = sequences[start : start + 16]
         batch = collate(chunk)
@@ -122,6 +123,14 @@ def analytic_acceptance(
                 cell = values[(row["task"], position_bucket(j, n))]
                 cell["beta"].append(beta[offset + j])
                 cell["agree"].append(agree[offset + j])
+            per_prompt.append(
+                {
+                    "prompt": row.get("prompt", ""),
+                    "task": row["task"],
+                    "alpha": _mean(beta[offset : offset + n]),
+                    "alpha_greedy": _mean(agree[offset : offset + n]),
+                }
+            )
             offset += n
 
     def summary(task: str | None = None, bucket: str | None = None) -> dict:
@@ -141,6 +150,7 @@ def analytic_acceptance(
     return {
         **with_buckets(None),
         "tasks": {task: with_buckets(task) for task in sorted({t for t, _ in values})},
+        "per_prompt": per_prompt,
     }
 
 
@@ -159,8 +169,10 @@ def evaluate_draft(
     desc: str = "speculative",
 ) -> dict:
     """Every metric of one draft: analytic acceptance on `sequences`, speculative decoding of
-    `spec_rows` (dicts with prompt, prompt_ids, task); per-task entries merged under `tasks`."""
+    `spec_rows` (dicts with prompt, prompt_ids, task); per-task entries merged under `tasks`,
+    per-prompt values under `per_prompt` (`alpha`: one row per sequence, `spec`: per spec row)."""
     result = analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature)
+    per_prompt = {"alpha": result.pop("per_prompt")}
     spec = spec_decoding(
         target,
         draft,
@@ -173,9 +185,11 @@ def evaluate_draft(
         target_only_seconds=target_only_seconds,
         desc=desc,
     )
+    per_prompt["spec"] = spec.pop("per_prompt")
     for task, entry in spec.pop("tasks").items():
         result["tasks"].setdefault(task, {}).update(entry)
     result.update(spec)
+    result["per_prompt"] = per_prompt
     return result
 
 
@@ -186,6 +200,7 @@ def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> 
             "input_ids": r["prompt_ids"] + c,
             "response_mask": [0] * len(r["prompt_ids"]) + [1] * len(c),
             "task": r["task"],
+            "prompt": r["prompt"],
         }
         for r, c in zip(rows, continuations, strict=True)
         if c
@@ -240,7 +255,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         "target": model_location(inputs["target"]),
         "definitions": DEFINITIONS,
     }
-    for name, stage in DRAFTS.items():
+    per_prompt = {}
+    drafts = {name: stage for name, stage in DRAFTS.items() if stage in inputs}
+    for name, stage in drafts.items():
         draft = load_model_artifact(inputs[stage], device)
         result = evaluate_draft(
             target,
@@ -256,6 +273,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             desc=f"speculative ({name})",
         )
         result["model"] = model_location(inputs[stage])
+        per_prompt[name] = result.pop("per_prompt")
         metrics[name] = result
         print(
             f"evaluate {name:<9} alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
@@ -263,6 +281,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             f"speedup={result['speedup'] or math.nan:.2f}"
         )
         del draft
-    metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in DRAFTS)
+    metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in drafts)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in DRAFTS}
+    (out / "per_prompt.json").write_text(json.dumps(per_prompt, allow_nan=False))
+    return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in drafts}

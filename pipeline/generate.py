@@ -15,6 +15,7 @@ from specdraft.errors import InputError
 from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import GenerateConfig
 from specdraft.pipeline.data import chat_template_of, load_splits, max_length_of
+from specdraft.pipeline.parallel import map_shards, shard_bounds, worker_gpu_ids
 from specdraft.pipeline.training import encode_example, prompt_token_ids
 
 
@@ -29,12 +30,16 @@ def sample_responses(
     batch_size: int,
     seed: int,
     desc: str,
+    first_index: int = 0,
 ) -> list[list[int]]:
-    """Token ids of one sampled response per tokenised prompt (eos included when reached)."""
+    """Token ids of one sampled response per tokenised prompt (eos included when reached).
+
+    Each batch is seeded by its position `first_index + start` in the whole prompt list, so a shard
+    of whole batches samples what the same batches sample in one pass (see pipeline/parallel.py)."""
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     responses: list[list[int]] = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):
+        torch.manual_seed(seed * 1_000_003 + first_index + start)
         batch = encoded[start : start + batch_size]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -60,6 +65,32 @@ def sample_responses(
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
             responses.append(row)
     return responses
+
+
+def sample_shard(
+    model_dir: str,
+    tokenizer_dir: str,
+    prompts: list[list[int]],
+    first_index: int,
+    cfg: GenerateConfig,
+    seed: int,
+    desc: str,
+) -> tuple[list[list[int]], list[int]]:
+    """One worker's responses to `prompts` (prompts[first_index:...] of the whole list), and the
+    GPUs it ran on."""
+    model = load_model_artifact(Path(model_dir), device_for(cfg.resources.gpus))
+    responses = sample_responses(
+        model,
+        load_tokenizer_artifact(Path(tokenizer_dir)),
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        desc=desc,
+        first_index=first_index,
+    )
+    return responses, worker_gpu_ids()
 
 
 def dataset_record(tokenizer, row: dict, chat: bool, max_length: int) -> dict:
@@ -90,24 +121,23 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             "generate.dataset_fraction > 0 needs responses in the data; set data.response_field "
             "or generate.dataset_fraction=0"
         )
-    device = device_for(cfg.resources.gpus)
     records = [dataset_record(tokenizer, row, chat, max_length) for row in rows[:n_data]]
     parts = (("draft", rows[n_data : n_data + n_draft]), ("target", rows[n_data + n_draft :]))
+    gpu_ids = []
     for source, part in parts:
         if not part:
             continue
-        model = load_model_artifact(inputs["draft_init" if source == "draft" else "target"], device)
+        model_dir = str(inputs["draft_init" if source == "draft" else "target"])
         prompts = [prompt_token_ids(tokenizer, r["prompt"], chat) for r in part]
-        responses = sample_responses(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            desc=f"generate ({source})",
+        shards = [
+            (model_dir, str(inputs["target"]), prompts[a:b], a, cfg, seed, f"generate ({source})")
+            for a, b in shard_bounds(len(prompts), cfg.resources.workers, cfg.batch_size)
+        ]
+        results = map_shards(
+            sample_shard, shards, cpus=cfg.resources.cpus, gpus=cfg.resources.gpus
         )
+        responses = [r for shard_responses, _ in results for r in shard_responses]
+        gpu_ids.append([ids for _, ids in results])
         for row, prompt_ids, response in zip(part, prompts, responses, strict=True):
             ids = (prompt_ids + response)[:max_length]
             mask = ([0] * len(prompt_ids) + [1] * len(response))[:max_length]
@@ -123,7 +153,6 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
                     "response_mask": mask,
                 }
             )
-        del model
     Dataset.from_list(records).save_to_disk(str(out / "sequences"))
     lengths = [sum(r["response_mask"]) for r in records]
     return {
@@ -133,6 +162,8 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         "from_dataset": sum(r["source"] == "dataset" for r in records),
         "mean_response_tokens": round(sum(lengths) / max(1, len(lengths)), 1),
         "ended_with_eos": sum(r["input_ids"][-1] == tokenizer.eos_token_id for r in records),
+        "workers": cfg.resources.workers,
+        "worker_gpu_ids": gpu_ids,  # per sampled part, per shard: the GPUs Ray gave it
     }
 
 

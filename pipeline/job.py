@@ -35,8 +35,7 @@ def final_distil(job: JobConfig) -> str:
 
 
 def build_stages(job: JobConfig) -> list[Stage]:
-    """The DAG. On-policy rounds r = 2..R are unrolled as `generate_r<r>` (the previous round's
-    draft samples) and `distil_r<r>` (which starts from it), each cached on its own."""
+    """The DAG: STAGES in order, with `distil` unrolled into its on-policy rounds."""
     last = final_distil(job)
     stages = []
     for name, (section, deps) in STAGES.items():
@@ -46,37 +45,59 @@ def build_stages(job: JobConfig) -> list[Stage]:
             resources = Resources(cpus=1)  # a given model is only recorded, not trained
         if name in ("evaluate", "export", "report") and last != "distil":
             deps = tuple(f"distil={last}" if d == "distil" else d for d in deps)
-        stages.append(Stage(name, f"specdraft.pipeline.{name}", cfg, deps, resources, job.seed))
         if name == "distil":
-            for r in range(2, job.distil.rounds + 1):
-                previous = "distil" if r == 2 else f"distil_r{r - 1}"
-                stages.append(
-                    Stage(
-                        f"generate_r{r}",
-                        "specdraft.pipeline.generate",
-                        job.generate,
-                        ("data", "target", f"draft_init={previous}"),
-                        job.generate.resources,
-                        job.seed + r - 1,
-                    )
-                )
-                stages.append(
-                    Stage(
-                        f"distil_r{r}",
-                        "specdraft.pipeline.distil",
-                        job.distil,
-                        (
-                            "data",
-                            "target",
-                            f"draft_init={previous}",
-                            "reference",
-                            f"generate=generate_r{r}",
-                        ),
-                        job.distil.resources,
-                        job.seed + r - 1,
-                    )
-                )
+            stages.extend(distil_chain(job, job.seed)[0])
+            continue
+        stages.append(Stage(name, f"specdraft.pipeline.{name}", cfg, deps, resources, job.seed))
     return stages
+
+
+def _alias(name: str, stage: str) -> str:
+    return name if name == stage else f"{name}={stage}"
+
+
+def distil_chain(
+    job: JobConfig, seed: int, *, generate: str = "generate", suffix: str = ""
+) -> tuple[list[Stage], str]:
+    """`distil<suffix>` on `generate`'s sequences, then on-policy rounds r = 2..R unrolled as
+    `generate_r<r><suffix>` (the previous round's draft samples) and `distil_r<r><suffix>` (which
+    starts from it), each cached on its own. Returns the stages and the last distil's name."""
+    first = f"distil{suffix}"
+    stages = [
+        Stage(
+            first,
+            "specdraft.pipeline.distil",
+            job.distil,
+            ("data", "target", "draft_init", "reference", _alias("generate", generate)),
+            job.distil.resources,
+            seed,
+        )
+    ]
+    previous = first
+    for r in range(2, job.distil.rounds + 1):
+        sampled, distilled = f"generate_r{r}{suffix}", f"distil_r{r}{suffix}"
+        stages.append(
+            Stage(
+                sampled,
+                "specdraft.pipeline.generate",
+                job.generate,
+                ("data", "target", f"draft_init={previous}"),
+                job.generate.resources,
+                seed + r - 1,
+            )
+        )
+        stages.append(
+            Stage(
+                distilled,
+                "specdraft.pipeline.distil",
+                job.distil,
+                ("data", "target", f"draft_init={previous}", "reference", f"generate={sampled}"),
+                job.distil.resources,
+                seed + r - 1,
+            )
+        )
+        previous = distilled
+    return stages, previous
 
 
 def store_for(job: JobConfig) -> Path:

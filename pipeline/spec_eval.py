@@ -148,6 +148,7 @@ def spec_decoding(
     """Real speculative decoding in batches of cfg.batch_size, per task: greedy (timed, with the
     lossless check against `greedy_references`) and at cfg.temperature."""
     by_task: dict[tuple[str, str], SpecStats] = {}
+    per_prompt: list[dict] = [{} for _ in prompts]  # tau / spec_alpha of each prompt, by mode
     mismatches = []
     generator = torch.Generator(device=_device_of(target)).manual_seed(seed)
     prompt_ids = [row["prompt_ids"] for row in prompts]
@@ -170,13 +171,27 @@ def spec_decoding(
             for mode, stats in runs.items():
                 by_task.setdefault((prompts[i]["task"], mode), SpecStats(gamma=cfg.gamma))
                 by_task[(prompts[i]["task"], mode)].merge(stats[k])
+                per_prompt[i][mode] = stats[k]
     if mismatches:
         raise LosslessError(
             f"greedy speculative decoding differed from target-only greedy decoding on {len(mismatches)} "
             f"prompt(s), e.g. {mismatches[0]!r}: the decoder is not lossless"
         )
     sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
-    result: dict = {"tasks": {}}
+    result: dict = {
+        "tasks": {},
+        "per_prompt": [
+            {
+                "prompt": row["prompt"],
+                "task": row["task"],
+                "tau": _finite(runs[sampled_mode].tau),
+                "tau_greedy": _finite(runs["greedy"].tau),
+                "spec_alpha": _finite(runs[sampled_mode].spec_alpha),
+                "spec_alpha_greedy": _finite(runs["greedy"].spec_alpha),
+            }
+            for row, runs in zip(prompts, per_prompt, strict=True)
+        ],
+    }
     for mode, suffix in ((sampled_mode, ""), ("greedy", "_greedy")):
         total = SpecStats(gamma=cfg.gamma)
         for (task, m), st in sorted(by_task.items()):

@@ -54,13 +54,22 @@ def encode_dataset(dataset, tokenizer, max_length: int):
 
 
 class Collator:
-    """Right-pads a batch; `labels` keep response tokens only, or every real token (`all_tokens`)."""
+    """Right-pads a batch; `labels` keep response tokens only, or every real token (`all_tokens`).
 
-    def __init__(self, pad_id: int, all_tokens: bool = False):
+    `packed=True` lays the rows end to end in one row instead (no padding): `position_ids` restart
+    at 0 for every sequence and there is no attention mask, which transformers turns into
+    per-sequence attention (cu_seqlens for the varlen FlashAttention kernel, a block-diagonal mask
+    for SDPA). The first token of each sequence is never a label, as in the padded layout.
+    """
+
+    def __init__(self, pad_id: int, all_tokens: bool = False, packed: bool = False):
         self.pad_id = pad_id
         self.all_tokens = all_tokens
+        self.packed = packed
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return self._pack(rows)
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -73,6 +82,29 @@ class Collator:
         counted = attn if self.all_tokens else resp
         labels = torch.where(counted.bool(), ids, torch.full_like(ids, -100))
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+    def _pack(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids, positions, labels = [], [], []
+        for r in rows:
+            n = len(r["input_ids"])
+            counted = [1] * n if self.all_tokens else list(r["response_mask"])
+            counted[0] = 0  # nothing in this sequence predicts its first token
+            ids += r["input_ids"]
+            positions += range(n)
+            labels += [t if c else -100 for t, c in zip(r["input_ids"], counted, strict=True)]
+        return {
+            "input_ids": torch.tensor([ids]),  # (1, ΣT)
+            "position_ids": torch.tensor([positions]),  # (1, ΣT)
+            "labels": torch.tensor([labels]),  # (1, ΣT)
+        }
+
+
+def packs_sequences(train_cfg, model) -> bool:
+    """`packing: auto` packs when the model attends with FlashAttention (varlen kernels make packing
+    free); SDPA and eager take padded batches."""
+    if train_cfg.packing != "auto":
+        return train_cfg.packing == "packed"
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
 
 
 class LossHistory(TrainerCallback):
@@ -143,22 +175,30 @@ def train_cross_entropy(
 ) -> list[dict]:
     """Plain cross-entropy (SFT on response tokens, or LM pre-training on all tokens)."""
     history = LossHistory()
+    cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     trainer = Trainer(
         model=model,
         args=training_args(train_cfg, out, seed, use_cpu=not torch.cuda.is_available()),
         train_dataset=encoded,
-        data_collator=Collator(tokenizer.pad_token_id, all_tokens=all_tokens),
+        data_collator=Collator(
+            tokenizer.pad_token_id, all_tokens=all_tokens, packed=packs_sequences(train_cfg, model)
+        ),
         callbacks=[history],
     )
     _train(trainer, train_cfg, out)
+    model.config.use_cache = cached  # the saved model generates with its cache
     return history.rows
 
 
-def hidden_and_head(model, input_ids, attention_mask):
-    """Final hidden states (B, T, H) and the LM head weight (V, H), without building logits."""
+def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
+    """Final hidden states (B, T, H) and the LM head weight (V, H), without building logits.
+    Packed batches give `position_ids` and no `attention_mask` (see Collator)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,  # a cache would hide packed sequences from transformers' mask builder
     ).last_hidden_state
     return hidden, base.get_output_embeddings().weight
 
@@ -182,7 +222,7 @@ def select_tokens_by_loss_gap(delta: torch.Tensor, k: float, mode: str = "top") 
 class KDOptions:
     """What a distillation loss is: divergence, token selection and normalisation."""
 
-    divergence: str = "fkl"  # fkl | rkl | jsd | tvd | lk
+    divergence: str = "fkl"  # fkl | rkl | jsd | tvd | lk | ce (hard labels, no teacher)
     beta: float = 0.5  # JSD mixture weight
     temperature: float = 1.0
     lk_eta: float = 3.0  # LK hybrid: λ = exp(−η·sg(α))
@@ -193,12 +233,20 @@ class KDOptions:
     fused: bool = True  # False: full (N, V) logits of both models (the unfused baseline)
 
 
-def kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions) -> torch.Tensor:
+def kd_loss_sum(
+    s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions, labels=None
+) -> torch.Tensor:
     """Summed divergence over the kept tokens, exact over the vocabulary, without (N, V) logits.
 
     The LK hybrid per token is λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−η·sg(α)), α = 1 − TV:
     KL pulls from a cold start, TV (the acceptance itself) takes over as α grows.
+    `ce` is cross-entropy on the data's next tokens `labels` (N,): no teacher, the SFT control.
     """
+    if opts.divergence == "ce":
+        per_row = torch.nn.functional.cross_entropy(
+            (s_hidden @ s_head.T).float() / opts.temperature, labels, reduction="none"
+        )  # (N,): the draft's logits only, as plain SFT builds them
+        return (per_row if keep is None else per_row * keep).sum()
     if opts.fused and opts.divergence != "lk":
         return fused_kd_loss(
             s_hidden,
@@ -275,7 +323,9 @@ class KDTrainer(Trainer):
     def _response_hidden(self, model, inputs, grad: bool):
         counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
         with torch.set_grad_enabled(grad):
-            hidden, head = hidden_and_head(model, inputs["input_ids"], inputs["attention_mask"])
+            hidden, head = hidden_and_head(
+                model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
+            )
         return hidden[:, :-1][counted], head  # (N, H), (V, H)
 
     @torch.no_grad()
@@ -314,8 +364,11 @@ class KDTrainer(Trainer):
         return select_tokens_by_loss_gap(delta, self.opts.k, self.opts.selection)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
+        t_hidden = t_head = None
+        if self.opts.divergence != "ce" or self.opts.selection != "all":
+            t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
         s_hidden, s_head = self._response_hidden(model, inputs, grad=True)
+        labels = inputs["labels"][:, 1:][inputs["labels"][:, 1:] != -100]  # (N,) next tokens
         keep = None
         if self.opts.selection != "all":
             delta = self.loss_gap(inputs, s_hidden, s_head, t_hidden, t_head)
@@ -324,7 +377,7 @@ class KDTrainer(Trainer):
             self.selection_log["total"] += int(keep.numel())
             if len(self.selection_log["deltas"]) < 200_000:
                 self.selection_log["deltas"].extend(delta.float().cpu().tolist())
-        loss_sum = kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, self.opts)
+        loss_sum = kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, self.opts, labels)
         if self.opts.normalize == "kept" and keep is not None:
             return loss_sum / keep.sum().clamp(min=1) / self.current_gradient_accumulation_steps
         if num_items_in_batch is not None:
@@ -346,19 +399,23 @@ def train_kd(
     callbacks=(),
 ):
     history = LossHistory()
+    cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*label_names.*")
         trainer = KDTrainer(
             model=model,
             args=training_args(train_cfg, out, seed, use_cpu=not torch.cuda.is_available()),
             train_dataset=encoded,
-            data_collator=Collator(tokenizer.pad_token_id),
+            data_collator=Collator(
+                tokenizer.pad_token_id, packed=packs_sequences(train_cfg, model)
+            ),
             callbacks=[history, *callbacks],
             teacher=teacher,
             reference=reference,
             options=options,
         )
         _train(trainer, train_cfg, out)
+    model.config.use_cache = cached  # the saved model generates with its cache
     return history.rows, trainer.selection_log
 
 

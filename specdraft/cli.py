@@ -1,4 +1,4 @@
-"""The `specdraft` command line: run, validate, check-pair, export, eval, report.
+"""The `specdraft` command line: run, compare, validate, check-pair, export, eval, report, submit.
 
 User mistakes (a bad job, missing data, a mismatched pair) print one message and exit with code 2;
 a stage that fails for another reason exits with code 1.
@@ -70,6 +70,27 @@ def cmd_run(args) -> int:
         return 1
     print_metrics(json.loads((out / "metrics.json").read_text()))
     print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from specdraft.pipeline.compare import load_comparison, run_comparison
+    from specdraft.pipeline.dag import StageError
+
+    job_file, overrides = _split(args.job, args.overrides)
+    comp = load_comparison(job_file or REPO_JOBS / "compare.yaml", overrides)
+    out = Path(args.out) if args.out else Path("runs") / comp.base.name
+    if args.address:
+        comp.base.ray.address = args.address
+    try:
+        run_comparison(comp, out, force=set(args.force), use_ray=False if args.no_ray else None)
+    except StageError as err:
+        if isinstance(err.cause, InputError):
+            raise err.cause from None
+        print(f"specdraft: {err}", file=sys.stderr)
+        return 1
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'report' / 'index.html'}")
     return 0
 
 
@@ -313,6 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
     )
     run.set_defaults(func=cmd_run)
+    cmp = sub.add_parser(
+        "compare", help="train and evaluate several recipes over seeds, side by side"
+    )
+    cmp.add_argument("job", nargs="?", help="comparison YAML (default: jobs/compare.yaml)")
+    cmp.add_argument("overrides", nargs="*", help="section.key=value overrides for every recipe")
+    cmp.add_argument("--out", help="output directory (default: runs/<job name>/)")
+    cmp.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="re-run STAGE (e.g. distil.fkl_all.s0) and what depends on it (repeatable)",
+    )
+    cmp.add_argument("--address", default="", help="attach to an existing Ray cluster")
+    cmp.add_argument(
+        "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
+    )
+    cmp.set_defaults(func=cmd_compare)
     val = sub.add_parser("validate", help="check a job without running it")
     val.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
     val.add_argument("overrides", nargs="*", help="section.key=value overrides")

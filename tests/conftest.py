@@ -54,7 +54,8 @@ TINY = [
 def ray_cluster():
     import ray
 
-    context = ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, log_to_driver=False)
+    # two logical GPUs: data-parallel stages schedule on them (nothing here runs CUDA)
+    context = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, log_to_driver=False)
     ray.dashboard_address = f"http://{context.dashboard_url}"  # for `specdraft submit`
     yield ray
     ray.shutdown()

@@ -2,16 +2,26 @@
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 
-def _log(out: Path, name: str) -> None:
-    with open(os.environ["DAG_TEST_LOG"], "a") as f:
-        f.write(name + "\n")
+def _log(cfg: dict) -> None:
+    """Ray workers started before a test do not see its environment: `cfg["log"]` reaches them."""
+    with open(cfg.get("log") or os.environ["DAG_TEST_LOG"], "a") as f:
+        f.write(cfg["name"] + "\n")
 
 
 def run(cfg, inputs, out, *, seed):
-    _log(out, cfg["name"])
+    _log(cfg)
+    if cfg.get("kill_once") and not Path(cfg["kill_once"]).exists():  # the worker dies mid-stage
+        Path(cfg["kill_once"]).write_text(str(os.getpid()))
+        (out / "partial.txt").write_text("half-written")
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(cfg.get("sleep", 0))
+    while cfg.get("hold") and Path(cfg["hold"]).exists():  # stays busy while the file is there
+        time.sleep(0.05)
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     if cfg.get("checkpointed"):  # fails on its first attempt, after leaving a checkpoint
         from specdraft.pipeline.artifacts import checkpoint_dir

@@ -62,8 +62,10 @@ def test_selection_with_ties_keeps_exact_count():
     assert keep.tolist() == [False, True, True, False, False]
 
 
-def _train(model, teacher, tmp_path, steps=3, batch=8, accum=1, **kw):
-    cfg = TrainConfig(steps=steps, batch_size=batch, grad_accum=accum, lr=1e-2, log_every=1)
+def _train(model, teacher, tmp_path, steps=3, batch=8, accum=1, packing="auto", **kw):
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch, grad_accum=accum, lr=1e-2, log_every=1, packing=packing
+    )
     history, selection = train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path, seed=0, **kw)
     return history, selection
 
@@ -114,6 +116,80 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
     assert moved
 
 
+def test_packed_batches_match_padded_ones_token_for_token():
+    """Packing is a layout only: per-token hidden states, labels and the CE loss are unchanged."""
+    from specdraft.pipeline.training import Collator, hidden_and_head
+
+    model = tiny_llama(2).eval()
+    rows = list(sequences(5))
+    padded, packed = Collator(0)(rows), Collator(0, packed=True)(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert packed["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows)
+    h_pad, _ = hidden_and_head(model, padded["input_ids"], padded["attention_mask"])
+    h_pack, _ = hidden_and_head(model, packed["input_ids"], None, packed["position_ids"])
+    counted_pad = padded["labels"][:, 1:] != -100
+    counted_pack = packed["labels"][:, 1:] != -100
+    assert torch.equal(padded["labels"][:, 1:][counted_pad], packed["labels"][:, 1:][counted_pack])
+    assert torch.allclose(
+        h_pad[:, :-1][counted_pad], h_pack[:, :-1][counted_pack], atol=1e-5
+    )  # tokens attend within their own sequence only
+    # whole-sequence labels (pre-training): a sequence's first token is never predicted
+    lm_pad, lm_pack = Collator(0, all_tokens=True)(rows), Collator(0, True, packed=True)(rows)
+    loss_pad = model(**lm_pad, use_cache=False).loss
+    loss_pack = model(**lm_pack, use_cache=False).loss  # a KV cache would hide the packing
+    assert torch.allclose(loss_pad, loss_pack, atol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["all", "top"])
+def test_packed_and_padded_training_give_the_same_update(tmp_path, selection):
+    teacher, base, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    models = {}
+    for packing in ("padded", "packed"):
+        models[packing] = copy.deepcopy(base)
+        opts = KDOptions(selection=selection, k=0.4)
+        _train(
+            models[packing],
+            teacher,
+            tmp_path / packing,
+            steps=3,
+            packing=packing,
+            reference=reference,
+            options=opts,
+        )
+    moved = False
+    for (name, p1), (_, p2), (_, p0) in zip(
+        models["padded"].named_parameters(),
+        models["packed"].named_parameters(),
+        base.named_parameters(),
+        strict=True,
+    ):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+        moved |= not torch.equal(p1, p0)
+    assert moved
+
+
+def test_packed_and_padded_cross_entropy_training_give_the_same_update(tmp_path):
+    from specdraft.pipeline.training import train_cross_entropy
+
+    base = tiny_llama(2)
+    models = {}
+    for packing in ("padded", "packed"):
+        models[packing] = copy.deepcopy(base)
+        cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, log_every=1, packing=packing)
+        train_cross_entropy(
+            models[packing], sequences(), Tok(), cfg, tmp_path / packing, seed=0, all_tokens=True
+        )
+        assert models[packing].config.use_cache  # restored for generation after training
+    for (name, p1), (_, p2), (_, p0) in zip(
+        models["padded"].named_parameters(),
+        models["packed"].named_parameters(),
+        base.named_parameters(),
+        strict=True,
+    ):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+        assert not torch.equal(p1, p0), name
+
+
 def test_global_scope_equals_microbatch_with_one_microbatch(tmp_path):
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
     reference = tiny_llama(3)
@@ -138,7 +214,7 @@ def test_global_scope_thresholds_the_whole_accumulation_window(tmp_path):
     assert abs(sel["kept"] / sel["total"] - 0.25) < 0.02
 
 
-@pytest.mark.parametrize("divergence", ["rkl", "jsd", "tvd", "lk"])
+@pytest.mark.parametrize("divergence", ["rkl", "jsd", "tvd", "lk", "ce"])
 def test_every_divergence_trains(tmp_path, divergence):
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
     model = copy.deepcopy(base)
@@ -163,6 +239,18 @@ def test_lk_hybrid_matches_its_formula():
     (g1,) = torch.autograd.grad(loss, sh)
     (g2,) = torch.autograd.grad(expected, sh)
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_ce_is_cross_entropy_on_the_kept_next_tokens_without_a_teacher():
+    from specdraft.pipeline.training import kd_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    sh, sw = torch.randn(9, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (9,), generator=g)
+    keep = torch.tensor([True, False] * 4 + [True])
+    loss = kd_loss_sum(sh, sw, None, None, keep, KDOptions(divergence="ce"), labels)
+    per_row = torch.nn.functional.cross_entropy(sh @ sw.T, labels, reduction="none")
+    assert torch.allclose(loss, (per_row * keep).sum(), atol=1e-5)
 
 
 def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path):

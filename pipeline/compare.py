@@ -1,0 +1,251 @@
+"""`specdraft compare`: several distillation recipes × seeds on one shared pipeline, side by side.
+
+A comparison file is a job YAML plus a `compare:` section:
+
+    compare:
+      seeds: [0, 1, 2]
+      baseline: fkl_all          # the recipe every other one is compared with
+      recipes:
+        fkl_all:
+          help: forward KL on every response token
+          set: {distil.selection: all}
+
+Every recipe is the job with its `set` overrides applied (then the command line's, which win), and
+may change only `generate.*` and `distil.*`: data, target, draft init, the dataset-response sequences
+and the reference are computed once and shared by every recipe through the stage cache. Each recipe
+× seed gets its own `generate.<recipe>.s<seed>` (when its generation differs from the shared one;
+the first recipe with those settings names it, later ones reuse it),
+`distil.<recipe>.s<seed>` and `evaluate.<recipe>.s<seed>`; every evaluation uses the job's seed, so
+all drafts are judged on the same prompts and target continuations (paired comparisons).
+The `comparison` stage (pipeline/comparison.py) reduces them to the table and report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from specdraft.pipeline.artifacts import atomic_write_text
+from specdraft.pipeline.config import ConfigError, JobConfig, Resources, job_from_dict
+from specdraft.pipeline.dag import Stage, StageError, execute
+from specdraft.pipeline.job import (
+    RunLog,
+    _copy_dir,
+    build_stages,
+    check_models,
+    distil_chain,
+    resolve_local_paths,
+    store_for,
+)
+
+SHARED = ("data", "target", "draft_init", "generate", "reference")
+RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    help: str
+    settings: dict  # dotted key -> value, as written in the file
+    job: JobConfig
+
+
+@dataclasses.dataclass
+class Comparison:
+    base: JobConfig
+    recipes: list[Recipe]
+    seeds: list[int]
+    baseline: str
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:
+    """Read a comparison file; every problem of every recipe is reported at once (ConfigError)."""
+    from specdraft.pipeline.config import read_job_yaml
+
+    data = read_job_yaml(path)
+    section = data.pop("compare", None)
+    overrides = list(overrides or [])
+    if not isinstance(section, dict):
+        raise ConfigError([f"{path}: no `compare:` section (seeds, baseline, recipes)"])
+    problems: list[str] = []
+    unknown = set(section) - {"seeds", "baseline", "recipes"}
+    if unknown:
+        problems.append(f"compare: unknown keys {sorted(unknown)} (known: seeds, baseline, recipes)")
+    seeds = section.get("seeds", [0, 1, 2])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        problems.append(f"compare.seeds: expected distinct non-negative integers, got {seeds!r}")
+    raw = section.get("recipes")
+    if not isinstance(raw, dict) or len(raw) < 2:
+        raise ConfigError(problems + ["compare.recipes: name at least two recipes"])
+    baseline = section.get("baseline", next(iter(raw)))
+    if baseline not in raw:
+        problems.append(f"compare.baseline: {baseline!r} is not one of the recipes {list(raw)}")
+    try:
+        base = job_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems) from None
+    recipes = []
+    for name, spec in raw.items():
+        where = f"compare.recipes.{name}"
+        if not isinstance(name, str) or not NAME.match(name):
+            problems.append(f"{where}: a recipe name is lower-case letters, digits, _ and -")
+            continue
+        spec = spec or {}
+        settings = spec.get("set", {}) if isinstance(spec, dict) else None
+        if not isinstance(settings, dict) or set(spec) - {"help", "set"}:
+            problems.append(f"{where}: expected `help:` and a `set:` mapping of section.key: value")
+            continue
+        outside = [k for k in settings if str(k).split(".")[0] not in RECIPE_SECTIONS]
+        if outside:
+            problems.append(
+                f"{where}: {outside} are shared by every recipe; a recipe may set only "
+                f"{', '.join(s + '.*' for s in RECIPE_SECTIONS)}"
+            )
+            continue
+        try:
+            job = job_from_dict(data, [_override(k, v) for k, v in settings.items()] + overrides)
+        except ConfigError as err:
+            problems.extend(f"{where}: {p}" for p in err.problems)
+            continue
+        recipes.append(Recipe(name, str(spec.get("help", "")), settings, job))
+    if problems:
+        raise ConfigError(problems)
+    return Comparison(base, recipes, list(seeds), baseline)
+
+
+def run_name(recipe: str, seed: int) -> str:
+    return f"{recipe}.s{seed}"
+
+
+def build_comparison_stages(comp: Comparison) -> list[Stage]:
+    """Shared stages once; per recipe × seed its generation (if its own), distillation and
+    evaluation; the comparison stage over all of them."""
+    base = comp.base
+    shared = [s for s in build_stages(base) if s.name in SHARED]
+    stages = list(shared)
+    evaluate = base.evaluate
+    stages.append(
+        Stage(
+            "evaluate",
+            "specdraft.pipeline.evaluate",
+            evaluate,
+            ("data", "target", "draft_init", "reference"),
+            evaluate.resources,
+            base.seed,
+        )
+    )
+    finals = {"shared": "evaluate"}
+    generations = {(json.dumps(dataclasses.asdict(base.generate), sort_keys=True), None): "generate"}
+    for recipe in comp.recipes:
+        for seed in comp.seeds:
+            suffix = "." + run_name(recipe.name, seed)
+            settings = json.dumps(dataclasses.asdict(recipe.job.generate), sort_keys=True)
+            generate = generations.get((settings, None)) or generations.get((settings, seed))
+            if generate is None:  # the first recipe with this generation makes it, for all
+                generate = generations[(settings, seed)] = f"generate{suffix}"
+                stages.append(
+                    Stage(
+                        generate,
+                        "specdraft.pipeline.generate",
+                        recipe.job.generate,
+                        ("data", "target", "draft_init"),
+                        recipe.job.generate.resources,
+                        seed,
+                    )
+                )
+            chain, last = distil_chain(recipe.job, seed, generate=generate, suffix=suffix)
+            stages.extend(chain)
+            stages.append(
+                Stage(
+                    f"evaluate{suffix}",
+                    "specdraft.pipeline.evaluate",
+                    evaluate,
+                    ("data", "target", f"distil={last}"),
+                    evaluate.resources,
+                    base.seed,  # the same prompts and continuations for every draft
+                )
+            )
+            finals[run_name(recipe.name, seed)] = f"evaluate{suffix}"
+    config = {
+        "title": base.report.title or base.name,
+        "baseline": comp.baseline,
+        "seeds": comp.seeds,
+        "recipes": {r.name: {"help": r.help, "set": r.settings} for r in comp.recipes},
+    }
+    deps = tuple(f"{alias}={stage}" for alias, stage in finals.items())
+    stages.append(
+        Stage(
+            "comparison",
+            "specdraft.pipeline.comparison",
+            config,
+            deps,
+            Resources(cpus=1),
+            base.seed,
+        )
+    )
+    return stages
+
+
+def run_comparison(
+    comp: Comparison, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+):
+    """Execute the comparison DAG (cached stages are reused) and lay out `out`."""
+    base = comp.base
+    use_ray = base.ray.enabled if use_ray is None else use_ray
+    for recipe in comp.recipes:
+        resolve_local_paths(recipe.job)
+    resolve_local_paths(base)
+    check_models(base)
+    store = store_for(base)
+    log = RunLog(store, base.name)
+    try:
+        results = execute(
+            build_comparison_stages(comp),
+            store,
+            force=set(force),
+            use_ray=use_ray,
+            ray_address=base.ray.address,
+            say=log,
+        )
+    except StageError as err:
+        log(f"FAILED: {err}")
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    made = results["comparison"].path
+    _copy_dir(made / "report", out / "report")
+    for name in ("results.json", "results.md"):
+        atomic_write_text(out / name, (made / name).read_text())
+    job = dataclasses.asdict(base) | {
+        "compare": {
+            "seeds": comp.seeds,
+            "baseline": comp.baseline,
+            "recipes": {r.name: {"help": r.help, "set": r.settings} for r in comp.recipes},
+        }
+    }
+    atomic_write_text(out / "job.yaml", yaml.safe_dump(job, sort_keys=False))
+    stages = [
+        {
+            "name": r.name,
+            "key": r.key,
+            "path": str(r.path),
+            "reused": r.reused,
+            "seconds": round(r.seconds, 2),
+        }
+        for r in results.values()
+    ]
+    atomic_write_text(out / "run.json", json.dumps({"job": base.name, "stages": stages}, indent=2))
+    return results

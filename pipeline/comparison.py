@@ -1,0 +1,179 @@
+"""Stage `comparison`: recipes × seeds reduced to mean ± std per task, with each recipe's difference
+to the baseline recipe and its significance, paired over prompts.
+
+Inputs: `shared` (the evaluation of the draft init and the reference) and `<recipe>.s<seed>` (the
+evaluation of that run's final draft). Every evaluation saw the same prompts and target
+continuations (pipeline/compare.py gives them one seed), so prompt i is the same trial for every
+recipe: the test takes, per prompt, each recipe's value averaged over its seeds, and flips the signs
+of the per-prompt differences to the baseline at random (a paired permutation test; exact when
+there are few prompts). Means and std are of the per-seed metrics as `evaluate` reports them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+from specdraft.errors import InputError
+from specdraft.reports.compare_render import render_comparison, results_markdown
+
+# metric -> (per-prompt table of evaluate's per_prompt.json, field there)
+METRICS = {
+    "alpha": ("alpha", "alpha"),
+    "alpha_greedy": ("alpha", "alpha_greedy"),
+    "tau": ("spec", "tau"),
+    "tau_greedy": ("spec", "tau_greedy"),
+}
+EXACT_UP_TO = 14  # prompts: below this every sign pattern is enumerated
+PERMUTATIONS = 20_000
+
+DEFINITIONS = {
+    "alpha": "expected acceptance sum_v min(p_v, q_v) at T = 1 over target continuations",
+    "alpha_greedy": "top-1 agreement of draft and target at the same positions",
+    "tau": "tokens per target call (bonus included) in real speculative decoding at T = 1",
+    "tau_greedy": "tokens per target call in greedy speculative decoding",
+    "mean ± std": "over seeds (sample std), of each seed's metric as `evaluate` reports it",
+    "diff": "mean of the recipe minus mean of the baseline recipe",
+    "p": "two-sided paired permutation test over prompts: per prompt, each recipe's value averaged "
+    "over seeds; the signs of the differences flipped at random (exact below "
+    f"{EXACT_UP_TO} prompts, else {PERMUTATIONS} draws)",
+}
+
+
+def paired_permutation_p(diffs: list[float], *, seed: int = 0) -> float | None:
+    """Two-sided p-value of mean(diffs) = 0 against random sign flips of the paired differences."""
+    diffs = [d for d in diffs if d is not None and not math.isnan(d)]
+    if not diffs:
+        return None
+    observed = abs(sum(diffs)) - 1e-12  # float noise must not turn a tie into a miss
+    if len(diffs) < EXACT_UP_TO:
+        patterns = itertools.product((1, -1), repeat=len(diffs))
+        hits = total = 0
+        for signs in patterns:
+            total += 1
+            hits += abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
+        return hits / total
+    rng = random.Random(seed)
+    hits = sum(
+        abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed
+        for _ in range(PERMUTATIONS)
+    )
+    return (hits + 1) / (PERMUTATIONS + 1)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _metric(metrics: dict, task: str, name: str):
+    entry = metrics if task == "all" else metrics.get("tasks", {}).get(task, {})
+    return entry.get(name)
+
+
+def _read(path: Path, name: str):
+    file = path / name
+    if not file.exists():
+        raise InputError(f"{file} is missing: the evaluation was made by an older specdraft")
+    return json.loads(file.read_text())
+
+
+def _check_same_prompts(per_prompt: dict[str, dict]) -> None:
+    """Pairing needs identical prompt lists; say which run differs if not."""
+    first_name, first = next(iter(per_prompt.items()))
+    for name, rows in per_prompt.items():
+        for table in ("alpha", "spec"):
+            if [r["prompt"] for r in rows[table]] != [r["prompt"] for r in first[table]]:
+                raise InputError(
+                    f"evaluations {first_name} and {name} saw different {table} prompts: "
+                    "a paired comparison needs the same evaluation seed and data"
+                )
+
+
+def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
+    """The results: per recipe, per task (and `all`), per metric mean/std/values/diff/p."""
+    recipes, seeds, baseline = list(config["recipes"]), config["seeds"], config["baseline"]
+    metrics = {
+        (r, s): _read(inputs[f"{r}.s{s}"], "metrics.json")["final"] for r in recipes for s in seeds
+    }
+    per_prompt = {
+        (r, s): _read(inputs[f"{r}.s{s}"], "per_prompt.json")["final"]
+        for r in recipes
+        for s in seeds
+    }
+    _check_same_prompts({f"{r}.s{s}": v for (r, s), v in per_prompt.items()})
+    first = per_prompt[(recipes[0], seeds[0])]
+    tasks = ["all", *sorted({row["task"] for row in first["alpha"]})]
+
+    def prompt_means(recipe: str, metric: str, task: str) -> list[float | None]:
+        """Per prompt of `task`, the recipe's value averaged over seeds."""
+        table, field = METRICS[metric]
+        rows = [
+            i for i, row in enumerate(first[table]) if task == "all" or row["task"] == task
+        ]
+        return [_mean([per_prompt[(recipe, s)][table][i][field] for s in seeds]) for i in rows]
+
+    results: dict = {}
+    for recipe in recipes:
+        results[recipe] = {}
+        for task in tasks:
+            cells = {}
+            for metric in METRICS:
+                values = [_metric(metrics[(recipe, s)], task, metric) for s in seeds]
+                base_values = [_metric(metrics[(baseline, s)], task, metric) for s in seeds]
+                mean, base_mean = _mean(values), _mean(base_values)
+                cell = {"mean": mean, "std": _std(values), "values": values}
+                if recipe != baseline and mean is not None and base_mean is not None:
+                    mine, theirs = (prompt_means(r, metric, task) for r in (recipe, baseline))
+                    diffs = [
+                        a - b
+                        for a, b in zip(mine, theirs, strict=True)
+                        if a is not None and b is not None
+                    ]
+                    cell["diff"] = mean - base_mean
+                    cell["p"] = paired_permutation_p(diffs)
+                    cell["pairs"] = len(diffs)
+                cells[metric] = cell
+            results[recipe][task] = cells
+    shared = _read(inputs["shared"], "metrics.json")
+    untrained = {
+        name: {task: {m: _metric(shared[name], task, m) for m in METRICS} for task in tasks}
+        for name in ("baseline", "reference")
+        if name in shared
+    }
+    any_eval = metrics[(recipes[0], seeds[0])]
+    return {
+        "title": config["title"],
+        "baseline": baseline,
+        "seeds": seeds,
+        "recipes": config["recipes"],
+        "tasks": tasks,
+        "metrics": list(METRICS),
+        "results": results,
+        "shared": untrained,
+        "gamma": shared.get("gamma"),
+        "temperature": shared.get("temperature"),
+        "num_prompts": {"alpha": len(first["alpha"]), "spec": len(first["spec"])},
+        "num_positions": any_eval.get("num_positions"),
+        "definitions": DEFINITIONS,
+    }
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    results = compare_runs(config, inputs)
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    (out / "results.md").write_text(results_markdown(results))
+    render_comparison(results, out / "report")
+    best = max(results["results"], key=lambda r: results["results"][r]["all"]["alpha"]["mean"])
+    return {"best_alpha": best, "recipes": len(results["recipes"]), "seeds": len(results["seeds"])}

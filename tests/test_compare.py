@@ -1,0 +1,147 @@
+"""`specdraft compare`: the comparison file, its DAG, the paired test and a tiny end-to-end run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specdraft.pipeline.compare import build_comparison_stages, load_comparison
+from specdraft.pipeline.comparison import paired_permutation_p
+from specdraft.pipeline.config import ConfigError
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, compare: dict, **job) -> Path:
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"name": "cmp", **job, "compare": compare}))
+    return path
+
+
+def test_paired_permutation_p_exact_and_sampled():
+    # five positive differences: only all-plus and all-minus are as extreme -> 2 / 32
+    assert paired_permutation_p([0.1, 0.2, 0.1, 0.3, 0.2]) == pytest.approx(2 / 32)
+    assert paired_permutation_p([0.0] * 6) == 1.0
+    assert paired_permutation_p([0.1, -0.1, 0.1, -0.1]) == 1.0
+    assert paired_permutation_p([]) is None
+    shifted = [0.05 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]  # sampled branch, clear effect
+    assert paired_permutation_p(shifted) < 1e-3
+    noise = [0.01 * ((i * 7) % 5 - 2) for i in range(40)]  # mean 0
+    assert paired_permutation_p(noise) > 0.5
+
+
+def test_the_shipped_comparison_loads_with_six_recipes_over_three_seeds():
+    comp = load_comparison(REPO / "jobs" / "compare.yaml")
+    assert len(comp.recipes) == 6 and len(comp.seeds) >= 3
+    assert comp.baseline == "fkl_all"
+    by_name = {r.name: r.job for r in comp.recipes}
+    assert by_name["ce"].distil.divergence == "ce"
+    assert by_name["adaspec"].distil.selection == "top" and by_name["adaspec"].distil.k == 0.4
+    assert by_name["fkl_onpolicy"].generate.draft_fraction == 1.0
+    assert comp.base.generate.dataset_fraction == 1.0  # the shared sequences are the dataset's
+
+
+def test_bad_comparisons_list_every_problem(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "seeds": [0, 0],
+            "baseline": "nope",
+            "recipes": {
+                "a": {"set": {"target.train.steps": 3}},
+                "b": {"set": {"distil.k": 7}},
+                "Bad Name": {"set": {}},
+            },
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        load_comparison(path)
+    text = str(err.value)
+    assert "compare.seeds" in text
+    assert "compare.baseline" in text
+    assert "compare.recipes.a" in text and "shared by every recipe" in text
+    assert "compare.recipes.b: distil.k" in text
+    assert "Bad Name" in text
+    with pytest.raises(ConfigError, match="at least two recipes"):
+        load_comparison(write(tmp_path, {"recipes": {"a": {}}}))
+    with pytest.raises(ConfigError, match="no `compare:` section"):
+        path.write_text("name: x\n")
+        load_comparison(path)
+
+
+def test_shared_stages_appear_once_and_evaluations_share_one_seed(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "seeds": [3, 4],
+            "recipes": {
+                "offline": {"set": {"distil.selection": "all"}},
+                "online": {"set": {"generate.dataset_fraction": 0.0, "distil.rounds": 2}},
+                "online_top": {"set": {"generate.dataset_fraction": 0.0, "distil.k": 0.2}},
+            },
+        },
+        seed=7,
+        generate={"dataset_fraction": 1.0, "draft_fraction": 0.0},
+    )
+    stages = {s.name: s for s in build_comparison_stages(load_comparison(path))}
+    for name in ("data", "target", "draft_init", "generate", "reference", "comparison"):
+        assert stages[name].seed == 7
+    assert "generate.offline.s3" not in stages  # same generation as the shared one
+    assert stages["distil.offline.s3"].deps[-1] == "generate"
+    assert stages["generate.online.s4"].seed == 4
+    assert stages["distil.online.s4"].deps[-1] == "generate=generate.online.s4"
+    assert stages["distil_r2.online.s4"].seed == 5  # round 2 of seed 4
+    assert stages["evaluate.online.s4"].deps[-1] == "distil=distil_r2.online.s4"
+    assert "generate.online_top.s4" not in stages  # the same generation as `online`'s
+    assert stages["distil.online_top.s4"].deps[-1] == "generate=generate.online.s4"
+    assert {s.seed for n, s in stages.items() if n.startswith("evaluate")} == {7}
+    assert "offline.s3=evaluate.offline.s3" in stages["comparison"].deps
+
+
+def test_a_tiny_comparison_end_to_end(tmp_path):
+    """Two copies of one recipe train identically (paired difference 0, p = 1); the table holds
+    every task, seed and metric; shared stages are made once."""
+    from specdraft.cli import main
+
+    path = write(
+        tmp_path,
+        {
+            "seeds": [0, 1],
+            "baseline": "fkl",
+            "recipes": {
+                "fkl": {"help": "forward KL", "set": {"distil.selection": "all"}},
+                "fkl_again": {"help": "the same recipe", "set": {"distil.selection": "all"}},
+                "adaspec": {"help": "top 40 %", "set": {"distil.selection": "top"}},
+            },
+        },
+        generate={"dataset_fraction": 1.0, "draft_fraction": 0.0},
+    )
+    tiny = [o for o in TINY if not o.startswith(("name=", "generate.", "distil.rounds"))]
+    out = tmp_path / "out"
+    argv = ["compare", str(path), *tiny, f"store={tmp_path / 'store'}", "--out", str(out)]
+    assert main([*argv, "--no-ray"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"][0] == "all" and len(results["tasks"]) == 5
+    assert list(results["results"]) == ["fkl", "fkl_again", "adaspec"]
+    for recipe, by_task in results["results"].items():
+        for task in results["tasks"]:
+            for metric in ("alpha", "alpha_greedy", "tau", "tau_greedy"):
+                cell = by_task[task][metric]
+                assert len(cell["values"]) == 2
+                assert ("diff" in cell) == (recipe != "fkl")
+                if "p" in cell:
+                    assert 0 < cell["p"] <= 1
+    same = results["results"]["fkl_again"]["all"]["alpha"]
+    assert same["diff"] == pytest.approx(0, abs=1e-9) and same["p"] == 1.0
+    assert set(results["shared"]) == {"baseline", "reference"}
+    assert "| fkl_again |" in (out / "results.md").read_text()
+    assert "<img" in (out / "report" / "index.html").read_text()
+    store = tmp_path / "store"
+    assert len(list(store.glob("target-*"))) == 1 and len(list(store.glob("reference-*"))) == 1
+    assert len(list(store.glob("distil.*"))) == 6
+    # a second run reuses every stage
+    assert main([*argv, "--no-ray"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert all(stage["reused"] for stage in run["stages"])
