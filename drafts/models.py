@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -77,7 +78,10 @@ def count_parameters(model) -> int:
 
 
 def device_for(gpus: float) -> torch.device:
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+    """The stage's device: its GPU (a DDP worker's own: LOCAL_RANK) when it asked for one."""
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 TOKENIZER_FILES = (

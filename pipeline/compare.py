@@ -79,7 +79,9 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
     problems: list[str] = []
     unknown = set(section) - {"seeds", "baseline", "recipes"}
     if unknown:
-        problems.append(f"compare: unknown keys {sorted(unknown)} (known: seeds, baseline, recipes)")
+        problems.append(
+            f"compare: unknown keys {sorted(unknown)} (known: seeds, baseline, recipes)"
+        )
     seeds = section.get("seeds", [0, 1, 2])
     if (
         not isinstance(seeds, list)
@@ -149,7 +151,9 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
         )
     )
     finals = {"shared": "evaluate"}
-    generations = {(json.dumps(dataclasses.asdict(base.generate), sort_keys=True), None): "generate"}
+    generations = {
+        (json.dumps(dataclasses.asdict(base.generate), sort_keys=True), None): "generate"
+    }
     for recipe in comp.recipes:
         for seed in comp.seeds:
             suffix = "." + run_name(recipe.name, seed)

@@ -119,9 +119,7 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
     def prompt_means(recipe: str, metric: str, task: str) -> list[float | None]:
         """Per prompt of `task`, the recipe's value averaged over seeds."""
         table, field = METRICS[metric]
-        rows = [
-            i for i, row in enumerate(first[table]) if task == "all" or row["task"] == task
-        ]
+        rows = [i for i, row in enumerate(first[table]) if task == "all" or row["task"] == task]
         return [_mean([per_prompt[(recipe, s)][table][i][field] for s in seeds]) for i in rows]
 
     results: dict = {}

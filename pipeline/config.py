@@ -41,8 +41,9 @@ class Resources:
     gpus: float = opt(0, "GPUs the stage's Ray task asks for (fractions share a GPU).", lo=0)
     workers: int = opt(
         1,
-        "Data-parallel workers (generate only): prompts are sharded by whole batches over this "
-        "many Ray tasks, each with the cpus and gpus above; the output is the same for any count.",
+        "Data-parallel workers, each with the cpus and gpus above. generate: prompts sharded by "
+        "whole batches over Ray tasks, the output is the same for any count; distil: DDP through "
+        "Ray Train's TorchTrainer, batch_size split evenly over the workers.",
         lo=1,
     )
 
@@ -469,12 +470,18 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"generate.draft_fraction ({cfg.generate.draft_fraction}) + generate.dataset_fraction "
             f"({cfg.generate.dataset_fraction}) exceed 1; the target answers what is left"
         )
-    for name in ("target", "draft", "reference", "distil", "evaluate"):
+    for name in ("target", "draft", "reference", "evaluate"):
         if getattr(cfg, name).resources.workers > 1:
             problems.append(
                 f"{name}.resources.workers: data-parallel workers are implemented for generate "
-                "only; set it to 1"
+                "and distil only; set it to 1"
             )
+    split = cfg.distil.train.grad_accum * cfg.distil.resources.workers
+    if cfg.distil.train.batch_size % split:
+        problems.append(
+            f"distil.train.batch_size ({cfg.distil.train.batch_size}) must be divisible by "
+            f"grad_accum x resources.workers ({split}): each worker takes an equal share"
+        )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"

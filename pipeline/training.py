@@ -139,7 +139,7 @@ def _train(trainer, train_cfg, out: Path) -> None:
 
 
 def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArguments:
-    micro = train_cfg.batch_size // train_cfg.grad_accum
+    micro = train_cfg.batch_size // train_cfg.grad_accum // _world_size()  # per device
     saving = {"save_strategy": "no"}
     if train_cfg.save_every:
         saving = {
@@ -165,6 +165,7 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length",  # less padding: batches of similar lengths
         disable_tqdm=False,
     )
@@ -192,15 +193,39 @@ def train_cross_entropy(
 
 def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states (B, T, H) and the LM head weight (V, H), without building logits.
-    Packed batches give `position_ids` and no `attention_mask` (see Collator)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,  # a cache would hide packed sequences from transformers' mask builder
-    ).last_hidden_state
+    Packed batches give `position_ids` and no `attention_mask` (see Collator).
+
+    A DistributedDataParallel model (Ray Train workers) must run its forward through the wrapper,
+    which arms the gradient all-reduce: the whole model runs with no logits kept and a hook on the
+    decoder takes its output."""
+    inner = getattr(model, "module", model) if _is_ddp(model) else model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "use_cache": False,  # a cache would hide packed sequences from transformers' mask builder
+    }
+    if inner is model:
+        hidden = base.get_decoder()(**kwargs).last_hidden_state
+    else:
+        captured = []
+        hook = base.get_decoder().register_forward_hook(
+            lambda module, args, out: captured.append(out.last_hidden_state)
+        )
+        try:
+            no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+            model(**kwargs, logits_to_keep=no_logits)  # (B, 0, V) logits: nothing materialised
+        finally:
+            hook.remove()
+        hidden = captured[0]
     return hidden, base.get_output_embeddings().weight
+
+
+def _is_ddp(model) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
 
 
 def select_tokens_by_loss_gap(delta: torch.Tensor, k: float, mode: str = "top") -> torch.Tensor:
@@ -283,6 +308,12 @@ def kd_loss_sum(
     kl, tv = rows("fkl"), rows("tvd")
     lam = torch.exp(-opts.lk_eta * (1.0 - tv.detach()))  # (N,); masked rows have kl = tv = 0
     return (lam * kl + (1.0 - lam) * tv).sum()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _gathered(values: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,11 @@ def render_comparison(results: dict, out_dir: Path) -> Path:
         _figure(_plot_metric(results, m), f"{LABELS[m]} per task, mean ± std over seeds")
         for m in LABELS
     ]
-    parts += ["<h2>Plots</h2>", f'<div class="plots">{"".join(plots)}</div>', "<h2>Definitions</h2>"]
+    parts += [
+        "<h2>Plots</h2>",
+        f'<div class="plots">{"".join(plots)}</div>',
+        "<h2>Definitions</h2>",
+    ]
     parts.append(
         "<dl>"
         + "".join(

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,8 +56,16 @@ TINY = [
 def ray_cluster():
     import ray
 
-    # two logical GPUs: data-parallel stages schedule on them (nothing here runs CUDA)
-    context = ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, log_to_driver=False)
+    # Two logical GPUs: data-parallel stages schedule on them (nothing here runs CUDA).
+    # Workers import the tests' own stage modules (tests/dag_stages.py) from PYTHONPATH.
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    context = ray.init(
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=True,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     ray.dashboard_address = f"http://{context.dashboard_url}"  # for `specdraft submit`
     yield ray
     ray.shutdown()

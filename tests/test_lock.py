@@ -97,7 +97,7 @@ def test_a_run_waits_for_a_live_lock_and_runs_once_it_is_released(tmp_path, call
     store = tmp_path / "store"
     store.mkdir()
     stages = [Stage("a", MODULE, {"name": "a", "add": 1})]
-    (_, _, path), = dag.plan(stages, store)
+    ((_, _, path),) = dag.plan(stages, store)
     other = StoreLocks(store, lease=30)
     assert other.acquire(path)
     said = []

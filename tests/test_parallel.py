@@ -1,8 +1,10 @@
 """Data-parallel generation: shards of whole batches on logical GPUs, merged output unchanged."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.dag import Stage, execute
@@ -57,3 +59,30 @@ def test_two_gpu_workers_generate_exactly_what_one_worker_does(tiny_run, ray_clu
         assert len(shards) == 2
         assert all(len(ids) == 1 and ids[0] in (0, 1) for ids in shards)
     assert made[1].manifest["info"]["worker_gpu_ids"] == [[[]], [[]]]
+
+
+def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
+    job, _, results = tiny_run
+    stages = {s.name: s for s in build_stages(job)}
+    upstream = [stages[n] for n in ("data", "target", "draft_init", "generate", "reference")]
+    cfg = dataclasses.replace(
+        job.distil, rounds=1, resources=Resources(cpus=1, gpus=0, workers=2)
+    )
+    stage = dataclasses.replace(stages["distil"], config=cfg, resources=cfg.resources)
+    made = execute([*upstream, stage], job.store, use_ray=True, say=lambda _: None)["distil"]
+    info = made.manifest["info"]
+    assert info["workers"] == 2 and info["replicas_in_sync"]
+    assert "weights_checksum" not in info
+    from specdraft.pipeline.artifacts import load_model_artifact
+
+    trained = load_model_artifact(made.path, "cpu")
+    start = load_model_artifact(results["draft_init"].path, "cpu")
+    moved = [
+        name
+        for (name, a), (_, b) in zip(
+            trained.named_parameters(), start.named_parameters(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert moved  # training happened
+    assert not list(Path(made.path).glob("ddp_info.json"))
