@@ -96,7 +96,17 @@ def cmd_compare(args) -> int:
 
 def cmd_validate(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
-    job = load_job(_job_path(job_file), overrides)
+    path = _job_path(job_file)
+    if path is not None and path.is_file() and "compare:" in path.read_text():
+        from specdraft.pipeline.compare import load_comparison
+
+        comp = load_comparison(path, overrides)
+        print(
+            f"comparison {comp.base.name!r} is valid: {len(comp.recipes)} recipes x "
+            f"{len(comp.seeds)} seeds"
+        )
+        return 0
+    job = load_job(path, overrides)
     print(f"job {job.name!r} is valid")
     return 0
 

@@ -65,9 +65,7 @@ def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_clus
     job, _, results = tiny_run
     stages = {s.name: s for s in build_stages(job)}
     upstream = [stages[n] for n in ("data", "target", "draft_init", "generate", "reference")]
-    cfg = dataclasses.replace(
-        job.distil, rounds=1, resources=Resources(cpus=1, gpus=0, workers=2)
-    )
+    cfg = dataclasses.replace(job.distil, rounds=1, resources=Resources(cpus=1, gpus=0, workers=2))
     stage = dataclasses.replace(stages["distil"], config=cfg, resources=cfg.resources)
     made = execute([*upstream, stage], job.store, use_ray=True, say=lambda _: None)["distil"]
     info = made.manifest["info"]
