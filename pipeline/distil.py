@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
@@ -201,6 +201,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
             UserWarning,
             stacklevel=2,
         )
+    set_seed(seed)  # LoRA's initial adapters come from the global RNG: same seed, same draft
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"])
     teacher = load_model_artifact(inputs["target"], device)

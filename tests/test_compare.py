@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write(tmp_path, compare: dict, **job) -> Path:
     path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump({"name": "cmp", **job, "compare": compare}))
+    path.write_text(yaml.safe_dump({"name": "cmp", **job, "compare": compare}, sort_keys=False))
     return path
 
 
