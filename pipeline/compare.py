@@ -31,15 +31,14 @@ import yaml
 
 from specdraft.pipeline.artifacts import atomic_write_text
 from specdraft.pipeline.config import ConfigError, JobConfig, Resources, job_from_dict
-from specdraft.pipeline.dag import Stage, StageError, execute
+from specdraft.pipeline.dag import Stage
 from specdraft.pipeline.job import (
-    RunLog,
     _copy_dir,
     build_stages,
     check_models,
     distil_chain,
+    execute_logged,
     resolve_local_paths,
-    store_for,
 )
 
 SHARED = ("data", "target", "draft_init", "generate", "reference")
@@ -209,25 +208,11 @@ def run_comparison(
 ):
     """Execute the comparison DAG (cached stages are reused) and lay out `out`."""
     base = comp.base
-    use_ray = base.ray.enabled if use_ray is None else use_ray
     for recipe in comp.recipes:
         resolve_local_paths(recipe.job)
     resolve_local_paths(base)
     check_models(base)
-    store = store_for(base)
-    log = RunLog(store, base.name)
-    try:
-        results = execute(
-            build_comparison_stages(comp),
-            store,
-            force=set(force),
-            use_ray=use_ray,
-            ray_address=base.ray.address,
-            say=log,
-        )
-    except StageError as err:
-        log(f"FAILED: {err}")
-        raise
+    results = execute_logged(build_comparison_stages(comp), base, force=force, use_ray=use_ray)
     out.mkdir(parents=True, exist_ok=True)
     made = results["comparison"].path
     _copy_dir(made / "report", out / "report")

@@ -152,27 +152,32 @@ class RunLog:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
-def run_job(
-    job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+def execute_logged(
+    stages: list[Stage], job: JobConfig, *, force: set[str], use_ray: bool | None
 ) -> dict[str, StageResult]:
-    """Execute the job's DAG (cached stages are reused) and lay out `out`."""
-    use_ray = job.ray.enabled if use_ray is None else use_ray
-    resolve_local_paths(job)
-    check_models(job)
-    store = store_for(job)
-    log = RunLog(store, job.name)
+    """Execute `stages` in the job's store and Ray setting, logging to `<store>/logs/<job>.log`."""
+    log = RunLog(store_for(job), job.name)
     try:
-        results = execute(
-            build_stages(job),
-            store,
+        return execute(
+            stages,
+            store_for(job),
             force=set(force),
-            use_ray=use_ray,
+            use_ray=job.ray.enabled if use_ray is None else use_ray,
             ray_address=job.ray.address,
             say=log,
         )
     except StageError as err:
         log(f"FAILED: {err}")
         raise
+
+
+def run_job(
+    job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+) -> dict[str, StageResult]:
+    """Execute the job's DAG (cached stages are reused) and lay out `out`."""
+    resolve_local_paths(job)
+    check_models(job)
+    results = execute_logged(build_stages(job), job, force=force, use_ray=use_ray)
     out.mkdir(parents=True, exist_ok=True)
     _copy_dir(results["export"].path / "draft", out / "draft")
     _copy_dir(results["report"].path / "report", out / "report")

@@ -323,43 +323,36 @@ def _add_cluster_parsers(sub) -> None:
         command.set_defaults(func=func)
 
 
+def _add_run_arguments(parser, job_help: str, stage: str) -> None:
+    parser.add_argument("job", nargs="?", help=job_help)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--out", help="output directory (default: runs/<job name>/)")
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"re-run {stage} and what depends on it (repeatable)",
+    )
+    parser.add_argument("--address", default="", help="attach to an existing Ray cluster")
+    parser.add_argument(
+        "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdraft", description="Distil draft models for speculative decoding."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job (default: the built-in demo)")
-    run.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
-    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    run.add_argument("--out", help="run directory (default: runs/<job name>/)")
-    run.add_argument(
-        "--force",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        help="re-run STAGE and what depends on it (repeatable)",
-    )
-    run.add_argument("--address", default="", help="attach to an existing Ray cluster")
-    run.add_argument(
-        "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
-    )
+    _add_run_arguments(run, "job YAML (default: jobs/demo.yaml)", "STAGE")
     run.set_defaults(func=cmd_run)
     cmp = sub.add_parser(
         "compare", help="train and evaluate several recipes over seeds, side by side"
     )
-    cmp.add_argument("job", nargs="?", help="comparison YAML (default: jobs/compare.yaml)")
-    cmp.add_argument("overrides", nargs="*", help="section.key=value overrides for every recipe")
-    cmp.add_argument("--out", help="output directory (default: runs/<job name>/)")
-    cmp.add_argument(
-        "--force",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        help="re-run STAGE (e.g. distil.fkl_all.s0) and what depends on it (repeatable)",
-    )
-    cmp.add_argument("--address", default="", help="attach to an existing Ray cluster")
-    cmp.add_argument(
-        "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
+    _add_run_arguments(
+        cmp, "comparison YAML (default: jobs/compare.yaml)", "STAGE (e.g. distil.fkl_all.s0)"
     )
     cmp.set_defaults(func=cmd_compare)
     val = sub.add_parser("validate", help="check a job without running it")
