@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,7 @@ from specdraft.pipeline.job import (
     execute_logged,
     resolve_local_paths,
 )
+from specdraft.reports.machine import describe_machine
 
 SHARED = ("data", "target", "draft_init", "generate", "reference")
 RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
@@ -204,9 +206,16 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
 
 
 def run_comparison(
-    comp: Comparison, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+    comp: Comparison,
+    out: Path,
+    *,
+    force: set[str] = frozenset(),
+    use_ray: bool | None = None,
+    command: str = "",
 ):
-    """Execute the comparison DAG (cached stages are reused) and lay out `out`."""
+    """Execute the comparison DAG (cached stages are reused) and lay out `out`; `run.json` records
+    `command`, the wall time and the machine."""
+    started = time.time()
     base = comp.base
     for recipe in comp.recipes:
         resolve_local_paths(recipe.job)
@@ -236,5 +245,14 @@ def run_comparison(
         }
         for r in results.values()
     ]
-    atomic_write_text(out / "run.json", json.dumps({"job": base.name, "stages": stages}, indent=2))
+    run = {
+        "job": base.name,
+        "command": command,
+        "wall_seconds": round(time.time() - started, 1),  # with cached stages: only what ran
+        "stages_run": sum(not r.reused for r in results.values()),
+        "stages_reused": sum(r.reused for r in results.values()),
+        "machine": describe_machine(),
+        "stages": stages,
+    }
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2))
     return results

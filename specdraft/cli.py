@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,7 +84,13 @@ def cmd_compare(args) -> int:
     if args.address:
         comp.base.ray.address = args.address
     try:
-        run_comparison(comp, out, force=set(args.force), use_ray=False if args.no_ray else None)
+        run_comparison(
+            comp,
+            out,
+            force=set(args.force),
+            use_ray=False if args.no_ray else None,
+            command="specdraft " + " ".join(shlex.quote(a) for a in args.argv),
+        )
     except StageError as err:
         if isinstance(err.cause, InputError):
             raise err.cause from None
@@ -383,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except InputError as err:

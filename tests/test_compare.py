@@ -145,3 +145,5 @@ def test_a_tiny_comparison_end_to_end(tmp_path):
     assert main([*argv, "--no-ray"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert all(stage["reused"] for stage in run["stages"])
+    assert run["command"] == "specdraft " + " ".join(argv + ["--no-ray"])
+    assert run["stages_run"] == 0 and run["machine"]["logical_cores"]
