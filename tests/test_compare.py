@@ -147,3 +147,12 @@ def test_a_tiny_comparison_end_to_end(tmp_path):
     assert all(stage["reused"] for stage in run["stages"])
     assert run["command"] == "specdraft " + " ".join(argv + ["--no-ray"])
     assert run["stages_run"] == 0 and run["machine"]["logical_cores"]
+
+
+def test_validate_and_run_point_at_the_comparison(capsys):
+    from specdraft.cli import main
+
+    assert main(["validate", str(REPO / "jobs" / "compare.yaml")]) == 0
+    assert "6 recipes x 3 seeds" in capsys.readouterr().out
+    assert main(["run", str(REPO / "jobs" / "compare.yaml")]) == 2
+    assert "specdraft compare" in capsys.readouterr().err
