@@ -66,9 +66,10 @@ def results_markdown(results: dict) -> str:
 
 def _plot_metric(results: dict, metric: str) -> Figure:
     """Grouped bars per task, one per recipe, with the seed std as error bars."""
-    fig = Figure(figsize=(7.2, 3.8))
+    fig = Figure(figsize=(7.2, 4.4))
     ax = fig.add_subplot()
     recipes, tasks = list(results["results"]), results["tasks"]
+    means = []
     width = 0.8 / len(recipes)
     for i, recipe in enumerate(recipes):
         xs = [t + (i - (len(recipes) - 1) / 2) * width for t in range(len(tasks))]
@@ -76,11 +77,14 @@ def _plot_metric(results: dict, metric: str) -> Figure:
         ys = [c["mean"] if c["mean"] is not None else float("nan") for c in cells]
         errs = [c["std"] or 0.0 for c in cells]
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=recipe)
+        means += [y for y in ys if y == y]
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel(LABELS[metric])
-    if metric.startswith("alpha"):
-        ax.set_ylim(0, 1)
-    ax.legend(fontsize="x-small", ncols=3, loc="upper left")
+    if means:  # zoom in on the bars' range: the differences are what the plot is for
+        low, high = min(means), max(means)
+        pad = 0.1 * (high - low) + 1e-3
+        ax.set_ylim(max(0.0, low - 3 * pad), high + pad)
+    ax.legend(fontsize="x-small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -110,7 +114,10 @@ def render_comparison(results: dict, out_dir: Path) -> Path:
             rows.append(f"<tr><td><em>{_esc(SHARED_LABELS[name])}</em></td>{cells}</tr>")
         parts += [f"<h2>Task: {_esc(task)}</h2>", _table(head, rows)]
     plots = [
-        _figure(_plot_metric(results, m), f"{LABELS[m]} per task, mean ± std over seeds")
+        _figure(
+            _plot_metric(results, m),
+            f"{LABELS[m]} per task, mean ± std over seeds (the axis spans the bars, not from 0)",
+        )
         for m in LABELS
     ]
     parts += [
