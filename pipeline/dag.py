@@ -284,6 +284,7 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
                     waiting.add(stage.name)
                 continue
             pending.remove((stage, key, path))
+            waiting.discard(stage.name)
             if (path / MANIFEST).exists() and stage.name not in rerun:
                 locks.release(path)  # the other run finished it: reuse
                 results[stage.name] = StageResult(
@@ -291,7 +292,6 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
                 )
                 say(f"{stage.name:<10} reused   {path} (made by another run)")
                 continue
-            waiting.discard(stage.name)
             inputs = {dep_key(d): str(results[dep_name(d)].path) for d in stage.deps}
             meta = {"stage": stage.name, "key": key, "code_version": code_version(stage.module)}
             verb = "started  " if runner is None else "submitted"
