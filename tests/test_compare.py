@@ -9,7 +9,7 @@ import yaml
 from specdraft.pipeline.compare import build_comparison_stages, load_comparison
 from specdraft.pipeline.comparison import paired_permutation_p
 from specdraft.pipeline.config import ConfigError
-from tests.conftest import TINY
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
