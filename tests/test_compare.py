@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 
 from specdraft.pipeline.compare import build_comparison_stages, load_comparison
 from specdraft.pipeline.comparison import paired_permutation_p
 from specdraft.pipeline.config import ConfigError
-from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
