@@ -42,8 +42,9 @@ class Resources:
     workers: int = opt(
         1,
         "Data-parallel workers, each with the cpus and gpus above. generate: prompts sharded by "
-        "whole batches over Ray tasks, the output is the same for any count; distil: DDP through "
-        "Ray Train's TorchTrainer, batch_size split evenly over the workers.",
+        "whole batches over Ray tasks; evaluate: tasks spread over Ray tasks (both give the same "
+        "output for any count); distil: DDP through Ray Train's TorchTrainer, batch_size split "
+        "evenly over the workers.",
         lo=1,
     )
 
@@ -470,11 +471,11 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"generate.draft_fraction ({cfg.generate.draft_fraction}) + generate.dataset_fraction "
             f"({cfg.generate.dataset_fraction}) exceed 1; the target answers what is left"
         )
-    for name in ("target", "draft", "reference", "evaluate"):
+    for name in ("target", "draft", "reference"):
         if getattr(cfg, name).resources.workers > 1:
             problems.append(
-                f"{name}.resources.workers: data-parallel workers are implemented for generate "
-                "and distil only; set it to 1"
+                f"{name}.resources.workers: data-parallel workers are implemented for generate, "
+                "distil and evaluate; set it to 1"
             )
     split = cfg.distil.train.grad_accum * cfg.distil.resources.workers
     if cfg.distil.train.batch_size % split:

@@ -34,7 +34,14 @@ from specdraft.pipeline.artifacts import (
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.data import chat_template_of, load_splits
 from specdraft.pipeline.generate import sample_responses
-from specdraft.pipeline.spec_eval import spec_decoding, target_only_greedy
+from specdraft.pipeline.parallel import map_shards, shard_bounds
+from specdraft.pipeline.spec_eval import (
+    SpecRuns,
+    spec_decoding,
+    spec_runs,
+    summarize_spec,
+    target_only_greedy,
+)
 from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}
@@ -101,16 +108,17 @@ def _acceptance_summary(beta: list[float], agree: list[float]) -> dict:
     return {"alpha": _mean(beta), "alpha_greedy": _mean(agree), "num_positions": len(beta)}
 
 
-def analytic_acceptance(
+def analytic_values(
     target, draft, sequences: list[dict], pad_id: int, temperature: float
-) -> dict:
-    """alpha and alpha_greedy overall, per task and per position bucket over tokenised sequences."""
+) -> tuple[dict, list[dict]]:
+    """β and agreement at every response position, by (task, position bucket), and per sequence
+    their means (the rows paired comparisons read)."""
     collate = Collator(pad_id)
     # (task, bucket) -> lists of β and agreement at the positions there
     values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(
         lambda: {"beta": [], "agree": []}
     )
-    per_prompt = []  # mean β and agreement over each sequence's positions (paired comparisons)
+    per_prompt = []
     for start in range(0, len(sequences), 16):
         chunk = sequences[start : start + 16]
         batch = collate(chunk)
@@ -132,6 +140,11 @@ def analytic_acceptance(
                 }
             )
             offset += n
+    return dict(values), per_prompt
+
+
+def summarize_analytic(values: dict, per_prompt: list[dict]) -> dict:
+    """alpha and alpha_greedy overall, per task and per position bucket."""
 
     def summary(task: str | None = None, bucket: str | None = None) -> dict:
         cells = [
@@ -152,6 +165,13 @@ def analytic_acceptance(
         "tasks": {task: with_buckets(task) for task in sorted({t for t, _ in values})},
         "per_prompt": per_prompt,
     }
+
+
+def analytic_acceptance(
+    target, draft, sequences: list[dict], pad_id: int, temperature: float
+) -> dict:
+    """alpha and alpha_greedy overall, per task and per position bucket over tokenised sequences."""
+    return summarize_analytic(*analytic_values(target, draft, sequences, pad_id, temperature))
 
 
 def evaluate_draft(
@@ -216,72 +236,120 @@ def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
     return chosen
 
 
-def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+TASK_SEED_STRIDE = 1_000_003  # task i's sampling is seeded apart from every other task's
+
+
+def evaluate_tasks(
+    inputs: dict[str, str], cfg: EvaluateConfig, rows: list[dict], tasks: list[str], seed: int
+) -> dict:
+    """One worker's share: every metric's raw material for the eval rows of `tasks` (each task's
+    index in the whole sorted task list seeds its sampling, so any sharding gives the same)."""
+    inputs = {k: Path(v) for k, v in inputs.items()}
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"])
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     target = load_model_artifact(inputs["target"], device)
+    per_task = []
+    for index, task in tasks:
+        task_rows = [r for r in rows if r["task"] == task]
+        # Target-generated continuations at the evaluation temperature: where alpha is measured.
+        continuations = sample_responses(
+            target,
+            tokenizer,
+            [r["prompt_ids"] for r in task_rows],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            batch_size=32,
+            seed=seed,
+            desc=f"target continuations ({task})",
+            first_index=index * TASK_SEED_STRIDE,
+        )
+        spec_rows = task_rows[: cfg.spec_prompts_per_task]
+        references, seconds = target_only_greedy(
+            target,
+            [r["prompt_ids"] for r in spec_rows],
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        sequences = continuation_sequences(task_rows, continuations)
+        per_task.append((index, sequences, spec_rows, references, seconds))
+    result: dict = {"target_only_seconds": sum(t[4] for t in per_task), "drafts": {}}
+    for name, stage in DRAFTS.items():
+        if stage not in inputs:
+            continue
+        draft = load_model_artifact(inputs[stage], device)
+        values, alpha_rows, runs = {}, [], SpecRuns()
+        for index, sequences, spec_rows, references, _ in per_task:
+            task_values, task_rows = analytic_values(
+                target, draft, sequences, pad_id, cfg.temperature
+            )
+            values.update(task_values)
+            alpha_rows += task_rows
+            runs.merge(
+                spec_runs(
+                    target,
+                    draft,
+                    spec_rows,
+                    cfg,
+                    eos_id=eos_id,
+                    pad_id=pad_id,
+                    seed=seed * TASK_SEED_STRIDE + index,
+                    greedy_references=references,
+                    desc=f"speculative ({name})",
+                )
+            )
+        result["drafts"][name] = {"values": values, "alpha_rows": alpha_rows, "spec": runs}
+        del draft
+    return result
+
+
+def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    """Evaluation task by task; `resources.workers` > 1 spreads the tasks over Ray workers."""
+    tokenizer = load_tokenizer_artifact(inputs["target"])
     chat = chat_template_of(inputs["data"])
     eval_rows = pick_eval_prompts(load_splits(inputs["data"])["eval"], cfg.prompts_per_task)
     for row in eval_rows:
         row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"], chat)
-
-    # Target-generated continuations at the evaluation temperature: the positions alpha averages over.
-    continuations = sample_responses(
-        target,
-        tokenizer,
-        [r["prompt_ids"] for r in eval_rows],
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        batch_size=32,
-        seed=seed,
-        desc="target continuations",
-    )
-    sequences = continuation_sequences(eval_rows, continuations)
-    spec_rows = pick_eval_prompts(eval_rows, cfg.spec_prompts_per_task)
-    greedy_refs, target_only_seconds = target_only_greedy(
-        target,
-        [r["prompt_ids"] for r in spec_rows],
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_id=eos_id,
-        pad_id=pad_id,
-    )
+    tasks = list(enumerate(sorted({r["task"] for r in eval_rows})))
+    paths = {k: str(v) for k, v in inputs.items()}
+    shards = []
+    for a, b in shard_bounds(len(tasks), cfg.resources.workers, 1):
+        names = {task for _, task in tasks[a:b]}
+        shards.append((paths, cfg, [r for r in eval_rows if r["task"] in names], tasks[a:b], seed))
+    parts = map_shards(evaluate_tasks, shards, cpus=cfg.resources.cpus, gpus=cfg.resources.gpus)
+    target_only_seconds = sum(part["target_only_seconds"] for part in parts)
     metrics: dict = {
         "gamma": cfg.gamma,
         "temperature": cfg.temperature,
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size,
+        "workers": len(parts),
         "target": model_location(inputs["target"]),
         "definitions": DEFINITIONS,
     }
     per_prompt = {}
-    drafts = {name: stage for name, stage in DRAFTS.items() if stage in inputs}
-    for name, stage in drafts.items():
-        draft = load_model_artifact(inputs[stage], device)
-        result = evaluate_draft(
-            target,
-            draft,
-            sequences=sequences,
-            spec_rows=spec_rows,
-            greedy_references=greedy_refs,
-            target_only_seconds=target_only_seconds,
-            cfg=cfg,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            seed=seed,
-            desc=f"speculative ({name})",
-        )
-        result["model"] = model_location(inputs[stage])
-        per_prompt[name] = result.pop("per_prompt")
+    for name in parts[0]["drafts"]:
+        values, alpha_rows, runs = {}, [], SpecRuns()
+        for part in parts:  # shards hold whole tasks, in task order
+            values.update(part["drafts"][name]["values"])
+            alpha_rows += part["drafts"][name]["alpha_rows"]
+            runs.merge(part["drafts"][name]["spec"])
+        result = summarize_analytic(values, alpha_rows)
+        spec = summarize_spec(runs, cfg, target_only_seconds)
+        per_prompt[name] = {"alpha": result.pop("per_prompt"), "spec": spec.pop("per_prompt")}
+        for task, entry in spec.pop("tasks").items():
+            result["tasks"].setdefault(task, {}).update(entry)
+        result.update(spec)
+        result["model"] = model_location(inputs[DRAFTS[name]])
         metrics[name] = result
         print(
             f"evaluate {name:<9} alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
             f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f} "
             f"speedup={result['speedup'] or math.nan:.2f}"
         )
-        del draft
-    metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in drafts)
+    metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in per_prompt)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     (out / "per_prompt.json").write_text(json.dumps(per_prompt, allow_nan=False))
-    return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in drafts}
+    return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in per_prompt}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -132,6 +133,118 @@ def _spec_summary(stats: SpecStats, suffix: str) -> dict:
     }
 
 
+@dataclass
+class SpecRuns:
+    """What real speculative decoding of some prompts left, before summarising: counters per
+    (task, mode), a row per prompt, the prompts whose greedy output differed, the greedy seconds.
+    Runs over disjoint prompt sets (e.g. data-parallel shards) merge into one."""
+
+    by_task: dict[tuple[str, str], SpecStats] = field(default_factory=dict)
+    per_prompt: list[dict] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    spec_seconds: float = 0.0
+
+    def merge(self, other: SpecRuns) -> None:
+        for key, stats in other.by_task.items():
+            if key in self.by_task:
+                self.by_task[key].merge(stats)
+            else:
+                self.by_task[key] = stats
+        self.per_prompt += other.per_prompt
+        self.mismatches += other.mismatches
+        self.spec_seconds += other.spec_seconds
+
+
+def spec_runs(
+    target,
+    draft,
+    prompts: list[dict],
+    cfg: EvaluateConfig,
+    *,
+    eos_id,
+    pad_id: int,
+    seed: int,
+    greedy_references: list[list[int]],
+    desc: str = "speculative",
+) -> SpecRuns:
+    """Real speculative decoding of `prompts` in batches of cfg.batch_size: greedy (timed, checked
+    against `greedy_references`) and at cfg.temperature."""
+    runs = SpecRuns()
+    modes: list[dict] = [{} for _ in prompts]  # each prompt's SpecStats by mode
+    generator = torch.Generator(device=_device_of(target)).manual_seed(seed)
+    prompt_ids = [row["prompt_ids"] for row in prompts]
+    for batch in tqdm(
+        length_sorted_batches(prompt_ids, cfg.batch_size), desc=desc, mininterval=2.0
+    ):
+        rows = [prompt_ids[i] for i in batch]
+        start = time.perf_counter()
+        outs, greedy = _speculative(target, draft, rows, cfg, 0.0, eos_id, pad_id, None)
+        runs.spec_seconds += time.perf_counter() - start
+        sampled = {"greedy": greedy}
+        if cfg.temperature > 0:
+            _, sampled["sampled"] = _speculative(
+                target, draft, rows, cfg, cfg.temperature, eos_id, pad_id, generator
+            )
+        for k, i in enumerate(batch):
+            if outs[k] != greedy_references[i]:
+                runs.mismatches.append(prompts[i]["prompt"][:60])
+            for mode, stats in sampled.items():
+                runs.by_task.setdefault((prompts[i]["task"], mode), SpecStats(gamma=cfg.gamma))
+                runs.by_task[(prompts[i]["task"], mode)].merge(stats[k])
+                modes[i][mode] = stats[k]
+    sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
+    runs.per_prompt = [
+        {
+            "prompt": row["prompt"],
+            "task": row["task"],
+            "tau": _finite(by_mode[sampled_mode].tau),
+            "tau_greedy": _finite(by_mode["greedy"].tau),
+            "spec_alpha": _finite(by_mode[sampled_mode].spec_alpha),
+            "spec_alpha_greedy": _finite(by_mode["greedy"].spec_alpha),
+        }
+        for row, by_mode in zip(prompts, modes, strict=True)
+    ]
+    return runs
+
+
+def summarize_spec(runs: SpecRuns, cfg: EvaluateConfig, target_only_seconds: float) -> dict:
+    """Overall and per-task metrics of `runs`; LosslessError if any greedy output differed."""
+    if runs.mismatches:
+        raise LosslessError(
+            f"greedy speculative decoding differed from target-only greedy decoding on "
+            f"{len(runs.mismatches)} prompt(s), e.g. {runs.mismatches[0]!r}: the decoder is not "
+            "lossless"
+        )
+    sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
+    result: dict = {"tasks": {}, "per_prompt": runs.per_prompt}
+    for mode, suffix in ((sampled_mode, ""), ("greedy", "_greedy")):
+        total = SpecStats(gamma=cfg.gamma)
+        for (task, m), st in sorted(runs.by_task.items()):
+            if m == mode:
+                total.merge(st)
+                result["tasks"].setdefault(task, {}).update(_spec_summary(st, suffix))
+        result.update(_spec_summary(total, suffix))
+        if mode == "greedy":
+            greedy_total = total
+    cost = greedy_total.cost_ratio
+    spec_seconds = runs.spec_seconds
+    result.update(
+        {
+            "cost_ratio": _finite(cost),
+            "speedup": target_only_seconds / spec_seconds if spec_seconds else None,
+            "speedup_predicted": _finite(greedy_total.tau / (cost * cfg.gamma + 1)),
+            "target_only_seconds": target_only_seconds,
+            "spec_seconds_greedy": spec_seconds,
+            "draft_seconds": greedy_total.draft_seconds,
+            "target_seconds": greedy_total.target_seconds,
+            "batch_size": cfg.batch_size,
+            "lossless_greedy": True,
+            "num_spec_prompts": len(runs.per_prompt),
+        }
+    )
+    return result
+
+
 def spec_decoding(
     target,
     draft,
@@ -147,73 +260,15 @@ def spec_decoding(
 ) -> dict:
     """Real speculative decoding in batches of cfg.batch_size, per task: greedy (timed, with the
     lossless check against `greedy_references`) and at cfg.temperature."""
-    by_task: dict[tuple[str, str], SpecStats] = {}
-    per_prompt: list[dict] = [{} for _ in prompts]  # tau / spec_alpha of each prompt, by mode
-    mismatches = []
-    generator = torch.Generator(device=_device_of(target)).manual_seed(seed)
-    prompt_ids = [row["prompt_ids"] for row in prompts]
-    spec_seconds = 0.0
-    for batch in tqdm(
-        length_sorted_batches(prompt_ids, cfg.batch_size), desc=desc, mininterval=2.0
-    ):
-        rows = [prompt_ids[i] for i in batch]
-        start = time.perf_counter()
-        outs, greedy = _speculative(target, draft, rows, cfg, 0.0, eos_id, pad_id, None)
-        spec_seconds += time.perf_counter() - start
-        runs = {"greedy": greedy}
-        if cfg.temperature > 0:
-            _, runs["sampled"] = _speculative(
-                target, draft, rows, cfg, cfg.temperature, eos_id, pad_id, generator
-            )
-        for k, i in enumerate(batch):
-            if outs[k] != greedy_references[i]:
-                mismatches.append(prompts[i]["prompt"][:60])
-            for mode, stats in runs.items():
-                by_task.setdefault((prompts[i]["task"], mode), SpecStats(gamma=cfg.gamma))
-                by_task[(prompts[i]["task"], mode)].merge(stats[k])
-                per_prompt[i][mode] = stats[k]
-    if mismatches:
-        raise LosslessError(
-            f"greedy speculative decoding differed from target-only greedy decoding on {len(mismatches)} "
-            f"prompt(s), e.g. {mismatches[0]!r}: the decoder is not lossless"
-        )
-    sampled_mode = "sampled" if cfg.temperature > 0 else "greedy"
-    result: dict = {
-        "tasks": {},
-        "per_prompt": [
-            {
-                "prompt": row["prompt"],
-                "task": row["task"],
-                "tau": _finite(runs[sampled_mode].tau),
-                "tau_greedy": _finite(runs["greedy"].tau),
-                "spec_alpha": _finite(runs[sampled_mode].spec_alpha),
-                "spec_alpha_greedy": _finite(runs["greedy"].spec_alpha),
-            }
-            for row, runs in zip(prompts, per_prompt, strict=True)
-        ],
-    }
-    for mode, suffix in ((sampled_mode, ""), ("greedy", "_greedy")):
-        total = SpecStats(gamma=cfg.gamma)
-        for (task, m), st in sorted(by_task.items()):
-            if m == mode:
-                total.merge(st)
-                result["tasks"].setdefault(task, {}).update(_spec_summary(st, suffix))
-        result.update(_spec_summary(total, suffix))
-        if mode == "greedy":
-            greedy_total = total
-    cost = greedy_total.cost_ratio
-    result.update(
-        {
-            "cost_ratio": _finite(cost),
-            "speedup": target_only_seconds / spec_seconds if spec_seconds else None,
-            "speedup_predicted": _finite(greedy_total.tau / (cost * cfg.gamma + 1)),
-            "target_only_seconds": target_only_seconds,
-            "spec_seconds_greedy": spec_seconds,
-            "draft_seconds": greedy_total.draft_seconds,
-            "target_seconds": greedy_total.target_seconds,
-            "batch_size": cfg.batch_size,
-            "lossless_greedy": True,
-            "num_spec_prompts": len(prompts),
-        }
+    runs = spec_runs(
+        target,
+        draft,
+        prompts,
+        cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        seed=seed,
+        greedy_references=greedy_references,
+        desc=desc,
     )
-    return result
+    return summarize_spec(runs, cfg, target_only_seconds)

@@ -1,6 +1,7 @@
 """Data-parallel generation: shards of whole batches on logical GPUs, merged output unchanged."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,33 @@ def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_clus
     ]
     assert moved  # training happened
     assert not list(Path(made.path).glob("ddp_info.json"))
+
+
+def test_evaluation_spread_over_two_gpu_workers_gives_the_same_metrics(tiny_run, ray_cluster):
+    job, _, _ = tiny_run
+    stages = {s.name: s for s in build_stages(job)}
+    upstream = [stages[n] for n in ("data", "target", "draft_init", "generate", "reference")]
+    upstream += [s for n, s in stages.items() if n.startswith(("distil", "generate_r"))]
+    made = {}
+    for workers, gpus in ((1, 0), (2, 1)):
+        cfg = dataclasses.replace(
+            job.evaluate, resources=Resources(cpus=1, gpus=gpus, workers=workers)
+        )
+        stage = dataclasses.replace(stages["evaluate"], config=cfg, resources=cfg.resources)
+        made[workers] = execute([*upstream, stage], job.store, use_ray=True, say=lambda _: None)[
+            "evaluate"
+        ]
+    metrics = {w: json.loads((made[w].path / "metrics.json").read_text()) for w in made}
+    assert metrics[1]["workers"] == 1 and metrics[2]["workers"] == 2
+    timing = ("seconds", "speedup", "cost_ratio", "workers")
+
+    def without_timing(value):
+        if isinstance(value, dict):
+            return {
+                k: without_timing(v) for k, v in value.items() if not any(t in k for t in timing)
+            }
+        return value
+
+    assert without_timing(metrics[1]) == without_timing(metrics[2])
+    per_prompt = [(made[w].path / "per_prompt.json").read_text() for w in made]
+    assert per_prompt[0] == per_prompt[1]
