@@ -191,8 +191,6 @@ def evaluate_draft(
     """Every metric of one draft: analytic acceptance on `sequences`, speculative decoding of
     `spec_rows` (dicts with prompt, prompt_ids, task); per-task entries merged under `tasks`,
     per-prompt values under `per_prompt` (`alpha`: one row per sequence, `spec`: per spec row)."""
-    result = analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature)
-    per_prompt = {"alpha": result.pop("per_prompt")}
     spec = spec_decoding(
         target,
         draft,
@@ -205,12 +203,20 @@ def evaluate_draft(
         target_only_seconds=target_only_seconds,
         desc=desc,
     )
-    per_prompt["spec"] = spec.pop("per_prompt")
+    return merge_metrics(
+        analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature), spec
+    )
+
+
+def merge_metrics(analytic: dict, spec: dict) -> dict:
+    """One draft's metrics: the analytic acceptance with the speculative decoding's merged in
+    (per-task entries under `tasks`), both per-prompt lists under `per_prompt` (`alpha`, `spec`)."""
+    per_prompt = {"alpha": analytic.pop("per_prompt"), "spec": spec.pop("per_prompt")}
     for task, entry in spec.pop("tasks").items():
-        result["tasks"].setdefault(task, {}).update(entry)
-    result.update(spec)
-    result["per_prompt"] = per_prompt
-    return result
+        analytic["tasks"].setdefault(task, {}).update(entry)
+    analytic.update(spec)
+    analytic["per_prompt"] = per_prompt
+    return analytic
 
 
 def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> list[dict]:
@@ -336,12 +342,10 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             values.update(part["drafts"][name]["values"])
             alpha_rows += part["drafts"][name]["alpha_rows"]
             runs.merge(part["drafts"][name]["spec"])
-        result = summarize_analytic(values, alpha_rows)
-        spec = summarize_spec(runs, cfg, target_only_seconds)
-        per_prompt[name] = {"alpha": result.pop("per_prompt"), "spec": spec.pop("per_prompt")}
-        for task, entry in spec.pop("tasks").items():
-            result["tasks"].setdefault(task, {}).update(entry)
-        result.update(spec)
+        result = merge_metrics(
+            summarize_analytic(values, alpha_rows), summarize_spec(runs, cfg, target_only_seconds)
+        )
+        per_prompt[name] = result.pop("per_prompt")
         result["model"] = model_location(inputs[DRAFTS[name]])
         metrics[name] = result
         print(
