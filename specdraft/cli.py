@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from specdraft.errors import InputError
-from specdraft.pipeline.config import ConfigError, load_job
+from specdraft.pipeline.config import ConfigError, load_job, read_job_yaml
 
 REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -104,7 +104,7 @@ def cmd_compare(args) -> int:
 def cmd_validate(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
     path = _job_path(job_file)
-    if path is not None and path.is_file() and "compare:" in path.read_text():
+    if path is not None and "compare" in read_job_yaml(path):
         from specdraft.pipeline.compare import load_comparison
 
         comp = load_comparison(path, overrides)
