@@ -144,6 +144,5 @@ def render_comparison(results: dict, out_dir: Path) -> Path:
         f"<h1>{_esc(title)}</h1>\n{meta}\n" + "\n".join(parts) + "\n</body>\n</html>\n"
     )
     index = out_dir / "index.html"
-    write_atomic(out_dir / "results.md", results_markdown(results))
     write_atomic(index, page)
     return index
