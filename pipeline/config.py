@@ -43,8 +43,8 @@ class Resources:
         1,
         "Data-parallel workers, each with the cpus and gpus above. generate: prompts sharded by "
         "whole batches over Ray tasks; evaluate: tasks spread over Ray tasks (both give the same "
-        "output for any count); distil: DDP through Ray Train's TorchTrainer, batch_size split "
-        "evenly over the workers.",
+        "output for any count); target and draft (builtin toy models), reference, distil: DDP "
+        "through Ray Train's TorchTrainer, batch_size split evenly over the workers.",
         lo=1,
     )
 
@@ -454,12 +454,17 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
                 f"{section}.arch.hidden_size ({arch.hidden_size}) must be divisible by "
                 f"{section}.arch.num_heads ({arch.num_heads})"
             )
-    for name in ("target", "draft", "reference", "distil"):
-        section = getattr(cfg, name)
-        if section.train.batch_size % section.train.grad_accum:
+    for name in ("target", "draft", "reference", "distil"):  # the trained stages
+        train, workers = getattr(cfg, name).train, getattr(cfg, name).resources.workers
+        if train.batch_size % (train.grad_accum * workers):
+            split = f"{name}.train.grad_accum ({train.grad_accum})"
+            if workers > 1:
+                split = (
+                    f"{name}.train.grad_accum x {name}.resources.workers ({train.grad_accum} x "
+                    f"{workers}): each worker takes an equal share"
+                )
             problems.append(
-                f"{name}.train.batch_size ({section.train.batch_size}) must be divisible by "
-                f"{name}.train.grad_accum ({section.train.grad_accum})"
+                f"{name}.train.batch_size ({train.batch_size}) must be divisible by {split}"
             )
     if (cfg.target.model == "builtin") != (cfg.draft.model == "builtin"):
         problems.append(
@@ -471,18 +476,13 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"generate.draft_fraction ({cfg.generate.draft_fraction}) + generate.dataset_fraction "
             f"({cfg.generate.dataset_fraction}) exceed 1; the target answers what is left"
         )
-    for name in ("target", "draft", "reference"):
-        if getattr(cfg, name).resources.workers > 1:
+    for name in ("target", "draft"):
+        section = getattr(cfg, name)
+        if section.model != "builtin" and section.resources.workers > 1:
             problems.append(
-                f"{name}.resources.workers: data-parallel workers are implemented for generate, "
-                "distil and evaluate; set it to 1"
+                f"{name}.resources.workers: {name}.model {section.model!r} is used as given, not "
+                "trained (workers > 1 trains the builtin toy model with DDP); set it to 1"
             )
-    split = cfg.distil.train.grad_accum * cfg.distil.resources.workers
-    if cfg.distil.train.batch_size % split:
-        problems.append(
-            f"distil.train.batch_size ({cfg.distil.train.batch_size}) must be divisible by "
-            f"grad_accum x resources.workers ({split}): each worker takes an equal share"
-        )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"

@@ -4,7 +4,6 @@ the configured divergence on those tokens only. Adapters are merged for the save
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -15,13 +14,10 @@ from transformers import TrainerCallback, set_seed
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
 from specdraft.kernels import fused_kd_loss
-from specdraft.pipeline.artifacts import (
-    checkpoint_dir,
-    load_model_artifact,
-    load_tokenizer_artifact,
-)
+from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.generate import load_sequences
+from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.training import Collator, KDOptions, hidden_and_head, train_kd, write_json
 
 
@@ -124,71 +120,7 @@ class BestAlphaCheckpoint(TrainerCallback):
 
 
 def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    if cfg.resources.workers > 1:
-        return run_data_parallel(cfg, inputs, out, seed=seed)
-    return distil(cfg, inputs, out, seed=seed)
-
-
-def run_data_parallel(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    """DDP over `resources.workers` Ray Train workers (TorchTrainer), each with the stage's cpus and
-    gpus; rank 0 writes the artifact, every rank the same weights (the gradients are all-reduced)."""
-    import tempfile
-
-    from specdraft.pipeline.parallel import in_ray_cluster
-
-    if not in_ray_cluster():
-        raise InputError(
-            "distil.resources.workers > 1 trains with Ray Train: run through Ray (drop --no-ray)"
-        )
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    per_worker = {"CPU": cfg.resources.cpus}
-    if cfg.resources.gpus:
-        per_worker["GPU"] = cfg.resources.gpus
-    with tempfile.TemporaryDirectory(prefix="specdraft-train-") as storage:
-        trainer = TorchTrainer(
-            _ddp_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "inputs": {k: str(v) for k, v in inputs.items()},
-                "out": str(out),
-                "seed": seed,
-                "checkpoints": str(checkpoint_dir.get()) if checkpoint_dir.get() else None,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.resources.workers,
-                use_gpu=cfg.resources.gpus > 0,
-                resources_per_worker=per_worker,
-            ),
-            run_config=RunConfig(storage_path=storage, name="distil"),
-        )
-        trainer.fit()  # raises the workers' error
-    info_file = out / "ddp_info.json"
-    info = json.loads(info_file.read_text())
-    info_file.unlink()
-    return info
-
-
-def _ddp_worker(config: dict) -> None:
-    """One Ray Train worker: the whole stage, writing only on rank 0."""
-    import tempfile
-
-    import torch.distributed as dist
-
-    if config["checkpoints"]:
-        checkpoint_dir.set(Path(config["checkpoints"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    inputs = {k: Path(v) for k, v in config["inputs"].items()}
-    with tempfile.TemporaryDirectory(prefix=f"specdraft-rank{rank}-") as scratch:
-        out = Path(config["out"]) if rank == 0 else Path(scratch)
-        info = distil(config["cfg"], inputs, out, seed=config["seed"])
-        checksums: list = [None] * world
-        dist.all_gather_object(checksums, info.pop("weights_checksum"))
-        if rank == 0:  # all-reduced gradients keep every replica's weights identical
-            info = {**info, "workers": world, "replicas_in_sync": len(set(checksums)) == 1}
-            (out / "ddp_info.json").write_text(json.dumps(info))
-        dist.barrier()
+    return train_data_parallel(distil, cfg, inputs, out, seed=seed, stage="distil")
 
 
 def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
@@ -260,8 +192,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
         model = model.merge_and_unload()
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    if cfg.resources.workers > 1:
-        info["weights_checksum"] = float(sum(p.double().sum() for p in model.parameters()))
+    info.update(replica_checksum(model))
     deltas = selection["deltas"]
     write_json(out / "history.json", history)
     if selective:

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from specdraft.pipeline.config import DraftConfig
+from specdraft.pipeline.parallel import train_data_parallel
 from specdraft.pipeline.target import given_model, train_toy_model
 
 
 def run(cfg: DraftConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     if cfg.model != "builtin":
         return given_model(cfg)
-    return train_toy_model(cfg, inputs["data"], out, seed + 1, all_tokens=True)
+    pretrain = partial(train_toy_model, all_tokens=True)
+    return train_data_parallel(pretrain, cfg, inputs, out, seed=seed + 1, stage="draft")

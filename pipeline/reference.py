@@ -9,10 +9,15 @@ from specdraft.drafts.models import device_for
 from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import ReferenceConfig
 from specdraft.pipeline.generate import load_sequences
+from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.training import KDOptions, train_kd, write_json
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+    return train_data_parallel(train_reference, cfg, inputs, out, seed=seed, stage="reference")
+
+
+def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"])
     teacher = load_model_artifact(inputs["target"], device)
@@ -24,4 +29,8 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     write_json(out / "history.json", history)
-    return {"model": "model", "final_loss": history[-1]["loss"] if history else None}
+    return {
+        "model": "model",
+        "final_loss": history[-1]["loss"] if history else None,
+        **replica_checksum(model),
+    }

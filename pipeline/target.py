@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
 from specdraft.pipeline.config import TargetConfig
 from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
+from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.training import encode_dataset, train_cross_entropy, write_json
 
 
-def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: bool) -> dict:
+def train_toy_model(
+    cfg, inputs: dict[str, Path], out: Path, *, seed: int, all_tokens: bool
+) -> dict:
     """Shared by the toy target (SFT) and the toy draft (pre-training): build, train, save."""
+    data_artifact = inputs["data"]
     tokenizer = load_tokenizer(tokenizer_dir(data_artifact))
     max_length = max_length_of(data_artifact)
     model = toy_llama(cfg.arch, tokenizer, max_positions=max_length, seed=seed)
@@ -29,6 +34,7 @@ def train_toy_model(cfg, data_artifact: Path, out: Path, seed: int, all_tokens: 
         "model": "model",
         "parameters": count_parameters(model),
         "final_loss": history[-1]["loss"] if history else None,
+        **replica_checksum(model),
     }
 
 
@@ -45,4 +51,5 @@ def given_model(cfg) -> dict:
 def run(cfg: TargetConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
     if cfg.model != "builtin":
         return given_model(cfg)
-    return train_toy_model(cfg, inputs["data"], out, seed, all_tokens=False)
+    sft = partial(train_toy_model, all_tokens=False)
+    return train_data_parallel(sft, cfg, inputs, out, seed=seed, stage="target")

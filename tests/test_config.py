@@ -88,6 +88,37 @@ def test_cross_field_checks():
     )
 
 
+def test_trained_stages_take_workers_and_split_batches_evenly_over_them():
+    job = load_job(None, ["target.resources.workers=2", "reference.resources.workers=4"])
+    assert (job.target.resources.workers, job.reference.resources.workers) == (2, 4)
+    with pytest.raises(ConfigError) as info:
+        load_job(
+            None,
+            [
+                "reference.resources.workers=2",
+                "reference.train.batch_size=6",
+                "reference.train.grad_accum=2",
+                "draft.resources.workers=3",  # batch_size 32
+            ],
+        )
+    assert info.value.problems == [
+        "draft.train.batch_size (32) must be divisible by draft.train.grad_accum x "
+        "draft.resources.workers (1 x 3): each worker takes an equal share",
+        "reference.train.batch_size (6) must be divisible by reference.train.grad_accum x "
+        "reference.resources.workers (2 x 2): each worker takes an equal share",
+    ]
+
+
+def test_workers_on_a_given_model_are_rejected():
+    """A given target or draft is recorded, not trained: there is nothing for workers to do."""
+    with pytest.raises(ConfigError) as info:
+        load_job(None, ["target=org/big", "draft=org/small", "draft.resources.workers=2"])
+    assert info.value.problems == [
+        "draft.resources.workers: draft.model 'org/small' is used as given, not trained "
+        "(workers > 1 trains the builtin toy model with DDP); set it to 1"
+    ]
+
+
 def test_every_field_has_help():
     rows = describe()
     assert rows and all(help_ for _, _, help_ in rows)

@@ -1,4 +1,5 @@
-"""Data-parallel generation: shards of whole batches on logical GPUs, merged output unchanged."""
+"""Data parallelism: generation and evaluation sharded over logical GPUs with the output unchanged;
+training stages with DDP through Ray Train."""
 
 import dataclasses
 import json
@@ -7,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdraft.pipeline.config import Resources
+from specdraft.drafts.models import load_tokenizer, toy_llama
+from specdraft.errors import InputError
+from specdraft.pipeline.artifacts import load_model_artifact
+from specdraft.pipeline.config import ReferenceConfig, Resources
 from specdraft.pipeline.dag import Stage, execute
+from specdraft.pipeline.data import max_length_of, tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
 from specdraft.pipeline.job import build_stages
 from specdraft.pipeline.parallel import shard_bounds
@@ -62,29 +67,75 @@ def test_two_gpu_workers_generate_exactly_what_one_worker_does(tiny_run, ray_clu
     assert made[1].manifest["info"]["worker_gpu_ids"] == [[[]], [[]]]
 
 
-def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
-    job, _, results = tiny_run
+def _made_by_two_workers(job, name: str, upstream: tuple[str, ...], **changes):
+    """Stage `name` trained by 2 DDP workers (its config changed by `changes`), upstream reused."""
     stages = {s.name: s for s in build_stages(job)}
-    upstream = [stages[n] for n in ("data", "target", "draft_init", "generate", "reference")]
-    cfg = dataclasses.replace(job.distil, rounds=1, resources=Resources(cpus=1, gpus=0, workers=2))
-    stage = dataclasses.replace(stages["distil"], config=cfg, resources=cfg.resources)
-    made = execute([*upstream, stage], job.store, use_ray=True, say=lambda _: None)["distil"]
+    cfg = dataclasses.replace(
+        stages[name].config, resources=Resources(cpus=1, gpus=0, workers=2), **changes
+    )
+    stage = dataclasses.replace(stages[name], config=cfg, resources=cfg.resources)
+    todo = [*(stages[n] for n in upstream), stage]
+    made = execute(todo, job.store, use_ray=True, say=lambda _: None)[name]
     info = made.manifest["info"]
     assert info["workers"] == 2 and info["replicas_in_sync"]
     assert "weights_checksum" not in info
-    from specdraft.pipeline.artifacts import load_model_artifact
+    assert not list(Path(made.path).glob("ddp_info.json"))
+    return made
 
-    trained = load_model_artifact(made.path, "cpu")
-    start = load_model_artifact(results["draft_init"].path, "cpu")
-    moved = [
+
+def _moved(trained, start) -> list[str]:
+    """Names of the parameters that differ between two models of one architecture."""
+    return [
         name
         for (name, a), (_, b) in zip(
             trained.named_parameters(), start.named_parameters(), strict=True
         )
         if not torch.equal(a, b)
     ]
-    assert moved  # training happened
-    assert not list(Path(made.path).glob("ddp_info.json"))
+
+
+def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
+    job, _, results = tiny_run
+    upstream = ("data", "target", "draft_init", "generate", "reference")
+    made = _made_by_two_workers(job, "distil", upstream, rounds=1)
+    trained = load_model_artifact(made.path, "cpu")
+    assert _moved(trained, load_model_artifact(results["draft_init"].path, "cpu"))
+
+
+def test_reference_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
+    job, _, results = tiny_run
+    assert "workers" not in results["reference"].manifest["info"]  # one worker: no DDP record
+    assert "weights_checksum" not in results["reference"].manifest["info"]
+    made = _made_by_two_workers(job, "reference", ("data", "target", "draft_init", "generate"))
+    trained = load_model_artifact(made.path, "cpu")
+    start = load_model_artifact(results["draft_init"].path, "cpu")
+    assert len(_moved(trained, start)) == len(list(start.parameters()))  # full fine-tuning
+
+
+def test_toy_draft_with_two_workers_pretrains_ddp_through_ray_train(tiny_run, ray_cluster):
+    """The toy draft's cross-entropy pre-training (plain HF Trainer) on 2 DDP workers."""
+    job, _, results = tiny_run
+    train = dataclasses.replace(job.draft.train, log_every=1)
+    made = _made_by_two_workers(job, "draft_init", ("data",), train=train)
+    losses = [row["loss"] for row in json.loads((made.path / "history.json").read_text())]
+    assert len(losses) == job.draft.train.steps and losses[-1] < losses[0]
+    data = results["data"].path
+    start = toy_llama(
+        job.draft.arch,
+        load_tokenizer(tokenizer_dir(data)),
+        max_positions=max_length_of(data),
+        seed=job.seed + 1,  # the draft's seed: every rank starts from these weights
+    )
+    assert _moved(load_model_artifact(made.path, "cpu"), start)
+
+
+def test_two_workers_outside_ray_ask_for_ray(monkeypatch, tmp_path):
+    from specdraft.pipeline import parallel, reference
+
+    monkeypatch.setattr(parallel, "in_ray_cluster", lambda: False)
+    cfg = dataclasses.replace(ReferenceConfig(), resources=Resources(workers=2))
+    with pytest.raises(InputError, match=r"reference.resources.workers > 1 .*drop --no-ray"):
+        reference.run(cfg, {}, tmp_path, seed=0)
 
 
 def test_evaluation_spread_over_two_gpu_workers_gives_the_same_metrics(tiny_run, ray_cluster):
