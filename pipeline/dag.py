@@ -2,7 +2,8 @@
 
 A stage's artifact directory is named by a hash of its config, its inputs' hashes and the code
 version. A stage writes into a temporary directory; `manifest.json` is written last and the directory
-is committed by rename, so a directory with a manifest is complete and is never run again.
+is committed by rename (or, in an object store, uploaded last: see store.py), so an artifact with a
+manifest is complete and is never run again.
 """
 
 from __future__ import annotations
@@ -14,25 +15,18 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdraft.pipeline.artifacts import (
-    MANIFEST,
-    atomic_write_text,
-    checkpoint_dir,
-    commit_dir,
-    read_manifest,
-)
+from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, checkpoint_dir, read_manifest
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.lock import StoreLocks
+from specdraft.pipeline.store import Store, as_store
 
 
 @dataclass(frozen=True)
@@ -163,28 +157,28 @@ def topological(stages: list[Stage]) -> list[Stage]:
 
 
 def run_stage(
-    module: str, config: Any, inputs: dict[str, str], final: str, seed: int, meta: dict
+    module: str, config: Any, inputs: dict[str, str], store: Store, name: str, seed: int, meta: dict
 ) -> dict:
-    """Run one stage into a temporary directory and commit it by rename. Runs in a Ray task or here."""
-    final_path = Path(final)
-    tmp = final_path.with_name(f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    checkpoints = final_path.with_name(f".ckpt-{final_path.name}")
+    """Run one stage into a temporary directory and publish it as artifact `name` of `store`; the
+    inputs are artifact names, fetched to this machine first. Runs in a Ray task or here."""
+    local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
+    tmp = store.scratch(name)
+    checkpoints = store.local / f".ckpt-{name}"  # on this machine: a retry here resumes
     token = checkpoint_dir.set(checkpoints)
     start = time.time()
     try:
         run = importlib.import_module(module).run
-        info = run(config, {k: Path(v) for k, v in inputs.items()}, tmp, seed=seed) or {}
+        info = run(config, local_inputs, tmp, seed=seed) or {}
         manifest = {
             **meta,
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
-            "inputs": inputs,
+            "inputs": {key: store.location(artifact) for key, artifact in inputs.items()},
             "seconds": round(time.time() - start, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "info": info,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        commit_dir(tmp, final_path)  # a forced re-run replaces the old artifact
+        store.publish(tmp, name)  # a forced re-run replaces the old artifact
         shutil.rmtree(checkpoints, ignore_errors=True)
         return manifest
     except BaseException:
@@ -194,17 +188,14 @@ def run_stage(
         checkpoint_dir.reset(token)
 
 
-def default_store() -> Path:
-    env = os.environ.get("SPECDRAFT_STORE")
-    return Path(env) if env else Path.home() / ".cache" / "specdraft" / "store"
-
-
-def plan(stages: list[Stage], store: Path) -> list[tuple[Stage, str, Path]]:
+def plan(stages: list[Stage], store: Store | Path) -> list[tuple[Stage, str, Path]]:
+    """Every stage in dependency order with its key and its artifact's path on this machine."""
+    store = as_store(store)
     keys: dict[str, str] = {}
     planned = []
     for s in topological(stages):
         keys[s.name] = stage_key(s, keys)
-        planned.append((s, keys[s.name], store / f"{s.name}-{keys[s.name]}"))
+        planned.append((s, keys[s.name], store.path(f"{s.name}-{keys[s.name]}")))
     return planned
 
 
@@ -226,16 +217,17 @@ def _say(msg: str) -> None:
 
 def execute(
     stages: list[Stage],
-    store: Path,
+    store: Store | Path | str,
     *,
     force: set[str] = frozenset(),
     use_ray: bool = True,
     ray_address: str = "",
     say: Callable[[str], None] = _say,
 ) -> dict[str, StageResult]:
-    """Run what is not cached, in dependency order; return every stage's result."""
-    store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
+    """Run what is not cached, in dependency order; return every stage's result (its artifact on
+    this machine: with a remote store, fetched into the mirror)."""
+    store = as_store(store)
+    store.local.mkdir(parents=True, exist_ok=True)
     unknown = set(force) - {s.name for s in stages}
     if unknown:
         raise StageError(f"--force names unknown stages: {', '.join(sorted(unknown))}")
@@ -244,8 +236,8 @@ def execute(
     results: dict[str, StageResult] = {}
     todo = []
     for stage, key, path in planned:
-        if (path / MANIFEST).exists() and stage.name not in rerun:
-            manifest = read_manifest(path)
+        if stage.name not in rerun and store.committed(path.name):
+            manifest = read_manifest(store.fetch(path.name))
             results[stage.name] = StageResult(stage.name, key, path, True, 0.0, manifest)
             say(f"{stage.name:<10} reused   {path}")
         else:
@@ -256,7 +248,7 @@ def execute(
     runner = _RayRunner(ray_address, todo) if use_ray else None
     locks = StoreLocks(store)
     try:
-        _run_todo(todo, results, runner, locks, rerun, say)
+        _run_todo(todo, results, store, runner, locks, rerun, say)
     finally:
         locks.release_all()
     return results
@@ -265,7 +257,7 @@ def execute(
 POLL_SECONDS = 2.0  # how often a stage locked by another run is looked at again
 
 
-def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) -> None:
+def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set[str], say) -> None:
     """Run `todo` in dependency order: each stage under its store lock, or reused when another run
     sharing the store made it meanwhile (unless this run was asked to re-run it)."""
     pending = list(todo)
@@ -285,14 +277,14 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
                 continue
             pending.remove((stage, key, path))
             waiting.discard(stage.name)
-            if (path / MANIFEST).exists() and stage.name not in rerun:
+            if stage.name not in rerun and store.committed(path.name):
                 locks.release(path)  # the other run finished it: reuse
                 results[stage.name] = StageResult(
-                    stage.name, key, path, True, 0.0, read_manifest(path)
+                    stage.name, key, path, True, 0.0, read_manifest(store.fetch(path.name))
                 )
                 say(f"{stage.name:<10} reused   {path} (made by another run)")
                 continue
-            inputs = {dep_key(d): str(results[dep_name(d)].path) for d in stage.deps}
+            inputs = {dep_key(d): results[dep_name(d)].path.name for d in stage.deps}
             meta = {"stage": stage.name, "key": key, "code_version": code_version(stage.module)}
             verb = "started  " if runner is None else "submitted"
             say(
@@ -302,7 +294,7 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
             if runner is None:
                 try:
                     manifest = run_stage(
-                        stage.module, stage.config, inputs, str(path), stage.seed, meta
+                        stage.module, stage.config, inputs, store, path.name, stage.seed, meta
                     )
                 except Exception as err:
                     raise StageError(
@@ -312,7 +304,7 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
                     locks.release(path)
                 results[stage.name] = _finish(stage, key, path, start, manifest, say)
             else:
-                ref = runner.submit(stage, inputs, path, meta)
+                ref = runner.submit(stage, inputs, store, path, meta)
                 in_flight[ref] = (stage, key, path, start)
         if runner is not None and in_flight:
             done = runner.wait_one(list(in_flight), timeout=POLL_SECONDS if waiting else None)
@@ -325,6 +317,7 @@ def _run_todo(todo, results, runner, locks: StoreLocks, rerun: set[str], say) ->
                 runner.cancel(list(in_flight))
                 err = manifest_or_error
                 raise StageError(f"stage {stage.name} failed: {err}", err.cause) from None
+            store.fetch(path.name)  # made on another machine, perhaps
             results[stage.name] = _finish(stage, key, path, start, manifest_or_error, say)
         elif pending and waiting:
             time.sleep(POLL_SECONDS)
@@ -353,7 +346,7 @@ class _RayRunner:
         check_cluster_resources([t[0] for t in todo], ray.cluster_resources())
         self._remote = ray.remote(run_stage)
 
-    def submit(self, stage: Stage, inputs: dict[str, str], path: Path, meta: dict):
+    def submit(self, stage: Stage, inputs: dict[str, str], store: Store, path: Path, meta: dict):
         # A data-parallel stage's task only coordinates: its worker tasks hold the resources.
         parallel = getattr(stage.resources, "workers", 1) > 1
         return self._remote.options(
@@ -361,7 +354,7 @@ class _RayRunner:
             num_gpus=0 if parallel else stage.resources.gpus,
             name=f"specdraft:{stage.name}",
             max_retries=2,
-        ).remote(stage.module, stage.config, inputs, str(path), stage.seed, meta)
+        ).remote(stage.module, stage.config, inputs, store, path.name, stage.seed, meta)
 
     def wait_one(self, refs, timeout: float | None = None):
         """The first stage to end, (ref, manifest or StageError); None if none ended in `timeout`."""

@@ -14,7 +14,8 @@ import yaml
 
 from specdraft.pipeline.artifacts import atomic_write_text, commit_dir, lineage_hash
 from specdraft.pipeline.config import JobConfig, Resources
-from specdraft.pipeline.dag import Stage, StageError, StageResult, default_store, execute
+from specdraft.pipeline.dag import Stage, StageError, StageResult, execute
+from specdraft.pipeline.store import Store, default_location
 
 # name: (job section, input stages)
 STAGES = {
@@ -100,8 +101,8 @@ def distil_chain(
     return stages, previous
 
 
-def store_for(job: JobConfig) -> Path:
-    return Path(job.store).expanduser() if job.store else default_store()
+def store_for(job: JobConfig) -> Store:
+    return Store(job.store or default_location())
 
 
 def _copy_dir(src: Path, dst: Path) -> None:
@@ -156,11 +157,12 @@ def execute_logged(
     stages: list[Stage], job: JobConfig, *, force: set[str], use_ray: bool | None
 ) -> dict[str, StageResult]:
     """Execute `stages` in the job's store and Ray setting, logging to `<store>/logs/<job>.log`."""
-    log = RunLog(store_for(job), job.name)
+    store = store_for(job)
+    log = RunLog(store.local, job.name)
     try:
         return execute(
             stages,
-            store_for(job),
+            store,
             force=set(force),
             use_ray=job.ray.enabled if use_ray is None else use_ray,
             ray_address=job.ray.address,

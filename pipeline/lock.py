@@ -1,7 +1,8 @@
 """Leased locks in the artifact store: two runs sharing a store never make one artifact at once.
 
-A run that is about to make stage artifact `<name>-<key>` first creates `.lock-<name>-<key>` with
-O_CREAT | O_EXCL (atomic on local disks and NFS v3+). The file names its holder and an expiry; a
+A run that is about to make stage artifact `<name>-<key>` first creates `.lock-<name>-<key>` in the
+store with an exclusive create (O_CREAT | O_EXCL on local disks and NFS v3+; a conditional write
+on an object store, see store.py). The file names its holder and an expiry; a
 heartbeat thread pushes the expiry forward every lease / 3 seconds while the stage runs. Another run
 finding the lock waits until it is gone (and then reuses the artifact), or takes it over when the
 lease has run out or the holder's process on this host is dead (a driver killed with SIGKILL).
@@ -18,6 +19,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from specdraft.pipeline.store import Store, as_store
 
 DEFAULT_LEASE_SECONDS = 60.0
 SETTLE_SECONDS = 0.2  # between a takeover's rename and its read-back
@@ -38,76 +41,71 @@ def _pid_alive(pid: int) -> bool:
 
 
 class StageLock:
-    """One stage artifact's lock; `owner` tells this run's locks from any other's."""
+    """One stage artifact's lock (file `name` in `store`); `owner` tells this run's locks from any
+    other's."""
 
-    def __init__(self, path: Path, owner: str, lease: float):
-        self.path, self.owner, self.lease = Path(path), owner, lease
+    def __init__(self, store: Store, name: str, owner: str, lease: float):
+        self.store, self.name, self.owner, self.lease = store, name, owner, lease
 
-    def _record(self) -> dict:
-        return {
+    def _record(self) -> str:
+        record = {
             "owner": self.owner,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "expires": time.time() + self.lease,
         }
+        return json.dumps(record)
 
     def holder(self) -> dict | None:
         """The lock's record; {} when it exists but cannot be read yet (being written)."""
         try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
+            text = self.store.read_text(self.name)
+        except OSError:
+            return {}
+        if text is None:
             return None
-        except (json.JSONDecodeError, OSError):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
             return {}
 
     def _stale(self, record: dict) -> bool:
         if not record:  # unreadable: stale only once it has sat there longer than a lease
-            try:
-                return time.time() - self.path.stat().st_mtime > self.lease
-            except FileNotFoundError:
-                return True
+            age = self.store.age(self.name)
+            return age is None or age > self.lease
         if record.get("expires", 0) < time.time():
             return True
         same_host = record.get("host") == socket.gethostname()
         return same_host and not _pid_alive(int(record.get("pid", 0)))
 
-    def _write_over(self) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(self._record()))
-        os.replace(tmp, self.path)
-
     def try_acquire(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            record = self.holder()
-            if record is None:
-                return self.try_acquire()  # released meanwhile
-            if record.get("owner") == self.owner:
-                return True
-            if not self._stale(record):
-                return False
-            self._write_over()
-            time.sleep(SETTLE_SECONDS)
-            return (self.holder() or {}).get("owner") == self.owner
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self._record()))
-        return True
+        if self.store.create_exclusive(self.name, self._record()):
+            return True
+        record = self.holder()
+        if record is None:
+            return self.try_acquire()  # released meanwhile
+        if record.get("owner") == self.owner:
+            return True
+        if not self._stale(record):
+            return False
+        self.store.write_text(self.name, self._record())
+        time.sleep(SETTLE_SECONDS)
+        return (self.holder() or {}).get("owner") == self.owner
 
     def renew(self) -> None:
         if (self.holder() or {}).get("owner") == self.owner:
-            self._write_over()
+            self.store.write_text(self.name, self._record())
 
     def release(self) -> None:
         if (self.holder() or {}).get("owner") == self.owner:
-            self.path.unlink(missing_ok=True)
+            self.store.remove(self.name)
 
 
 class StoreLocks:
     """The locks one run holds, renewed by a daemon thread until released."""
 
-    def __init__(self, store: Path, lease: float | None = None):
-        self.store = Path(store)
+    def __init__(self, store: Store | Path, lease: float | None = None):
+        self.store = as_store(store)
         self.owner = uuid.uuid4().hex
         self.lease = lease_seconds() if lease is None else lease
         self.held: dict[str, StageLock] = {}
@@ -116,14 +114,14 @@ class StoreLocks:
         self._thread: threading.Thread | None = None
 
     def lock_for(self, artifact: Path) -> StageLock:
-        return StageLock(self.store / f".lock-{Path(artifact).name}", self.owner, self.lease)
+        return StageLock(self.store, f".lock-{Path(artifact).name}", self.owner, self.lease)
 
     def acquire(self, artifact: Path) -> bool:
         lock = self.lock_for(artifact)
         if not lock.try_acquire():
             return False
         with self._guard:
-            self.held[lock.path.name] = lock
+            self.held[lock.name] = lock
         if self._thread is None:
             self._thread = threading.Thread(target=self._heartbeat, daemon=True)
             self._thread.start()
@@ -134,7 +132,7 @@ class StoreLocks:
 
     def release(self, artifact: Path) -> None:
         with self._guard:
-            lock = self.held.pop(self.lock_for(artifact).path.name, None)
+            lock = self.held.pop(self.lock_for(artifact).name, None)
         if lock is not None:
             lock.release()
 

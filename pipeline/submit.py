@@ -4,17 +4,22 @@ The working directory (the repository, honouring .gitignore and .rayignore) trav
 `working_dir`; the entrypoint is `specdraft run` with the same job file and overrides, so the
 cluster's driver runs the DAG with the cluster's GPUs. The job file must sit inside the working
 directory. The cluster needs specdraft installed (as in its image); `store=` should name shared
-storage that every node sees.
+storage that every node sees (a shared path, or a URL such as s3://bucket/specdraft); fsspec's
+settings in this environment (FSSPEC_* variables) go with the job.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
 
 from specdraft.errors import InputError
 from specdraft.pipeline.config import load_job
+from specdraft.pipeline.job import store_for
+
+AGENT_WAIT_SECONDS = 60.0
 
 
 def client(address: str):
@@ -30,9 +35,16 @@ def client(address: str):
         ) from None
 
 
+def fsspec_settings() -> dict[str, str]:
+    """fsspec's configuration in this environment (FSSPEC_S3_ENDPOINT_URL, ...): the job's driver
+    on the cluster opens the store with the same settings."""
+    return {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
+
+
 def submit(job_file: str | None, overrides: list[str], address: str, out: str | None = None) -> str:
     """Validate the job here, then submit `specdraft run` to the cluster; return the job id."""
     job = load_job(job_file, overrides)  # bad jobs fail here, before anything is sent
+    store_for(job)
     words = ["specdraft", "run"]
     if job_file is not None:
         path = Path(job_file).resolve()
@@ -45,11 +57,22 @@ def submit(job_file: str | None, overrides: list[str], address: str, out: str | 
             ) from None
     words += [*overrides, "--out", out or f"runs/{job.name}"]
     entrypoint = " ".join(shlex.quote(w) for w in words)
-    return client(address).submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": "."},
-        metadata={"specdraft_job": job.name},
-    )
+    jobs = client(address)
+    deadline = time.time() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return jobs.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": ".", "env_vars": fsspec_settings()},
+                metadata={"specdraft_job": job.name},
+            )
+        except RuntimeError as err:  # the Jobs SDK's HTTP errors
+            if "No available agent" in str(err) and time.time() < deadline:
+                time.sleep(1.0)  # a cluster just started: its dashboard agent comes up shortly
+                continue
+            raise InputError(
+                f"the cluster at {address} did not take the job: {str(err).splitlines()[0]}"
+            ) from None
 
 
 def wait(address: str, job_id: str, follow_logs: bool, poll_s: float = 1.0) -> str:

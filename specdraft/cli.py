@@ -113,7 +113,10 @@ def cmd_validate(args) -> int:
             f"{len(comp.seeds)} seeds"
         )
         return 0
+    from specdraft.pipeline.job import store_for
+
     job = load_job(path, overrides)
+    store_for(job)  # a store URL fsspec cannot open fails here
     print(f"job {job.name!r} is valid")
     return 0
 

@@ -52,19 +52,32 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    """The names of the tests/dag_stages.py stages run so far, in order (DAG_TEST_LOG)."""
+    from specdraft.pipeline import dag
+
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("DAG_TEST_LOG", str(log))
+    monkeypatch.setattr(dag, "POLL_SECONDS", 0.05)  # stages locked by another run: look often
+    return lambda: log.read_text().split() if log.exists() else []
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     import ray
 
     # Two logical GPUs: data-parallel stages schedule on them (nothing here runs CUDA).
     # Workers import the tests' own stage modules (tests/dag_stages.py) from PYTHONPATH.
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    # Mirrors of remote stores (tests/test_store.py) stay out of the home directory.
+    mirror = str(tmp_path_factory.mktemp("ray-mirror"))
     context = ray.init(
         num_cpus=2,
         num_gpus=2,
         include_dashboard=True,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        runtime_env={"env_vars": {"PYTHONPATH": path, "SPECDRAFT_CACHE": mirror}},
     )
     ray.dashboard_address = f"http://{context.dashboard_url}"  # for `specdraft submit`
     yield ray
@@ -82,3 +95,37 @@ def tiny_run(tmp_path_factory, ray_cluster):
     out = root / "out"
     results = run_job(job, out, use_ray=True)
     return job, out, results
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 (moto's server on loopback), shared by the tests of one pytest run."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint, tmp_path, monkeypatch):
+    """`s3://<a new bucket>/store` on the local S3, with fsspec configured to reach it (the way a
+    user sets FSSPEC_S3_ENDPOINT_URL) and this machine's mirror in the test's directory."""
+    import uuid
+
+    import fsspec.config
+    import s3fs
+
+    options = {
+        "endpoint_url": s3_endpoint,
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    monkeypatch.setenv("SPECDRAFT_CACHE", str(tmp_path / "mirror"))
+    bucket = f"specdraft-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/store"

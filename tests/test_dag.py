@@ -20,13 +20,6 @@ def chain(add_b=2, fail_c=False):
     ]
 
 
-@pytest.fixture
-def calls(tmp_path, monkeypatch):
-    log = tmp_path / "calls.txt"
-    monkeypatch.setenv("DAG_TEST_LOG", str(log))
-    return lambda: log.read_text().split() if log.exists() else []
-
-
 def run(stages, store, **kw):
     return execute(stages, store, use_ray=False, say=lambda _: None, **kw)
 

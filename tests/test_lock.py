@@ -11,16 +11,9 @@ import pytest
 from specdraft.pipeline import dag
 from specdraft.pipeline.dag import Stage, execute
 from specdraft.pipeline.lock import StageLock, StoreLocks
+from specdraft.pipeline.store import Store
 
 MODULE = "dag_stages"
-
-
-@pytest.fixture
-def calls(tmp_path, monkeypatch):
-    log = tmp_path / "calls.txt"
-    monkeypatch.setenv("DAG_TEST_LOG", str(log))
-    monkeypatch.setattr(dag, "POLL_SECONDS", 0.05)
-    return lambda: log.read_text().split() if log.exists() else []
 
 
 def slow_chain():
@@ -31,51 +24,67 @@ def slow_chain():
     ]
 
 
-def test_lock_excludes_a_second_owner_until_released(tmp_path):
-    first, second = (StageLock(tmp_path / ".lock-x", owner, lease=30) for owner in "AB")
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    """A local store, and one in an object store (S3 conditional writes instead of O_EXCL)."""
+    if request.param == "s3":
+        return Store(request.getfixturevalue("s3_store"))
+    (tmp_path / "store").mkdir()
+    return Store(tmp_path / "store")
+
+
+def test_lock_excludes_a_second_owner_until_released(any_store):
+    first, second = (StageLock(any_store, ".lock-x", owner, lease=30) for owner in "AB")
     assert first.try_acquire()
     assert first.try_acquire()  # re-entrant for its owner
     assert not second.try_acquire()
     first.release()
     assert second.try_acquire()
-    assert json.loads((tmp_path / ".lock-x").read_text())["owner"] == "B"
+    assert json.loads(any_store.read_text(".lock-x"))["owner"] == "B"
 
 
-def test_an_expired_lease_or_a_dead_holder_is_taken_over(tmp_path):
-    lock = tmp_path / ".lock-x"
-    stale = StageLock(lock, "old", lease=30)
+def test_an_expired_lease_or_a_dead_holder_is_taken_over(any_store):
+    stale = StageLock(any_store, ".lock-x", "old", lease=30)
     assert stale.try_acquire()
-    record = json.loads(lock.read_text())
-    lock.write_text(json.dumps({**record, "expires": time.time() - 1}))
-    assert StageLock(lock, "new", lease=30).try_acquire()
+    record = json.loads(any_store.read_text(".lock-x"))
+    any_store.write_text(".lock-x", json.dumps({**record, "expires": time.time() - 1}))
+    assert StageLock(any_store, ".lock-x", "new", lease=30).try_acquire()
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lock.write_text(json.dumps({**record, "owner": "old", "pid": dead.pid}))  # lease still valid
-    assert StageLock(lock, "newer", lease=30).try_acquire()
+    lease_valid = {**record, "owner": "old", "pid": dead.pid}
+    any_store.write_text(".lock-x", json.dumps(lease_valid))
+    assert StageLock(any_store, ".lock-x", "newer", lease=30).try_acquire()
 
-    lock.write_text(json.dumps({**record, "owner": "old", "pid": os.getpid()}))  # alive, valid
-    assert not StageLock(lock, "newest", lease=30).try_acquire()
+    alive = {**record, "owner": "old", "pid": os.getpid()}
+    any_store.write_text(".lock-x", json.dumps(alive))
+    assert not StageLock(any_store, ".lock-x", "newest", lease=30).try_acquire()
 
 
-def test_the_heartbeat_keeps_a_held_lease_alive(tmp_path):
-    locks = StoreLocks(tmp_path, lease=0.3)
-    artifact = tmp_path / "a-123"
-    assert locks.acquire(artifact)
-    time.sleep(0.9)  # three leases: only renewals keep it valid
-    other = StageLock(tmp_path / ".lock-a-123", "other", lease=0.3)
+def test_an_unreadable_lock_goes_stale_after_a_lease(any_store):
+    any_store.write_text(".lock-x", "{not json")
+    assert not StageLock(any_store, ".lock-x", "new", lease=30).try_acquire()
+    assert StageLock(any_store, ".lock-x", "new", lease=0.0).try_acquire()
+
+
+def test_the_heartbeat_keeps_a_held_lease_alive(any_store):
+    locks = StoreLocks(any_store, lease=0.6)
+    assert locks.acquire(any_store.path("a-123"))
+    time.sleep(1.8)  # three leases: only renewals keep it valid
+    other = StageLock(any_store, ".lock-a-123", "other", lease=0.6)
     assert not other.try_acquire()
     locks.release_all()
-    assert not (tmp_path / ".lock-a-123").exists()
+    assert any_store.read_text(".lock-a-123") is None
     assert other.try_acquire()
 
 
-def test_two_runs_sharing_a_store_make_each_stage_once(tmp_path, calls):
-    store = tmp_path / "store"
+def test_two_runs_sharing_a_store_make_each_stage_once(any_store, calls):
     results = {}
 
-    def run(name):
-        results[name] = execute(slow_chain(), store, use_ray=False, say=lambda _: None)
+    def run(name):  # each run opens the store itself, as another process would
+        results[name] = execute(
+            slow_chain(), Store(any_store.url), use_ray=False, say=lambda _: None
+        )
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("one", "two")]
     for t in threads:
@@ -90,7 +99,7 @@ def test_two_runs_sharing_a_store_make_each_stage_once(tmp_path, calls):
     made = [n for r in results.values() for n, res in r.items() if not res.reused]
     assert sorted(made) == ["a", "b", "c"]  # the runs split the work, none made twice
     assert results["two"]["a"].reused  # it waited for the first run's `a`
-    assert not list(store.glob(".lock-*"))
+    assert all(any_store.read_text(f".lock-{r.path.name}") is None for r in results["one"].values())
 
 
 def test_a_run_waits_for_a_live_lock_and_runs_once_it_is_released(tmp_path, calls):

@@ -1,0 +1,223 @@
+"""The artifact store: a local directory, or an fsspec URL (`s3://`, `gs://`, ...) the cluster shares.
+
+Stages always read and write local directories. With a local store those are the store's own
+directories. With a URL, every machine keeps a mirror (`$SPECDRAFT_CACHE`, default
+`~/.cache/specdraft/mirror/<hash of the URL>/`): a stage's inputs are fetched into the mirror of the
+machine it runs on (once; a mirror copy whose manifest differs from the store's is fetched again), and
+its output is published file by file with `manifest.json` uploaded last. Object stores have no
+directory rename, so the manifest is the commit: an artifact without one does not exist, and a
+publication cut short is overwritten by the next attempt. Locks are created with an exclusive write
+(`mode="xb"`: S3's If-None-Match, GCS's generation precondition, O_EXCL on local disks).
+
+fsspec's own configuration gives the URL's options (`FSSPEC_S3_ENDPOINT_URL=http://minio:9000`,
+`FSSPEC_GS_PROJECT=...`); they are read where the run starts and travel with the stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from specdraft.errors import InputError
+from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, commit_dir
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def default_location() -> str:
+    return os.environ.get("SPECDRAFT_STORE") or str(Path.home() / ".cache" / "specdraft" / "store")
+
+
+def mirror_root() -> Path:
+    env = os.environ.get("SPECDRAFT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "specdraft" / "mirror"
+
+
+def _protocol(location: str) -> str:
+    return location.split("://", 1)[0] if "://" in location else "file"
+
+
+class Store:
+    """One artifact store. Pickles small (the filesystem is opened again where it is used), so a
+    Store travels to Ray tasks; `local` is resolved on the machine that uses it."""
+
+    def __init__(self, location: str | os.PathLike):
+        location = str(location)
+        self.protocol = _protocol(location)
+        self.remote = self.protocol not in LOCAL_PROTOCOLS
+        if not self.remote:
+            local = location.split("://", 1)[1] if "://" in location else location
+            self.url, self.options = str(Path(local).expanduser().absolute()), {}
+            return
+        import fsspec
+        import fsspec.config
+
+        try:
+            fsspec.get_filesystem_class(self.protocol)
+        except ValueError:
+            raise InputError(
+                f"store {location}: fsspec knows no protocol {self.protocol!r}"
+            ) from None
+        except ImportError as err:  # fsspec says which package: "Please install s3fs ..."
+            raise InputError(f"store {location}: {err}") from None
+        self.url = location.rstrip("/")
+        self.options = dict(fsspec.config.conf.get(self.protocol, {}))
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.filesystem(self.protocol, **self.options)
+        return self._fs
+
+    @property
+    def local(self) -> Path:
+        """This machine's directory of the store: the store itself, or its mirror."""
+        if not self.remote:
+            return Path(self.url)
+        return mirror_root() / hashlib.sha256(self.url.encode()).hexdigest()[:12]
+
+    def path(self, name: str) -> Path:
+        """Where artifact `name` lies (once fetched) on this machine."""
+        return self.local / name
+
+    def location(self, name: str) -> str:
+        """Artifact `name` as other machines find it (recorded in manifests)."""
+        return f"{self.url}/{name}" if self.remote else str(self.path(name))
+
+    def _remote(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def committed(self, name: str) -> bool:
+        if not self.remote:
+            return (self.path(name) / MANIFEST).exists()
+        self.fs.invalidate_cache()  # another machine may have published it since we listed
+        return self.fs.exists(f"{self._remote(name)}/{MANIFEST}")
+
+    def fetch(self, name: str) -> Path:
+        """Artifact `name` on this machine (downloaded into the mirror unless already there)."""
+        local = self.path(name)
+        if not self.remote:
+            return local
+        self.fs.invalidate_cache()
+        manifest = self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
+        mirrored = local / MANIFEST
+        if mirrored.exists() and mirrored.read_bytes() == manifest:
+            return local
+        tmp = self._scratch(name)
+        try:
+            files = [f for f in self.fs.find(self._remote(name)) if not f.endswith(f"/{MANIFEST}")]
+            prefix = self.fs._strip_protocol(self._remote(name)).rstrip("/") + "/"
+            targets = [str(tmp / f[len(prefix) :]) for f in files]
+            for target in targets:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            if files:
+                self.fs.get(files, targets)
+            (tmp / MANIFEST).write_bytes(manifest)
+            commit_dir(tmp, local)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (mirrored.exists() and mirrored.read_bytes() == manifest):
+                raise  # not another process of this machine fetching the same artifact
+        return local
+
+    def _scratch(self, name: str) -> Path:
+        tmp = self.local / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def scratch(self, name: str) -> Path:
+        """A fresh local directory to make artifact `name` in (publish it when complete)."""
+        return self._scratch(name)
+
+    def publish(self, tmp: Path, name: str) -> Path:
+        """Commit the complete directory `tmp` (manifest included) as artifact `name`, replacing an
+        existing one; return its local path."""
+        if self.remote:
+            remote = self._remote(name)
+            self.fs.invalidate_cache()
+            if self.fs.exists(remote):  # a forced re-run replaces the artifact
+                if self.committed(name):
+                    self.fs.rm_file(f"{remote}/{MANIFEST}")  # unpublish first: no mixed reads
+                self.fs.rm(remote, recursive=True)
+            files = sorted(p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST)
+            if files:
+                self.fs.put(
+                    [str(p) for p in files],
+                    [f"{remote}/{p.relative_to(tmp).as_posix()}" for p in files],
+                )
+            self.fs.put_file(str(tmp / MANIFEST), f"{remote}/{MANIFEST}")
+        commit_dir(tmp, self.path(name))
+        return self.path(name)
+
+    # Small files at the store's top level (locks), by name.
+
+    def create_exclusive(self, name: str, text: str) -> bool:
+        """Create file `name` with `text`; False when it exists already."""
+        if not self.remote:
+            try:
+                fd = os.open(self.local / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        try:
+            with self.fs.open(self._remote(name), "xb") as f:
+                f.write(text.encode())
+        except FileExistsError:
+            return False
+        return True
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            if not self.remote:
+                return (self.local / name).read_text()
+            return self.fs.cat_file(self._remote(name)).decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Replace file `name` in one step (rename locally, one PUT on an object store)."""
+        if not self.remote:
+            atomic_write_text(self.local / name, text)
+        else:
+            self.fs.pipe_file(self._remote(name), text.encode())
+
+    def remove(self, name: str) -> None:
+        try:
+            if not self.remote:
+                (self.local / name).unlink()
+            else:
+                self.fs.rm_file(self._remote(name))
+        except FileNotFoundError:
+            pass
+
+    def age(self, name: str) -> float | None:
+        """Seconds since file `name` was last written; None when it is gone."""
+        try:
+            if not self.remote:
+                return time.time() - (self.local / name).stat().st_mtime
+            self.fs.invalidate_cache()
+            modified = self.fs.modified(self._remote(name))
+        except FileNotFoundError:
+            return None
+        except NotImplementedError:
+            return 0.0  # a filesystem without times: an unreadable lock never goes stale by age
+        return time.time() - modified.timestamp()
+
+
+def as_store(store: Store | str | os.PathLike) -> Store:
+    return store if isinstance(store, Store) else Store(store)
