@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, checkpoint_dir, read_manifest
+from specdraft.pipeline.artifacts import (
+    MANIFEST,
+    atomic_write_text,
+    checkpoint_dir,
+    read_manifest,
+    stage_inputs,
+)
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.lock import StoreLocks
 from specdraft.pipeline.store import Store, as_store
@@ -165,6 +171,7 @@ def run_stage(
     tmp = store.scratch(name)
     checkpoints = store.local / f".ckpt-{name}"  # on this machine: a retry here resumes
     token = checkpoint_dir.set(checkpoints)
+    inputs_token = stage_inputs.set((store, list(inputs.values())))
     start = time.time()
     try:
         run = importlib.import_module(module).run
@@ -186,6 +193,7 @@ def run_stage(
         raise
     finally:
         checkpoint_dir.reset(token)
+        stage_inputs.reset(inputs_token)
 
 
 def plan(stages: list[Stage], store: Store | Path) -> list[tuple[Stage, str, Path]]:

@@ -9,19 +9,25 @@ merged output is the same for any number of workers.
 
 A training stage runs its whole body on every Ray Train worker (`train_data_parallel`): Trainer
 splits each batch over the workers and all-reduces the gradients; rank 0 writes the artifact.
+
+With a store at a URL, workers may sit on machines that have not seen the stage's inputs: each
+worker fetches them into its machine's mirror first, and a DDP rank 0 elsewhere hands its output
+back through the store.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import checkpoint_dir
+from specdraft.pipeline.artifacts import checkpoint_dir, stage_inputs
 
 
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:
@@ -52,9 +58,52 @@ def map_shards(
     if len(shards) > 1 and in_ray_cluster():
         import ray
 
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(fn)
-        return ray.get([remote.remote(*shard) for shard in shards])
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_run_shard)
+        context = worker_context()
+        refs = [remote.options(name=fn.__name__).remote(fn, context, *s) for s in shards]
+        return ray.get(refs)
     return [fn(*shard) for shard in shards]
+
+
+def _run_shard(fn: Callable[..., Any], context: tuple | None, *shard) -> Any:
+    return fn(*fetch_inputs(context, shard))
+
+
+def worker_context() -> tuple | None:
+    """What a worker on another machine needs to find the running stage's inputs: (store, this
+    machine's mirror, input artifact names); None with a local (shared) store."""
+    current = stage_inputs.get()
+    if current is None or not current[0].remote:
+        return None
+    store, names = current
+    return store, str(store.local), list(names)
+
+
+def fetch_inputs(context: tuple | None, args):
+    """On a worker: the stage's inputs fetched into this machine's mirror, and `args` with the
+    stage machine's mirror paths in it (str, Path, in lists, tuples, dicts) moved to this one's."""
+    if context is None:
+        return args
+    store, there, names = context
+    for name in names:
+        store.fetch(name)
+    return relocated(args, there, str(store.local))
+
+
+def relocated(obj, old: str, new: str):
+    """`obj` with every path under directory `old` moved under `new`."""
+    if old == new:
+        return obj
+    if isinstance(obj, (str, Path)):
+        text = str(obj)
+        if text == old or text.startswith(old + os.sep):
+            return type(obj)(new + text[len(old) :])
+        return obj
+    if isinstance(obj, dict):
+        return {k: relocated(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(relocated(v, old, new) for v in obj)
+    return obj
 
 
 def worker_gpu_ids() -> list[int]:
@@ -84,6 +133,8 @@ def train_data_parallel(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    context = worker_context()
+    staging = f".staging-{stage}-{uuid.uuid4().hex[:8]}" if context else None
     per_worker = {"CPU": cfg.resources.cpus}
     if cfg.resources.gpus:
         per_worker["GPU"] = cfg.resources.gpus
@@ -97,6 +148,8 @@ def train_data_parallel(
                 "out": str(out),
                 "seed": seed,
                 "checkpoints": str(checkpoint_dir.get()) if checkpoint_dir.get() else None,
+                "context": context,
+                "staging": staging,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.resources.workers,
@@ -105,7 +158,13 @@ def train_data_parallel(
             ),
             run_config=RunConfig(storage_path=storage, name=stage),
         )
-        trainer.fit()  # raises the workers' error
+        try:
+            trainer.fit()  # raises the workers' error
+            if staging:  # rank 0 may have run on another machine: its output comes via the store
+                context[0].download(staging, out)
+        finally:
+            if staging:
+                context[0].delete(staging)
     info_file = out / "ddp_info.json"
     info = json.loads(info_file.read_text())
     info_file.unlink()
@@ -116,18 +175,21 @@ def _ddp_worker(config: dict) -> None:
     """One Ray Train worker: the whole stage, writing only on rank 0."""
     import torch.distributed as dist
 
-    if config["checkpoints"]:
-        checkpoint_dir.set(Path(config["checkpoints"]))
+    paths, checkpoints = fetch_inputs(config["context"], (config["inputs"], config["checkpoints"]))
+    if checkpoints:
+        checkpoint_dir.set(Path(checkpoints))
     rank, world = dist.get_rank(), dist.get_world_size()
-    inputs = {k: Path(v) for k, v in config["inputs"].items()}
+    inputs = {k: Path(v) for k, v in paths.items()}
     with tempfile.TemporaryDirectory(prefix=f"specdraft-rank{rank}-") as scratch:
-        out = Path(config["out"]) if rank == 0 else Path(scratch)
+        out = Path(config["out"]) if rank == 0 and not config["staging"] else Path(scratch)
         info = config["train_fn"](config["cfg"], inputs, out, seed=config["seed"])
         checksums: list = [None] * world
         dist.all_gather_object(checksums, info.pop("weights_checksum"))
         if rank == 0:  # all-reduced gradients keep every replica's weights identical
             info = {**info, "workers": world, "replicas_in_sync": len(set(checksums)) == 1}
             (out / "ddp_info.json").write_text(json.dumps(info))
+            if config["staging"]:
+                config["context"][0].upload(out, config["staging"])
         dist.barrier()
 
 

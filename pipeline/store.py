@@ -116,16 +116,10 @@ class Store:
         mirrored = local / MANIFEST
         if mirrored.exists() and mirrored.read_bytes() == manifest:
             return local
-        tmp = self._scratch(name)
+        tmp = self.scratch(name)
         try:
-            files = [f for f in self.fs.find(self._remote(name)) if not f.endswith(f"/{MANIFEST}")]
-            prefix = self.fs._strip_protocol(self._remote(name)).rstrip("/") + "/"
-            targets = [str(tmp / f[len(prefix) :]) for f in files]
-            for target in targets:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-            if files:
-                self.fs.get(files, targets)
-            (tmp / MANIFEST).write_bytes(manifest)
+            self.download(name, tmp, manifest=False)
+            (tmp / MANIFEST).write_bytes(manifest)  # the one read above: files and manifest agree
             commit_dir(tmp, local)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -133,34 +127,49 @@ class Store:
                 raise  # not another process of this machine fetching the same artifact
         return local
 
-    def _scratch(self, name: str) -> Path:
+    def scratch(self, name: str) -> Path:
+        """A fresh local directory to make artifact `name` in (publish it when complete)."""
         tmp = self.local / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         return tmp
-
-    def scratch(self, name: str) -> Path:
-        """A fresh local directory to make artifact `name` in (publish it when complete)."""
-        return self._scratch(name)
 
     def publish(self, tmp: Path, name: str) -> Path:
         """Commit the complete directory `tmp` (manifest included) as artifact `name`, replacing an
         existing one; return its local path."""
         if self.remote:
-            remote = self._remote(name)
-            self.fs.invalidate_cache()
-            if self.fs.exists(remote):  # a forced re-run replaces the artifact
-                if self.committed(name):
-                    self.fs.rm_file(f"{remote}/{MANIFEST}")  # unpublish first: no mixed reads
-                self.fs.rm(remote, recursive=True)
-            files = sorted(p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST)
-            if files:
-                self.fs.put(
-                    [str(p) for p in files],
-                    [f"{remote}/{p.relative_to(tmp).as_posix()}" for p in files],
-                )
-            self.fs.put_file(str(tmp / MANIFEST), f"{remote}/{MANIFEST}")
+            if self.committed(name):  # a forced re-run: unpublish first, so no one reads a mix
+                self.fs.rm_file(f"{self._remote(name)}/{MANIFEST}")
+            self.delete(name)
+            self.upload(tmp, name, manifest=False)
+            self.fs.put_file(str(tmp / MANIFEST), f"{self._remote(name)}/{MANIFEST}")
         commit_dir(tmp, self.path(name))
         return self.path(name)
+
+    # Whole directories in a remote store, e.g. a DDP rank's output on its way to the stage.
+
+    def upload(self, local: Path, name: str, manifest: bool = True) -> None:
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files = [p for p in files if manifest or p != local / MANIFEST]
+        if files:
+            self.fs.put(
+                [str(p) for p in files],
+                [f"{self._remote(name)}/{p.relative_to(local).as_posix()}" for p in files],
+            )
+
+    def download(self, name: str, local: Path, manifest: bool = True) -> None:
+        self.fs.invalidate_cache()
+        prefix = self.fs._strip_protocol(self._remote(name)).rstrip("/") + "/"
+        files = [f for f in self.fs.find(self._remote(name)) if manifest or f != prefix + MANIFEST]
+        targets = [local / f[len(prefix) :] for f in files]
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        if files:
+            self.fs.get(files, [str(t) for t in targets])
+
+    def delete(self, name: str) -> None:
+        self.fs.invalidate_cache()
+        if self.fs.exists(self._remote(name)):
+            self.fs.rm(self._remote(name), recursive=True)
 
     # Small files at the store's top level (locks), by name.
 

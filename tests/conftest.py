@@ -80,6 +80,7 @@ def ray_cluster(tmp_path_factory):
         runtime_env={"env_vars": {"PYTHONPATH": path, "SPECDRAFT_CACHE": mirror}},
     )
     ray.dashboard_address = f"http://{context.dashboard_url}"  # for `specdraft submit`
+    ray.specdraft_mirror = mirror  # the workers' "machine", unlike a test's own mirror
     yield ray
     ray.shutdown()
 

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,43 @@ def test_ray_tasks_read_and_write_a_remote_store(ray_cluster, s3_store, tmp_path
     assert log.read_text().split() == ["a", "b", "c"]
     assert len(published(Store(s3_store))) == 3
     assert json.loads((results["c"].path / "value.json").read_text()) == 7  # fetched here
+
+
+@pytest.mark.ray
+def test_workers_on_another_machine_fetch_the_stage_inputs(ray_cluster, s3_store, tmp_path, calls):
+    """The stages run here (mirror tmp_path/mirror); their shard tasks and DDP workers run in the
+    Ray cluster, whose workers mirror the store elsewhere, like another node's."""
+    stages = [
+        Stage("a", MODULE, {"name": "a", "add": 1}),
+        Stage("shards", "dag_parallel_stages", {"kind": "shards"}, deps=("a",)),
+        Stage("ddp", "dag_parallel_stages", {"kind": "ddp", "add": 2}, deps=("a",)),
+    ]
+    results = execute(stages, Store(s3_store), use_ray=False, say=quiet)
+    assert ray_cluster.specdraft_mirror != str(tmp_path / "mirror")
+    assert json.loads((results["shards"].path / "value.json").read_text()) == 2
+    elsewhere = Store(s3_store).local.name  # the store's mirror directory in any mirror root
+    elsewhere = f"{ray_cluster.specdraft_mirror}/{elsewhere}/{results['a'].path.name}"
+    assert results["shards"].manifest["info"]["read"] == [f"{elsewhere}/value.json"] * 2
+    ddp = results["ddp"]
+    assert json.loads((ddp.path / "value.json").read_text()) == 3  # rank 0's, via the store
+    info = ddp.manifest["info"]
+    assert info["workers"] == 2 and info["replicas_in_sync"]
+    assert info["read"] == [elsewhere]
+    store = Store(s3_store)
+    store.fs.invalidate_cache()
+    assert not store.fs.glob(f"{store.url}/.staging-*")  # the hand-over is cleaned up
+
+
+def test_paths_under_one_mirror_move_to_another():
+    from specdraft.pipeline.parallel import relocated
+
+    args = ("/m/a-1/model", Path("/m/a-1"), {"k": ["/m", "/mx/b", 3]}, "/other/m/c")
+    assert relocated(args, "/m", "/n") == (
+        "/n/a-1/model",
+        Path("/n/a-1"),
+        {"k": ["/n", "/mx/b", 3]},
+        "/other/m/c",
+    )
 
 
 def test_a_store_url_fsspec_cannot_open_is_one_clear_error(capsys):

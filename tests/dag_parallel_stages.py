@@ -1,0 +1,28 @@
+"""A stage module whose workers run as Ray tasks or Ray Train workers (tests/test_store.py): they
+report the paths they read the stage's inputs from."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from specdraft.pipeline.parallel import map_shards, train_data_parallel
+
+
+def read_value(path: str):
+    return json.loads(Path(path).read_text()), path
+
+
+def _ddp_body(cfg, inputs, out, *, seed):
+    upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
+    (out / "value.json").write_text(json.dumps(upstream + cfg.add))
+    return {"weights_checksum": float(upstream), "read": [str(p) for p in inputs.values()]}
+
+
+def run(cfg, inputs, out, *, seed):
+    if cfg["kind"] == "shards":  # two shards, each reading every input
+        paths = [(str(p / "value.json"),) for p in inputs.values()]
+        results = map_shards(read_value, paths * 2, cpus=0.5, gpus=0)
+        (out / "value.json").write_text(json.dumps(sum(value for value, _ in results)))
+        return {"read": [path for _, path in results]}
+    ddp = SimpleNamespace(resources=SimpleNamespace(workers=2, cpus=0.5, gpus=0), add=cfg["add"])
+    return train_data_parallel(_ddp_body, ddp, inputs, out, seed=seed, stage="ddp")
