@@ -47,6 +47,13 @@ class Resources:
         "through Ray Train's TorchTrainer, batch_size split evenly over the workers.",
         lo=1,
     )
+    placement: str = opt(
+        "",
+        "Reserve the workers together in a Ray placement group with this strategy before any "
+        "starts (STRICT_PACK: one node; SPREAD/STRICT_SPREAD: across nodes). Empty: generate and "
+        "evaluate workers start as resources free up; training always gang-schedules (PACK).",
+        choices=["", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+    )
 
 
 @dataclass
@@ -482,6 +489,18 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             problems.append(
                 f"{name}.resources.workers: {name}.model {section.model!r} is used as given, not "
                 "trained (workers > 1 trains the builtin toy model with DDP); set it to 1"
+            )
+    for name in ("target", "draft", "generate", "reference", "distil", "evaluate"):
+        res = getattr(cfg, name).resources
+        if res.placement and res.workers == 1:
+            problems.append(
+                f"{name}.resources.placement: {res.placement} places workers; with "
+                f"{name}.resources.workers=1 there is nothing to place (set workers > 1, or clear it)"
+            )
+        if res.placement and not (res.cpus or res.gpus):
+            problems.append(
+                f"{name}.resources.placement: a placement group reserves cpus or gpus; "
+                f"{name}.resources asks for neither"
             )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(

@@ -351,7 +351,8 @@ class _RayRunner:
             if address:
                 kwargs["address"] = address
             ray.init(**kwargs)
-        check_cluster_resources([t[0] for t in todo], ray.cluster_resources())
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        check_cluster_resources([t[0] for t in todo], ray.cluster_resources(), nodes)
         self._remote = ray.remote(run_stage)
 
     def submit(self, stage: Stage, inputs: dict[str, str], store: Store, path: Path, meta: dict):
@@ -381,16 +382,40 @@ class _RayRunner:
             self.ray.cancel(ref, force=True)
 
 
-def check_cluster_resources(stages: list[Stage], available: dict[str, float]) -> None:
-    """Fail at once when a stage asks for more than the cluster has (Ray would wait forever)."""
+def check_cluster_resources(
+    stages: list[Stage], available: dict[str, float], nodes: list[dict] | None = None
+) -> None:
+    """Fail at once when a stage asks for more than the cluster has (Ray would wait forever).
+    Workers that must start together (DDP training, or a `placement` strategy) count together;
+    `nodes` (each node's resources) checks what STRICT_PACK and STRICT_SPREAD need of single nodes."""
     problems = []
     for s in stages:
-        for res, want in (("GPU", s.resources.gpus), ("CPU", s.resources.cpus)):
-            have = available.get(res, 0.0)
-            if want > have:
+        r = s.resources
+        workers, placement = getattr(r, "workers", 1), getattr(r, "placement", "")
+        together = workers > 1 and (bool(placement) or hasattr(s.config, "train"))
+        per_worker = {res: want for res, want in (("GPU", r.gpus), ("CPU", r.cpus)) if want}
+        for res, per in per_worker.items():
+            want = per * workers if together else per
+            if want > available.get(res, 0.0):
+                asks = f"{workers} workers x {per:g}" if together else f"{per:g}"
                 problems.append(
-                    f"stage {s.name} asks for {want:g} {res} but the cluster has {have:g}"
+                    f"stage {s.name} asks for {asks} {res} but the cluster has "
+                    f"{available.get(res, 0.0):g}"
                 )
+        if nodes is None or workers == 1 or placement not in ("STRICT_PACK", "STRICT_SPREAD"):
+            continue
+        scale = workers if placement == "STRICT_PACK" else 1
+        fit = [n for n in nodes if all(n.get(k, 0.0) >= v * scale for k, v in per_worker.items())]
+        if placement == "STRICT_PACK" and not fit:
+            problems.append(
+                f"stage {s.name}: STRICT_PACK needs one node with {workers} x {per_worker}; "
+                "no node has that much"
+            )
+        if placement == "STRICT_SPREAD" and len(fit) < workers:
+            problems.append(
+                f"stage {s.name}: STRICT_SPREAD needs {workers} nodes with {per_worker} each; "
+                f"the cluster has {len(fit)}"
+            )
     if problems:
         raise StageError(
             "the cluster cannot run this job:\n  - "

@@ -17,6 +17,7 @@ back through the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,18 +52,64 @@ def in_ray_cluster() -> bool:
 
 
 def map_shards(
-    fn: Callable[..., Any], shards: list[tuple], *, cpus: float, gpus: float
+    fn: Callable[..., Any],
+    shards: list[tuple],
+    *,
+    cpus: float,
+    gpus: float,
+    placement: str = "",
 ) -> list[Any]:
     """`fn(*shard)` for every shard, in shard order: Ray tasks with `cpus`/`gpus` each when this
-    process is part of a Ray cluster and there is more than one shard, else here."""
+    process is part of a Ray cluster and there is more than one shard (reserved together in a
+    placement group with strategy `placement`, if given), else here."""
     if len(shards) > 1 and in_ray_cluster():
         import ray
 
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_run_shard)
         context = worker_context()
-        refs = [remote.options(name=fn.__name__).remote(fn, context, *s) for s in shards]
-        return ray.get(refs)
+        with placement_group(len(shards), cpus, gpus, placement) as where:
+            refs = [
+                remote.options(name=fn.__name__, scheduling_strategy=where(i)).remote(
+                    fn, context, *shard
+                )
+                for i, shard in enumerate(shards)
+            ]
+            return ray.get(refs)
     return [fn(*shard) for shard in shards]
+
+
+def placement_timeout() -> float:
+    return float(os.environ.get("SPECDRAFT_PLACEMENT_TIMEOUT", 600))
+
+
+@contextlib.contextmanager
+def placement_group(n: int, cpus: float, gpus: float, strategy: str):
+    """`where(i)`: the scheduling strategy of worker i, in bundle i of a placement group of `n`
+    bundles reserved with `strategy` (removed on exit); without a strategy, Ray's default."""
+    if not strategy:
+        yield lambda i: None
+        return
+    import ray
+    from ray.util.placement_group import placement_group as reserve
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    group = reserve([bundle] * n, strategy=strategy)
+    try:
+        try:
+            ray.get(group.ready(), timeout=placement_timeout())
+        except ray.exceptions.GetTimeoutError:
+            raise InputError(
+                f"could not reserve {n} x {bundle} with strategy {strategy} in "
+                f"{placement_timeout():g}s (SPECDRAFT_PLACEMENT_TIMEOUT): the cluster is busy or "
+                "lacks the nodes for it"
+            ) from None
+        yield lambda i: PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=i
+        )
+    finally:
+        remove_placement_group(group)
 
 
 def _run_shard(fn: Callable[..., Any], context: tuple | None, *shard) -> Any:
@@ -155,6 +202,7 @@ def train_data_parallel(
                 num_workers=cfg.resources.workers,
                 use_gpu=cfg.resources.gpus > 0,
                 resources_per_worker=per_worker,
+                placement_strategy=cfg.resources.placement or "PACK",
             ),
             run_config=RunConfig(storage_path=storage, name=stage),
         )

@@ -12,6 +12,14 @@ def read_value(path: str):
     return json.loads(Path(path).read_text()), path
 
 
+def placed(i: int):
+    """A shard reporting where Ray placed it: (placement group id, GPU ids)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return context.get_placement_group_id(), [int(g) for g in ray.get_gpu_ids()]
+
+
 def _ddp_body(cfg, inputs, out, *, seed):
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     (out / "value.json").write_text(json.dumps(upstream + cfg.add))

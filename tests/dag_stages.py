@@ -22,6 +22,13 @@ def run(cfg, inputs, out, *, seed):
     time.sleep(cfg.get("sleep", 0))
     while cfg.get("hold") and Path(cfg["hold"]).exists():  # stays busy while the file is there
         time.sleep(0.05)
+    if cfg.get("barrier"):  # waits until `together` stages have reached this point
+        folder, deadline = Path(cfg["barrier"]), time.time() + 30
+        (folder / cfg["name"]).touch()
+        while len(list(folder.iterdir())) < cfg["together"]:
+            if time.time() > deadline:
+                raise RuntimeError("the other stages never ran alongside this one")
+            time.sleep(0.05)
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     if cfg.get("checkpointed"):  # fails on its first attempt, after leaving a checkpoint
         from specdraft.pipeline.artifacts import checkpoint_dir

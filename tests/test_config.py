@@ -119,6 +119,19 @@ def test_workers_on_a_given_model_are_rejected():
     ]
 
 
+def test_placement_needs_workers_and_a_known_strategy():
+    with pytest.raises(ConfigError) as info:
+        load_job(None, ["generate.resources.placement=STRICT_PACK"])
+    assert info.value.problems == [
+        "generate.resources.placement: STRICT_PACK places workers; with "
+        "generate.resources.workers=1 there is nothing to place (set workers > 1, or clear it)"
+    ]
+    with pytest.raises(ConfigError, match="generate.resources.placement"):
+        load_job(None, ["generate.resources.workers=2", "generate.resources.placement=TIGHT"])
+    job = load_job(None, ["distil.resources.workers=2", "distil.resources.placement=SPREAD"])
+    assert job.distil.resources.placement == "SPREAD"
+
+
 def test_every_field_has_help():
     rows = describe()
     assert rows and all(help_ for _, _, help_ in rows)

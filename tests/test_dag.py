@@ -1,6 +1,7 @@
 """The stage DAG: content-addressed cache, reuse, --force, atomic commits, resource checks."""
 
 import json
+import types
 
 import pytest
 
@@ -74,6 +75,30 @@ def test_missing_gpus_fail_at_once_with_what_is_missing():
     with pytest.raises(StageError, match="stage distil asks for 2 GPU but the cluster has 0"):
         check_cluster_resources(stages, {"CPU": 2.0})
     check_cluster_resources(stages, {"CPU": 2.0, "GPU": 2.0})
+
+
+def test_workers_that_start_together_are_counted_together():
+    """DDP (a config with `train`) and placement groups need every worker at once; plain shard
+    tasks only need room for one at a time. STRICT_* strategies are checked node by node."""
+    trains = types.SimpleNamespace(train=None)
+    two_nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    cluster = {"CPU": 4.0, "GPU": 2.0}
+
+    def check(config, placement="", workers=3, gpus=1):
+        res = Resources(cpus=1, gpus=gpus, workers=workers, placement=placement)
+        check_cluster_resources([Stage("s", MODULE, config, resources=res)], cluster, two_nodes)
+
+    check({})  # shards: one at a time fits
+    with pytest.raises(StageError, match="asks for 3 workers x 1 GPU but the cluster has 2"):
+        check(trains)
+    with pytest.raises(StageError, match="asks for 3 workers x 1 GPU"):
+        check({}, "PACK")
+    check({}, "STRICT_SPREAD", workers=2)
+    with pytest.raises(StageError, match="STRICT_PACK needs one node with 2 x"):
+        check({}, "STRICT_PACK", workers=2)
+    check({}, "STRICT_PACK", workers=2, gpus=0.5)  # fractions: two workers share one GPU
+    with pytest.raises(StageError, match="STRICT_SPREAD needs 3 nodes"):
+        check({}, "STRICT_SPREAD", gpus=0)
 
 
 def test_checkpoints_survive_a_failed_attempt_and_go_with_success(tmp_path, calls):

@@ -16,7 +16,7 @@ from specdraft.pipeline.dag import Stage, execute
 from specdraft.pipeline.data import max_length_of, tokenizer_dir
 from specdraft.pipeline.generate import load_sequences
 from specdraft.pipeline.job import build_stages
-from specdraft.pipeline.parallel import shard_bounds
+from specdraft.pipeline.parallel import map_shards, shard_bounds
 
 
 @pytest.mark.parametrize(
@@ -35,17 +35,66 @@ def test_shards_are_contiguous_runs_of_whole_batches(n, workers, batch, expected
     assert all(start % batch == 0 for start, _ in bounds)
 
 
+@pytest.mark.ray
+def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeypatch):
+    from dag_parallel_stages import placed
+
+    shards = [(0,), (1,)]
+    loose = map_shards(placed, shards, cpus=0.5, gpus=1)
+    assert all(group is None for group, _ in loose)
+    packed = map_shards(placed, shards, cpus=0.5, gpus=1, placement="STRICT_PACK")
+    groups = {group for group, _ in packed}
+    assert len(groups) == 1 and None not in groups  # one placement group holds both
+    assert sorted(g for _, gpus in packed for g in gpus) == [0, 1]
+    assert not [
+        g for g in ray_cluster.util.placement_group_table().values() if g["state"] != "REMOVED"
+    ]
+    monkeypatch.setenv("SPECDRAFT_PLACEMENT_TIMEOUT", "2")
+    with pytest.raises(
+        InputError, match="could not reserve 2 x {'CPU': 0.5, 'GPU': 1} with strategy STRICT_SPREAD"
+    ):
+        map_shards(placed, shards, cpus=0.5, gpus=1, placement="STRICT_SPREAD")  # one node
+
+
+@pytest.mark.ray
+def test_independent_stages_with_fractional_gpus_run_side_by_side(ray_cluster, tmp_path):
+    """Four stages asking for half a GPU each run at once on the 2 logical GPUs: each waits
+    until all four have started, which could not happen one or two at a time."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    share = Resources(cpus=0.25, gpus=0.5)
+    stages = [
+        Stage(
+            name,
+            "dag_stages",
+            {
+                "name": name,
+                "add": 1,
+                "barrier": str(barrier),
+                "together": 4,
+                "log": str(tmp_path / "calls.txt"),
+            },
+            resources=share,
+        )
+        for name in ("w", "x", "y", "z")
+    ]
+    results = execute(stages, tmp_path / "store", use_ray=True, say=lambda _: None)
+    assert sorted(p.name for p in barrier.iterdir()) == ["w", "x", "y", "z"]
+    assert not any(r.reused for r in results.values())
+
+
 def test_two_gpu_workers_generate_exactly_what_one_worker_does(tiny_run, ray_cluster):
-    """The session cluster has 2 logical GPUs: each shard task gets one of them."""
+    """The session cluster has 2 logical GPUs: each shard task gets one of them (both reserved
+    together in a placement group)."""
     job, _, _ = tiny_run
     assert ray_cluster.cluster_resources().get("GPU") == 2
     upstream = [s for s in build_stages(job) if s.name in ("data", "target", "draft_init")]
     made = {}
-    for workers, gpus in ((1, 0), (2, 1)):
+    for workers, gpus, placement in ((1, 0, ""), (2, 1, "STRICT_PACK")):
         cfg = dataclasses.replace(
             job.generate,
             batch_size=2,
-            resources=Resources(cpus=1, gpus=gpus, workers=workers),
+            resources=Resources(cpus=1, gpus=gpus, workers=workers, placement=placement),
         )
         stage = Stage(
             "generate",
