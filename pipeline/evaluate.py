@@ -324,13 +324,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
     for a, b in shard_bounds(len(tasks), cfg.resources.workers, 1):
         names = {task for _, task in tasks[a:b]}
         shards.append((paths, cfg, [r for r in eval_rows if r["task"] in names], tasks[a:b], seed))
-    parts = map_shards(
-        evaluate_tasks,
-        shards,
-        cpus=cfg.resources.cpus,
-        gpus=cfg.resources.gpus,
-        placement=cfg.resources.placement,
-    )
+    parts = map_shards(evaluate_tasks, shards, cfg.resources)
     target_only_seconds = sum(part["target_only_seconds"] for part in parts)
     metrics: dict = {
         "gamma": cfg.gamma,

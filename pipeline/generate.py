@@ -133,13 +133,7 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
             (model_dir, str(inputs["target"]), prompts[a:b], a, cfg, seed, f"generate ({source})")
             for a, b in shard_bounds(len(prompts), cfg.resources.workers, cfg.batch_size)
         ]
-        results = map_shards(
-            sample_shard,
-            shards,
-            cpus=cfg.resources.cpus,
-            gpus=cfg.resources.gpus,
-            placement=cfg.resources.placement,
-        )
+        results = map_shards(sample_shard, shards, cfg.resources)
         responses = [r for shard_responses, _ in results for r in shard_responses]
         gpu_ids.append([ids for _, ids in results])
         for row, prompt_ids, response in zip(part, prompts, responses, strict=True):

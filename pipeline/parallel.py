@@ -51,23 +51,18 @@ def in_ray_cluster() -> bool:
     return ray.is_initialized()
 
 
-def map_shards(
-    fn: Callable[..., Any],
-    shards: list[tuple],
-    *,
-    cpus: float,
-    gpus: float,
-    placement: str = "",
-) -> list[Any]:
-    """`fn(*shard)` for every shard, in shard order: Ray tasks with `cpus`/`gpus` each when this
-    process is part of a Ray cluster and there is more than one shard (reserved together in a
-    placement group with strategy `placement`, if given), else here."""
+def map_shards(fn: Callable[..., Any], shards: list[tuple], resources) -> list[Any]:
+    """`fn(*shard)` for every shard, in shard order: Ray tasks with the stage's per-worker
+    `resources` (cpus, gpus; reserved together in a placement group when `resources.placement`
+    names a strategy) when this process is part of a Ray cluster and there is more than one
+    shard, else here."""
     if len(shards) > 1 and in_ray_cluster():
         import ray
 
+        cpus, gpus = resources.cpus, resources.gpus
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_run_shard)
         context = worker_context()
-        with placement_group(len(shards), cpus, gpus, placement) as where:
+        with placement_group(len(shards), cpus, gpus, resources.placement) as where:
             refs = [
                 remote.options(name=fn.__name__, scheduling_strategy=where(i)).remote(
                     fn, context, *shard

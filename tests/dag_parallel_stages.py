@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from specdraft.pipeline.config import Resources
 from specdraft.pipeline.parallel import map_shards, train_data_parallel
 
 
@@ -29,8 +30,8 @@ def _ddp_body(cfg, inputs, out, *, seed):
 def run(cfg, inputs, out, *, seed):
     if cfg["kind"] == "shards":  # two shards, each reading every input
         paths = [(str(p / "value.json"),) for p in inputs.values()]
-        results = map_shards(read_value, paths * 2, cpus=0.5, gpus=0)
+        results = map_shards(read_value, paths * 2, Resources(cpus=0.5, workers=2))
         (out / "value.json").write_text(json.dumps(sum(value for value, _ in results)))
         return {"read": [path for _, path in results]}
-    ddp = SimpleNamespace(resources=SimpleNamespace(workers=2, cpus=0.5, gpus=0), add=cfg["add"])
+    ddp = SimpleNamespace(resources=Resources(cpus=0.5, workers=2), add=cfg["add"])
     return train_data_parallel(_ddp_body, ddp, inputs, out, seed=seed, stage="ddp")

@@ -40,9 +40,11 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
     from dag_parallel_stages import placed
 
     shards = [(0,), (1,)]
-    loose = map_shards(placed, shards, cpus=0.5, gpus=1)
+    loose = map_shards(placed, shards, Resources(cpus=0.5, gpus=1, workers=2))
     assert all(group is None for group, _ in loose)
-    packed = map_shards(placed, shards, cpus=0.5, gpus=1, placement="STRICT_PACK")
+    packed = map_shards(
+        placed, shards, Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_PACK")
+    )
     groups = {group for group, _ in packed}
     assert len(groups) == 1 and None not in groups  # one placement group holds both
     assert sorted(g for _, gpus in packed for g in gpus) == [0, 1]
@@ -53,7 +55,9 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
     with pytest.raises(
         InputError, match="could not reserve 2 x {'CPU': 0.5, 'GPU': 1} with strategy STRICT_SPREAD"
     ):
-        map_shards(placed, shards, cpus=0.5, gpus=1, placement="STRICT_SPREAD")  # one node
+        map_shards(
+            placed, shards, Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_SPREAD")
+        )  # one node
 
 
 @pytest.mark.ray
