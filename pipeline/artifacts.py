@@ -23,6 +23,10 @@ def lineage_hash(artifacts) -> str:
 # the stage's artifact), where training stages keep checkpoints so that a retry resumes.
 checkpoint_dir: ContextVar[Path | None] = ContextVar("checkpoint_dir", default=None)
 
+# Set by the executor while a stage runs with a remote store: a store.RemoteCheckpoints that keeps
+# the checkpoint directory's checkpoints in the store too (a retry elsewhere resumes from them).
+checkpoint_mirror: ContextVar = ContextVar("checkpoint_mirror", default=None)
+
 # Set by the executor while a stage runs: (its store, the names of its input artifacts), so that
 # the stage's data-parallel workers on other machines fetch the same inputs first.
 stage_inputs: ContextVar[tuple | None] = ContextVar("stage_inputs", default=None)

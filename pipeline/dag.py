@@ -27,12 +27,13 @@ from specdraft.pipeline.artifacts import (
     MANIFEST,
     atomic_write_text,
     checkpoint_dir,
+    checkpoint_mirror,
     read_manifest,
     stage_inputs,
 )
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.lock import StoreLocks
-from specdraft.pipeline.store import Store, as_store
+from specdraft.pipeline.store import RemoteCheckpoints, Store, as_store
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def run_stage(
     tmp = store.scratch(name)
     checkpoints = store.local / f".ckpt-{name}"  # on this machine: a retry here resumes
     token = checkpoint_dir.set(checkpoints)
+    mirrored = RemoteCheckpoints(store, name) if store.remote else None
+    mirror_token = checkpoint_mirror.set(mirrored)
     inputs_token = stage_inputs.set((store, list(inputs.values())))
     start = time.time()
     try:
@@ -187,12 +190,15 @@ def run_stage(
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
         store.publish(tmp, name)  # a forced re-run replaces the old artifact
         shutil.rmtree(checkpoints, ignore_errors=True)
+        if mirrored is not None:
+            mirrored.clear()
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay: the next attempt resumes
         raise
     finally:
         checkpoint_dir.reset(token)
+        checkpoint_mirror.reset(mirror_token)
         stage_inputs.reset(inputs_token)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import checkpoint_dir, stage_inputs
+from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror, stage_inputs
 
 
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:
@@ -192,6 +192,7 @@ def train_data_parallel(
                 "checkpoints": str(checkpoint_dir.get()) if checkpoint_dir.get() else None,
                 "context": context,
                 "staging": staging,
+                "checkpoint_mirror": checkpoint_mirror.get(),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.resources.workers,
@@ -221,6 +222,7 @@ def _ddp_worker(config: dict) -> None:
     paths, checkpoints = fetch_inputs(config["context"], (config["inputs"], config["checkpoints"]))
     if checkpoints:
         checkpoint_dir.set(Path(checkpoints))
+    checkpoint_mirror.set(config["checkpoint_mirror"])
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = {k: Path(v) for k, v in paths.items()}
     with tempfile.TemporaryDirectory(prefix=f"specdraft-rank{rank}-") as scratch:

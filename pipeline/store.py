@@ -230,3 +230,46 @@ class Store:
 
 def as_store(store: Store | str | os.PathLike) -> Store:
     return store if isinstance(store, Store) else Store(store)
+
+
+class RemoteCheckpoints:
+    """A training stage's checkpoints kept in a remote store as well (`<url>/.ckpt-<artifact>/`),
+    so that a retry on another machine resumes too. Each `checkpoint-N` directory is uploaded
+    whole, then marked complete; only complete ones are restored."""
+
+    COMPLETE = ".complete"
+
+    def __init__(self, store: Store, artifact: str):
+        self.store, self.name = store, f".ckpt-{artifact}"
+
+    def _complete(self) -> set[str]:
+        self.store.fs.invalidate_cache()
+        marks = self.store.fs.glob(f"{self.store._remote(self.name)}/checkpoint-*/{self.COMPLETE}")
+        return {mark.split("/")[-2] for mark in marks}
+
+    def save(self, folder: Path) -> None:
+        """Upload the checkpoints in `folder` the store lacks; drop those `folder` no longer has."""
+        stored = self._complete()
+        local = {p.name for p in Path(folder).glob("checkpoint-*") if p.is_dir()}
+        for name in sorted(local - stored):
+            self.store.upload(Path(folder) / name, f"{self.name}/{name}")
+            self.store.fs.pipe_file(f"{self.store._remote(self.name)}/{name}/{self.COMPLETE}", b"")
+        for name in stored - local:
+            self.store.delete(f"{self.name}/{name}")
+
+    def restore(self, folder: Path) -> None:
+        """Download the store's complete checkpoints that `folder` lacks."""
+        folder = Path(folder)
+        for name in sorted(self._complete()):
+            if (folder / name).is_dir():
+                continue
+            tmp = folder / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            self.store.download(f"{self.name}/{name}", tmp)
+            try:
+                os.replace(tmp, folder / name)
+            except OSError:  # another rank on this machine restored it first
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def clear(self) -> None:
+        self.store.delete(self.name)

@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.kernels import fused_kd_loss, kd_divergence_from_logits
-from specdraft.pipeline.artifacts import checkpoint_dir
+from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
@@ -125,11 +125,27 @@ def trainer_dir(train_cfg, out: Path) -> Path:
     return ckpt if train_cfg.save_every and ckpt is not None else out / "trainer"
 
 
+class UploadCheckpoints(TrainerCallback):
+    """Copies each checkpoint Trainer saves into the remote store (from the main process)."""
+
+    def __init__(self, mirror, folder: Path):
+        self.mirror, self.folder = mirror, folder
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.mirror.save(self.folder)
+
+
 def _train(trainer, train_cfg, out: Path) -> None:
-    """Run Trainer, resuming from the last checkpoint a failed attempt left."""
+    """Run Trainer, resuming from the last checkpoint a failed attempt left (here, or in a
+    remote store's copy of the checkpoints)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     folder = trainer_dir(train_cfg, out)
+    mirror = checkpoint_mirror.get()
+    if mirror is not None and train_cfg.save_every and folder == checkpoint_dir.get():
+        mirror.restore(folder)
+        trainer.add_callback(UploadCheckpoints(mirror, folder))
     last = get_last_checkpoint(str(folder)) if folder.is_dir() and train_cfg.save_every else None
     if last:
         print(f"resuming from {last}")

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -253,22 +254,27 @@ def test_ce_is_cross_entropy_on_the_kept_next_tokens_without_a_teacher():
     assert torch.allclose(loss, (per_row * keep).sum(), atol=1e-5)
 
 
-def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("where", ["here", "remote store"])
+def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path, request, where):
     from transformers import TrainerCallback
 
-    from specdraft.pipeline.artifacts import checkpoint_dir
+    from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror
+    from specdraft.pipeline.store import RemoteCheckpoints, Store
 
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
+    store = Store(request.getfixturevalue("s3_store")) if where == "remote store" else None
 
     def attempt(model, folder, callbacks=()):
         token = checkpoint_dir.set(folder)
+        mirror = checkpoint_mirror.set(RemoteCheckpoints(store, folder.name) if store else None)
         try:
             return train_kd(
                 model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=callbacks
             )
         finally:
             checkpoint_dir.reset(token)
+            checkpoint_mirror.reset(mirror)
 
     uninterrupted = copy.deepcopy(base)
     attempt(uninterrupted, tmp_path / "ckpt_a")
@@ -281,6 +287,8 @@ def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="worker died"):
         attempt(copy.deepcopy(base), tmp_path / "ckpt_b", [WorkerDies()])
     assert (tmp_path / "ckpt_b" / "checkpoint-4").is_dir()
+    if store is not None:  # the retry runs on another machine: nothing local, the store's copy
+        shutil.rmtree(tmp_path / "ckpt_b")
     resumed = copy.deepcopy(base)  # a retried task starts from the stage's inputs again
     history, _ = attempt(resumed, tmp_path / "ckpt_b")
     assert [row["step"] for row in history] == [5, 6]
