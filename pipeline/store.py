@@ -49,6 +49,7 @@ class Store:
         location = str(location)
         self.protocol = _protocol(location)
         self.remote = self.protocol not in LOCAL_PROTOCOLS
+        self._fs = None
         if not self.remote:
             local = location.split("://", 1)[1] if "://" in location else location
             self.url, self.options = str(Path(local).expanduser().absolute()), {}
@@ -66,7 +67,6 @@ class Store:
             raise InputError(f"store {location}: {err}") from None
         self.url = location.rstrip("/")
         self.options = dict(fsspec.config.conf.get(self.protocol, {}))
-        self._fs = None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -226,6 +226,17 @@ class Store:
         except NotImplementedError:
             return 0.0  # a filesystem without times: an unreadable lock never goes stale by age
         return time.time() - modified.timestamp()
+
+
+def artifact_at(location: str) -> Path | None:
+    """The artifact a manifest records at `location` (a directory, or `<store URL>/<name>`) on
+    this machine, fetched if need be; None when it is no longer in its store."""
+    if "://" not in location or _protocol(location) in LOCAL_PROTOCOLS:
+        path = Path(location.split("://", 1)[-1])
+        return path if (path / MANIFEST).exists() else None
+    url, _, name = location.rstrip("/").rpartition("/")
+    store = Store(url)
+    return store.fetch(name) if store.committed(name) else None
 
 
 def as_store(store: Store | str | os.PathLike) -> Store:

@@ -137,8 +137,9 @@ def cmd_check_pair(args) -> int:
 def cmd_export(args) -> int:
     import uuid
 
-    from specdraft.pipeline.artifacts import MANIFEST, commit_dir
+    from specdraft.pipeline.artifacts import commit_dir
     from specdraft.pipeline.export import export_draft
+    from specdraft.pipeline.store import artifact_at
 
     run_dir = Path(args.run_dir)
     run_file = run_dir / "run.json"
@@ -147,8 +148,9 @@ def cmd_export(args) -> int:
             f"{run_dir} is not a specdraft run directory (no run.json); give the --out of a run"
         )
     stages = {s["name"]: s for s in json.loads(run_file.read_text())["stages"]}
-    inputs = {key: Path(path) for key, path in stages["export"]["inputs"].items()}
-    missing = [str(p) for p in inputs.values() if not (p / MANIFEST).exists()]
+    recorded = stages["export"]["inputs"]
+    inputs = {key: artifact_at(location) for key, location in recorded.items()}
+    missing = [recorded[key] for key, path in inputs.items() if path is None]
     if missing:
         raise InputError(
             "the run's artifacts are gone from the store: "

@@ -139,7 +139,7 @@ def test_local_paths_and_file_urls_are_the_same_local_store(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path):
+def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path, monkeypatch):
     from conftest import TINY
 
     from specdraft.pipeline.config import load_job
@@ -152,3 +152,10 @@ def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["job_hash"]
     assert (Store(s3_store).local / "logs" / "tiny.log").exists()
+
+    from specdraft.cli import main
+
+    monkeypatch.setenv("SPECDRAFT_CACHE", str(tmp_path / "another-machine"))
+    to = tmp_path / "bf16"
+    assert main(["export", str(tmp_path / "out"), "--to", str(to), "--dtype", "bfloat16"]) == 0
+    assert json.loads((to / "config.json").read_text())["dtype"] == "bfloat16"

@@ -8,8 +8,9 @@ stage with 1 vs 2 data-parallel workers.
 2. With the demo's upstream stages cached, the generate stage (512 prompts, draft-sampled) run
    through Ray with `resources.workers` 1 (2 CPUs) and 2 (1 CPU each), alternating: wall seconds of
    the stage, and whether the two sequence sets are identical (they must be).
-On a 2-core machine two workers share the cores one worker already uses: expect no speed-up there;
-on a GPU node each worker gets its own GPU.
+On a 2-core machine two workers share the cores one worker already uses: expect no speed-up there.
+On a GPU machine, `--gpus N` runs step 2 with 1 vs N workers of one GPU each instead (results go to
+ray_gpu.json unless --out says otherwise).
 """
 
 from __future__ import annotations
@@ -44,21 +45,23 @@ def time_demo(no_ray: bool) -> float:
         return time.perf_counter() - start
 
 
-def time_generate(store: Path, repeats: int) -> dict:
+def time_generate(store: Path, repeats: int, gpus: int) -> dict:
     import ray
 
     job = load_job(REPO / "jobs" / "demo.yaml")
     upstream = [s for s in build_stages(job) if s.name in UPSTREAM]
     execute(upstream, store, use_ray=False)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
-    seconds: dict[str, list[float]] = {"1": [], "2": []}
+    # CPU: 1 worker with both cores vs 2 with one each; GPU: 1 vs `gpus` workers of one GPU each.
+    settings = [(1, 2), (2, 1)] if not gpus else [(1, 1), (gpus, 1)]  # (workers, cpus each)
+    n = settings[1][0]
+    seconds: dict[str, list[float]] = {"1": [], str(n): []}
     sequences = {}
     try:
         for _ in range(repeats):
-            for workers, cpus in ((1, 2), (2, 1)):
-                cfg = dataclasses.replace(
-                    job.generate, resources=Resources(cpus=cpus, workers=workers)
-                )
+            for workers, cpus in settings:
+                resources = Resources(cpus=cpus, gpus=1 if gpus else 0, workers=workers)
+                cfg = dataclasses.replace(job.generate, resources=resources)
                 stage = Stage(
                     "generate",
                     "specdraft.pipeline.generate",
@@ -79,24 +82,27 @@ def time_generate(store: Path, repeats: int) -> dict:
         "prompts": job.generate.num_prompts,
         "seconds": seconds,
         "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
-        "ratio_2_over_1": statistics.median(seconds["2"]) / statistics.median(seconds["1"]),
-        "identical_output": sequences[1] == sequences[2],
+        "gpus_per_worker": 1 if gpus else 0,
+        f"ratio_{n}_over_1": statistics.median(seconds[str(n)]) / statistics.median(seconds["1"]),
+        "identical_output": sequences[1] == sequences[n],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--gpus", type=int, default=0, help="GPU machine: 1 vs this many workers")
     args = parser.parse_args()
+    args.out = args.out or (RESULT.with_name("ray_gpu.json") if args.gpus else RESULT)
     demo: dict[str, list[float]] = {"ray": [], "in_process": []}
     for _ in range(args.repeats):
         demo["ray"].append(time_demo(no_ray=False))
         demo["in_process"].append(time_demo(no_ray=True))
     with tempfile.TemporaryDirectory(prefix="bench-ray-gen-") as store:
-        generate = time_generate(Path(store), args.repeats)
+        generate = time_generate(Path(store), args.repeats, args.gpus)
     result = {
-        "benchmark": "Ray overhead: demo via Ray vs in-process; generate with 1 vs 2 workers",
+        "benchmark": "Ray overhead: demo via Ray vs in-process; generate with 1 vs N workers",
         "command": "python reports/benchmarks/bench_ray.py",
         "machine": describe_machine(),
         "demo_cold_seconds": demo,
