@@ -170,7 +170,7 @@ def run_stage(
     inputs are artifact names, fetched to this machine first. Runs in a Ray task or here."""
     local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
     tmp = store.scratch(name)
-    checkpoints = store.local / f".ckpt-{name}"  # on this machine: a retry here resumes
+    checkpoints = store.local / f".ckpt-{name}"  # a retry resumes (elsewhere: from the store)
     token = checkpoint_dir.set(checkpoints)
     mirrored = RemoteCheckpoints(store, name) if store.remote else None
     mirror_token = checkpoint_mirror.set(mirrored)
