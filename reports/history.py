@@ -11,11 +11,11 @@ is not ISO 8601 is skipped and named in `problems`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
 import statistics
-import uuid
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +63,7 @@ def _connect(history_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(Path(history_dir) / HISTORY_FILE, timeout=BUSY_TIMEOUT_S)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(SCHEMA)
+    conn.execute("CREATE INDEX IF NOT EXISTS acceptance_run ON acceptance (run_id)")
     return conn
 
 
@@ -71,6 +72,13 @@ def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def run_identity(metrics: dict, timestamp: str, code_version: str = "") -> str:
+    """A run's id: the hash of its metrics, finish time and code version, so that reporting the
+    same run again (a retried cron job) is recognised."""
+    blob = json.dumps([metrics, timestamp, code_version], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def metrics_to_rows(
@@ -83,7 +91,7 @@ def metrics_to_rows(
             f"metrics lack the draft role(s) {', '.join(missing)}; "
             "give the metrics.json of a finished `specdraft run`"
         )
-    run_id = run_id or uuid.uuid4().hex
+    run_id = run_id or run_identity(metrics, timestamp, code_version)
     rows = []
     for role in ROLES:
         by_task = {OVERALL: metrics[role], **(metrics[role].get("tasks") or {})}
@@ -114,7 +122,8 @@ def metrics_to_rows(
 def append_run(
     history_dir: Path | str, metrics: dict, *, timestamp: str | None = None, code_version: str = ""
 ) -> int:
-    """Append one run's metrics (a metrics.json dict) to the history; return the rows written.
+    """Append one run's metrics (a metrics.json dict) to the history; return the rows written
+    (0 when the history has this run already: same metrics, timestamp and code version).
 
     `timestamp` is ISO 8601 (default: now, UTC). All rows of the run go in one transaction.
     """
@@ -124,6 +133,10 @@ def append_run(
     rows = metrics_to_rows(metrics, timestamp=timestamp, code_version=code_version)
     sql = f"INSERT INTO acceptance ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
     with closing(_connect(history_dir)) as conn, conn:
+        conn.execute("BEGIN IMMEDIATE")  # the check and the insert in one write transaction
+        seen = "SELECT 1 FROM acceptance WHERE run_id = ? LIMIT 1"
+        if conn.execute(seen, (rows[0]["run_id"],)).fetchone():
+            return 0
         conn.executemany(sql, [tuple(r[c] for c in COLUMNS) for r in rows])
     return len(rows)
 

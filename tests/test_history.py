@@ -100,6 +100,15 @@ def test_tau_threshold_is_relative(tmp_path):
     assert find_regressions(rows, threshold=0.05) == []
 
 
+def test_the_same_run_reported_twice_is_recorded_once(tmp_path):
+    stamp = "2026-11-01T02:00:00+00:00"
+    assert append_run(tmp_path, fake_metrics(0.6), timestamp=stamp, code_version="v1") > 0
+    assert append_run(tmp_path, fake_metrics(0.6), timestamp=stamp, code_version="v1") == 0
+    assert append_run(tmp_path, fake_metrics(0.6), timestamp="2026-11-02T02:00:00+00:00") > 0
+    rows, _ = load_history(tmp_path)
+    assert len({r["run_id"] for r in rows}) == 2  # a later run with equal metrics is a new run
+
+
 def _append_many(history: str, worker: int) -> None:
     for i in range(20):
         append_run(history, fake_metrics(0.5 + i / 100), code_version=f"worker{worker}")
