@@ -56,7 +56,11 @@ def delta_histogram(deltas: list[float], bins: int = 40) -> dict:
 
 class BestAlphaCheckpoint(TrainerCallback):
     """Every `every` optimizer steps, alpha = mean Σ min(p, q) on held-out sequences; the weights
-    with the best alpha are restored at the end (validation loss and acceptance disagree)."""
+    with the best alpha are restored at the end (validation loss and acceptance disagree). The best
+    so far goes into each Trainer checkpoint (`best_alpha.pt`), so a resumed attempt still knows
+    the checks made before it."""
+
+    FILE = "best_alpha.pt"
 
     def __init__(self, teacher, held_out: list[dict], pad_id: int, every: int, temperature: float):
         self.teacher, self.held_out, self.every, self.temperature = (
@@ -106,7 +110,21 @@ class BestAlphaCheckpoint(TrainerCallback):
             self.best = (alpha, step, weights)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check(model, 0)
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
+        if state.global_step and saved.is_file():  # resumed from that checkpoint
+            kept = torch.load(saved, map_location=next(model.parameters()).device)
+            self.history, self.best = (
+                kept["history"],
+                (kept["alpha"], kept["step"], kept["weights"]),
+            )
+        else:
+            self._check(model, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.best is not None:
+            alpha, step, weights = self.best
+            kept = {"alpha": alpha, "step": step, "weights": weights, "history": self.history}
+            torch.save(kept, Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:

@@ -298,6 +298,51 @@ def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path, request, wh
         assert torch.allclose(p1, p2, atol=1e-5), name
 
 
+def test_a_resumed_attempt_keeps_the_best_alpha_found_before_the_failure(tmp_path):
+    """distil's best-alpha weights ride along in each checkpoint: the best check (step 2, before
+    the failure) still wins after the resume, whose own checks (4, 6) score lower."""
+    from transformers import TrainerCallback
+
+    from specdraft.pipeline.artifacts import checkpoint_dir
+    from specdraft.pipeline.distil import BestAlphaCheckpoint
+
+    class ScriptedAlpha(BestAlphaCheckpoint):  # alpha by step, instead of a held-out set
+        def __init__(self):
+            super().__init__(None, [], 0, every=2, temperature=1.0)
+            self.step = 0
+
+        def alpha(self, model):
+            return {0: 0.1, 2: 0.9}.get(self.step, 0.5)
+
+        def _check(self, model, step):
+            self.step = step
+            super()._check(model, step)
+
+    class WorkerDies(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("worker died")
+
+    teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
+    token = checkpoint_dir.set(tmp_path / "ckpt")
+    try:
+        first = ScriptedAlpha()
+        with pytest.raises(RuntimeError, match="worker died"):
+            train_kd(
+                copy.deepcopy(base), teacher, sequences(), Tok(), cfg, tmp_path / "out", 0,
+                callbacks=[first, WorkerDies()],
+            )  # fmt: skip
+        step2 = first.best[2]
+        resumed, model = ScriptedAlpha(), copy.deepcopy(base)
+        train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=[resumed])
+    finally:
+        checkpoint_dir.reset(token)
+    assert [c["step"] for c in resumed.history] == [0, 2, 4, 6]
+    assert resumed.best[:2] == (0.9, 2)
+    assert all(torch.equal(resumed.best[2][n], w) for n, w in step2.items())
+
+
 @pytest.mark.parametrize("divergence", ["fkl", "lk"])
 def test_fused_and_plain_logits_losses_give_the_same_update(tmp_path, divergence):
     teacher, base, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
