@@ -264,6 +264,13 @@ class DistilConfig:
         "On-policy rounds: round r > 1 generates with round r − 1's draft and distils from it.",
         lo=1,
     )
+    later_rounds: str = opt(
+        "same",
+        "Who writes the responses of rounds 2..R: `same` shares as generate (draft_fraction, "
+        "dataset_fraction); `draft` all of them by the previous round's draft (warm-start on "
+        "round 1's responses, then on-policy).",
+        choices=["same", "draft"],
+    )
     eval_every: int = opt(
         25,
         "Held-out alpha every this many steps; the best weights are kept (0 = keep the last).",
@@ -502,6 +509,11 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
                 f"{name}.resources.placement: a placement group reserves cpus or gpus; "
                 f"{name}.resources asks for neither"
             )
+    if cfg.distil.later_rounds != "same" and cfg.distil.rounds == 1:
+        problems.append(
+            f"distil.later_rounds: {cfg.distil.later_rounds} sets how rounds 2..R generate; "
+            "with distil.rounds=1 there are none (raise rounds, or leave it at `same`)"
+        )
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"

@@ -61,8 +61,9 @@ def distil_chain(
     job: JobConfig, seed: int, *, generate: str = "generate", suffix: str = ""
 ) -> tuple[list[Stage], str]:
     """`distil<suffix>` on `generate`'s sequences, then on-policy rounds r = 2..R unrolled as
-    `generate_r<r><suffix>` (the previous round's draft samples) and `distil_r<r><suffix>` (which
-    starts from it), each cached on its own. Returns the stages and the last distil's name."""
+    `generate_r<r><suffix>` (the previous round's draft samples: with generate's shares, or all
+    of them with distil.later_rounds=draft) and `distil_r<r><suffix>` (which starts from it), each
+    cached on its own. Returns the stages and the last distil's name."""
     first = f"distil{suffix}"
     stages = [
         Stage(
@@ -75,15 +76,18 @@ def distil_chain(
         )
     ]
     previous = first
+    later = job.generate
+    if job.distil.later_rounds == "draft":
+        later = dataclasses.replace(job.generate, draft_fraction=1.0, dataset_fraction=0.0)
     for r in range(2, job.distil.rounds + 1):
         sampled, distilled = f"generate_r{r}{suffix}", f"distil_r{r}{suffix}"
         stages.append(
             Stage(
                 sampled,
                 "specdraft.pipeline.generate",
-                job.generate,
+                later,
                 ("data", "target", f"draft_init={previous}"),
-                job.generate.resources,
+                later.resources,
                 seed + r - 1,
             )
         )

@@ -132,6 +132,21 @@ def test_placement_needs_workers_and_a_known_strategy():
     assert job.distil.resources.placement == "SPREAD"
 
 
+def test_later_rounds_on_policy_after_a_warm_start():
+    from specdraft.pipeline.job import build_stages
+
+    warm = ["generate.dataset_fraction=1", "generate.draft_fraction=0", "distil.rounds=3"]
+    stages = {s.name: s for s in build_stages(load_job(None, [*warm, "distil.later_rounds=draft"]))}
+    assert stages["generate"].config.dataset_fraction == 1.0
+    for name in ("generate_r2", "generate_r3"):
+        cfg = stages[name].config
+        assert (cfg.draft_fraction, cfg.dataset_fraction) == (1.0, 0.0)
+    same = {s.name: s for s in build_stages(load_job(None, warm))}
+    assert same["generate_r2"].config.dataset_fraction == 1.0
+    with pytest.raises(ConfigError, match="distil.later_rounds: draft sets how rounds 2..R"):
+        load_job(None, ["distil.later_rounds=draft"])
+
+
 def test_every_field_has_help():
     rows = describe()
     assert rows and all(help_ for _, _, help_ in rows)
