@@ -6,8 +6,9 @@ on an object store, see store.py). The file names its holder and an expiry; a
 heartbeat thread pushes the expiry forward every lease / 3 seconds while the stage runs. Another run
 finding the lock waits until it is gone (and then reuses the artifact), or takes it over when the
 lease has run out or the holder's process on this host is dead (a driver killed with SIGKILL).
-A takeover rewrites the lock by rename and reads it back after a short pause: of two runs taking
-over at once, the last rename wins and the other one goes back to waiting.
+A takeover rewrites the lock in one step (a rename locally, one PUT in an object store) and reads
+it back after a short pause: of two runs taking over at once, the last write wins and the other one
+goes back to waiting.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A stage that runs inside a Ray cluster (the executor's task) fans its shards out
 the stage's per-worker resources (`resources.cpus`, `resources.gpus`: one GPU each, say) and gathers
 the results in shard order. Outside Ray the shards run one after another in this process. Shards are
 contiguous runs of whole batches and every batch is seeded by its position in the full list, so the
-merged output is the same for any number of workers.
+merged output is the same for any number of workers. With `resources.placement` set, the shard
+tasks are first reserved together in a placement group (all start, or none waits half-placed).
 
 A training stage runs its whole body on every Ray Train worker (`train_data_parallel`): Trainer
 splits each batch over the workers and all-reduces the gradients; rank 0 writes the artifact.
