@@ -327,12 +327,12 @@ def test_a_resumed_attempt_keeps_the_best_alpha_found_before_the_failure(tmp_pat
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
     token = checkpoint_dir.set(tmp_path / "ckpt")
     try:
-        first = ScriptedAlpha()
+        first, model = ScriptedAlpha(), copy.deepcopy(base)
+        callbacks = [first, WorkerDies()]
         with pytest.raises(RuntimeError, match="worker died"):
             train_kd(
-                copy.deepcopy(base), teacher, sequences(), Tok(), cfg, tmp_path / "out", 0,
-                callbacks=[first, WorkerDies()],
-            )  # fmt: skip
+                model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=callbacks
+            )
         step2 = first.best[2]
         resumed, model = ScriptedAlpha(), copy.deepcopy(base)
         train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=[resumed])
