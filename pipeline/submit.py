@@ -41,8 +41,34 @@ def fsspec_settings() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
 
 
+def check_cluster(address: str, job) -> None:
+    """The job's stages against the cluster's live nodes (read through its dashboard), before
+    anything is sent: a job the cluster cannot run is refused here, saying what is missing."""
+    from ray.util.state import list_nodes
+
+    from specdraft.pipeline.dag import StageError, check_cluster_resources
+    from specdraft.pipeline.job import build_stages
+
+    try:
+        nodes = list_nodes(address=address, detail=True)
+        nodes = [n.resources_total for n in nodes if n.state == "ALIVE"]
+    except Exception as err:  # an old dashboard without the state API, a network error
+        raise InputError(
+            f"cannot read the nodes of the cluster at {address}: {str(err).splitlines()[0]}"
+        ) from None
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for resource, amount in node.items():
+            totals[resource] = totals.get(resource, 0.0) + amount
+    try:
+        check_cluster_resources(build_stages(job), totals, nodes)
+    except StageError as err:
+        raise InputError(str(err)) from None
+
+
 def submit(job_file: str | None, overrides: list[str], address: str, out: str | None = None) -> str:
-    """Validate the job here, then submit `specdraft run` to the cluster; return the job id."""
+    """Validate the job here (and against the cluster's resources), then submit `specdraft run`
+    to the cluster; return the job id."""
     job = load_job(job_file, overrides)  # bad jobs fail here, before anything is sent
     store_for(job)
     words = ["specdraft", "run"]
@@ -58,6 +84,7 @@ def submit(job_file: str | None, overrides: list[str], address: str, out: str | 
     words += [*overrides, "--out", out or f"runs/{job.name}"]
     entrypoint = " ".join(shlex.quote(w) for w in words)
     jobs = client(address)
+    check_cluster(address, job)
     deadline = time.time() + AGENT_WAIT_SECONDS
     while True:
         try:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conftest import TINY
+from ray.job_submission import JobSubmissionClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,14 @@ def test_bad_job_is_refused_before_submission(ray_cluster, tmp_path):
     outside.write_text("name: outside\n")
     result = specdraft("submit", str(outside), "--address", ray_cluster.dashboard_address)
     assert result.returncode == 2 and "outside the working directory" in result.stderr
+    too_big = [
+        "distil.resources.gpus=3",  # the cluster has 2
+        "generate.resources.workers=2",
+        "generate.resources.placement=STRICT_SPREAD",  # on 1 node
+    ]
+    result = specdraft("submit", *too_big, "--address", ray_cluster.dashboard_address)
+    assert result.returncode == 2, result.stderr
+    assert "stage distil asks for 3 GPU but the cluster has 2" in result.stderr
+    assert "STRICT_SPREAD needs 2 nodes" in result.stderr
+    jobs = JobSubmissionClient(ray_cluster.dashboard_address).list_jobs()
+    assert not [j for j in jobs if j.entrypoint and "distil.resources.gpus=3" in j.entrypoint]
