@@ -26,6 +26,7 @@ from specdraft.errors import InputError
 from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, commit_dir
 
 LOCAL_PROTOCOLS = ("file", "local")
+PROGRESS_BYTES = 64 * 2**20  # transfers larger than this show a progress bar
 
 
 def default_location() -> str:
@@ -154,6 +155,7 @@ class Store:
             self.fs.put(
                 [str(p) for p in files],
                 [f"{self._remote(name)}/{p.relative_to(local).as_posix()}" for p in files],
+                callback=_progress(f"upload {name}", sum(p.stat().st_size for p in files)),
             )
 
     def download(self, name: str, local: Path, manifest: bool = True) -> None:
@@ -164,7 +166,8 @@ class Store:
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
         if files:
-            self.fs.get(files, [str(t) for t in targets])
+            size = sum(self.fs.sizes(files))
+            self.fs.get(files, [str(t) for t in targets], callback=_progress(f"fetch {name}", size))
 
     def delete(self, name: str) -> None:
         self.fs.invalidate_cache()
@@ -226,6 +229,15 @@ class Store:
         except NotImplementedError:
             return 0.0  # a filesystem without times: an unreadable lock never goes stale by age
         return time.time() - modified.timestamp()
+
+
+def _progress(what: str, size: int):
+    """A progress bar over a transfer's files (fsspec callbacks count files), for big ones only."""
+    from fsspec.callbacks import NoOpCallback, TqdmCallback
+
+    if size < PROGRESS_BYTES:
+        return NoOpCallback()
+    return TqdmCallback(tqdm_kwargs={"desc": f"{what} ({size / 2**20:.0f} MiB)", "unit": "file"})
 
 
 def artifact_at(location: str) -> Path | None:
