@@ -23,7 +23,7 @@ def run(cfg, inputs, out, *, seed):
     while cfg.get("hold") and Path(cfg["hold"]).exists():  # stays busy while the file is there
         time.sleep(0.05)
     if cfg.get("barrier"):  # waits until `together` stages have reached this point
-        folder, deadline = Path(cfg["barrier"]), time.time() + 30
+        folder, deadline = Path(cfg["barrier"]), time.time() + 90
         (folder / cfg["name"]).touch()
         while len(list(folder.iterdir())) < cfg["together"]:
             if time.time() > deadline:
