@@ -250,9 +250,9 @@ def execute(
     results: dict[str, StageResult] = {}
     todo = []
     for stage, key, path in planned:
-        if stage.name not in rerun and store.committed(path.name):
-            manifest = read_manifest(store.fetch(path.name))
-            results[stage.name] = StageResult(stage.name, key, path, True, 0.0, manifest)
+        made = None if stage.name in rerun else store.committed_path(path.name)
+        if made is not None:
+            results[stage.name] = StageResult(stage.name, key, made, True, 0.0, read_manifest(made))
             say(f"{stage.name:<10} reused   {path}")
         else:
             todo.append((stage, key, path))
@@ -291,10 +291,11 @@ def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set
                 continue
             pending.remove((stage, key, path))
             waiting.discard(stage.name)
-            if stage.name not in rerun and store.committed(path.name):
+            made = None if stage.name in rerun else store.committed_path(path.name)
+            if made is not None:
                 locks.release(path)  # the other run finished it: reuse
                 results[stage.name] = StageResult(
-                    stage.name, key, path, True, 0.0, read_manifest(store.fetch(path.name))
+                    stage.name, key, made, True, 0.0, read_manifest(made)
                 )
                 say(f"{stage.name:<10} reused   {path} (made by another run)")
                 continue

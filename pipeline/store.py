@@ -15,6 +15,7 @@ fsspec's own configuration gives the URL's options (`FSSPEC_S3_ENDPOINT_URL=http
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -109,11 +110,21 @@ class Store:
 
     def fetch(self, name: str) -> Path:
         """Artifact `name` on this machine (downloaded into the mirror unless already there)."""
+        local = self.committed_path(name)
+        if local is None:
+            raise FileNotFoundError(f"{self.location(name)} has no {MANIFEST}")
+        return local
+
+    def committed_path(self, name: str) -> Path | None:
+        """Artifact `name` on this machine if the store has it (fetched if need be), else None."""
         local = self.path(name)
         if not self.remote:
-            return local
-        self.fs.invalidate_cache()
-        manifest = self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
+            return local if (local / MANIFEST).exists() else None
+        self.fs.invalidate_cache()  # another machine may have published it since we listed
+        try:
+            manifest = self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
         mirrored = local / MANIFEST
         if mirrored.exists() and mirrored.read_bytes() == manifest:
             return local
@@ -155,7 +166,7 @@ class Store:
             self.fs.put(
                 [str(p) for p in files],
                 [f"{self._remote(name)}/{p.relative_to(local).as_posix()}" for p in files],
-                callback=_progress(f"upload {name}", sum(p.stat().st_size for p in files)),
+                **_progress(f"upload {name}", sum(p.stat().st_size for p in files)),
             )
 
     def download(self, name: str, local: Path, manifest: bool = True) -> None:
@@ -167,7 +178,7 @@ class Store:
             target.parent.mkdir(parents=True, exist_ok=True)
         if files:
             size = sum(self.fs.sizes(files))
-            self.fs.get(files, [str(t) for t in targets], callback=_progress(f"fetch {name}", size))
+            self.fs.get(files, [str(t) for t in targets], **_progress(f"fetch {name}", size))
 
     def delete(self, name: str) -> None:
         self.fs.invalidate_cache()
@@ -209,13 +220,12 @@ class Store:
             self.fs.pipe_file(self._remote(name), text.encode())
 
     def remove(self, name: str) -> None:
-        try:
-            if not self.remote:
-                (self.local / name).unlink()
-            else:
-                self.fs.rm_file(self._remote(name))
-        except FileNotFoundError:
-            pass
+        """Delete file `name`; gone already is fine."""
+        if not self.remote:
+            (self.local / name).unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._remote(name))
 
     def age(self, name: str) -> float | None:
         """Seconds since file `name` was last written; None when it is gone."""
@@ -226,29 +236,25 @@ class Store:
             modified = self.fs.modified(self._remote(name))
         except FileNotFoundError:
             return None
-        except NotImplementedError:
-            return 0.0  # a filesystem without times: an unreadable lock never goes stale by age
         return time.time() - modified.timestamp()
 
 
-def _progress(what: str, size: int):
-    """A progress bar over a transfer's files (fsspec callbacks count files), for big ones only."""
-    from fsspec.callbacks import NoOpCallback, TqdmCallback
-
+def _progress(what: str, size: int) -> dict:
+    """fsspec transfer arguments: a progress bar over the files (fsspec callbacks count files)
+    when the transfer is big, none otherwise."""
     if size < PROGRESS_BYTES:
-        return NoOpCallback()
-    return TqdmCallback(tqdm_kwargs={"desc": f"{what} ({size / 2**20:.0f} MiB)", "unit": "file"})
+        return {}
+    from fsspec.callbacks import TqdmCallback
+
+    desc = f"{what} ({size / 2**20:.0f} MiB)"
+    return {"callback": TqdmCallback(tqdm_kwargs={"desc": desc, "unit": "file"})}
 
 
 def artifact_at(location: str) -> Path | None:
     """The artifact a manifest records at `location` (a directory, or `<store URL>/<name>`) on
     this machine, fetched if need be; None when it is no longer in its store."""
-    if "://" not in location or _protocol(location) in LOCAL_PROTOCOLS:
-        path = Path(location.split("://", 1)[-1])
-        return path if (path / MANIFEST).exists() else None
-    url, _, name = location.rstrip("/").rpartition("/")
-    store = Store(url)
-    return store.fetch(name) if store.committed(name) else None
+    root, _, name = location.rstrip("/").rpartition("/")
+    return Store(root).committed_path(name)
 
 
 def as_store(store: Store | str | os.PathLike) -> Store:

@@ -1,6 +1,7 @@
 """Artifact stores at a URL (S3 here, on a local moto server): publish, fetch, reuse, share, run."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -159,3 +160,16 @@ def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path, mo
     to = tmp_path / "bf16"
     assert main(["export", str(tmp_path / "out"), "--to", str(to), "--dtype", "bfloat16"]) == 0
     assert json.loads((to / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_an_artifact_is_found_where_its_manifest_recorded_it(s3_store, tmp_path, calls):
+    from specdraft.pipeline.store import artifact_at
+
+    made = execute(chain(), tmp_path / "local", use_ray=False, say=quiet)["a"]
+    assert artifact_at(str(made.path)) == made.path
+    assert artifact_at(str(tmp_path / "local" / "a-gone")) is None
+    remote = execute(chain(), Store(s3_store), use_ray=False, say=quiet)["a"]
+    shutil.rmtree(Store(s3_store).local)  # this machine has no copy: it is fetched
+    assert artifact_at(f"{s3_store}/{remote.path.name}") == remote.path
+    assert json.loads((remote.path / "value.json").read_text()) == 1
+    assert artifact_at(f"{s3_store}/a-gone") is None
