@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.kernels import fused_kd_loss, kd_divergence_from_logits
-from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror
+from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:

@@ -1,4 +1,4 @@
-"""Render a comparison (pipeline/comparison.py's results) as Markdown tables and a self-contained
+"""Render a comparison (pipeline/stages/comparison.py's results) as Markdown tables and a self-contained
 HTML page with plots, in the style of the run report (reports/render.py)."""
 
 from __future__ import annotations

@@ -16,14 +16,17 @@ from pathlib import Path
 from specdraft.errors import InputError
 from specdraft.pipeline.config import ConfigError, load_job, read_job_yaml
 
-REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-def _job_path(job: str | None) -> Path | None:
-    if job is not None:
-        return Path(job)
-    demo = REPO_JOBS / "demo.yaml"
-    return demo if demo.is_file() else None  # the dataclass defaults are the demo job
+def shipped_job(name: str) -> Path:
+    """A job file shipped with specdraft (`jobs/` in a checkout, package data in a wheel)."""
+    from importlib.resources import files
+
+    return Path(str(files("specdraft.jobs") / name))
+
+
+def _job_path(job: str | None) -> Path:
+    return Path(job) if job is not None else shipped_job("demo.yaml")
 
 
 def _split(args_job: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -49,8 +52,8 @@ def print_metrics(metrics: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from specdraft.pipeline.dag import StageError
-    from specdraft.pipeline.job import STAGES, run_job
+    from specdraft.pipeline.engine.dag import StageError
+    from specdraft.pipeline.engine.job import STAGES, run_job
 
     job_file, overrides = _split(args.job, args.overrides)
     job = load_job(_job_path(job_file), overrides)
@@ -75,11 +78,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from specdraft.pipeline.compare import load_comparison, run_comparison
-    from specdraft.pipeline.dag import StageError
+    from specdraft.pipeline.commands.compare_recipes import load_comparison, run_comparison
+    from specdraft.pipeline.engine.dag import StageError
 
     job_file, overrides = _split(args.job, args.overrides)
-    comp = load_comparison(job_file or REPO_JOBS / "compare.yaml", overrides)
+    comp = load_comparison(job_file or shipped_job("compare.yaml"), overrides)
     out = Path(args.out) if args.out else Path("runs") / comp.base.name
     if args.address:
         comp.base.ray.address = args.address
@@ -105,7 +108,7 @@ def cmd_validate(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
     path = _job_path(job_file)
     if path is not None and "compare" in read_job_yaml(path):
-        from specdraft.pipeline.compare import load_comparison
+        from specdraft.pipeline.commands.compare_recipes import load_comparison
 
         comp = load_comparison(path, overrides)
         print(
@@ -113,7 +116,7 @@ def cmd_validate(args) -> int:
             f"{len(comp.seeds)} seeds"
         )
         return 0
-    from specdraft.pipeline.job import store_for
+    from specdraft.pipeline.engine.job import store_for
 
     job = load_job(path, overrides)
     store_for(job)  # a store URL fsspec cannot open fails here
@@ -137,9 +140,9 @@ def cmd_check_pair(args) -> int:
 def cmd_export(args) -> int:
     import uuid
 
-    from specdraft.pipeline.artifacts import commit_dir
-    from specdraft.pipeline.export import export_draft
-    from specdraft.pipeline.store import artifact_at
+    from specdraft.pipeline.engine.artifacts import commit_dir
+    from specdraft.pipeline.engine.store import artifact_at
+    from specdraft.pipeline.stages.export import export_draft
 
     run_dir = Path(args.run_dir)
     run_file = run_dir / "run.json"
@@ -173,7 +176,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from specdraft.pipeline.eval_cli import EvalRequest, format_table, run_eval, write_metrics
+    from specdraft.pipeline.commands.eval_pair import (
+        EvalRequest,
+        format_table,
+        run_eval,
+        write_metrics,
+    )
 
     fields = EvalRequest.__dataclass_fields__
     metrics = run_eval(EvalRequest(**{k: v for k, v in vars(args).items() if k in fields}))
@@ -226,7 +234,7 @@ def _add_report_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
-    from specdraft.pipeline.eval_cli import EvalRequest
+    from specdraft.pipeline.commands.eval_pair import EvalRequest
 
     d = EvalRequest("", "", "")  # the defaults live in EvalRequest
     ev = sub.add_parser(
@@ -272,7 +280,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def cmd_submit(args) -> int:
-    from specdraft.pipeline import submit
+    from specdraft.pipeline.engine import submit
 
     job_file, overrides = _split(args.job, args.overrides)
     job_id = submit.submit(job_file, overrides, args.address, args.out)
@@ -285,14 +293,14 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from specdraft.pipeline import submit
+    from specdraft.pipeline.engine import submit
 
     print(submit.client(args.address).get_job_status(args.job_id))
     return 0
 
 
 def cmd_logs(args) -> int:
-    from specdraft.pipeline import submit
+    from specdraft.pipeline.engine import submit
 
     if args.follow:
         status = submit.wait(args.address, args.job_id, follow_logs=True)
@@ -303,7 +311,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from specdraft.pipeline import submit
+    from specdraft.pipeline.engine import submit
 
     stopped = submit.client(args.address).stop_job(args.job_id)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")

@@ -55,7 +55,7 @@ TINY = [
 @pytest.fixture
 def calls(tmp_path, monkeypatch):
     """The names of the tests/dag_stages.py stages run so far, in order (DAG_TEST_LOG)."""
-    from specdraft.pipeline import dag
+    from specdraft.pipeline.engine import dag
 
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("DAG_TEST_LOG", str(log))
@@ -89,7 +89,7 @@ def ray_cluster(tmp_path_factory):
 def tiny_run(tmp_path_factory, ray_cluster):
     """The tiny job run once through Ray: (job, out dir, stage results)."""
     from specdraft.pipeline.config import load_job
-    from specdraft.pipeline.job import run_job
+    from specdraft.pipeline.engine.job import run_job
 
     root = tmp_path_factory.mktemp("tiny")
     job = load_job(None, [*TINY, f"store={root / 'store'}"])

@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from specdraft.pipeline.config import Resources
-from specdraft.pipeline.parallel import map_shards, train_data_parallel
+from specdraft.pipeline.engine.parallel import map_shards, train_data_parallel
 
 
 def read_value(path: str):

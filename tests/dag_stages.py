@@ -31,7 +31,7 @@ def run(cfg, inputs, out, *, seed):
             time.sleep(0.05)
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     if cfg.get("checkpointed"):  # fails on its first attempt, after leaving a checkpoint
-        from specdraft.pipeline.artifacts import checkpoint_dir
+        from specdraft.pipeline.engine.artifacts import checkpoint_dir
 
         ckpt = checkpoint_dir.get()
         attempts = int((ckpt / "attempts").read_text()) if (ckpt / "attempts").exists() else 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdraft.pipeline.evaluate import position_acceptance
+from specdraft.pipeline.stages.evaluate import position_acceptance
 from specdraft.pipeline.training import Collator
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "reports" / "metrics" / "acceptance_rate"

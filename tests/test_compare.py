@@ -7,9 +7,9 @@ import pytest
 import yaml
 from conftest import TINY
 
-from specdraft.pipeline.compare import build_comparison_stages, load_comparison
-from specdraft.pipeline.comparison import paired_permutation_p
+from specdraft.pipeline.commands.compare_recipes import build_comparison_stages, load_comparison
 from specdraft.pipeline.config import ConfigError
+from specdraft.pipeline.stages.comparison import paired_permutation_p
 
 REPO = Path(__file__).resolve().parents[1]
 

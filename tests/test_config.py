@@ -21,7 +21,7 @@ def test_defaults_are_the_builtin_demo():
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_every_job_file_loads(path):
     if "compare" in read_job_yaml(path):
-        from specdraft.pipeline.compare import load_comparison
+        from specdraft.pipeline.commands.compare_recipes import load_comparison
 
         with pytest.raises(ConfigError, match="specdraft compare"):
             load_job(path)  # `specdraft run` points at the right command
@@ -133,7 +133,7 @@ def test_placement_needs_workers_and_a_known_strategy():
 
 
 def test_later_rounds_on_policy_after_a_warm_start():
-    from specdraft.pipeline.job import build_stages
+    from specdraft.pipeline.engine.job import build_stages
 
     warm = ["generate.dataset_fraction=1", "generate.draft_fraction=0", "distil.rounds=3"]
     stages = {s.name: s for s in build_stages(load_job(None, [*warm, "distil.later_rounds=draft"]))}

@@ -5,9 +5,9 @@ import types
 
 import pytest
 
-from specdraft.pipeline.artifacts import MANIFEST
 from specdraft.pipeline.config import Resources
-from specdraft.pipeline.dag import Stage, StageError, check_cluster_resources, execute
+from specdraft.pipeline.engine.artifacts import MANIFEST
+from specdraft.pipeline.engine.dag import Stage, StageError, check_cluster_resources, execute
 
 MODULE = "dag_stages"
 

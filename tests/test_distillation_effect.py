@@ -8,7 +8,7 @@ import pytest
 
 from specdraft.errors import InputError
 from specdraft.pipeline.config import load_job
-from specdraft.pipeline.job import run_job
+from specdraft.pipeline.engine.job import run_job
 
 SMALL_TOY = [
     "name=effect",
@@ -48,7 +48,7 @@ def test_one_on_policy_round_raises_alpha(tmp_path):
 
 
 def test_pure_tvd_warns_and_names_the_lk_hybrid(tmp_path):
-    from specdraft.pipeline import distil
+    from specdraft.pipeline.stages import distil
 
     job = load_job(None, ["distil.divergence=tvd"])
     with warnings.catch_warnings(record=True) as caught, pytest.raises(KeyError):
@@ -60,7 +60,7 @@ def test_pure_tvd_warns_and_names_the_lk_hybrid(tmp_path):
 def test_models_with_different_vocabularies_are_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from specdraft.pipeline.distil import check_vocabularies
+    from specdraft.pipeline.stages.distil import check_vocabularies
 
     def model(vocab):
         return LlamaForCausalLM(

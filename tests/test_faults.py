@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from specdraft.pipeline.artifacts import MANIFEST
-from specdraft.pipeline.dag import Stage, execute
+from specdraft.pipeline.engine.artifacts import MANIFEST
+from specdraft.pipeline.engine.dag import Stage, execute
 
 MODULE = "dag_stages"
 TESTS = Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_run_completes(tmp_path, ra
 DRIVER = """
 import sys
 sys.path.insert(0, {tests!r})
-from specdraft.pipeline.dag import Stage, execute
+from specdraft.pipeline.engine.dag import Stage, execute
 stages = [
     Stage("a", "dag_stages", {{"name": "a", "add": 1, "log": {log!r}}}),
     Stage("b", "dag_stages", {{"name": "b", "add": 2, "log": {log!r}, "hold": {hold!r}}}, deps=("a",)),

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from specdraft.pipeline import dag
-from specdraft.pipeline.dag import Stage, execute
-from specdraft.pipeline.lock import StageLock, StoreLocks
-from specdraft.pipeline.store import Store
+from specdraft.pipeline.engine import dag
+from specdraft.pipeline.engine.dag import Stage, execute
+from specdraft.pipeline.engine.lock import StageLock, StoreLocks
+from specdraft.pipeline.engine.store import Store
 
 MODULE = "dag_stages"
 

@@ -10,13 +10,12 @@ import torch
 
 from specdraft.drafts.models import load_tokenizer, toy_llama
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import load_model_artifact
 from specdraft.pipeline.config import ReferenceConfig, Resources
-from specdraft.pipeline.dag import Stage, execute
-from specdraft.pipeline.data import max_length_of, tokenizer_dir
-from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.job import build_stages
-from specdraft.pipeline.parallel import map_shards, shard_bounds
+from specdraft.pipeline.engine.artifacts import load_model_artifact
+from specdraft.pipeline.engine.dag import Stage, execute
+from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
+from specdraft.pipeline.sequences import load_sequences, max_length_of, tokenizer_dir
 
 
 @pytest.mark.parametrize(
@@ -102,7 +101,7 @@ def test_two_gpu_workers_generate_exactly_what_one_worker_does(tiny_run, ray_clu
         )
         stage = Stage(
             "generate",
-            "specdraft.pipeline.generate",
+            "specdraft.pipeline.stages.generate",
             cfg,
             ("data", "target", "draft_init"),
             cfg.resources,
@@ -183,7 +182,8 @@ def test_toy_draft_with_two_workers_pretrains_ddp_through_ray_train(tiny_run, ra
 
 
 def test_two_workers_outside_ray_ask_for_ray(monkeypatch, tmp_path):
-    from specdraft.pipeline import parallel, reference
+    from specdraft.pipeline.engine import parallel
+    from specdraft.pipeline.stages import reference
 
     monkeypatch.setattr(parallel, "in_ray_cluster", lambda: False)
     cfg = dataclasses.replace(ReferenceConfig(), resources=Resources(workers=2))

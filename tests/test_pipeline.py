@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specdraft.pipeline.job import STAGES, run_job
+from specdraft.pipeline.engine.job import STAGES, run_job
 
 METRIC_KEYS = {"alpha", "alpha_greedy", "spec_alpha", "tau", "tasks"}
 

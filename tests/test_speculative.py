@@ -18,25 +18,25 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from specdraft.pipeline.config import EvaluateConfig
-from specdraft.pipeline.evaluate import (
-    analytic_acceptance,
-    continuation_sequences,
-    evaluate_draft,
-)
-from specdraft.pipeline.spec_eval import (
+from specdraft.pipeline.acceptance import (
     LosslessError,
     spec_decoding,
     target_only_greedy,
     tau_predicted,
 )
-from specdraft.pipeline.speculative import (
+from specdraft.pipeline.config import EvaluateConfig
+from specdraft.pipeline.decoding import (
     SpecStats,
     SpeculativeDecoder,
     autoregressive_generate,
     autoregressive_generate_batch,
     speculative_generate,
     speculative_generate_batch,
+)
+from specdraft.pipeline.stages.evaluate import (
+    analytic_acceptance,
+    continuation_sequences,
+    evaluate_draft,
 )
 
 V = 64  # vocab of the stub and Llama models (the statistical tests use their own tiny vocab)

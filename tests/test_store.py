@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from specdraft.errors import InputError
-from specdraft.pipeline.dag import Stage, StageError, execute
-from specdraft.pipeline.store import Store
+from specdraft.pipeline.engine.dag import Stage, StageError, execute
+from specdraft.pipeline.engine.store import Store
 
 MODULE = "dag_stages"
 
@@ -113,7 +113,7 @@ def test_workers_on_another_machine_fetch_the_stage_inputs(ray_cluster, s3_store
 
 
 def test_paths_under_one_mirror_move_to_another():
-    from specdraft.pipeline.parallel import relocated
+    from specdraft.pipeline.engine.parallel import relocated
 
     args = ("/m/a-1/model", Path("/m/a-1"), {"k": ["/m", "/mx/b", 3]}, "/other/m/c")
     assert relocated(args, "/m", "/n") == (
@@ -144,7 +144,7 @@ def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path, mo
     from conftest import TINY
 
     from specdraft.pipeline.config import load_job
-    from specdraft.pipeline.job import run_job
+    from specdraft.pipeline.engine.job import run_job
 
     job = load_job(None, [*TINY, f"store={s3_store}"])
     results = run_job(job, tmp_path / "out", use_ray=True)
@@ -163,7 +163,7 @@ def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path, mo
 
 
 def test_an_artifact_is_found_where_its_manifest_recorded_it(s3_store, tmp_path, calls):
-    from specdraft.pipeline.store import artifact_at
+    from specdraft.pipeline.engine.store import artifact_at
 
     made = execute(chain(), tmp_path / "local", use_ray=False, say=quiet)["a"]
     assert artifact_at(str(made.path)) == made.path

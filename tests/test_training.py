@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdraft.pipeline.config import LoraConfig, TrainConfig
-from specdraft.pipeline.distil import with_lora
+from specdraft.pipeline.stages.distil import with_lora
 from specdraft.pipeline.training import KDOptions, select_tokens_by_loss_gap, train_kd
 
 
@@ -258,8 +258,8 @@ def test_ce_is_cross_entropy_on_the_kept_next_tokens_without_a_teacher():
 def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path, request, where):
     from transformers import TrainerCallback
 
-    from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror
-    from specdraft.pipeline.store import RemoteCheckpoints, Store
+    from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror
+    from specdraft.pipeline.engine.store import RemoteCheckpoints, Store
 
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
@@ -303,8 +303,8 @@ def test_a_resumed_attempt_keeps_the_best_alpha_found_before_the_failure(tmp_pat
     the failure) still wins after the resume, whose own checks (4, 6) score lower."""
     from transformers import TrainerCallback
 
-    from specdraft.pipeline.artifacts import checkpoint_dir
-    from specdraft.pipeline.distil import BestAlphaCheckpoint
+    from specdraft.pipeline.engine.artifacts import checkpoint_dir
+    from specdraft.pipeline.stages.distil import BestAlphaCheckpoint
 
     class ScriptedAlpha(BestAlphaCheckpoint):  # alpha by step, instead of a held-out set
         def __init__(self):

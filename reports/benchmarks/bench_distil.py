@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from specdraft.pipeline import distil
 from specdraft.pipeline.config import load_job
-from specdraft.pipeline.dag import execute
-from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.job import build_stages
+from specdraft.pipeline.engine.dag import execute
+from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.sequences import load_sequences
+from specdraft.pipeline.stages import distil
 from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from specdraft.pipeline.commands.eval_pair import EvalRequest, run_eval
 from specdraft.pipeline.config import load_job
-from specdraft.pipeline.dag import execute
-from specdraft.pipeline.eval_cli import EvalRequest, run_eval
-from specdraft.pipeline.job import build_stages
+from specdraft.pipeline.engine.dag import execute
+from specdraft.pipeline.engine.job import build_stages
 from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from specdraft.pipeline.config import Resources, load_job
-from specdraft.pipeline.dag import Stage, execute
-from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.job import build_stages
+from specdraft.pipeline.engine.dag import Stage, execute
+from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.sequences import load_sequences
 from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def time_generate(store: Path, repeats: int, gpus: int) -> dict:
                 cfg = dataclasses.replace(job.generate, resources=resources)
                 stage = Stage(
                     "generate",
-                    "specdraft.pipeline.generate",
+                    "specdraft.pipeline.stages.generate",
                     cfg,
                     ("data", "target", "draft_init"),
                     cfg.resources,

@@ -7,8 +7,9 @@ from functools import partial
 from pathlib import Path
 
 from specdraft.pipeline.config import DraftConfig
-from specdraft.pipeline.parallel import train_data_parallel
-from specdraft.pipeline.target import given_model, train_toy_model
+from specdraft.pipeline.engine.artifacts import given_model
+from specdraft.pipeline.engine.parallel import train_data_parallel
+from specdraft.pipeline.toy_training import train_toy_model
 
 
 def run(cfg: DraftConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:

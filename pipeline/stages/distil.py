@@ -14,10 +14,10 @@ from transformers import TrainerCallback, set_seed
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
 from specdraft.kernels import fused_kd_loss
-from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import DistilConfig
-from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.training import Collator, KDOptions, hidden_and_head, train_kd, write_json
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdraft.pipeline.config import EvaluateConfig
-from specdraft.pipeline.speculative import (
+from specdraft.pipeline.decoding import (
     SpecStats,
     autoregressive_generate,
     autoregressive_generate_batch,

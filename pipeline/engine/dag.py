@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdraft.pipeline.artifacts import (
+from specdraft.pipeline.config import Resources
+from specdraft.pipeline.engine.artifacts import (
     MANIFEST,
     atomic_write_text,
     checkpoint_dir,
@@ -31,9 +32,8 @@ from specdraft.pipeline.artifacts import (
     read_manifest,
     stage_inputs,
 )
-from specdraft.pipeline.config import Resources
-from specdraft.pipeline.lock import StoreLocks
-from specdraft.pipeline.store import RemoteCheckpoints, Store, as_store
+from specdraft.pipeline.engine.lock import StoreLocks
+from specdraft.pipeline.engine.store import RemoteCheckpoints, Store, as_store
 
 
 @dataclass(frozen=True)

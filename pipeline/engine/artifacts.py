@@ -53,6 +53,16 @@ def commit_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def given_model(cfg) -> dict:
+    """A user's model is recorded, not copied: later stages load it with these settings."""
+    return {
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+
+
 def model_location(artifact: Path) -> str:
     """The model id or directory a model stage (target, draft_init, reference, distil) produced."""
     location = read_manifest(artifact)["info"]["model"]

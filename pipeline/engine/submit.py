@@ -17,7 +17,7 @@ from pathlib import Path
 
 from specdraft.errors import InputError
 from specdraft.pipeline.config import load_job
-from specdraft.pipeline.job import store_for
+from specdraft.pipeline.engine.job import store_for
 
 AGENT_WAIT_SECONDS = 60.0
 
@@ -46,8 +46,8 @@ def check_cluster(address: str, job) -> None:
     anything is sent: a job the cluster cannot run is refused here, saying what is missing."""
     from ray.util.state import list_nodes
 
-    from specdraft.pipeline.dag import StageError, check_cluster_resources
-    from specdraft.pipeline.job import build_stages
+    from specdraft.pipeline.engine.dag import StageError, check_cluster_resources
+    from specdraft.pipeline.engine.job import build_stages
 
     try:
         nodes = list_nodes(address=address, detail=True)

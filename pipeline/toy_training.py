@@ -1,14 +1,13 @@
-"""Stage `target`: the toy target fine-tuned on the task suite (SFT, answer tokens only), or the given model."""
+"""Training the builtin toy target (SFT on answer tokens) and toy draft (pre-training on whole
+sequences): what the `target` and `draft_init` stages run when their model is `builtin`."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
-from specdraft.pipeline.config import TargetConfig
-from specdraft.pipeline.data import load_splits, max_length_of, tokenizer_dir
-from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.engine.parallel import replica_checksum
+from specdraft.pipeline.sequences import load_splits, max_length_of, tokenizer_dir
 from specdraft.pipeline.training import encode_dataset, train_cross_entropy, write_json
 
 
@@ -36,20 +35,3 @@ def train_toy_model(
         "final_loss": history[-1]["loss"] if history else None,
         **replica_checksum(model),
     }
-
-
-def given_model(cfg) -> dict:
-    """A user's model is recorded, not copied: later stages load it with these settings."""
-    return {
-        "model": cfg.model,
-        "dtype": cfg.dtype,
-        "attn_implementation": cfg.attn_implementation,
-        "trust_remote_code": cfg.trust_remote_code,
-    }
-
-
-def run(cfg: TargetConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    if cfg.model != "builtin":
-        return given_model(cfg)
-    sft = partial(train_toy_model, all_tokens=False)
-    return train_data_parallel(sft, cfg, inputs, out, seed=seed, stage="target")

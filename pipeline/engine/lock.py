@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from specdraft.pipeline.store import Store, as_store
+from specdraft.pipeline.engine.store import Store, as_store
 
 DEFAULT_LEASE_SECONDS = 60.0
 SETTLE_SECONDS = 0.2  # between a takeover's rename and its read-back

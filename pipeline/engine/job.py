@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from specdraft.pipeline.artifacts import atomic_write_text, commit_dir, lineage_hash
 from specdraft.pipeline.config import JobConfig, Resources
-from specdraft.pipeline.dag import Stage, StageError, StageResult, execute
-from specdraft.pipeline.store import Store, default_location
+from specdraft.pipeline.engine.artifacts import atomic_write_text, commit_dir, lineage_hash
+from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
+from specdraft.pipeline.engine.store import Store, default_location
 
 # name: (job section, input stages)
 STAGES = {
@@ -49,7 +49,9 @@ def build_stages(job: JobConfig) -> list[Stage]:
         if name == "distil":
             stages.extend(distil_chain(job, job.seed)[0])
             continue
-        stages.append(Stage(name, f"specdraft.pipeline.{name}", cfg, deps, resources, job.seed))
+        stages.append(
+            Stage(name, f"specdraft.pipeline.stages.{name}", cfg, deps, resources, job.seed)
+        )
     return stages
 
 
@@ -68,7 +70,7 @@ def distil_chain(
     stages = [
         Stage(
             first,
-            "specdraft.pipeline.distil",
+            "specdraft.pipeline.stages.distil",
             job.distil,
             ("data", "target", "draft_init", "reference", _alias("generate", generate)),
             job.distil.resources,
@@ -84,7 +86,7 @@ def distil_chain(
         stages.append(
             Stage(
                 sampled,
-                "specdraft.pipeline.generate",
+                "specdraft.pipeline.stages.generate",
                 later,
                 ("data", "target", f"draft_init={previous}"),
                 later.resources,
@@ -94,7 +96,7 @@ def distil_chain(
         stages.append(
             Stage(
                 distilled,
-                "specdraft.pipeline.distil",
+                "specdraft.pipeline.stages.distil",
                 job.distil,
                 ("data", "target", f"draft_init={previous}", "reference", f"generate={sampled}"),
                 job.distil.resources,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdraft.drafts.models import device_for
-from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import ReferenceConfig
-from specdraft.pipeline.generate import load_sequences
-from specdraft.pipeline.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.training import KDOptions, train_kd, write_json
 
 

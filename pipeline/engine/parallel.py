@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import checkpoint_dir, checkpoint_mirror, stage_inputs
+from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror, stage_inputs
 
 
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import MANIFEST, atomic_write_text, commit_dir
+from specdraft.pipeline.engine.artifacts import MANIFEST, atomic_write_text, commit_dir
 
 LOCAL_PROTOCOLS = ("file", "local")
 PROGRESS_BYTES = 64 * 2**20  # transfers larger than this show a progress bar

@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 
 from specdraft.drafts.toyworld import make_toy_dataset, train_toy_tokenizer
-from specdraft.pipeline.artifacts import read_manifest
 from specdraft.pipeline.config import DataConfig
 
 
@@ -45,22 +44,3 @@ def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> di
         "max_sequence_tokens": max(lengths),
         "mean_sequence_tokens": round(sum(lengths) / len(lengths), 1),
     }
-
-
-def load_splits(artifact: Path):
-    from datasets import load_from_disk
-
-    return load_from_disk(str(Path(artifact) / "dataset"))
-
-
-def tokenizer_dir(artifact: Path) -> Path:
-    return Path(artifact) / "tokenizer"
-
-
-def max_length_of(artifact: Path) -> int:
-    return int(read_manifest(artifact)["info"]["max_length"])
-
-
-def chat_template_of(artifact: Path) -> bool:
-    """Whether prompts are rendered with the tokenizer's chat template."""
-    return bool(read_manifest(artifact)["info"].get("chat_template", False))

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
-from specdraft.pipeline.artifacts import (
+from specdraft.pipeline.config import ExportConfig
+from specdraft.pipeline.engine.artifacts import (
     lineage_hash,
     model_location,
     read_manifest,
 )
-from specdraft.pipeline.config import ExportConfig
 
 
 def model_card(

@@ -7,64 +7,19 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
-from specdraft.pipeline.artifacts import load_model_artifact, load_tokenizer_artifact
 from specdraft.pipeline.config import GenerateConfig
-from specdraft.pipeline.data import chat_template_of, load_splits, max_length_of
-from specdraft.pipeline.parallel import map_shards, shard_bounds, worker_gpu_ids
-from specdraft.pipeline.training import encode_example, prompt_token_ids
-
-
-@torch.no_grad()
-def sample_responses(
-    model,
-    tokenizer,
-    encoded: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    seed: int,
-    desc: str,
-    first_index: int = 0,
-) -> list[list[int]]:
-    """Token ids of one sampled response per tokenised prompt (eos included when reached).
-
-    Each batch is seeded by its position `first_index + start` in the whole prompt list, so a shard
-    of whole batches samples what the same batches sample in one pass (see pipeline/parallel.py)."""
-    device = next(model.parameters()).device
-    responses: list[list[int]] = []
-    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):
-        torch.manual_seed(seed * 1_000_003 + first_index + start)
-        batch = encoded[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, row in enumerate(batch):  # left padding, as generation needs
-            ids[i, width - len(row) :] = torch.tensor(row)
-            attn[i, width - len(row) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-        for row in out[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
-            responses.append(row)
-    return responses
+from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.parallel import map_shards, shard_bounds, worker_gpu_ids
+from specdraft.pipeline.sequences import (
+    chat_template_of,
+    dataset_record,
+    load_splits,
+    max_length_of,
+    sample_responses,
+)
+from specdraft.pipeline.training import prompt_token_ids
 
 
 def sample_shard(
@@ -91,17 +46,6 @@ def sample_shard(
         first_index=first_index,
     )
     return responses, worker_gpu_ids()
-
-
-def dataset_record(tokenizer, row: dict, chat: bool, max_length: int) -> dict:
-    encoded = encode_example(tokenizer, row["prompt"], row["response"], max_length, chat)
-    return {
-        "prompt": row["prompt"],
-        "response": row["response"],
-        "task": row["task"],
-        "source": "dataset",
-        **encoded,
-    }
 
 
 def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
@@ -163,9 +107,3 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         "workers": cfg.resources.workers,
         "worker_gpu_ids": gpu_ids,  # per sampled part, per shard: the GPUs Ray gave it
     }
-
-
-def load_sequences(artifact: Path):
-    from datasets import load_from_disk
-
-    return load_from_disk(str(Path(artifact) / "sequences"))

@@ -17,7 +17,7 @@ and the reference are computed once and shared by every recipe through the stage
 the first recipe with those settings names it, later ones reuse it),
 `distil.<recipe>.s<seed>` and `evaluate.<recipe>.s<seed>`; every evaluation uses the job's seed, so
 all drafts are judged on the same prompts and target continuations (paired comparisons).
-The `comparison` stage (pipeline/comparison.py) reduces them to the table and report.
+The `comparison` stage (pipeline/stages/comparison.py) reduces them to the table and report.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import yaml
 
-from specdraft.pipeline.artifacts import atomic_write_text
 from specdraft.pipeline.config import ConfigError, JobConfig, Resources, job_from_dict
-from specdraft.pipeline.dag import Stage
-from specdraft.pipeline.job import (
+from specdraft.pipeline.engine.artifacts import atomic_write_text
+from specdraft.pipeline.engine.dag import Stage
+from specdraft.pipeline.engine.job import (
     _copy_dir,
     build_stages,
     check_models,
@@ -144,7 +144,7 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     stages.append(
         Stage(
             "evaluate",
-            "specdraft.pipeline.evaluate",
+            "specdraft.pipeline.stages.evaluate",
             evaluate,
             ("data", "target", "draft_init", "reference"),
             evaluate.resources,
@@ -165,7 +165,7 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
                 stages.append(
                     Stage(
                         generate,
-                        "specdraft.pipeline.generate",
+                        "specdraft.pipeline.stages.generate",
                         recipe.job.generate,
                         ("data", "target", "draft_init"),
                         recipe.job.generate.resources,
@@ -177,7 +177,7 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
             stages.append(
                 Stage(
                     f"evaluate{suffix}",
-                    "specdraft.pipeline.evaluate",
+                    "specdraft.pipeline.stages.evaluate",
                     evaluate,
                     ("data", "target", f"distil={last}"),
                     evaluate.resources,
@@ -195,7 +195,7 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     stages.append(
         Stage(
             "comparison",
-            "specdraft.pipeline.comparison",
+            "specdraft.pipeline.stages.comparison",
             config,
             deps,
             Resources(cpus=1),

@@ -11,8 +11,8 @@
   token for token (`lossless_greedy`); a mismatch fails the stage. The greedy runs are timed
   against target-only decoding of the same prompts at the same batch size (`speedup`).
 
-Real speculative decoding is measured in pipeline/spec_eval.py; `specdraft eval`
-(pipeline/eval_cli.py) evaluates one target/draft pair with the same functions.
+Real speculative decoding is measured in pipeline/acceptance.py; `specdraft eval`
+(pipeline/commands/eval_pair.py) evaluates one target/draft pair with the same functions.
 """
 
 from __future__ import annotations
@@ -26,22 +26,21 @@ import torch
 
 from specdraft.drafts.models import device_for
 from specdraft.kernels import fused_kd_loss
-from specdraft.pipeline.artifacts import (
-    load_model_artifact,
-    load_tokenizer_artifact,
-    model_location,
-)
-from specdraft.pipeline.config import EvaluateConfig
-from specdraft.pipeline.data import chat_template_of, load_splits
-from specdraft.pipeline.generate import sample_responses
-from specdraft.pipeline.parallel import map_shards, shard_bounds
-from specdraft.pipeline.spec_eval import (
+from specdraft.pipeline.acceptance import (
     SpecRuns,
     spec_decoding,
     spec_runs,
     summarize_spec,
     target_only_greedy,
 )
+from specdraft.pipeline.config import EvaluateConfig
+from specdraft.pipeline.engine.artifacts import (
+    load_model_artifact,
+    load_tokenizer_artifact,
+    model_location,
+)
+from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
+from specdraft.pipeline.sequences import chat_template_of, load_splits, sample_responses
 from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}

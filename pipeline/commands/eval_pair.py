@@ -170,9 +170,13 @@ def run_eval(req: EvalRequest) -> dict:
     import torch
 
     from specdraft.drafts.models import load_causal_lm
-    from specdraft.pipeline.evaluate import DEFINITIONS, continuation_sequences, evaluate_draft
-    from specdraft.pipeline.generate import sample_responses
-    from specdraft.pipeline.spec_eval import target_only_greedy
+    from specdraft.pipeline.acceptance import target_only_greedy
+    from specdraft.pipeline.sequences import sample_responses
+    from specdraft.pipeline.stages.evaluate import (
+        DEFINITIONS,
+        continuation_sequences,
+        evaluate_draft,
+    )
 
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if req.device == "auto" else req.device)

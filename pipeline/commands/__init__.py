@@ -1,0 +1,1 @@
+"""Command drivers that are not stages: `specdraft eval` and `specdraft compare`."""

@@ -1,0 +1,1 @@
+"""The stages: one module each, `run(cfg, inputs, out, *, seed) -> dict`; no stage imports another."""
