@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,11 @@ class ConfigError(InputError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid job:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# The largest count any integer setting may take unless its field says less: numpy seeds, torch
+# sizes and step counters overflow past it, and a larger count is a typo, never a plan.
+MAX_COUNT = 2**31 - 1
 
 
 def opt(default: Any, help: str, *, lo=None, hi=None, lo_open=False, choices=None):
@@ -372,26 +378,30 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected an integer, got {value!r}")
         return None
     if typ is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        expected = "a finite number" if number is not None else "a number"
+        problems.append(f"{key}: expected {expected}, got {value!r}")
         return None
     if typ is str:
-        if isinstance(value, str):
-            return value
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        problems.append(f"{key}: expected a string, got {value!r}")
+            value = str(value)
+        if isinstance(value, str) and "\0" not in value:
+            return value
+        problems.append(f"{key}: expected a string without NUL characters, got {value!r}")
         return None
     if typ is list or typing.get_origin(typ) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if isinstance(value, list) and all(isinstance(v, str) and "\0" not in v for v in value):
             return value
         problems.append(f"{key}: expected a list of strings, got {value!r}")
         return None
@@ -405,6 +415,8 @@ def _check_range(value: Any, meta: dict, key: str, problems: list[str]) -> None:
     if choices is not None and value not in choices:
         problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     lo, hi = meta.get("lo"), meta.get("hi")
+    if hi is None and isinstance(value, int) and not isinstance(value, bool):
+        hi = MAX_COUNT
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
         problems.append(f"{key}: {value} is out of range, must be {bound}")
@@ -444,7 +456,10 @@ def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
             continue
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML (`[1,`): a plain string, which type checking names if wrong
         if isinstance(value, dict):
             value = raw  # a mapping is never a field value: let type checking name the key
         if len(parts) == 1 and parts[0] in SHORTHAND:
@@ -518,8 +533,17 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"
         )
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        problems.append(f"name: {cfg.name!r} must be a plain directory name")
+    if (
+        not cfg.name
+        or len(cfg.name) > 100
+        or not cfg.name.isprintable()
+        or any(c in cfg.name for c in "/\\")
+        or cfg.name.startswith(".")
+    ):
+        problems.append(
+            f"name: {cfg.name!r} must be a plain directory name (printable, no / or \\, not "
+            "starting with a dot, at most 100 characters)"
+        )
 
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
@@ -536,7 +560,13 @@ def read_job_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"job file {path} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8"]
+        ) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot be read ({err.strerror})"]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
     if not isinstance(data, dict):

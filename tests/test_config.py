@@ -184,3 +184,75 @@ def test_cli_validate(tmp_path):
         and "does not exist" in missing.stderr
         and "Traceback" not in missing.stderr
     )
+
+
+def test_floats_are_finite_and_counts_bounded_all_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_job(
+            None,
+            [
+                "distil.k=nan",
+                "distil.train.lr=nan",
+                "evaluate.temperature=inf",
+                "seed=100000000000000000000000",
+                f"distil.train.steps={10**12}",
+            ],
+        )
+    text = "\n".join(info.value.problems)
+    for expected in (
+        "distil.k: expected a finite number, got 'nan'",
+        "distil.train.lr: expected a finite number, got 'nan'",
+        "evaluate.temperature: expected a finite number, got 'inf'",
+        "seed: 100000000000000000000000 is out of range, must be <= 2147483647",
+        "distil.train.steps: 1000000000000 is out of range, must be <= 2147483647",
+    ):
+        assert expected in text
+    assert len(info.value.problems) == 5
+
+
+def test_yaml_nan_and_inf_are_rejected_too(tmp_path):
+    job_file = tmp_path / "j.yaml"
+    job_file.write_text("distil:\n  k: .nan\nevaluate:\n  temperature: .inf\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(job_file)
+    assert len(info.value.problems) == 2
+
+
+def test_an_override_that_is_not_yaml_names_its_key():
+    with pytest.raises(ConfigError, match=r"distil.k: expected a number, got '\[1,'"):
+        load_job(None, ["distil.k=[1,"])
+
+
+def test_a_file_that_is_not_utf8_is_one_problem(tmp_path):
+    job_file = tmp_path / "latin1.yaml"
+    job_file.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_job(job_file)
+
+
+def test_nul_characters_are_rejected(tmp_path):
+    job_file = tmp_path / "j.yaml"
+    job_file.write_text('name: "a\\0b"\nstore: "s\\0"\n')
+    with pytest.raises(ConfigError) as info:
+        load_job(job_file)
+    text = "\n".join(info.value.problems)
+    assert "name: expected a string without NUL" in text and "store: expected a string" in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["validate", "distil.k=[1,"], "distil.k: expected a number"),
+        (["validate", "latin1.yaml"], "not UTF-8"),
+        (["validate", "nul.yaml"], "NUL"),
+        (["run", "distil.k=nan", "--out", "o"], "expected a finite number"),
+    ],
+    ids=["bad-override", "latin1", "nul", "run-nan"],
+)
+def test_cli_bad_jobs_exit_2_without_traceback(tmp_path, args, message):
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "nul.yaml").write_text('name: "a\\0b"\n')
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
