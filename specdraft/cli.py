@@ -17,7 +17,6 @@ from specdraft.errors import InputError
 from specdraft.pipeline.config import ConfigError, load_job, read_job_yaml
 
 
-
 def shipped_job(name: str) -> Path:
     """A job file shipped with specdraft (`jobs/` in a checkout, package data in a wheel)."""
     from importlib.resources import files
@@ -66,7 +65,14 @@ def cmd_run(args) -> int:
     if args.address:
         job.ray.address = args.address
     try:
-        run_job(job, out, force=set(args.force), use_ray=False if args.no_ray else None)
+        run_job(
+            job,
+            out,
+            force=set(args.force),
+            use_ray=False if args.no_ray else None,
+            overwrite=args.overwrite,
+            command=_command(args),
+        )
     except StageError as err:
         if isinstance(err.cause, InputError):
             raise err.cause from None
@@ -75,6 +81,10 @@ def cmd_run(args) -> int:
     print_metrics(json.loads((out / "metrics.json").read_text()))
     print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
     return 0
+
+
+def _command(args) -> str:
+    return "specdraft " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def cmd_compare(args) -> int:
@@ -92,7 +102,8 @@ def cmd_compare(args) -> int:
             out,
             force=set(args.force),
             use_ray=False if args.no_ray else None,
-            command="specdraft " + " ".join(shlex.quote(a) for a in args.argv),
+            command=_command(args),
+            overwrite=args.overwrite,
         )
     except StageError as err:
         if isinstance(err.cause, InputError):
@@ -138,20 +149,25 @@ def cmd_check_pair(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import uuid
-
-    from specdraft.pipeline.engine.artifacts import commit_dir
+    from specdraft.pipeline.engine.rundir import building, check_destination, read_run
     from specdraft.pipeline.engine.store import artifact_at
     from specdraft.pipeline.stages.export import export_draft
 
     run_dir = Path(args.run_dir)
-    run_file = run_dir / "run.json"
-    if not run_file.is_file():
+    run = read_run(run_dir)
+    if run["kind"] == "comparison":
         raise InputError(
-            f"{run_dir} is not a specdraft run directory (no run.json); give the --out of a run"
+            f"{run_dir} is the run directory of a comparison (specdraft compare), which has no "
+            "single draft; give the --out of `specdraft run`"
         )
-    stages = {s["name"]: s for s in json.loads(run_file.read_text())["stages"]}
-    recorded = stages["export"]["inputs"]
+    stages = {s["name"]: s for s in run["stages"]}
+    recorded = stages.get("export", {}).get("inputs")
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise InputError(
+            f"{run_dir / 'run.json'} is damaged (no export stage with its inputs); re-run the job"
+        )
+    to = Path(args.to).expanduser().absolute()
+    check_destination(to, overwrite=args.overwrite, flag="--to")  # before fetching anything
     inputs = {key: artifact_at(location) for key, location in recorded.items()}
     missing = [recorded[key] for key, path in inputs.items() if path is None]
     if missing:
@@ -160,17 +176,8 @@ def cmd_export(args) -> int:
             + ", ".join(missing)
             + "; re-run the job first"
         )
-    to = Path(args.to).resolve()
-    to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = to.with_name(f".tmp-{to.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    with building(to, overwrite=args.overwrite, flag="--to") as tmp:
         export_draft(inputs, tmp, args.dtype)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, to)
     print(f"exported the draft of {run_dir} as {args.dtype} to {to}")
     return 0
 
@@ -295,7 +302,7 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from specdraft.pipeline.engine import submit
 
-    print(submit.client(args.address).get_job_status(args.job_id))
+    print(submit.ask(args.address, "get_job_status", args.job_id))
     return 0
 
 
@@ -306,16 +313,53 @@ def cmd_logs(args) -> int:
         status = submit.wait(args.address, args.job_id, follow_logs=True)
         print(f"\njob {args.job_id}: {status}")
     else:
-        print(submit.client(args.address).get_job_logs(args.job_id), end="")
+        print(submit.ask(args.address, "get_job_logs", args.job_id), end="")
     return 0
 
 
 def cmd_stop(args) -> int:
     from specdraft.pipeline.engine import submit
 
-    stopped = submit.client(args.address).stop_job(args.job_id)
+    stopped = submit.ask(args.address, "stop_job", args.job_id)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
+
+
+def cmd_verify_store(args) -> int:
+    from specdraft.pipeline.engine.store import Store, default_location
+
+    store = Store(args.store or default_location())
+    if not store.remote and not store.local.is_dir():
+        raise InputError(f"store {store.local} is not a directory (give --store LOCATION)")
+    counts = {"ok": 0, "damaged": 0, "unchecked": 0}
+    for name in store.artifact_names():
+        result = store.verify(name, repair=args.repair)
+        if result is None:
+            continue  # no manifest: never published (a run's leftover), not an artifact
+        status, what = result
+        counts[status] += 1
+        if status != "ok":
+            print(f"{status:<9} {store.location(name)}: {what}")
+    print(
+        f"{counts['ok']} artifacts intact, {counts['damaged']} damaged, {counts['unchecked']} "
+        "without a file list (made by an older specdraft; used unchecked)"
+    )
+    if counts["damaged"] and not args.repair:
+        print("a run sets a damaged artifact aside when it meets it; --repair does it now")
+    return 1 if counts["damaged"] else 0
+
+
+def _add_store_parser(sub) -> None:
+    verify = sub.add_parser(
+        "verify-store", help="hash every artifact of a store against its manifest"
+    )
+    verify.add_argument("--store", help="store location (default: $SPECDRAFT_STORE or ~/.cache)")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="set damaged artifacts aside (the next run makes them again)",
+    )
+    verify.set_defaults(func=cmd_verify_store)
 
 
 def _add_cluster_parsers(sub) -> None:
@@ -346,7 +390,15 @@ def _add_cluster_parsers(sub) -> None:
 def _add_run_arguments(parser, job_help: str, stage: str) -> None:
     parser.add_argument("job", nargs="?", help=job_help)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--out", help="output directory (default: runs/<job name>/)")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: runs/<job name>/), replaced whole when the run ends",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it holds files specdraft did not write",
+    )
     parser.add_argument(
         "--force",
         action="append",
@@ -395,10 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (the --out of `specdraft run`)")
     export.add_argument("--to", required=True, help="directory to write the draft to")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --to even when it holds files specdraft did not write",
+    )
     export.set_defaults(func=cmd_export)
     _add_eval_parser(sub)
     _add_report_parser(sub)
     _add_cluster_parsers(sub)
+    _add_store_parser(sub)
     return parser
 
 
@@ -406,11 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from specdraft.pipeline.engine.rundir import PublishError
+
     try:
         return args.func(args)
     except InputError as err:
         print(f"specdraft: {err}", file=sys.stderr)
         return 2
+    except PublishError as err:  # a full disk, not a user mistake: exit 1, still no traceback
+        print(f"specdraft: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

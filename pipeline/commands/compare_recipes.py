@@ -28,20 +28,17 @@ import re
 import time
 from pathlib import Path
 
-import yaml
-
 from specdraft.pipeline.config import ConfigError, JobConfig, Resources, job_from_dict
-from specdraft.pipeline.engine.artifacts import atomic_write_text
 from specdraft.pipeline.engine.dag import Stage
 from specdraft.pipeline.engine.job import (
-    _copy_dir,
     build_stages,
     check_models,
+    check_store,
     distil_chain,
     execute_logged,
     resolve_local_paths,
 )
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 
 SHARED = ("data", "target", "draft_init", "generate", "reference")
 RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
@@ -212,21 +209,21 @@ def run_comparison(
     force: set[str] = frozenset(),
     use_ray: bool | None = None,
     command: str = "",
+    overwrite: bool = False,
 ):
-    """Execute the comparison DAG (cached stages are reused) and lay out `out`; `run.json` records
-    `command`, the wall time and the machine."""
+    """Execute the comparison DAG (cached stages are reused) and publish the run directory `out`
+    whole (rundir.write_run_dir, kind `comparison`); `out` and the store are checked first."""
     started = time.time()
+    out = Path(out).expanduser().absolute()
+    check_destination(out, overwrite=overwrite)
     base = comp.base
+    check_store(base, create=True)
     for recipe in comp.recipes:
         resolve_local_paths(recipe.job)
     resolve_local_paths(base)
     check_models(base)
     results = execute_logged(build_comparison_stages(comp), base, force=force, use_ray=use_ray)
-    out.mkdir(parents=True, exist_ok=True)
     made = results["comparison"].path
-    _copy_dir(made / "report", out / "report")
-    for name in ("results.json", "results.md"):
-        atomic_write_text(out / name, (made / name).read_text())
     job = dataclasses.asdict(base) | {
         "compare": {
             "seeds": comp.seeds,
@@ -234,25 +231,15 @@ def run_comparison(
             "recipes": {r.name: {"help": r.help, "set": r.settings} for r in comp.recipes},
         }
     }
-    atomic_write_text(out / "job.yaml", yaml.safe_dump(job, sort_keys=False))
-    stages = [
-        {
-            "name": r.name,
-            "key": r.key,
-            "path": str(r.path),
-            "reused": r.reused,
-            "seconds": round(r.seconds, 2),
-        }
-        for r in results.values()
-    ]
-    run = {
-        "job": base.name,
-        "command": command,
-        "wall_seconds": round(time.time() - started, 1),  # with cached stages: only what ran
-        "stages_run": sum(not r.reused for r in results.values()),
-        "stages_reused": sum(r.reused for r in results.values()),
-        "machine": describe_machine(),
-        "stages": stages,
-    }
-    atomic_write_text(out / "run.json", json.dumps(run, indent=2))
+    write_run_dir(
+        out,
+        kind="comparison",
+        job=job,
+        results=results,
+        copies={name: made / name for name in ("report", "results.json", "results.md")},
+        texts={},
+        command=command,
+        started=started,
+        overwrite=overwrite,
+    )
     return results

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 import sys
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
-import yaml
-
+from specdraft.errors import InputError
 from specdraft.pipeline.config import JobConfig, Resources
-from specdraft.pipeline.engine.artifacts import atomic_write_text, commit_dir, lineage_hash
+from specdraft.pipeline.engine.artifacts import lineage_hash
 from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
+from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 from specdraft.pipeline.engine.store import Store, default_location
 
 # name: (job section, input stages)
@@ -49,6 +49,8 @@ def build_stages(job: JobConfig) -> list[Stage]:
         if name == "distil":
             stages.extend(distil_chain(job, job.seed)[0])
             continue
+        if name == "report" and not cfg.title:
+            cfg = dataclasses.replace(cfg, title=job.name)  # the report names its job
         stages.append(
             Stage(name, f"specdraft.pipeline.stages.{name}", cfg, deps, resources, job.seed)
         )
@@ -111,11 +113,31 @@ def store_for(job: JobConfig) -> Store:
     return Store(job.store or default_location())
 
 
-def _copy_dir(src: Path, dst: Path) -> None:
-    """Copy directory `src` over `dst` atomically (temporary copy, then rename)."""
-    tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    commit_dir(tmp, dst)
+def check_store(job: JobConfig, *, create: bool) -> Store:
+    """The job's store, checked before any stage runs: a local store must be (or become, when
+    `create`) a writable directory. InputError naming where the location came from otherwise."""
+    store = store_for(job)
+    if store.remote:
+        return store
+    if job.store:
+        name = f"store {store.local}"
+    elif os.environ.get("SPECDRAFT_STORE"):
+        name = f"$SPECDRAFT_STORE {store.local}"
+    else:
+        name = f"the default store {store.local}"
+    existing = next(p for p in (store.local, *store.local.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{name}: {existing} is a file, not a directory")
+    if not create:
+        return store
+    try:
+        store.local.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=store.local, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{name}: not a writable directory ({err.strerror})") from None
+    return store
 
 
 def resolve_local_paths(job: JobConfig) -> None:
@@ -180,15 +202,23 @@ def execute_logged(
 
 
 def run_job(
-    job: JobConfig, out: Path, *, force: set[str] = frozenset(), use_ray: bool | None = None
+    job: JobConfig,
+    out: Path,
+    *,
+    force: set[str] = frozenset(),
+    use_ray: bool | None = None,
+    overwrite: bool = False,
+    command: str = "",
 ) -> dict[str, StageResult]:
-    """Execute the job's DAG (cached stages are reused) and lay out `out`."""
+    """Execute the job's DAG (cached stages are reused) and publish the run directory `out` whole
+    (rundir.write_run_dir). `out` and the store are checked before any stage runs."""
+    started = time.time()
+    out = Path(out).expanduser().absolute()
+    check_destination(out, overwrite=overwrite)
+    check_store(job, create=True)
     resolve_local_paths(job)
     check_models(job)
     results = execute_logged(build_stages(job), job, force=force, use_ray=use_ray)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_dir(results["export"].path / "draft", out / "draft")
-    _copy_dir(results["report"].path / "report", out / "report")
     metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
     export_inputs = [Path(p) for p in results["export"].manifest["inputs"].values()]
     metrics = {
@@ -197,18 +227,18 @@ def run_job(
         **metrics,
         "draft": str((out / "draft").resolve()),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    atomic_write_text(out / "job.yaml", yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
-    stages = [
-        {
-            "name": r.name,
-            "key": r.key,
-            "inputs": r.manifest.get("inputs", {}),
-            "path": str(r.path),
-            "reused": r.reused,
-            "seconds": round(r.seconds, 2),
-        }
-        for r in results.values()
-    ]
-    atomic_write_text(out / "run.json", json.dumps({"job": job.name, "stages": stages}, indent=2))
+    write_run_dir(
+        out,
+        kind="run",
+        job=dataclasses.asdict(job),
+        results=results,
+        copies={
+            "draft": results["export"].path / "draft",
+            "report": results["report"].path / "report",
+        },
+        texts={"metrics.json": json.dumps(metrics, indent=2)},
+        command=command,
+        started=started,
+        overwrite=overwrite,
+    )
     return results
