@@ -53,7 +53,7 @@ def results_markdown(results: dict) -> str:
         *(f"| {name} | {_md(r['help'])} |" for name, r in results["recipes"].items()),
     ]
     for task in results["tasks"]:
-        lines += ["", f"## {task}", "", "| recipe | " + " | ".join(LABELS.values()) + " |"]
+        lines += ["", f"## {_md(task)}", "", "| recipe | " + " | ".join(LABELS.values()) + " |"]
         lines.append("|---" * (len(LABELS) + 1) + "|")
         for recipe, by_task in results["results"].items():
             cells = [cell_text(by_task[task][m], _digits(m)) for m in LABELS]

@@ -464,7 +464,9 @@ def _esc(value: Any) -> str:
 
 
 def _md(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """`value` as Markdown text: Markdown renderers pass raw HTML through, so <, > and & are
+    escaped like in the HTML report, and | and newlines would break a table row."""
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import sqlite3
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure
 
 from specdraft.errors import InputError
 from specdraft.reports.history import (
+    HISTORY_FILE,
     OVERALL,
     append_run,
     find_regressions,
@@ -39,7 +41,7 @@ from specdraft.reports.history import (
     metrics_to_rows,
     run_series,
 )
-from specdraft.reports.render import render_report, write_atomic
+from specdraft.reports.render import _md, render_report, write_atomic
 
 DEFAULT_OUT = Path("runs") / "report"
 
@@ -59,6 +61,29 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
     return metrics, finished.isoformat(timespec="seconds")
 
 
+def check_history_dir(history_dir: Path) -> None:
+    """--history names a directory that holds (or will hold) HISTORY_FILE, an SQLite database:
+    InputError before anything is read or appended otherwise."""
+    database = history_dir / HISTORY_FILE
+    if history_dir.exists() and not history_dir.is_dir():
+        raise InputError(
+            f"--history {history_dir}: a file; give the directory that holds {HISTORY_FILE}"
+        )
+    if database.exists() and not database.is_file():
+        raise InputError(f"--history {history_dir}: {database} is not a file")
+    if database.is_file():
+        try:
+            with open(database, "rb") as f:
+                header = f.read(16)
+        except OSError as err:
+            raise InputError(f"{database} cannot be read ({err.strerror})") from None
+        if header and header != b"SQLite format 3\x00":
+            raise InputError(
+                f"{database} is not an SQLite database (not a specdraft history); move it away "
+                "or give another --history"
+            )
+
+
 def build_report(
     run_dirs: list[Path],
     *,
@@ -71,12 +96,21 @@ def build_report(
     """Append the runs to the history, write the report files to `out_dir`; return summary.json."""
     if not run_dirs and history_dir is None:
         raise InputError("nothing to report: give RUN_DIR(s), --history DIR, or both")
+    if history_dir is not None:
+        check_history_dir(history_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: a file; give a directory for the report")
     runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]  # read all before appending any
     rows: list[dict] = []
     problems: list[str] = []
     for _, metrics, finished in runs:
         if history_dir is not None:
-            append_run(history_dir, metrics, timestamp=finished, code_version=code_version)
+            try:
+                append_run(history_dir, metrics, timestamp=finished, code_version=code_version)
+            except sqlite3.Error as err:  # a damaged database behind a valid header
+                raise InputError(
+                    f"{history_dir / HISTORY_FILE} is not a usable specdraft history ({err})"
+                ) from None
         else:
             rows += metrics_to_rows(metrics, timestamp=finished, code_version=code_version)
     if history_dir is not None:
@@ -206,7 +240,7 @@ def _history_markdown(summary: dict, num_rows: int) -> str:
         lines.append("No regressions.")
     for r in regressions:
         lines.append(
-            f"- REGRESSION {r['job']} / {r['task']}: {r['metric']} {r['previous']:.3f} "
+            f"- REGRESSION {_md(r['job'])} / {_md(r['task'])}: {r['metric']} {r['previous']:.3f} "
             f"(median {r['median']:.3f}) → {r['current']:.3f}, drop {_drop_text(r)}"
         )
     if summary["problems"]:

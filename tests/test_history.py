@@ -245,3 +245,23 @@ def test_report_cli_rejects_a_dir_without_metrics(tmp_path, fake_runs):
     assert "has no metrics.json; give the --out of a finished run" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (history / HISTORY_FILE).exists()  # nothing appended when one input is bad
+
+
+@pytest.mark.parametrize("case", ["file", "not-sqlite", "database-is-a-dir", "out-is-a-file"])
+def test_report_cli_bad_history_or_out_is_one_message(tmp_path, fake_runs, case):
+    history, out = tmp_path / "history", tmp_path / "o"
+    if case == "file":
+        history.write_text("x")
+    elif case == "not-sqlite":
+        history.mkdir()
+        (history / HISTORY_FILE).write_text("these are my notes, not a database\n" * 5)
+    elif case == "database-is-a-dir":
+        (history / HISTORY_FILE).mkdir(parents=True)
+    else:
+        out.write_text("x")
+    result = specdraft(fake_runs[0], "--history", history, "--out", out, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    if case == "not-sqlite":
+        assert "not an SQLite database" in result.stderr
+        assert (history / HISTORY_FILE).read_text().startswith("these are my notes")

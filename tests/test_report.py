@@ -284,3 +284,29 @@ def test_rendering_leaves_pyplot_and_backend_alone(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert len(_pngs((tmp_path / "index.html").read_text("utf-8"))) == EXPECTED_PLOTS
+
+
+def test_summary_md_escapes_raw_html_from_task_names(tmp_path):
+    run = full_run()
+    evil = '<img src=x onerror="alert(1)">|x'
+    for draft in ("baseline", "reference", "final"):
+        tasks = run["metrics"][draft]["tasks"]
+        tasks[evil] = tasks.pop("code")
+    run["metrics"]["job"] = "<script>job</script>"
+    render_report(run, tmp_path)
+    md = (tmp_path / "summary.md").read_text("utf-8")
+    assert "<img" not in md and "<script>" not in md
+    assert "| &lt;img src=x onerror=\"alert(1)\"&gt;\\|x | 0.600 → 0.570 |" in md
+    assert md.startswith("# specdraft run: &lt;script&gt;job&lt;/script&gt;")
+
+
+def test_the_report_stage_is_titled_with_the_job_name():
+    """The report of `specdraft run` names its job (it read "unknown job": the evaluate stage's
+    metrics carry no job name, and report.title defaults to empty)."""
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import build_stages
+
+    stages = {s.name: s for s in build_stages(load_job(None, ["name=my-job"]))}
+    assert stages["report"].config.title == "my-job"
+    titled = {s.name: s for s in build_stages(load_job(None, ["report.title=Mine"]))}
+    assert titled["report"].config.title == "Mine"

@@ -274,3 +274,28 @@ def test_an_unwritable_store_is_one_message(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "$SPECDRAFT_STORE /proc/self/specdraft-store: not a writable directory" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_exported_files_are_readable_like_other_files(tmp_path):
+    """safetensors writes 0600; an exported draft is for a serving account to read."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from specdraft.pipeline.stages.export import readable_like_other_files
+
+    draft = tmp_path / "draft"
+    (draft / "adapter").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(draft / "model.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(draft / "adapter" / "adapter_model.safetensors"))
+    (draft / "config.json").write_text("{}")
+    assert os.stat(draft / "model.safetensors").st_mode & 0o777 == 0o600  # what it fixes
+    old = os.umask(0o022)
+    try:
+        readable_like_other_files(draft)
+    finally:
+        os.umask(old)
+    for path in (draft / "model.safetensors", draft / "adapter" / "adapter_model.safetensors"):
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(draft / "adapter").st_mode & 0o777 == 0o755

@@ -5,6 +5,7 @@ model card saying how to serve it. The LoRA adapter is kept beside it in `adapte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -92,6 +93,18 @@ def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
             lineage_hash(inputs.values()),
         )
     )
+    readable_like_other_files(draft_dir)
+
+
+def readable_like_other_files(folder: Path) -> None:
+    """Give every file and directory under `folder` the mode a new file of this user gets (0644
+    and 0755 under the usual umask 022): safetensors writes its weights 0600, which a serving
+    account other than ours cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def data_name(data_artifact: Path) -> str:
