@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
+from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.pipeline.engine.parallel import replica_checksum
 from specdraft.pipeline.sequences import load_splits, max_length_of, tokenizer_dir
 from specdraft.pipeline.training import encode_dataset, train_cross_entropy, write_json
 
 
-def train_toy_model(
-    cfg, inputs: dict[str, Path], out: Path, *, seed: int, all_tokens: bool
-) -> dict:
+def train_toy_model(cfg, inputs: dict[str, Path], ctx: StageContext, *, all_tokens: bool) -> dict:
     """Shared by the toy target (SFT) and the toy draft (pre-training): build, train, save."""
+    out, seed = ctx.out, ctx.seed
     data_artifact = inputs["data"]
     tokenizer = load_tokenizer(tokenizer_dir(data_artifact))
     max_length = max_length_of(data_artifact)
@@ -22,7 +22,7 @@ def train_toy_model(
     model.to(device_for(cfg.resources.gpus))
     encoded = encode_dataset(load_splits(data_artifact)["train"], tokenizer, max_length)
     history = train_cross_entropy(
-        model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens
+        model, encoded, tokenizer, cfg.train, out, seed, all_tokens=all_tokens, ctx=ctx
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

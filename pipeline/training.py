@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.kernels import fused_kd_loss, kd_divergence_from_logits
-from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror
+from specdraft.pipeline.engine.artifacts import StageContext
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
@@ -118,10 +118,10 @@ class LossHistory(TrainerCallback):
             self.rows.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
 
 
-def trainer_dir(train_cfg, out: Path) -> Path:
+def trainer_dir(train_cfg, out: Path, ctx: StageContext | None) -> Path:
     """Where Trainer writes: the stage's checkpoint directory (kept across failed attempts) when
     checkpointing is on, else inside the stage's temporary output."""
-    ckpt = checkpoint_dir.get()
+    ckpt = ctx.checkpoints if ctx is not None else None
     return ckpt if train_cfg.save_every and ckpt is not None else out / "trainer"
 
 
@@ -136,14 +136,14 @@ class UploadCheckpoints(TrainerCallback):
             self.mirror.save(self.folder)
 
 
-def _train(trainer, train_cfg, out: Path) -> None:
+def _train(trainer, train_cfg, out: Path, ctx: StageContext | None) -> None:
     """Run Trainer, resuming from the last checkpoint a failed attempt left (here, or in a
     remote store's copy of the checkpoints)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = trainer_dir(train_cfg, out)
-    mirror = checkpoint_mirror.get()
-    if mirror is not None and train_cfg.save_every and folder == checkpoint_dir.get():
+    folder = trainer_dir(train_cfg, out, ctx)
+    mirror = ctx.checkpoint_mirror if ctx is not None else None
+    if mirror is not None and train_cfg.save_every and folder == ctx.checkpoints:
         mirror.restore(folder)
         trainer.add_callback(UploadCheckpoints(mirror, folder))
     last = get_last_checkpoint(str(folder)) if folder.is_dir() and train_cfg.save_every else None
@@ -154,7 +154,9 @@ def _train(trainer, train_cfg, out: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)  # holds only tracker logs: keep them when on
 
 
-def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArguments:
+def training_args(
+    train_cfg, out: Path, seed: int, use_cpu: bool, ctx: StageContext | None = None
+) -> TrainingArguments:
     micro = train_cfg.batch_size // train_cfg.grad_accum // _world_size()  # per device
     saving = {"save_strategy": "no"}
     if train_cfg.save_every:
@@ -164,7 +166,7 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
             "save_total_limit": 1,
         }
     return TrainingArguments(
-        output_dir=str(trainer_dir(train_cfg, out)),
+        output_dir=str(trainer_dir(train_cfg, out, ctx)),
         **saving,
         max_steps=train_cfg.steps,
         per_device_train_batch_size=micro,
@@ -188,21 +190,29 @@ def training_args(train_cfg, out: Path, seed: int, use_cpu: bool) -> TrainingArg
 
 
 def train_cross_entropy(
-    model, encoded, tokenizer, train_cfg, out: Path, seed: int, all_tokens: bool
+    model,
+    encoded,
+    tokenizer,
+    train_cfg,
+    out: Path,
+    seed: int,
+    all_tokens: bool,
+    ctx: StageContext | None = None,
 ) -> list[dict]:
-    """Plain cross-entropy (SFT on response tokens, or LM pre-training on all tokens)."""
+    """Plain cross-entropy (SFT on response tokens, or LM pre-training on all tokens). `ctx` (the
+    running stage's) says where checkpoints survive a failed attempt; None: nowhere."""
     history = LossHistory()
     cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     trainer = Trainer(
         model=model,
-        args=training_args(train_cfg, out, seed, use_cpu=not torch.cuda.is_available()),
+        args=training_args(train_cfg, out, seed, not torch.cuda.is_available(), ctx),
         train_dataset=encoded,
         data_collator=Collator(
             tokenizer.pad_token_id, all_tokens=all_tokens, packed=packs_sequences(train_cfg, model)
         ),
         callbacks=[history],
     )
-    _train(trainer, train_cfg, out)
+    _train(trainer, train_cfg, out, ctx)
     model.config.use_cache = cached  # the saved model generates with its cache
     return history.rows
 
@@ -444,14 +454,16 @@ def train_kd(
     reference=None,
     options: KDOptions | None = None,
     callbacks=(),
+    ctx: StageContext | None = None,
 ):
+    """KD training of `model` on `teacher`; `ctx` as in train_cross_entropy."""
     history = LossHistory()
     cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*label_names.*")
         trainer = KDTrainer(
             model=model,
-            args=training_args(train_cfg, out, seed, use_cpu=not torch.cuda.is_available()),
+            args=training_args(train_cfg, out, seed, not torch.cuda.is_available(), ctx),
             train_dataset=encoded,
             data_collator=Collator(
                 tokenizer.pad_token_id, packed=packs_sequences(train_cfg, model)
@@ -461,7 +473,7 @@ def train_kd(
             reference=reference,
             options=options,
         )
-        _train(trainer, train_cfg, out)
+        _train(trainer, train_cfg, out, ctx)
     model.config.use_cache = cached  # the saved model generates with its cache
     return history.rows, trainer.selection_log
 

@@ -21,17 +21,19 @@ def placed(i: int):
     return context.get_placement_group_id(), [int(g) for g in ray.get_gpu_ids()]
 
 
-def _ddp_body(cfg, inputs, out, *, seed):
+def _ddp_body(cfg, inputs, ctx):
+    out = ctx.out
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     (out / "value.json").write_text(json.dumps(upstream + cfg.add))
     return {"weights_checksum": float(upstream), "read": [str(p) for p in inputs.values()]}
 
 
-def run(cfg, inputs, out, *, seed):
+def run(cfg, inputs, ctx):
+    out = ctx.out
     if cfg["kind"] == "shards":  # two shards, each reading every input
         paths = [(str(p / "value.json"),) for p in inputs.values()]
-        results = map_shards(read_value, paths * 2, Resources(cpus=0.5, workers=2))
+        results = map_shards(read_value, paths * 2, Resources(cpus=0.5, workers=2), ctx)
         (out / "value.json").write_text(json.dumps(sum(value for value, _ in results)))
         return {"read": [path for _, path in results]}
     ddp = SimpleNamespace(resources=Resources(cpus=0.5, workers=2), add=cfg["add"])
-    return train_data_parallel(_ddp_body, ddp, inputs, out, seed=seed, stage="ddp")
+    return train_data_parallel(_ddp_body, ddp, inputs, ctx, stage="ddp")

@@ -13,13 +13,18 @@ def _log(cfg: dict) -> None:
         f.write(cfg["name"] + "\n")
 
 
-def run(cfg, inputs, out, *, seed):
+def run(cfg, inputs, ctx):
+    out = ctx.out
     _log(cfg)
     if cfg.get("kill_once") and not Path(cfg["kill_once"]).exists():  # the worker dies mid-stage
         Path(cfg["kill_once"]).write_text(str(os.getpid()))
         (out / "partial.txt").write_text("half-written")
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(cfg.get("sleep", 0))
+    if cfg.get("stall_first") and not Path(cfg["stall_first"]).exists():  # the first maker stalls
+        Path(cfg["stall_first"]).write_text(str(os.getpid()))
+        while Path(cfg["stall_first"]).read_text() != "go on":
+            time.sleep(0.02)
     while cfg.get("hold") and Path(cfg["hold"]).exists():  # stays busy while the file is there
         time.sleep(0.05)
     if cfg.get("barrier"):  # waits until `together` stages have reached this point
@@ -31,9 +36,7 @@ def run(cfg, inputs, out, *, seed):
             time.sleep(0.05)
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())
     if cfg.get("checkpointed"):  # fails on its first attempt, after leaving a checkpoint
-        from specdraft.pipeline.engine.artifacts import checkpoint_dir
-
-        ckpt = checkpoint_dir.get()
+        ckpt = ctx.checkpoints
         attempts = int((ckpt / "attempts").read_text()) if (ckpt / "attempts").exists() else 0
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "attempts").write_text(str(attempts + 1))
@@ -44,4 +47,6 @@ def run(cfg, inputs, out, *, seed):
         (out / "partial.txt").write_text("half-written")
         raise RuntimeError("planned failure")
     (out / "value.json").write_text(json.dumps(upstream + cfg["add"]))
+    if cfg.get("report_trust"):  # what the executor let this stage trust
+        return {"value": upstream + cfg["add"], "trust_remote_code": ctx.trust_remote_code}
     return {"value": upstream + cfg["add"]}

@@ -48,12 +48,14 @@ def test_one_on_policy_round_raises_alpha(tmp_path):
 
 
 def test_pure_tvd_warns_and_names_the_lk_hybrid(tmp_path):
+    from specdraft.pipeline.engine.artifacts import StageContext
     from specdraft.pipeline.stages import distil
 
     job = load_job(None, ["distil.divergence=tvd"])
     with warnings.catch_warnings(record=True) as caught, pytest.raises(KeyError):
         warnings.simplefilter("always")
-        distil.run(job.distil, {}, tmp_path, seed=0)  # no inputs: stops right after the checks
+        # no inputs: stops right after the checks
+        distil.run(job.distil, {}, StageContext(tmp_path, 0))
     assert any("distil.divergence=lk" in str(w.message) for w in caught)
 
 

@@ -11,7 +11,7 @@ import torch
 from specdraft.drafts.models import load_tokenizer, toy_llama
 from specdraft.errors import InputError
 from specdraft.pipeline.config import ReferenceConfig, Resources
-from specdraft.pipeline.engine.artifacts import load_model_artifact
+from specdraft.pipeline.engine.artifacts import StageContext, load_model_artifact
 from specdraft.pipeline.engine.dag import Stage, execute
 from specdraft.pipeline.engine.job import build_stages
 from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
@@ -39,10 +39,11 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
     from dag_parallel_stages import placed
 
     shards = [(0,), (1,)]
-    loose = map_shards(placed, shards, Resources(cpus=0.5, gpus=1, workers=2))
+    here = StageContext(Path("."), 0)  # a local store: workers fetch nothing
+    loose = map_shards(placed, shards, Resources(cpus=0.5, gpus=1, workers=2), here)
     assert all(group is None for group, _ in loose)
     packed = map_shards(
-        placed, shards, Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_PACK")
+        placed, shards, Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_PACK"), here
     )
     groups = {group for group, _ in packed}
     assert len(groups) == 1 and None not in groups  # one placement group holds both
@@ -55,7 +56,10 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
         InputError, match="could not reserve 2 x {'CPU': 0.5, 'GPU': 1} with strategy STRICT_SPREAD"
     ):
         map_shards(
-            placed, shards, Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_SPREAD")
+            placed,
+            shards,
+            Resources(cpus=0.5, gpus=1, workers=2, placement="STRICT_SPREAD"),
+            here,
         )  # one node
 
 
@@ -188,7 +192,7 @@ def test_two_workers_outside_ray_ask_for_ray(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "in_ray_cluster", lambda: False)
     cfg = dataclasses.replace(ReferenceConfig(), resources=Resources(workers=2))
     with pytest.raises(InputError, match=r"reference.resources.workers > 1 .*drop --no-ray"):
-        reference.run(cfg, {}, tmp_path, seed=0)
+        reference.run(cfg, {}, StageContext(tmp_path, 0))
 
 
 def test_evaluation_spread_over_two_gpu_workers_gives_the_same_metrics(tiny_run, ray_cluster):

@@ -258,7 +258,7 @@ def test_ce_is_cross_entropy_on_the_kept_next_tokens_without_a_teacher():
 def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path, request, where):
     from transformers import TrainerCallback
 
-    from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror
+    from specdraft.pipeline.engine.artifacts import StageContext
     from specdraft.pipeline.engine.store import RemoteCheckpoints, Store
 
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
@@ -266,15 +266,11 @@ def test_a_failed_attempt_resumes_from_its_last_checkpoint(tmp_path, request, wh
     store = Store(request.getfixturevalue("s3_store")) if where == "remote store" else None
 
     def attempt(model, folder, callbacks=()):
-        token = checkpoint_dir.set(folder)
-        mirror = checkpoint_mirror.set(RemoteCheckpoints(store, folder.name) if store else None)
-        try:
-            return train_kd(
-                model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=callbacks
-            )
-        finally:
-            checkpoint_dir.reset(token)
-            checkpoint_mirror.reset(mirror)
+        mirror = RemoteCheckpoints(store, folder.name) if store else None
+        ctx = StageContext(tmp_path / "out", 0, checkpoints=folder, checkpoint_mirror=mirror)
+        return train_kd(
+            model, teacher, sequences(), Tok(), cfg, ctx.out, 0, callbacks=callbacks, ctx=ctx
+        )
 
     uninterrupted = copy.deepcopy(base)
     attempt(uninterrupted, tmp_path / "ckpt_a")
@@ -303,7 +299,7 @@ def test_a_resumed_attempt_keeps_the_best_alpha_found_before_the_failure(tmp_pat
     the failure) still wins after the resume, whose own checks (4, 6) score lower."""
     from transformers import TrainerCallback
 
-    from specdraft.pipeline.engine.artifacts import checkpoint_dir
+    from specdraft.pipeline.engine.artifacts import StageContext
     from specdraft.pipeline.stages.distil import BestAlphaCheckpoint
 
     class ScriptedAlpha(BestAlphaCheckpoint):  # alpha by step, instead of a held-out set
@@ -325,19 +321,14 @@ def test_a_resumed_attempt_keeps_the_best_alpha_found_before_the_failure(tmp_pat
 
     teacher, base = tiny_llama(1, hidden=32), tiny_llama(2)
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, log_every=1, save_every=2)
-    token = checkpoint_dir.set(tmp_path / "ckpt")
-    try:
-        first, model = ScriptedAlpha(), copy.deepcopy(base)
-        callbacks = [first, WorkerDies()]
-        with pytest.raises(RuntimeError, match="worker died"):
-            train_kd(
-                model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=callbacks
-            )
-        step2 = first.best[2]
-        resumed, model = ScriptedAlpha(), copy.deepcopy(base)
-        train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path / "out", 0, callbacks=[resumed])
-    finally:
-        checkpoint_dir.reset(token)
+    ctx = StageContext(tmp_path / "out", 0, checkpoints=tmp_path / "ckpt")
+    first, model = ScriptedAlpha(), copy.deepcopy(base)
+    callbacks = [first, WorkerDies()]
+    with pytest.raises(RuntimeError, match="worker died"):
+        train_kd(model, teacher, sequences(), Tok(), cfg, ctx.out, 0, callbacks=callbacks, ctx=ctx)
+    step2 = first.best[2]
+    resumed, model = ScriptedAlpha(), copy.deepcopy(base)
+    train_kd(model, teacher, sequences(), Tok(), cfg, ctx.out, 0, callbacks=[resumed], ctx=ctx)
     assert [c["step"] for c in resumed.history] == [0, 2, 4, 6]
     assert resumed.best[:2] == (0.9, 2)
     assert all(torch.equal(resumed.best[2][n], w) for n, w in step2.items())

@@ -1,4 +1,5 @@
-"""Artifact directories: the manifest a finished stage leaves, and atomic writes."""
+"""Artifact directories: the manifest a finished stage leaves (with every file's size and sha256),
+their integrity checks, atomic writes, and the context a running stage is given."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import json
 import os
 import shutil
 import uuid
-from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specdraft.pipeline.engine.store import RemoteCheckpoints, Store
 
 MANIFEST = "manifest.json"
+# Reuse hashes an artifact's files in full when they hold at most this many bytes together; a
+# bigger artifact is checked by size, and a file of it written since publication (its mtime moved)
+# is hashed too. `specdraft verify-store` hashes everything.
+HASH_ON_REUSE_BYTES = int(os.environ.get("SPECDRAFT_VERIFY_HASH_BYTES", 64 * 2**20))
 
 
 def lineage_hash(artifacts) -> str:
@@ -19,31 +28,153 @@ def lineage_hash(artifacts) -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
-# Set by the executor while a stage runs: a directory that survives a failed attempt (named after
-# the stage's artifact), where training stages keep checkpoints so that a retry resumes.
-checkpoint_dir: ContextVar[Path | None] = ContextVar("checkpoint_dir", default=None)
+@dataclass(frozen=True)
+class StageContext:
+    """What the executor gives a running stage besides its config and inputs."""
 
-# Set by the executor while a stage runs with a remote store: a store.RemoteCheckpoints that keeps
-# the checkpoint directory's checkpoints in the store too (a retry elsewhere resumes from them).
-checkpoint_mirror: ContextVar = ContextVar("checkpoint_mirror", default=None)
-
-# Set by the executor while a stage runs: (its store, the names of its input artifacts), so that
-# the stage's data-parallel workers on other machines fetch the same inputs first.
-stage_inputs: ContextVar[tuple | None] = ContextVar("stage_inputs", default=None)
+    out: Path  # the directory the stage writes its artifact into
+    seed: int
+    # Survives a failed attempt (named after the stage's artifact): training stages keep their
+    # checkpoints there so that a retry resumes. None: nothing is kept across attempts.
+    checkpoints: Path | None = None
+    # With a remote store: keeps the checkpoints in the store too (a retry elsewhere resumes).
+    checkpoint_mirror: RemoteCheckpoints | None = None
+    # The store and the names of the stage's input artifacts, so that data-parallel workers on
+    # other machines fetch the same inputs first.
+    store: Store | None = None
+    input_names: tuple[str, ...] = ()
+    # Whether model code shipped in a checkpoint may run: the running job's setting, never an
+    # artifact's (a manifest is writable by anyone who can write the store).
+    trust_remote_code: bool = False
 
 
 def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
+def parse_manifest(data: bytes | str) -> tuple[dict | None, str]:
+    """(the manifest, "") or (None, what is wrong with it)."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"{MANIFEST} is not valid JSON"
+    if not isinstance(manifest, dict):
+        return None, f"{MANIFEST} holds a {type(manifest).__name__}, not a manifest"
+    files = manifest.get("files")
+    if files is not None and not (
+        isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+    ):
+        return None, f"{MANIFEST} has a malformed file list"
+    return manifest, ""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    """Every file of an artifact directory but its manifest, in a stable order."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256, mtime_ns}} of every file of `folder` but its manifest."""
+    records = {}
+    for path in artifact_files(folder):
+        stat = path.stat()
+        records[path.relative_to(folder).as_posix()] = {
+            "size": stat.st_size,
+            "sha256": _sha256(path),
+            "mtime_ns": stat.st_mtime_ns,
+        }
+    return records
+
+
+def artifact_problem(folder: Path, manifest: dict, *, full: bool = False) -> str:
+    """What is wrong with the files of artifact `folder` against its manifest's file list; "" when
+    nothing is. Sizes are always checked; hashes when `full`, when the files are small
+    (HASH_ON_REUSE_BYTES), or for a file whose mtime moved since it was recorded.
+
+    A manifest without a file list (written before specdraft recorded one) cannot be checked: such
+    an artifact is used as it is, as it was before (its key does not change, so recomputing it
+    would make every old store cold at once)."""
+    folder = Path(folder)
+    files = manifest.get("files")
+    if files is None:
+        return ""
+    present = {p.relative_to(folder).as_posix(): p for p in artifact_files(folder)}
+    missing = sorted(set(files) - set(present))
+    if missing:
+        return f"{missing[0]} is missing" + (
+            f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        )
+    # Files the manifest does not list are not damage: readers leave some (datasets' `map` writes
+    # cache-*.arrow beside the arrow files it reads), and none of them is read as the artifact.
+    stats = {name: present[name].stat() for name in files}
+    for name, record in files.items():
+        if stats[name].st_size != record.get("size"):
+            return f"{name} has {stats[name].st_size} bytes, its manifest says {record.get('size')}"
+    small = sum(s.st_size for s in stats.values()) <= HASH_ON_REUSE_BYTES
+    for name, record in files.items():
+        moved = record.get("mtime_ns") not in (None, stats[name].st_mtime_ns)
+        if (full or small or moved) and _sha256(present[name]) != record.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest"
+    return ""
+
+
+def restore_mtimes(folder: Path, manifest: dict) -> None:
+    """Give fetched files the mtimes their manifest recorded, so that reuse on this machine can
+    tell a file written since (hashed) from one untouched since it was verified (sized only)."""
+    for name, record in (manifest.get("files") or {}).items():
+        if "mtime_ns" in record and (Path(folder) / name).is_file():
+            os.utime(Path(folder) / name, ns=(record["mtime_ns"], record["mtime_ns"]))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and platforms) refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and directory under `folder` to disk, so a rename that publishes it
+    cannot outlive its contents in a power loss (an empty manifest, a truncated weight file)."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(Path(folder))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the data reaches the disk before the name does
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory `tmp` to `final`, replacing an existing one by rename."""
+    """Move the finished directory `tmp` to `final`, replacing an existing one by rename; its
+    contents are flushed to disk first."""
+    fsync_tree(tmp)
     if final.exists():
         trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
         os.replace(final, trash)
@@ -51,6 +182,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def given_model(cfg) -> dict:
@@ -70,8 +202,10 @@ def model_location(artifact: Path) -> str:
     return str(local) if local.exists() else location
 
 
-def load_model_artifact(artifact: Path, device="cpu"):
-    """Load the causal LM a model stage produced, with the settings it recorded (dtype, attention)."""
+def load_model_artifact(artifact: Path, device="cpu", *, trust_remote_code: bool = False):
+    """Load the causal LM a model stage produced, with the settings it recorded (dtype, attention).
+    Model code shipped with it runs only when the running job allows it (`trust_remote_code`, from
+    the StageContext): the artifact's own record of that setting is not trusted."""
     from specdraft.drafts.models import load_causal_lm
 
     info = read_manifest(artifact)["info"]
@@ -79,16 +213,14 @@ def load_model_artifact(artifact: Path, device="cpu"):
         model_location(artifact),
         dtype=info.get("dtype", "float32"),
         attn_implementation=info.get("attn_implementation", "auto"),
-        trust_remote_code=info.get("trust_remote_code", False),
+        trust_remote_code=trust_remote_code,
         device=device,
     )
 
 
-def load_tokenizer_artifact(artifact: Path):
-    """The tokenizer of a model stage's model (the target's tokenizer is the pair's tokenizer)."""
+def load_tokenizer_artifact(artifact: Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a model stage's model (the target's tokenizer is the pair's tokenizer);
+    tokenizer code runs only when the running job allows it, as in load_model_artifact."""
     from specdraft.drafts.models import load_tokenizer
 
-    info = read_manifest(artifact)["info"]
-    return load_tokenizer(
-        model_location(artifact), trust_remote_code=info.get("trust_remote_code", False)
-    )
+    return load_tokenizer(model_location(artifact), trust_remote_code=trust_remote_code)

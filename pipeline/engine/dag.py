@@ -26,24 +26,27 @@ from typing import Any
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.engine.artifacts import (
     MANIFEST,
+    StageContext,
     atomic_write_text,
-    checkpoint_dir,
-    checkpoint_mirror,
+    file_records,
     read_manifest,
-    stage_inputs,
 )
-from specdraft.pipeline.engine.lock import StoreLocks
+from specdraft.pipeline.engine.lock import LockLost, StageLock, StoreLocks
 from specdraft.pipeline.engine.store import RemoteCheckpoints, Store, as_store
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: str  # importable module with `run(cfg, inputs, out, *, seed) -> dict`
+    module: str  # importable module with `run(cfg, inputs, ctx: StageContext) -> dict`
     config: Any  # a config dataclass (hashed as JSON)
     deps: tuple[str, ...] = ()  # stage names, or "key=stage" to pass a stage under another key
     resources: Resources = field(default_factory=Resources)
     seed: int = 0
+    # What the stage reads besides its inputs and config, by content: a fingerprint of a local
+    # model directory or data file, or a hub id's resolved revision (job.input_fingerprints).
+    # Part of the key, so overwriting a model in place re-runs the stages that read it.
+    fingerprint: str = ""
 
 
 def dep_name(dep: str) -> str:
@@ -136,6 +139,8 @@ def stage_key(stage: Stage, dep_keys: dict[str, str]) -> str:
         "deps": {d: dep_keys[dep_name(d)] for d in stage.deps},
         "code": code_version(stage.module),
     }
+    if stage.fingerprint:  # only when set: keys of stages that read nothing local stay as they were
+        payload["fingerprint"] = stage.fingerprint
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -164,21 +169,39 @@ def topological(stages: list[Stage]) -> list[Stage]:
 
 
 def run_stage(
-    module: str, config: Any, inputs: dict[str, str], store: Store, name: str, seed: int, meta: dict
+    module: str,
+    config: Any,
+    inputs: dict[str, str],
+    store: Store,
+    name: str,
+    seed: int,
+    meta: dict,
+    *,
+    trust_remote_code: bool = False,
+    fence: StageLock | None = None,
+    replace: bool = False,
 ) -> dict:
     """Run one stage into a temporary directory and publish it as artifact `name` of `store`; the
-    inputs are artifact names, fetched to this machine first. Runs in a Ray task or here."""
+    inputs are artifact names, fetched to this machine first. Runs in a Ray task or here.
+
+    `fence` is the run's lock on the stage: checked right before publication, so a run whose lock
+    was taken over discards its result (LockLost). Without `replace` (a forced re-run) an artifact
+    that exists is never replaced: its maker's result stands (LockLost too)."""
     local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
     tmp = store.scratch(name)
-    checkpoints = store.local / f".ckpt-{name}"  # a retry resumes (elsewhere: from the store)
-    token = checkpoint_dir.set(checkpoints)
-    mirrored = RemoteCheckpoints(store, name) if store.remote else None
-    mirror_token = checkpoint_mirror.set(mirrored)
-    inputs_token = stage_inputs.set((store, list(inputs.values())))
+    ctx = StageContext(
+        out=tmp,
+        seed=seed,
+        checkpoints=store.local / f".ckpt-{name}",  # a retry resumes (elsewhere: from the store)
+        checkpoint_mirror=RemoteCheckpoints(store, name) if store.remote else None,
+        store=store,
+        input_names=tuple(inputs.values()),
+        trust_remote_code=trust_remote_code,
+    )
     start = time.time()
     try:
         run = importlib.import_module(module).run
-        info = run(config, local_inputs, tmp, seed=seed) or {}
+        info = run(config, local_inputs, ctx) or {}
         manifest = {
             **meta,
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
@@ -186,20 +209,20 @@ def run_stage(
             "seconds": round(time.time() - start, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "info": info,
+            "files": file_records(tmp),  # what reuse checks the artifact against
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        store.publish(tmp, name)  # a forced re-run replaces the old artifact
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        if mirrored is not None:
-            mirrored.clear()
+        if fence is not None:
+            fence.check()
+        if store.publish(tmp, name, replace=replace) is None:
+            raise LockLost(f"{store.location(name)} was published by another run meanwhile")
+        shutil.rmtree(ctx.checkpoints, ignore_errors=True)
+        if ctx.checkpoint_mirror is not None:
+            ctx.checkpoint_mirror.clear()
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay: the next attempt resumes
         raise
-    finally:
-        checkpoint_dir.reset(token)
-        checkpoint_mirror.reset(mirror_token)
-        stage_inputs.reset(inputs_token)
 
 
 def plan(stages: list[Stage], store: Store | Path) -> list[tuple[Stage, str, Path]]:
@@ -237,9 +260,12 @@ def execute(
     use_ray: bool = True,
     ray_address: str = "",
     say: Callable[[str], None] = _say,
+    trust_remote_code: bool = False,
 ) -> dict[str, StageResult]:
     """Run what is not cached, in dependency order; return every stage's result (its artifact on
-    this machine: with a remote store, fetched into the mirror)."""
+    this machine: with a remote store, fetched into the mirror). Stages may run model code shipped
+    in checkpoints only with `trust_remote_code` (the job's setting, given to each StageContext).
+    A cached artifact is checked first (store.committed_path): a damaged one is made again."""
     store = as_store(store)
     store.local.mkdir(parents=True, exist_ok=True)
     unknown = set(force) - {s.name for s in stages}
@@ -262,7 +288,7 @@ def execute(
     runner = _RayRunner(ray_address, todo) if use_ray else None
     locks = StoreLocks(store)
     try:
-        _run_todo(todo, results, store, runner, locks, rerun, say)
+        _run_todo(todo, results, store, runner, locks, set(rerun), say, trust_remote_code)
     finally:
         locks.release_all()
     return results
@@ -271,9 +297,13 @@ def execute(
 POLL_SECONDS = 2.0  # how often a stage locked by another run is looked at again
 
 
-def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set[str], say) -> None:
+def _run_todo(
+    todo, results, store: Store, runner, locks: StoreLocks, rerun: set[str], say, trust: bool
+) -> None:
     """Run `todo` in dependency order: each stage under its store lock, or reused when another run
-    sharing the store made it meanwhile (unless this run was asked to re-run it)."""
+    sharing the store made it meanwhile (unless this run was asked to re-run it). A stage whose
+    lock was taken over while it ran (LockLost) goes back to waiting, and then reuses what the
+    other run made."""
     pending = list(todo)
     in_flight: dict[Any, tuple[Stage, str, Path, float]] = {}
     waiting: set[str] = set()
@@ -306,11 +336,26 @@ def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set
                 f"{stage.name:<10} {verb} (cpus={stage.resources.cpus:g}, gpus={stage.resources.gpus:g})"
             )
             start = time.time()
+            options = {
+                "trust_remote_code": trust,
+                "fence": locks.held_lock(path),
+                "replace": stage.name in rerun,
+            }
             if runner is None:
                 try:
                     manifest = run_stage(
-                        stage.module, stage.config, inputs, store, path.name, stage.seed, meta
+                        stage.module,
+                        stage.config,
+                        inputs,
+                        store,
+                        path.name,
+                        stage.seed,
+                        meta,
+                        **options,
                     )
+                except LockLost as lost:
+                    _lost(stage, key, path, lost, pending, rerun, say)
+                    continue
                 except Exception as err:
                     raise StageError(
                         f"stage {stage.name} failed: {type(err).__name__}: {err}", err
@@ -319,7 +364,7 @@ def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set
                     locks.release(path)
                 results[stage.name] = _finish(stage, key, path, start, manifest, say)
             else:
-                ref = runner.submit(stage, inputs, store, path, meta)
+                ref = runner.submit(stage, inputs, store, path, meta, options)
                 in_flight[ref] = (stage, key, path, start)
         if runner is not None and in_flight:
             done = runner.wait_one(list(in_flight), timeout=POLL_SECONDS if waiting else None)
@@ -328,6 +373,9 @@ def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set
             ref, manifest_or_error = done
             stage, key, path, start = in_flight.pop(ref)
             locks.release(path)
+            if isinstance(getattr(manifest_or_error, "cause", None), LockLost):
+                _lost(stage, key, path, manifest_or_error.cause, pending, rerun, say)
+                continue
             if isinstance(manifest_or_error, BaseException):
                 runner.cancel(list(in_flight))
                 err = manifest_or_error
@@ -338,6 +386,14 @@ def _run_todo(todo, results, store: Store, runner, locks: StoreLocks, rerun: set
             time.sleep(POLL_SECONDS)
         elif pending and not ready:
             raise StageError("stage graph is stuck (a dependency never ran)")
+
+
+def _lost(stage, key, path, lost: LockLost, pending: list, rerun: set[str], say) -> None:
+    """A stage whose result was discarded (LockLost): back to waiting for the other run's
+    artifact, which it then reuses (a forced re-run too: the other run's is as new)."""
+    say(f"{stage.name:<10} discarded its result: {lost}; using the other run's artifact")
+    rerun.discard(stage.name)
+    pending.append((stage, key, path))
 
 
 def _finish(stage, key, path, start, manifest, say) -> StageResult:
@@ -362,7 +418,9 @@ class _RayRunner:
         check_cluster_resources([t[0] for t in todo], ray.cluster_resources(), nodes)
         self._remote = ray.remote(run_stage)
 
-    def submit(self, stage: Stage, inputs: dict[str, str], store: Store, path: Path, meta: dict):
+    def submit(
+        self, stage: Stage, inputs: dict[str, str], store: Store, path: Path, meta: dict, options
+    ):
         # A data-parallel stage's task only coordinates: its worker tasks hold the resources.
         parallel = getattr(stage.resources, "workers", 1) > 1
         return self._remote.options(
@@ -370,7 +428,7 @@ class _RayRunner:
             num_gpus=0 if parallel else stage.resources.gpus,
             name=f"specdraft:{stage.name}",
             max_retries=2,
-        ).remote(stage.module, stage.config, inputs, store, path.name, stage.seed, meta)
+        ).remote(stage.module, stage.config, inputs, store, path.name, stage.seed, meta, **options)
 
     def wait_one(self, refs, timeout: float | None = None):
         """The first stage to end, (ref, manifest or StageError); None if none ended in `timeout`."""

@@ -14,6 +14,7 @@ from specdraft.errors import InputError
 from specdraft.pipeline.config import JobConfig, Resources
 from specdraft.pipeline.engine.artifacts import lineage_hash
 from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
+from specdraft.pipeline.engine.fingerprint import input_fingerprint
 from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 from specdraft.pipeline.engine.store import Store, default_location
 
@@ -36,8 +37,10 @@ def final_distil(job: JobConfig) -> str:
 
 
 def build_stages(job: JobConfig) -> list[Stage]:
-    """The DAG: STAGES in order, with `distil` unrolled into its on-policy rounds."""
+    """The DAG: STAGES in order, with `distil` unrolled into its on-policy rounds. The stages that
+    read a model or data from outside the store carry its content fingerprint in their key."""
     last = final_distil(job)
+    fingerprints = input_fingerprints(job)
     stages = []
     for name, (section, deps) in STAGES.items():
         cfg = getattr(job, section)
@@ -51,9 +54,9 @@ def build_stages(job: JobConfig) -> list[Stage]:
             continue
         if name == "report" and not cfg.title:
             cfg = dataclasses.replace(cfg, title=job.name)  # the report names its job
-        stages.append(
-            Stage(name, f"specdraft.pipeline.stages.{name}", cfg, deps, resources, job.seed)
-        )
+        module = f"specdraft.pipeline.stages.{name}"
+        fingerprint = fingerprints.get(name, "")
+        stages.append(Stage(name, module, cfg, deps, resources, job.seed, fingerprint))
     return stages
 
 
@@ -140,6 +143,16 @@ def check_store(job: JobConfig, *, create: bool) -> Store:
     return store
 
 
+def input_fingerprints(job: JobConfig) -> dict[str, str]:
+    """{stage: fingerprint} of the local models and data (or hub revisions) the job's stages read
+    (fingerprint.py): in the stages' keys, never in the config values the user sees."""
+    return {
+        "data": input_fingerprint(job.data.source, "dataset"),
+        "target": input_fingerprint(job.target.model),
+        "draft_init": input_fingerprint(job.draft.model),
+    }
+
+
 def resolve_local_paths(job: JobConfig) -> None:
     """Make local model and data paths absolute, so Ray workers and cache keys agree on them."""
     for section, key in (("target", "model"), ("draft", "model"), ("data", "source")):
@@ -195,6 +208,8 @@ def execute_logged(
             use_ray=job.ray.enabled if use_ray is None else use_ray,
             ray_address=job.ray.address,
             say=log,
+            # the job's own setting: what an artifact's manifest says is never trusted
+            trust_remote_code=job.target.trust_remote_code or job.draft.trust_remote_code,
         )
     except StageError as err:
         log(f"FAILED: {err}")

@@ -9,6 +9,14 @@ lease has run out or the holder's process on this host is dead (a driver killed 
 A takeover rewrites the lock in one step (a rename locally, one PUT in an object store) and reads
 it back after a short pause: of two runs taking over at once, the last write wins and the other one
 goes back to waiting.
+
+Fencing: each acquisition carries a generation (1 when the lock is created, one more at every
+takeover). Right before it publishes, a stage checks that the lock still names its run and its
+generation (`StageLock.check`); a holder that stalled past its lease (SIGSTOP, a swapped-out VM)
+and was taken over finds another owner or a later generation there and discards its result. And a
+publication that is not a forced re-run never replaces an artifact that exists (store.publish), so
+even a holder stalled between that check and its publication cannot remove an artifact another run
+may be reading.
 """
 
 from __future__ import annotations
@@ -41,21 +49,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class LockLost(RuntimeError):
+    """This run's lock on a stage was taken over by another run: its result must not be published."""
+
+
 class StageLock:
     """One stage artifact's lock (file `name` in `store`); `owner` tells this run's locks from any
-    other's."""
+    other's, `generation` this acquisition from an earlier or later one."""
 
     def __init__(self, store: Store, name: str, owner: str, lease: float):
         self.store, self.name, self.owner, self.lease = store, name, owner, lease
+        self.generation = 0  # not held
 
     def _record(self) -> str:
         record = {
             "owner": self.owner,
+            "generation": self.generation,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "expires": time.time() + self.lease,
         }
         return json.dumps(record)
+
+    def _ours(self, record: dict | None) -> bool:
+        record = record or {}
+        return record.get("owner") == self.owner and record.get("generation") == self.generation
 
     def holder(self) -> dict | None:
         """The lock's record; {} when it exists but cannot be read yet (being written)."""
@@ -80,26 +98,56 @@ class StageLock:
         return same_host and not _pid_alive(int(record.get("pid", 0)))
 
     def try_acquire(self) -> bool:
+        self.generation = 1
         if self.store.create_exclusive(self.name, self._record()):
             return True
         record = self.holder()
         if record is None:
             return self.try_acquire()  # released meanwhile
         if record.get("owner") == self.owner:
+            self.generation = record.get("generation", 0)
             return True
         if not self._stale(record):
+            self.generation = 0
             return False
+        self.generation = int(record.get("generation") or 0) + 1
         self.store.write_text(self.name, self._record())
         time.sleep(SETTLE_SECONDS)
-        return (self.holder() or {}).get("owner") == self.owner
+        if self._ours(self.holder()):
+            return True
+        self.generation = 0
+        return False
+
+    def check(self) -> None:
+        """Raise LockLost unless the lock still names this run and this acquisition (called right
+        before a stage publishes: the fencing token's check)."""
+        record = self.holder()
+        if record == {}:  # being rewritten this instant: read it once more
+            time.sleep(SETTLE_SECONDS)
+            record = self.holder()
+        if not self._ours(record):
+            found = "gone" if record is None else f"held by {_describe(record)}"
+            raise LockLost(
+                f"this run's lock {self.name} (generation {self.generation}) was taken over while "
+                f"the stage ran (the run stalled past its lease of {self.lease:g}s?): now {found}"
+            )
 
     def renew(self) -> None:
-        if (self.holder() or {}).get("owner") == self.owner:
+        if self._ours(self.holder()):
             self.store.write_text(self.name, self._record())
 
     def release(self) -> None:
-        if (self.holder() or {}).get("owner") == self.owner:
+        if self._ours(self.holder()):
             self.store.remove(self.name)
+
+
+def _describe(record: dict) -> str:
+    if not record:
+        return "an unreadable record"
+    return (
+        f"pid {record.get('pid', '?')} on {record.get('host', '?')}, "
+        f"generation {record.get('generation', '?')}"
+    )
 
 
 class StoreLocks:
@@ -130,6 +178,11 @@ class StoreLocks:
 
     def holder(self, artifact: Path) -> dict | None:
         return self.lock_for(artifact).holder()
+
+    def held_lock(self, artifact: Path) -> StageLock | None:
+        """This run's acquisition of `artifact`'s lock (what a stage checks before it publishes)."""
+        with self._guard:
+            return self.held.get(self.lock_for(artifact).name)
 
     def release(self, artifact: Path) -> None:
         with self._guard:

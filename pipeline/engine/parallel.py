@@ -19,6 +19,7 @@ back through the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from specdraft.errors import InputError
-from specdraft.pipeline.engine.artifacts import checkpoint_dir, checkpoint_mirror, stage_inputs
+from specdraft.pipeline.engine.artifacts import StageContext
 
 
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:
@@ -52,17 +53,19 @@ def in_ray_cluster() -> bool:
     return ray.is_initialized()
 
 
-def map_shards(fn: Callable[..., Any], shards: list[tuple], resources) -> list[Any]:
+def map_shards(
+    fn: Callable[..., Any], shards: list[tuple], resources, ctx: StageContext
+) -> list[Any]:
     """`fn(*shard)` for every shard, in shard order: Ray tasks with the stage's per-worker
     `resources` (cpus, gpus; reserved together in a placement group when `resources.placement`
     names a strategy) when this process is part of a Ray cluster and there is more than one
-    shard, else here."""
+    shard, else here. `ctx` (the running stage's) tells workers elsewhere what to fetch."""
     if len(shards) > 1 and in_ray_cluster():
         import ray
 
         cpus, gpus = resources.cpus, resources.gpus
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_run_shard)
-        context = worker_context()
+        context = worker_context(ctx)
         with placement_group(len(shards), cpus, gpus, resources.placement) as where:
             refs = [
                 remote.options(name=fn.__name__, scheduling_strategy=where(i)).remote(
@@ -112,14 +115,12 @@ def _run_shard(fn: Callable[..., Any], context: tuple | None, *shard) -> Any:
     return fn(*fetch_inputs(context, shard))
 
 
-def worker_context() -> tuple | None:
+def worker_context(ctx: StageContext) -> tuple | None:
     """What a worker on another machine needs to find the running stage's inputs: (store, this
     machine's mirror, input artifact names); None with a local (shared) store."""
-    current = stage_inputs.get()
-    if current is None or not current[0].remote:
+    if ctx.store is None or not ctx.store.remote:
         return None
-    store, names = current
-    return store, str(store.local), list(names)
+    return ctx.store, str(ctx.store.local), list(ctx.input_names)
 
 
 def fetch_inputs(context: tuple | None, args):
@@ -159,16 +160,17 @@ def worker_gpu_ids() -> list[int]:
 
 
 def train_data_parallel(
-    train_fn: Callable[..., dict], cfg, inputs: dict[str, Path], out: Path, *, seed: int, stage: str
+    train_fn: Callable[..., dict], cfg, inputs: dict[str, Path], ctx: StageContext, *, stage: str
 ) -> dict:
-    """`train_fn(cfg, inputs, out, seed=seed)` here with one worker; with `cfg.resources.workers`
-    > 1, DDP on that many Ray Train workers (TorchTrainer), each with the stage's cpus and gpus.
+    """`train_fn(cfg, inputs, ctx)` here with one worker; with `cfg.resources.workers` > 1, DDP on
+    that many Ray Train workers (TorchTrainer), each with the stage's cpus and gpus.
 
-    Every rank runs `train_fn`; rank 0 writes into `out`, the others into scratch directories.
+    Every rank runs `train_fn`; rank 0 writes into `ctx.out`, the others (given a copy of `ctx`
+    whose `out` is theirs) into scratch directories.
     The info rank 0 returns gains `workers` and `replicas_in_sync` (whether the ranks' weights
     checksums, from `replica_checksum`, agree)."""
     if cfg.resources.workers == 1:
-        return train_fn(cfg, inputs, out, seed=seed)
+        return train_fn(cfg, inputs, ctx)
     if not in_ray_cluster():
         raise InputError(
             f"{stage}.resources.workers > 1 trains with Ray Train: run through Ray (drop --no-ray)"
@@ -176,7 +178,8 @@ def train_data_parallel(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    context = worker_context()
+    out = ctx.out
+    context = worker_context(ctx)
     staging = f".staging-{stage}-{uuid.uuid4().hex[:8]}" if context else None
     per_worker = {"CPU": cfg.resources.cpus}
     if cfg.resources.gpus:
@@ -188,12 +191,10 @@ def train_data_parallel(
                 "train_fn": train_fn,
                 "cfg": cfg,
                 "inputs": {k: str(v) for k, v in inputs.items()},
-                "out": str(out),
-                "seed": seed,
-                "checkpoints": str(checkpoint_dir.get()) if checkpoint_dir.get() else None,
+                "ctx": ctx,
+                "checkpoints": str(ctx.checkpoints) if ctx.checkpoints else None,
                 "context": context,
                 "staging": staging,
-                "checkpoint_mirror": checkpoint_mirror.get(),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.resources.workers,
@@ -221,14 +222,14 @@ def _ddp_worker(config: dict) -> None:
     import torch.distributed as dist
 
     paths, checkpoints = fetch_inputs(config["context"], (config["inputs"], config["checkpoints"]))
-    if checkpoints:
-        checkpoint_dir.set(Path(checkpoints))
-    checkpoint_mirror.set(config["checkpoint_mirror"])
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = {k: Path(v) for k, v in paths.items()}
     with tempfile.TemporaryDirectory(prefix=f"specdraft-rank{rank}-") as scratch:
-        out = Path(config["out"]) if rank == 0 and not config["staging"] else Path(scratch)
-        info = config["train_fn"](config["cfg"], inputs, out, seed=config["seed"])
+        ctx = config["ctx"]
+        out = ctx.out if rank == 0 and not config["staging"] else Path(scratch)
+        checkpoints = Path(checkpoints) if checkpoints else None
+        ctx = dataclasses.replace(ctx, out=out, checkpoints=checkpoints)
+        info = config["train_fn"](config["cfg"], inputs, ctx)
         checksums: list = [None] * world
         dist.all_gather_object(checksums, info.pop("weights_checksum"))
         if rank == 0:  # all-reduced gradients keep every replica's weights identical

@@ -16,15 +16,25 @@ fsspec's own configuration gives the URL's options (`FSSPEC_S3_ENDPOINT_URL=http
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
 
 from specdraft.errors import InputError
-from specdraft.pipeline.engine.artifacts import MANIFEST, atomic_write_text, commit_dir
+from specdraft.pipeline.engine.artifacts import (
+    MANIFEST,
+    artifact_problem,
+    atomic_write_text,
+    commit_dir,
+    fsync_tree,
+    parse_manifest,
+    restore_mtimes,
+)
 
 LOCAL_PROTOCOLS = ("file", "local")
 PROGRESS_BYTES = 64 * 2**20  # transfers larger than this show a progress bar
@@ -116,28 +126,146 @@ class Store:
         return local
 
     def committed_path(self, name: str) -> Path | None:
-        """Artifact `name` on this machine if the store has it (fetched if need be), else None."""
-        local = self.path(name)
+        """Artifact `name` on this machine if the store has it intact (fetched if need be), else
+        None. A damaged one (see artifacts.artifact_problem) is reported, set aside and None."""
         if not self.remote:
-            return local if (local / MANIFEST).exists() else None
+            return self._checked_local(name)
         self.fs.invalidate_cache()  # another machine may have published it since we listed
+        for _ in range(3):  # a forced re-run elsewhere may republish it while we fetch: look again
+            try:
+                data = self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
+            except FileNotFoundError:
+                return None
+            manifest, problem = parse_manifest(data)
+            if manifest is not None:
+                fetched = self._fetch_checked(name, data, manifest)
+                if isinstance(fetched, Path):
+                    return fetched
+                problem = fetched
+            if self._remote_manifest(name) == data:
+                self._set_aside(name, problem, data)
+                return None
+        return None
+
+    def _remote_manifest(self, name: str) -> bytes | None:
+        """The store's manifest of artifact `name` as it is now; None when it has none."""
+        self.fs.invalidate_cache()
         try:
-            manifest = self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
+            return self.fs.cat_file(f"{self._remote(name)}/{MANIFEST}")
         except FileNotFoundError:
             return None
+
+    def _fetch_checked(self, name: str, data: bytes, manifest: dict) -> Path | str:
+        """The mirror copy of artifact `name` whose manifest is `data`, fetched unless the mirror
+        has it intact; what is wrong with the store's copy if that does not match its manifest."""
+        local = self.path(name)
         mirrored = local / MANIFEST
-        if mirrored.exists() and mirrored.read_bytes() == manifest:
-            return local
+        if mirrored.exists() and mirrored.read_bytes() == data:
+            problem = _problem_or_vanished(local, manifest)
+            if not problem:
+                return local
+            _say(f"the mirror copy {local} is damaged ({problem}): fetching it again")
         tmp = self.scratch(name)
         try:
             self.download(name, tmp, manifest=False)
-            (tmp / MANIFEST).write_bytes(manifest)  # the one read above: files and manifest agree
+            problem = artifact_problem(tmp, manifest, full=True)  # hashing beats a second fetch
+            if problem:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return problem
+            restore_mtimes(tmp, manifest)
+            (tmp / MANIFEST).write_bytes(data)  # the one read above: files and manifest agree
             commit_dir(tmp, local)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (mirrored.exists() and mirrored.read_bytes() == manifest):
+            if not (mirrored.exists() and mirrored.read_bytes() == data):
                 raise  # not another process of this machine fetching the same artifact
         return local
+
+    def _checked_local(self, name: str) -> Path | None:
+        folder = self.path(name)
+        for _ in range(3):  # a forced re-run may replace the directory while we read it
+            try:
+                data = (folder / MANIFEST).read_bytes()
+            except FileNotFoundError:
+                return None
+            manifest, problem = parse_manifest(data)
+            if manifest is not None:
+                problem = _problem_or_vanished(folder, manifest)
+            if not problem:
+                return folder
+            try:
+                again = (folder / MANIFEST).read_bytes()
+            except FileNotFoundError:
+                return None
+            if again == data:
+                self._set_aside(name, problem, data)
+                return None
+        return None
+
+    def _set_aside(self, name: str, problem: str, data: bytes) -> None:
+        """Report damaged artifact `name` in one line and take it out of use: locally its directory
+        is renamed to `.damaged-<name>-*` (kept for a look); in a remote store its manifest, which
+        is the commit, is removed (the next publication replaces the files)."""
+        if not self.remote:
+            aside = self.local / f".damaged-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.replace(self.path(name), aside)
+            except FileNotFoundError:
+                return  # another run set it aside first
+            where = f"moved aside to {aside}"
+        else:
+            if self._remote_manifest(name) != data:
+                return  # replaced meanwhile: not the damaged one any more
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(f"{self._remote(name)}/{MANIFEST}")
+            where = "unpublished (its manifest removed)"
+        _say(f"damaged artifact {self.location(name)}: {problem}; {where}, it is made again")
+
+    def artifact_names(self) -> list[str]:
+        """The artifacts the store holds (published or not yet: any directory not named `.*`)."""
+        if not self.remote:
+            if not self.local.is_dir():
+                return []
+            return sorted(p.name for p in self.local.iterdir() if p.is_dir() and p.name[0] != ".")
+        self.fs.invalidate_cache()
+        entries = self.fs.ls(self.url, detail=True)
+        names = [
+            e["name"].rstrip("/").rpartition("/")[2] for e in entries if e["type"] == "directory"
+        ]
+        return sorted(n for n in names if n and n[0] != ".")
+
+    def verify(self, name: str, *, repair: bool = False) -> tuple[str, str] | None:
+        """Hash every file of artifact `name`: ("ok" | "damaged" | "unchecked", what), or None
+        when it has no manifest (never published); `repair` sets a damaged one aside."""
+        if not self.remote:
+            try:
+                data = (self.path(name) / MANIFEST).read_bytes()
+            except FileNotFoundError:
+                return None
+        else:
+            data = self._remote_manifest(name)
+            if data is None:
+                return None
+        manifest, problem = parse_manifest(data)
+        if manifest is not None and manifest.get("files") is None:
+            return "unchecked", f"its {MANIFEST} predates file lists"
+        if manifest is not None and self.remote:
+            problem = self._remote_problem(name, manifest)
+        elif manifest is not None:
+            problem = _problem_or_vanished(self.path(name), manifest, full=True)
+        if not problem:
+            return "ok", ""
+        if repair:
+            self._set_aside(name, problem, data)
+        return "damaged", problem
+
+    def _remote_problem(self, name: str, manifest: dict) -> str:
+        """Artifact `name`'s files in the store checked against `manifest`, streamed, in full."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="specdraft-verify-") as tmp:
+            self.download(name, Path(tmp), manifest=False)
+            return artifact_problem(Path(tmp), manifest, full=True)
 
     def scratch(self, name: str) -> Path:
         """A fresh local directory to make artifact `name` in (publish it when complete)."""
@@ -145,15 +273,29 @@ class Store:
         tmp.mkdir(parents=True)
         return tmp
 
-    def publish(self, tmp: Path, name: str) -> Path:
-        """Commit the complete directory `tmp` (manifest included) as artifact `name`, replacing an
-        existing one; return its local path."""
+    def publish(self, tmp: Path, name: str, *, replace: bool = True) -> Path | None:
+        """Commit the complete directory `tmp` (manifest included) as artifact `name` and return
+        its local path. An existing artifact is replaced only with `replace` (a forced re-run);
+        otherwise it stays, `tmp` is left as it is and the answer is None."""
         if self.remote:
-            if self.committed(name):  # a forced re-run: unpublish first, so no one reads a mix
-                self.fs.rm_file(f"{self._remote(name)}/{MANIFEST}")
+            if self.committed(name):
+                if not replace:
+                    return None
+                self.fs.rm_file(f"{self._remote(name)}/{MANIFEST}")  # unpublish: no one reads a mix
             self.delete(name)
             self.upload(tmp, name, manifest=False)
             self.fs.put_file(str(tmp / MANIFEST), f"{self._remote(name)}/{MANIFEST}")
+        elif not replace:
+            fsync_tree(tmp)
+            try:
+                os.rename(tmp, self.path(name))  # fails when the artifact exists (not empty)
+                return self.path(name)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if self.committed(name):
+                    return None
+                # a directory without a manifest is no artifact (a run's leftover): replaced
         commit_dir(tmp, self.path(name))
         return self.path(name)
 
@@ -237,6 +379,17 @@ class Store:
         except FileNotFoundError:
             return None
         return time.time() - modified.timestamp()
+
+
+def _say(message: str) -> None:
+    print(f"[specdraft] {message}", file=sys.stderr, flush=True)
+
+
+def _problem_or_vanished(folder: Path, manifest: dict, *, full: bool = False) -> str:
+    try:
+        return artifact_problem(folder, manifest, full=full)
+    except FileNotFoundError as err:  # replaced while we looked: the caller looks again
+        return f"{Path(err.filename).name} vanished while it was checked"
 
 
 def _progress(what: str, size: int) -> dict:

@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from specdraft.errors import InputError
+from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.reports.compare_render import render_comparison, results_markdown
 
 # metric -> (per-prompt table of evaluate's per_prompt.json, field there)
@@ -168,7 +169,8 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
     }
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(config: dict, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    out = ctx.out
     results = compare_runs(config, inputs)
     (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (out / "results.md").write_text(results_markdown(results))

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from specdraft.drafts.toyworld import make_toy_dataset, train_toy_tokenizer
 from specdraft.pipeline.config import DataConfig
+from specdraft.pipeline.engine.artifacts import StageContext
 
 
-def run(cfg: DataConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: DataConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    out, seed = ctx.out, ctx.seed
     if cfg.source != "builtin":
         from specdraft.pipeline.data_sources import load_user_data
 

@@ -15,7 +15,11 @@ from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
 from specdraft.kernels import fused_kd_loss
 from specdraft.pipeline.config import DistilConfig
-from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.artifacts import (
+    StageContext,
+    load_model_artifact,
+    load_tokenizer_artifact,
+)
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.training import Collator, KDOptions, hidden_and_head, train_kd, write_json
@@ -137,11 +141,12 @@ class BestAlphaCheckpoint(TrainerCallback):
                 params[name].copy_(value)
 
 
-def run(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    return train_data_parallel(distil, cfg, inputs, out, seed=seed, stage="distil")
+def run(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    return train_data_parallel(distil, cfg, inputs, ctx, stage="distil")
 
 
-def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
     if cfg.divergence == "tvd":
         warnings.warn(
             "distil.divergence=tvd from a cold start: TV has a vanishing gradient and can leave the "
@@ -153,11 +158,15 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
         )
     set_seed(seed)  # LoRA's initial adapters come from the global RNG: same seed, same draft
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"])
-    teacher = load_model_artifact(inputs["target"], device)
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
+    teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
     selective = cfg.selection != "all"
-    reference = load_model_artifact(inputs["reference"], device) if selective else None
-    model = load_model_artifact(inputs["draft_init"], device).train()
+    reference = (
+        load_model_artifact(inputs["reference"], device, trust_remote_code=trust)
+        if selective
+        else None
+    )
+    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
     check_vocabularies(teacher, model, reference)
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
@@ -196,6 +205,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], out: Path, *, seed: int) 
         reference=reference,
         options=options,
         callbacks=callbacks,
+        ctx=ctx,
     )
     info: dict = {}
     if cfg.eval_every:

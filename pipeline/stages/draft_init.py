@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 
 from specdraft.pipeline.config import DraftConfig
-from specdraft.pipeline.engine.artifacts import given_model
+from specdraft.pipeline.engine.artifacts import StageContext, given_model
 from specdraft.pipeline.engine.parallel import train_data_parallel
 from specdraft.pipeline.toy_training import train_toy_model
 
 
-def run(cfg: DraftConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: DraftConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     if cfg.model != "builtin":
         return given_model(cfg)
     pretrain = partial(train_toy_model, all_tokens=True)
-    return train_data_parallel(pretrain, cfg, inputs, out, seed=seed + 1, stage="draft")
+    ctx = dataclasses.replace(ctx, seed=ctx.seed + 1)  # not the target's initialisation
+    return train_data_parallel(pretrain, cfg, inputs, ctx, stage="draft")

@@ -35,6 +35,7 @@ from specdraft.pipeline.acceptance import (
 )
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.engine.artifacts import (
+    StageContext,
     load_model_artifact,
     load_tokenizer_artifact,
     model_location,
@@ -245,15 +246,21 @@ TASK_SEED_STRIDE = 1_000_003  # task i's sampling is seeded apart from every oth
 
 
 def evaluate_tasks(
-    inputs: dict[str, str], cfg: EvaluateConfig, rows: list[dict], tasks: list[str], seed: int
+    inputs: dict[str, str],
+    cfg: EvaluateConfig,
+    rows: list[dict],
+    tasks: list[str],
+    seed: int,
+    trust_remote_code: bool,
 ) -> dict:
     """One worker's share: every metric's raw material for the eval rows of `tasks` (each task's
     index in the whole sorted task list seeds its sampling, so any sharding gives the same)."""
     inputs = {k: Path(v) for k, v in inputs.items()}
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"])
+    trust = {"trust_remote_code": trust_remote_code}  # the running job's setting
+    tokenizer = load_tokenizer_artifact(inputs["target"], **trust)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    target = load_model_artifact(inputs["target"], device)
+    target = load_model_artifact(inputs["target"], device, **trust)
     per_task = []
     for index, task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
@@ -284,7 +291,7 @@ def evaluate_tasks(
     for name, stage in DRAFTS.items():
         if stage not in inputs:
             continue
-        draft = load_model_artifact(inputs[stage], device)
+        draft = load_model_artifact(inputs[stage], device, **trust)
         values, alpha_rows, runs = {}, [], SpecRuns()
         for index, sequences, spec_rows, references, _ in per_task:
             task_values, task_rows = analytic_values(
@@ -310,9 +317,10 @@ def evaluate_tasks(
     return result
 
 
-def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     """Evaluation task by task; `resources.workers` > 1 spreads the tasks over Ray workers."""
-    tokenizer = load_tokenizer_artifact(inputs["target"])
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
     chat = chat_template_of(inputs["data"])
     eval_rows = pick_eval_prompts(load_splits(inputs["data"])["eval"], cfg.prompts_per_task)
     for row in eval_rows:
@@ -322,8 +330,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
     shards = []
     for a, b in shard_bounds(len(tasks), cfg.resources.workers, 1):
         names = {task for _, task in tasks[a:b]}
-        shards.append((paths, cfg, [r for r in eval_rows if r["task"] in names], tasks[a:b], seed))
-    parts = map_shards(evaluate_tasks, shards, cfg.resources)
+        chosen = [r for r in eval_rows if r["task"] in names]
+        shards.append((paths, cfg, chosen, tasks[a:b], seed, trust))
+    parts = map_shards(evaluate_tasks, shards, cfg.resources, ctx)
     target_only_seconds = sum(part["target_only_seconds"] for part in parts)
     metrics: dict = {
         "gamma": cfg.gamma,

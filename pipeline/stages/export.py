@@ -12,6 +12,7 @@ from pathlib import Path
 from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
 from specdraft.pipeline.config import ExportConfig
 from specdraft.pipeline.engine.artifacts import (
+    StageContext,
     lineage_hash,
     model_location,
     read_manifest,
@@ -56,8 +57,8 @@ included, from real speculative decoding at temperature {metrics.get("temperatur
 """
 
 
-def run(cfg: ExportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    draft_dir = out / "draft"
+def run(cfg: ExportConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    draft_dir = ctx.out / "draft"
     export_draft(inputs, draft_dir, cfg.dtype)
     adapter = inputs["distil"] / "adapter"
     return {

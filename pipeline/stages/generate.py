@@ -10,7 +10,11 @@ from pathlib import Path
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
 from specdraft.pipeline.config import GenerateConfig
-from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.artifacts import (
+    StageContext,
+    load_model_artifact,
+    load_tokenizer_artifact,
+)
 from specdraft.pipeline.engine.parallel import map_shards, shard_bounds, worker_gpu_ids
 from specdraft.pipeline.sequences import (
     chat_template_of,
@@ -30,13 +34,15 @@ def sample_shard(
     cfg: GenerateConfig,
     seed: int,
     desc: str,
+    trust_remote_code: bool,
 ) -> tuple[list[list[int]], list[int]]:
     """One worker's responses to `prompts` (prompts[first_index:...] of the whole list), and the
     GPUs it ran on."""
-    model = load_model_artifact(Path(model_dir), device_for(cfg.resources.gpus))
+    device = device_for(cfg.resources.gpus)
+    model = load_model_artifact(Path(model_dir), device, trust_remote_code=trust_remote_code)
     responses = sample_responses(
         model,
-        load_tokenizer_artifact(Path(tokenizer_dir)),
+        load_tokenizer_artifact(Path(tokenizer_dir), trust_remote_code=trust_remote_code),
         prompts,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -48,10 +54,11 @@ def sample_shard(
     return responses, worker_gpu_ids()
 
 
-def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     from datasets import Dataset
 
-    tokenizer = load_tokenizer_artifact(inputs["target"])
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
     chat = chat_template_of(inputs["data"])
     max_length = max_length_of(inputs["data"])
     train = load_splits(inputs["data"])["train"]
@@ -74,10 +81,19 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], out: Path, *, seed: int) -
         model_dir = str(inputs["draft_init" if source == "draft" else "target"])
         prompts = [prompt_token_ids(tokenizer, r["prompt"], chat) for r in part]
         shards = [
-            (model_dir, str(inputs["target"]), prompts[a:b], a, cfg, seed, f"generate ({source})")
+            (
+                model_dir,
+                str(inputs["target"]),
+                prompts[a:b],
+                a,
+                cfg,
+                seed,
+                f"generate ({source})",
+                trust,
+            )
             for a, b in shard_bounds(len(prompts), cfg.resources.workers, cfg.batch_size)
         ]
-        results = map_shards(sample_shard, shards, cfg.resources)
+        results = map_shards(sample_shard, shards, cfg.resources, ctx)
         responses = [r for shard_responses, _ in results for r in shard_responses]
         gpu_ids.append([ids for _, ids in results])
         for row, prompt_ids, response in zip(part, prompts, responses, strict=True):

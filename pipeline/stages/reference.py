@@ -7,24 +7,29 @@ from pathlib import Path
 
 from specdraft.drafts.models import device_for
 from specdraft.pipeline.config import ReferenceConfig
-from specdraft.pipeline.engine.artifacts import load_model_artifact, load_tokenizer_artifact
+from specdraft.pipeline.engine.artifacts import (
+    StageContext,
+    load_model_artifact,
+    load_tokenizer_artifact,
+)
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.training import KDOptions, train_kd, write_json
 
 
-def run(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
-    return train_data_parallel(train_reference, cfg, inputs, out, seed=seed, stage="reference")
+def run(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    return train_data_parallel(train_reference, cfg, inputs, ctx, stage="reference")
 
 
-def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"])
-    teacher = load_model_artifact(inputs["target"], device)
-    model = load_model_artifact(inputs["draft_init"], device).train()
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
+    teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
+    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     history, _ = train_kd(
-        model, teacher, sequences, tokenizer, cfg.train, out, seed, options=KDOptions()
+        model, teacher, sequences, tokenizer, cfg.train, out, seed, options=KDOptions(), ctx=ctx
     )
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from specdraft.pipeline.config import ReportConfig
+from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.reports.render import render_report
 
 
@@ -13,7 +14,7 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run(cfg: ReportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: ReportConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     training = {}
     for stage in ("target", "draft_init", "reference", "distil"):
         history = _json(inputs[stage] / "history.json") if stage in inputs else None
@@ -29,5 +30,5 @@ def run(cfg: ReportConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> 
     }
     if cfg.title and run_info["metrics"]:
         run_info["metrics"]["job"] = cfg.title
-    render_report(run_info, out / "report")
+    render_report(run_info, ctx.out / "report")
     return {"report": "report/index.html"}

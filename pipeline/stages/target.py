@@ -6,13 +6,13 @@ from functools import partial
 from pathlib import Path
 
 from specdraft.pipeline.config import TargetConfig
-from specdraft.pipeline.engine.artifacts import given_model
+from specdraft.pipeline.engine.artifacts import StageContext, given_model
 from specdraft.pipeline.engine.parallel import train_data_parallel
 from specdraft.pipeline.toy_training import train_toy_model
 
 
-def run(cfg: TargetConfig, inputs: dict[str, Path], out: Path, *, seed: int) -> dict:
+def run(cfg: TargetConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     if cfg.model != "builtin":
         return given_model(cfg)
     sft = partial(train_toy_model, all_tokens=False)
-    return train_data_parallel(sft, cfg, inputs, out, seed=seed, stage="target")
+    return train_data_parallel(sft, cfg, inputs, ctx, stage="target")

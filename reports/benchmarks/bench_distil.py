@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from specdraft.pipeline.config import load_job
+from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.pipeline.engine.dag import execute
 from specdraft.pipeline.engine.job import build_stages
 from specdraft.pipeline.sequences import load_sequences
@@ -55,7 +56,7 @@ def main() -> None:
             cfg = dataclasses.replace(job.distil, fused_loss=fused)
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                distil.run(cfg, inputs, Path(out), seed=job.seed)
+                distil.run(cfg, inputs, StageContext(Path(out), job.seed))
                 runs[name].append(time.perf_counter() - start)
     result = {
         "benchmark": "distil stage (demo job, AdaSPEC top-40 %, LoRA) with the fused KD loss vs plain logits",
