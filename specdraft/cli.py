@@ -185,11 +185,14 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from specdraft.pipeline.commands.eval_pair import (
         EvalRequest,
+        check_out,
         format_table,
         run_eval,
         write_metrics,
     )
 
+    if args.out:
+        check_out(Path(args.out))  # before the work, whose metrics would be lost
     fields = EvalRequest.__dataclass_fields__
     metrics = run_eval(EvalRequest(**{k: v for k, v in vars(args).items() if k in fields}))
     print(format_table(metrics))

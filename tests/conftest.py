@@ -52,6 +52,32 @@ TINY = [
 ]
 
 
+# Tests that run whole jobs, start Ray, a browser or a served model: the integration tier. The
+# default `pytest -q` runs the unit tier; `pytest -q -m integration` runs the rest (CI runs both).
+INTEGRATION_MODULES = {
+    "test_pipeline",
+    "test_faults",
+    "test_submit",
+    "test_report_browser",
+    "test_real_pair",
+    "test_distillation_effect",
+}
+RAY_FIXTURES = {"ray_cluster", "tiny_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if (
+            fixtures & RAY_FIXTURES
+            or item.module.__name__ in INTEGRATION_MODULES
+            or item.get_closest_marker("slow")
+        ):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def calls(tmp_path, monkeypatch):
     """The names of the tests/dag_stages.py stages run so far, in order (DAG_TEST_LOG)."""

@@ -8,9 +8,7 @@ manifest is complete and is never run again.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +29,7 @@ from specdraft.pipeline.engine.artifacts import (
     file_records,
     read_manifest,
 )
+from specdraft.pipeline.engine.code_version import code_version
 from specdraft.pipeline.engine.lock import LockLost, StageLock, StoreLocks
 from specdraft.pipeline.engine.store import RemoteCheckpoints, Store, as_store
 
@@ -75,57 +74,6 @@ class StageError(RuntimeError):
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
         self.cause = cause
-
-
-def _specdraft_imports(path: Path) -> set[str]:
-    """Names of the specdraft modules a source file imports (absolute imports only)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("specdraft"):
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.startswith("specdraft"))
-    return names
-
-
-@functools.cache
-def _find_module(name: str):
-    """The spec of module `name`, or None when it names an attribute of a module. Never imports
-    a module itself (only its parent packages), so hashing is cheap."""
-    parent = name.rpartition(".")[0]
-    if parent:
-        parent_spec = _find_module(parent)
-        if parent_spec is None or parent_spec.submodule_search_locations is None:
-            return None
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-
-
-@functools.cache
-def code_version(module: str) -> str:
-    """Hash of the sources of `module` and every specdraft module it imports, transitively:
-    editing a stage's code invalidates that stage (and, through the keys, its dependents) only."""
-    seen: set[str] = set()
-    sources: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        spec = _find_module(name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue  # an attribute imported from a module, not a module
-        sources[name] = Path(spec.origin)
-        todo.extend(_specdraft_imports(sources[name]))
-    digest = hashlib.sha256()
-    for name in sorted(sources):
-        digest.update(name.encode())
-        digest.update(sources[name].read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def stage_key(stage: Stage, dep_keys: dict[str, str]) -> str:

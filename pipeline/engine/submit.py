@@ -22,6 +22,27 @@ from specdraft.pipeline.engine.job import store_for
 AGENT_WAIT_SECONDS = 60.0
 
 
+AUTH_HELP = (
+    "the cluster at {address} uses Ray's token authentication: set RAY_AUTH_MODE=token and "
+    "give the cluster's token in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH or in "
+    "~/.ray/auth_token (as Ray's own CLI needs)"
+)
+
+
+def _auth_error(err: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(err, AuthenticationError) or "Unauthorized" in str(err)
+
+
+def _refused(address: str, err: BaseException, what: str) -> InputError:
+    if _auth_error(err):
+        token_set = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        detail = "the token given was refused" if token_set else "no token was sent"
+        return InputError(AUTH_HELP.format(address=address) + f" ({detail})")
+    return InputError(f"{what} at {address}: {str(err).splitlines()[0]}")
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
@@ -29,10 +50,18 @@ def client(address: str):
         raise InputError("give the cluster's dashboard address, e.g. --address http://HEAD:8265")
     try:
         return JobSubmissionClient(address)
-    except Exception as err:  # connection refused, wrong port, not a Ray dashboard
-        raise InputError(
-            f"cannot reach a Ray cluster at {address}: {str(err).splitlines()[0]}"
-        ) from None
+    except Exception as err:  # connection refused, wrong port, not a Ray dashboard, no token
+        raise _refused(address, err, "cannot reach a Ray cluster") from None
+
+
+def ask(address: str, method: str, *args):
+    """One Jobs SDK call (`get_job_status`, `get_job_logs`, `stop_job`, ...), its failure one
+    clear message: a job id the cluster does not know, a refused token."""
+    jobs = client(address)
+    try:
+        return getattr(jobs, method)(*args)
+    except Exception as err:
+        raise _refused(address, err, f"{method.replace('_', ' ')} failed") from None
 
 
 def fsspec_settings() -> dict[str, str]:
@@ -53,9 +82,7 @@ def check_cluster(address: str, job) -> None:
         nodes = list_nodes(address=address, detail=True)
         nodes = [n.resources_total for n in nodes if n.state == "ALIVE"]
     except Exception as err:  # an old dashboard without the state API, a network error
-        raise InputError(
-            f"cannot read the nodes of the cluster at {address}: {str(err).splitlines()[0]}"
-        ) from None
+        raise _refused(address, err, "cannot read the nodes of the cluster") from None
     totals: dict[str, float] = {}
     for node in nodes:
         for resource, amount in node.items():
@@ -97,19 +124,16 @@ def submit(job_file: str | None, overrides: list[str], address: str, out: str | 
             if "No available agent" in str(err) and time.time() < deadline:
                 time.sleep(1.0)  # a cluster just started: its dashboard agent comes up shortly
                 continue
-            raise InputError(
-                f"the cluster at {address} did not take the job: {str(err).splitlines()[0]}"
-            ) from None
+            raise _refused(address, err, "the cluster did not take the job") from None
 
 
 def wait(address: str, job_id: str, follow_logs: bool, poll_s: float = 1.0) -> str:
     """Wait until the job ends (printing its logs as they come with follow_logs); its status."""
-    jobs = client(address)
     printed = 0
     while True:
-        status = jobs.get_job_status(job_id)
+        status = ask(address, "get_job_status", job_id)
         if follow_logs:
-            logs = jobs.get_job_logs(job_id)
+            logs = ask(address, "get_job_logs", job_id)
             print(logs[printed:], end="", flush=True)
             printed = len(logs)
         if status.is_terminal():
