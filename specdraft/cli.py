@@ -50,12 +50,31 @@ def print_metrics(metrics: dict) -> None:
     print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
 
 
+def print_plan(stages, job, source: Path | None) -> None:
+    """What `run`/`compare` would do: the job file, then every stage with its key and whether
+    the store has it already. Runs nothing."""
+    from specdraft.pipeline.engine.dag import plan
+    from specdraft.pipeline.engine.job import resolve_local_paths, store_for
+
+    resolve_local_paths(job)
+    store = store_for(job)
+    print(f"job {job.name!r} from {source or 'the built-in defaults'}; store {store.url}")
+    for stage, key, path in plan(stages, store):
+        state = "cached" if store.committed_path(path.name) is not None else "to run"
+        print(f"  {stage.name:<28} {key}  {state}")
+
+
 def cmd_run(args) -> int:
     from specdraft.pipeline.engine.dag import StageError
     from specdraft.pipeline.engine.job import STAGES, run_job
 
     job_file, overrides = _split(args.job, args.overrides)
     job = load_job(_job_path(job_file), overrides)
+    if args.plan:
+        from specdraft.pipeline.engine.job import build_stages
+
+        print_plan(build_stages(job), job, _job_path(job_file))
+        return 0
     unknown = set(args.force) - set(STAGES)
     if unknown:
         raise ConfigError(
@@ -93,6 +112,13 @@ def cmd_compare(args) -> int:
 
     job_file, overrides = _split(args.job, args.overrides)
     comp = load_comparison(job_file or shipped_job("compare.yaml"), overrides)
+    if args.plan:
+        from specdraft.pipeline.commands.compare_recipes import build_comparison_stages
+
+        print_plan(
+            build_comparison_stages(comp), comp.base, job_file or shipped_job("compare.yaml")
+        )
+        return 0
     out = Path(args.out) if args.out else Path("runs") / comp.base.name
     if args.address:
         comp.base.ray.address = args.address
@@ -410,6 +436,11 @@ def _add_run_arguments(parser, job_help: str, stage: str) -> None:
         help=f"re-run {stage} and what depends on it (repeatable)",
     )
     parser.add_argument("--address", default="", help="attach to an existing Ray cluster")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the job file used and every stage with its cache key and state; run nothing",
+    )
     parser.add_argument(
         "--no-ray", action="store_true", help="run stages in this process instead of Ray tasks"
     )
