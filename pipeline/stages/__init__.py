@@ -1,1 +1,1 @@
-"""The stages: one module each, `run(cfg, inputs, out, *, seed) -> dict`; no stage imports another."""
+"""The stages: one module each, `run(cfg, inputs, ctx: StageContext) -> dict`; no stage imports another."""
