@@ -47,6 +47,7 @@ def check_pair(
     draft_cfg = _load(draft, "config", trust_remote_code)
 
     report = PairReport()
+    report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
     report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
     _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
     return report
@@ -68,6 +69,24 @@ def format_report(report: PairReport, target: str, draft: str) -> str:
 
 
 # --------------------------------------------------------------------------- loading
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickle_only(name: str) -> str | None:
+    """A local model directory whose weights are pickles only: specdraft loads safetensors only
+    (unpickling runs code), so say so here rather than fail when a stage loads it."""
+    path = Path(name).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return None
+    return (
+        f"{name} has only pickle weights ({', '.join(pickles[:3])}); specdraft loads safetensors "
+        "only, since unpickling runs code: convert them where you trust the file, e.g. "
+        "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`"
+    )
 
 
 def _load(name: str, what: str, trust_remote_code: bool):

@@ -176,3 +176,73 @@ def test_bad_input_exits_2_with_one_message(pair, tmp_path, change, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pickle_draft(pair):
+    """The draft with its weights as pytorch_model.bin only (which specdraft never unpickles)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pair / "pickle_draft"
+    model = AutoModelForCausalLM.from_pretrained(pair / "draft")
+    path.mkdir()
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")  # transformers 5 writes no pickles
+    AutoTokenizer.from_pretrained(pair / "draft").save_pretrained(path)
+    assert (path / "pytorch_model.bin").exists() and not list(path.glob("*.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("device", "--device cuda:7: not usable on this machine"),
+        ("out-dir", "a directory; give a file name"),
+        ("out-under-file", "is a file, not a directory"),
+        ("pickle", "has only pickle weights (pytorch_model.bin)"),
+    ],
+)
+def test_eval_refuses_before_the_work(pair, pickle_draft, tmp_path, case, message):
+    if case == "device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "file").write_text("x")
+    out = {"out-dir": "existing", "out-under-file": "file/eval.json"}.get(case, "eval.json")
+    args = [
+        "eval",
+        "--target",
+        str(pair / "target"),
+        "--draft",
+        str(pickle_draft if case == "pickle" else pair / "draft"),
+        "--data",
+        "builtin",
+        "--num-prompts=2",
+        "--max-new-tokens=2",
+        "--out",
+        str(tmp_path / out),
+    ]
+    if case == "device":
+        args.append("--device=cuda:7")
+    result = specdraft(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "speculative" not in result.stderr  # refused before any decoding
+    assert not (tmp_path / "eval.json").exists() and not list((tmp_path / "existing").iterdir())
+
+
+def test_run_refuses_pickle_weights_at_the_pair_check(pair, pickle_draft, tmp_path):
+    result = specdraft(
+        "run",
+        f"target={pair / 'target'}",
+        f"draft={pickle_draft}",
+        f"store={tmp_path / 'store'}",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-ray",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "has only pickle weights" in result.stderr and "Traceback" not in result.stderr
+    assert "[specdraft]" not in result.stderr  # no stage started
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "store").glob("*") if not p.name.startswith(".")]

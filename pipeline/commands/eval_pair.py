@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +72,38 @@ def check_request(req: EvalRequest) -> None:
         problems.append(f"--dtype must be float32, bfloat16 or float16, got {req.dtype!r}")
     if problems:
         raise EvalInputError("invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_out(out: Path) -> None:
+    """--out must be a file that can be written, checked before the evaluation spends its time."""
+    if out.is_dir():
+        raise EvalInputError(
+            f"--out {out}: a directory; give a file name for the metrics, e.g. {out / 'eval.json'}"
+        )
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise EvalInputError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalInputError(f"--out {out}: {existing} is not writable")
+
+
+def resolve_device(name: str):
+    """The torch device `--device` names, checked usable here (`auto`: cuda when there is one)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except Exception as err:  # RuntimeError, or AssertionError when torch was built without CUDA
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        here = "cpu" + (f", cuda:0 to cuda:{count - 1}" if count else "")
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise EvalInputError(
+            f"--device {name}: not usable on this machine ({why}); devices here: {here}"
+        ) from None
+    return device
 
 
 def check_models(req: EvalRequest) -> int:
@@ -151,6 +184,7 @@ def run_eval(req: EvalRequest) -> dict:
     """Check the request, the pair and the prompts, then evaluate; returns the metrics dict."""
     # Each check runs before the imports it does not need, so bad input fails fast.
     check_request(req)
+    device = resolve_device(req.device)
     context = check_models(req)
     from specdraft.drafts.models import load_tokenizer
 
@@ -167,8 +201,6 @@ def run_eval(req: EvalRequest) -> dict:
         ) from None
     check_lengths(rows, context, req.max_new_tokens)
 
-    import torch
-
     from specdraft.drafts.models import load_causal_lm
     from specdraft.pipeline.acceptance import target_only_greedy
     from specdraft.pipeline.sequences import sample_responses
@@ -178,8 +210,6 @@ def run_eval(req: EvalRequest) -> dict:
         evaluate_draft,
     )
 
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if req.device == "auto" else req.device)
     load = dict(dtype=req.dtype, trust_remote_code=req.trust_remote_code, device=device)
     target = load_causal_lm(req.target, **load)
     draft = load_causal_lm(req.draft, **load)
@@ -269,5 +299,7 @@ def format_table(metrics: dict) -> str:
 
 
 def write_metrics(metrics: dict, out: Path) -> None:
+    from specdraft.pipeline.engine.artifacts import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
