@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from specdraft.pipeline.engine.artifacts import read_manifest
 from specdraft.pipeline.training import encode_example
@@ -32,6 +33,40 @@ def max_length_of(artifact: Path) -> int:
 def chat_template_of(artifact: Path) -> bool:
     """Whether prompts are rendered with the tokenizer's chat template."""
     return bool(read_manifest(artifact)["info"].get("chat_template", False))
+
+
+def plain_generation_config(
+    temperature: float, max_new_tokens: int, pad_token_id: int, eos_token_id
+) -> GenerationConfig:
+    """Sampling from exactly softmax(logits / T), greedy at T = 0. top_k is turned off by hand:
+    `generate` otherwise defaults it to 50."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        **sampling,
+    )
+
+
+def generate_plain(model, input_ids, attention_mask, *, temperature: float, **settings):
+    """`model.generate` sampling from softmax(logits / T) alone. `generate` fills every setting a
+    config leaves unset from the checkpoint's generation_config (repetition_penalty, min_p,
+    no_repeat_ngram_size, num_beams, suppress_tokens, ...), which would bias the sequences and
+    alpha; an empty generation_config stands in for the checkpoint's during the call."""
+    config = plain_generation_config(temperature, **settings)
+    checkpoint_config = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+    finally:
+        model.generation_config = checkpoint_config
 
 
 @torch.no_grad()
@@ -62,18 +97,14 @@ def sample_responses(
         for i, row in enumerate(batch):  # left padding, as generation needs
             ids[i, width - len(row) :] = torch.tensor(row)
             attn[i, width - len(row) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
+        out = generate_plain(
+            model,
+            ids.to(device),
+            attn.to(device),
+            temperature=temperature,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **sampling,
         )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
@@ -97,3 +128,15 @@ def load_sequences(artifact: Path):
     from datasets import load_from_disk
 
     return load_from_disk(str(Path(artifact) / "sequences"))
+
+
+def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
+    """The first `per_task` rows of each task, in the split's order: the evaluation prompts of the
+    evaluate stage, `specdraft eval` and `specdraft serve-check`."""
+    counts: dict[str, int] = {}
+    chosen = []
+    for row in eval_split:
+        if counts.get(row["task"], 0) < per_task:
+            counts[row["task"]] = counts.get(row["task"], 0) + 1
+            chosen.append(row)
+    return chosen

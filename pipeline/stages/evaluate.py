@@ -41,7 +41,12 @@ from specdraft.pipeline.engine.artifacts import (
     model_location,
 )
 from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
-from specdraft.pipeline.sequences import chat_template_of, load_splits, sample_responses
+from specdraft.pipeline.sequences import (
+    chat_template_of,
+    load_splits,
+    pick_eval_prompts,
+    sample_responses,
+)
 from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}
@@ -231,15 +236,6 @@ def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> 
         for r, c in zip(rows, continuations, strict=True)
         if c
     ]
-
-
-def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
-    chosen, counts = [], defaultdict(int)
-    for row in eval_split:
-        if counts[row["task"]] < per_task:
-            counts[row["task"]] += 1
-            chosen.append(row)
-    return chosen
 
 
 TASK_SEED_STRIDE = 1_000_003  # task i's sampling is seeded apart from every other task's
