@@ -21,6 +21,7 @@ def toy_llama(arch, tokenizer, max_positions: int, seed: int):
         num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_heads,
         num_key_value_heads=arch.num_heads,
+        head_dim=getattr(arch, "head_dim", 0) or arch.hidden_size // arch.num_heads,
         max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

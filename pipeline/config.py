@@ -66,8 +66,16 @@ class Resources:
 class ToyArch:
     hidden_size: int = opt(128, "Toy model width.", lo=8)
     num_layers: int = opt(3, "Toy model depth.", lo=1)
-    num_heads: int = opt(4, "Attention heads (hidden_size must divide by it).", lo=1)
+    num_heads: int = opt(
+        4, "Attention heads (hidden_size must divide by it unless head_dim is set).", lo=1
+    )
     intermediate_size: int = opt(384, "MLP width.", lo=8)
+    head_dim: int = opt(
+        0,
+        "Attention head width; 0 = hidden_size / num_heads. vLLM's CPU attention serves 32, 64, "
+        "80, 96, 112, 128, 160, 192, 224, 256 and 512 only.",
+        lo=0,
+    )
 
 
 @dataclass
@@ -136,7 +144,7 @@ class TargetConfig(ModelConfig):
 class DraftConfig(ModelConfig):
     arch: ToyArch = field(
         default_factory=lambda: ToyArch(
-            hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96
+            hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96, head_dim=32
         ),
         metadata={"help": "Toy draft shape (>= 8x fewer parameters than the target)."},
     )
@@ -259,10 +267,17 @@ class DistilConfig:
         True,
         "Chunked KD loss that never builds (tokens × vocab) logits; false = plain logits (benchmarks).",
     )
-    temperature: float = opt(1.0, "Softmax temperature of the loss.", lo=0, lo_open=True)
+    temperature: float = opt(
+        1.0,
+        "Softmax temperature of the loss, of the loss gap ΔL that selects tokens, and of the "
+        "held-out alpha (eval_every).",
+        lo=0,
+        lo_open=True,
+    )
     normalize: str = opt(
         "all",
-        "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones.",
+        "Divide the summed loss by `all` response tokens (AdaSPEC code) or by `kept` ones, "
+        "counted over the optimizer step's accumulation window and all workers.",
         choices=["all", "kept"],
     )
     rounds: int = opt(
@@ -478,7 +493,7 @@ def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
 def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
     for section in ("target", "draft"):
         arch = getattr(cfg, section).arch
-        if arch.hidden_size % arch.num_heads:
+        if not arch.head_dim and arch.hidden_size % arch.num_heads:
             problems.append(
                 f"{section}.arch.hidden_size ({arch.hidden_size}) must be divisible by "
                 f"{section}.arch.num_heads ({arch.num_heads})"

