@@ -3,8 +3,9 @@
 Both models keep a KV cache (transformers ``DynamicCache`` or anything with ``get_seq_length`` and
 ``crop``); on rejection the caches are rolled back with ``cache.crop(-n)``, so neither model is ever
 re-fed the prefix. Any HF causal LM works: models are called as
-``model(input_ids=..., past_key_values=cache, use_cache=True)`` and must return ``.logits`` and
-``.past_key_values``.
+``model(input_ids=..., cache=cache, use_cache=True)`` and return ``.logits`` and ``.cache``
+(transformers' current names); a model whose forward has no ``cache`` argument (older transformers,
+remote code) is called with ``past_key_values=`` and read back the same way.
 
 Verification (Leviathan et al. 2023, Chen et al. 2023):
 - temperature == 0: accept drafted tokens while they equal the target's argmax; emit the target's
@@ -168,6 +169,28 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes its KV cache under: `cache` in transformers >= 5.2x, whose
+    `past_key_values` warns and goes in 5.40; `past_key_values` for models without `cache`."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _returned_cache(model: torch.nn.Module, out: Any) -> Any:
+    """The KV cache a forward pass returned (`out.cache`, or `out.past_key_values` for models
+    without `cache`: reading the old name on a current output logs a deprecation warning)."""
+    cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+    if cache is None:
+        raise TypeError(
+            f"{type(model).__name__} returned no KV cache with use_cache=True; speculative "
+            "decoding needs a KV cache that supports get_seq_length() and crop()."
+        )
+    return cache
+
+
 def _cache_len(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
@@ -189,6 +212,7 @@ class _CachedLM:
         self.seconds = 0.0
         self.calls = 0
         self._logits_to_keep = _accepts_logits_to_keep(model)
+        self._cache_argument = _cache_argument(model)
 
     def __len__(self) -> int:
         return _cache_len(self.cache)
@@ -196,19 +220,15 @@ class _CachedLM:
     def feed(self, input_ids: torch.LongTensor, keep: int) -> torch.Tensor:
         # input_ids: (1, L) -> logits (keep, V) for the last `keep` fed positions
         kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        kwargs[self._cache_argument] = self.cache
         start = time.perf_counter()
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **kwargs)
+        out = self.model(input_ids=input_ids, use_cache=True, **kwargs)
         logits = out.logits[0, -keep:].float()
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        if out.past_key_values is None:
-            raise TypeError(
-                f"{type(self.model).__name__} returned past_key_values=None with use_cache=True; "
-                "speculative decoding needs a KV cache that supports get_seq_length() and crop()."
-            )
-        self.cache = out.past_key_values
+        self.cache = _returned_cache(self.model, out)
         return logits
 
     def rollback(self, length: int) -> None:
@@ -475,6 +495,7 @@ class _MaskedCachedLM:
         self.cache: Any = None
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
         self._logits_to_keep = _accepts_logits_to_keep(model)
+        self._cache_argument = _cache_argument(model)
 
     def cached(self, row: int) -> int:
         """Committed tokens of ``row`` held by the cache (a prefix of the row's tokens)."""
@@ -497,12 +518,12 @@ class _MaskedCachedLM:
         position_ids = (counts + new_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
         attention_mask = torch.cat([self.slot_mask, new_mask], dim=1)  # (B, S + L)
         kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        kwargs[self._cache_argument] = self.cache
         start = time.perf_counter()
         out = self.model(
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             **kwargs,
         )
@@ -510,12 +531,7 @@ class _MaskedCachedLM:
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
-        if out.past_key_values is None:
-            raise TypeError(
-                f"{type(self.model).__name__} returned past_key_values=None with use_cache=True; "
-                "speculative decoding needs a KV cache that supports get_seq_length() and crop()."
-            )
-        self.cache, self.slot_mask = out.past_key_values, attention_mask
+        self.cache, self.slot_mask = _returned_cache(self.model, out), attention_mask
         return logits, seconds
 
     def drop_last(self, row: int, n: int) -> None:

@@ -39,6 +39,9 @@ from specdraft.pipeline.stages.evaluate import (
     evaluate_draft,
 )
 
+# transformers 5.24 renamed the KV cache argument to `cache`; `past_key_values` warns and goes in 5.40.
+pytestmark = pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+
 V = 64  # vocab of the stub and Llama models (the statistical tests use their own tiny vocab)
 PAD = V - 1  # never in a prompt: transformers masks prompt tokens equal to pad_token_id
 
@@ -68,8 +71,8 @@ class StubLM(torch.nn.Module):
         self.logits_fn = logits_fn
         self.call_starts: list[int] = []  # cache length at each call
 
-    def forward(self, input_ids, past_key_values=None, use_cache=False, attention_mask=None, **kw):
-        cache = past_key_values if past_key_values is not None else DynamicCache()
+    def forward(self, input_ids, cache=None, use_cache=False, attention_mask=None, **kw):
+        cache = cache if cache is not None else DynamicCache()
         start = cache.get_seq_length()
         self.call_starts.append(start)
         fake_kv = input_ids.float()[:, None, :, None]  # (B, 1, L, 1)
@@ -84,7 +87,7 @@ class StubLM(torch.nn.Module):
                 prefixes = [row[: s + 1][mask[: s + 1]] for s in range(start, len(row))]
             logits.append(torch.stack([self.logits_fn(p if len(p) else row[:1]) for p in prefixes]))
         logits = torch.stack(logits)  # (B, L, V)
-        return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
+        return SimpleNamespace(logits=logits, cache=cache if use_cache else None)
 
 
 def one_hot_logits(token: int, vocab: int = V) -> torch.Tensor:
@@ -227,10 +230,25 @@ def test_bad_arguments_raise():
 def test_model_without_cache_is_rejected():
     class NoCache(StubLM):
         def forward(self, input_ids, **kwargs):
-            return SimpleNamespace(logits=super().forward(input_ids).logits, past_key_values=None)
+            return SimpleNamespace(logits=super().forward(input_ids).logits, cache=None)
 
     with pytest.raises(TypeError, match="KV cache"):
         speculative_generate(NoCache(count_up), StubLM(count_up), PROMPT, gamma=2, max_new_tokens=3)
+
+
+def test_a_model_with_the_old_cache_argument_still_decodes():
+    """Models whose forward predates transformers' `cache` (remote code, older releases) get
+    `past_key_values=` and return it under that name."""
+
+    class OldNames(StubLM):
+        def forward(self, input_ids, past_key_values=None, use_cache=False, **kw):
+            out = super().forward(input_ids, cache=past_key_values, use_cache=use_cache, **kw)
+            return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+    target = OldNames(count_up)
+    out, stats = speculative_generate(target, StubLM(count_up), PROMPT, gamma=3, max_new_tokens=8)
+    assert out.tolist() == [(3 + i) % V for i in range(1, 9)]
+    assert stats.spec_alpha == 1 and target.call_starts.count(0) == 1  # its cache was reused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +430,30 @@ def test_greedy_equals_autoregressive_and_hf(llamas, draft_name, gamma, max_new_
     assert stats.new_tokens == max_new_tokens
 
 
+def test_decoding_a_transformers_model_uses_the_current_cache_api(llamas):
+    """No deprecation of `past_key_values`: neither the FutureWarning of the forward argument (an
+    error in this module) nor the once-per-process log line of reading `output.past_key_values`."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    target, drafts = llamas
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)
+    hf_logging.get_logger().warning_once.cache_clear()  # a line logged earlier is not repeated
+    try:
+        speculative_generate(target, drafts["near"], prompt_of(7), gamma=3, max_new_tokens=6)
+        ids, mask = torch.tensor([[PAD, 4, 5], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+        speculative_generate_batch(target, drafts["near"], ids, mask, gamma=3, max_new_tokens=6)
+        # the same log line, when the old name is read, shows the capture works
+        assert target(input_ids=prompt_of(3), use_cache=True).past_key_values is not None
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert [line for line in lines if "past_key_values" in line] == [lines[-1]]
+
+
 def test_greedy_partial_acceptance_really_happens(llamas):
     """The near draft must exercise accept, reject and rollback, or the tests above prove little."""
     target, drafts = llamas
@@ -478,7 +520,7 @@ def test_draft_equal_to_target_accepts_everything_at_temperature_one(llamas):
 
 def _assert_cache_is_fresh_prefill(model, cache, tokens: torch.Tensor) -> None:
     with torch.no_grad():
-        fresh = model(input_ids=tokens, use_cache=True).past_key_values
+        fresh = model(input_ids=tokens, use_cache=True).cache
     assert cache.get_seq_length() == tokens.shape[1]
     for got, want in zip(cache.layers, fresh.layers, strict=True):
         torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-4)
