@@ -163,6 +163,15 @@ def test_a_damaged_artifact_in_a_remote_store_is_unpublished_and_made_again(
     assert "unpublished" in err
 
 
+def test_verify_store_hashes_a_remote_store(s3_store, calls, capsys):
+    first = run(chain(), Store(s3_store))
+    assert main(["verify-store", "--store", s3_store]) == 0
+    name = first["c"].path.name
+    Store(s3_store).fs.pipe_file(f"{s3_store}/{name}/value.json", b"99")  # same size as "13"
+    assert main(["verify-store", "--store", s3_store]) == 1
+    assert f"damaged   {s3_store}/{name}: value.json does not match" in capsys.readouterr().out
+
+
 def test_a_damaged_mirror_copy_is_fetched_again(s3_store, calls, capsys):
     store = Store(s3_store)
     first = run(chain(), store)

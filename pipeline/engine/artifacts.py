@@ -135,7 +135,7 @@ def restore_mtimes(folder: Path, manifest: dict) -> None:
             os.utime(Path(folder) / name, ns=(record["mtime_ns"], record["mtime_ns"]))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -157,8 +157,8 @@ def fsync_tree(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(Path(folder))
+            fsync_dir(path)
+    fsync_dir(Path(folder))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -168,7 +168,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())  # the data reaches the disk before the name does
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
@@ -182,7 +182,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def given_model(cfg) -> dict:

@@ -31,6 +31,7 @@ from specdraft.pipeline.engine.artifacts import (
     artifact_problem,
     atomic_write_text,
     commit_dir,
+    fsync_dir,
     fsync_tree,
     parse_manifest,
     restore_mtimes,
@@ -228,7 +229,10 @@ class Store:
                 return []
             return sorted(p.name for p in self.local.iterdir() if p.is_dir() and p.name[0] != ".")
         self.fs.invalidate_cache()
-        entries = self.fs.ls(self.url, detail=True)
+        try:
+            entries = self.fs.ls(self.url, detail=True)
+        except FileNotFoundError:
+            return []
         names = [
             e["name"].rstrip("/").rpartition("/")[2] for e in entries if e["type"] == "directory"
         ]
@@ -289,6 +293,7 @@ class Store:
             fsync_tree(tmp)
             try:
                 os.rename(tmp, self.path(name))  # fails when the artifact exists (not empty)
+                fsync_dir(self.local)
                 return self.path(name)
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
