@@ -358,9 +358,16 @@ class _RayRunner:
 
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning"}
-            if address:
-                kwargs["address"] = address
+            # No address: an instance of our own ("local"), never another user's `ray start`
+            # cluster that Ray would otherwise attach to. Ray 2.60 binds its gRPC ports on every
+            # interface whatever node IP it is given (it turns 127.0.0.1 into the host's address),
+            # so what keeps other hosts out is its token authentication, on by default for a new
+            # instance (RAY_AUTH_MODE=token; README, "Promises").
+            kwargs: dict[str, Any] = {
+                "address": address or "local",
+                "include_dashboard": False,
+                "logging_level": "warning",
+            }
             ray.init(**kwargs)
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         check_cluster_resources([t[0] for t in todo], ray.cluster_resources(), nodes)
