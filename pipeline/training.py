@@ -254,6 +254,11 @@ def _is_ddp(model) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
+def kept_count(n: int, k: float) -> int:
+    """How many of n tokens a top/bottom-k selection keeps: ceil(k * n), at most n."""
+    return min(n, math.ceil(k * n - 1e-9))
+
+
 def select_tokens_by_loss_gap(delta: torch.Tensor, k: float, mode: str = "top") -> torch.Tensor:
     """Boolean mask keeping ceil(k * N) tokens with the largest (`top`) or smallest (`bottom`) ΔL.
 
@@ -263,7 +268,7 @@ def select_tokens_by_loss_gap(delta: torch.Tensor, k: float, mode: str = "top") 
     keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
     if n == 0:
         return keep
-    count = min(n, math.ceil(k * n - 1e-9))
+    count = kept_count(n, k)
     order = torch.sort(delta, descending=(mode == "top"), stable=True).indices
     keep[order[:count]] = True
     return keep
@@ -357,11 +362,16 @@ class KDTrainer(Trainer):
     """Distils `model` towards `teacher` with the fused KD loss on response tokens.
 
     With a `reference` model and `selection` top/bottom, tokens are scored by
-    ΔL = KL(p‖q_draft) − KL(p‖q_ref) and only the top (or bottom) k fraction counts (AdaSPEC):
-    per micro-batch (`scope="microbatch"`, the public AdaSPEC code) or with one threshold per
-    optimizer step across the accumulation window and data-parallel workers (`"global"`).
+    ΔL = KL(p‖q_draft) − KL(p‖q_ref) (both at the distillation temperature) and only the top (or
+    bottom) k fraction counts (AdaSPEC): per micro-batch (`scope="microbatch"`, the public AdaSPEC
+    code) or with one threshold per optimizer step across the accumulation window and
+    data-parallel workers (`"global"`).
     `normalize="all"` divides the summed loss by every response token of the accumulation window
-    (the public AdaSPEC code), `"kept"` by the kept ones.
+    on all workers (the public AdaSPEC code), `"kept"` by the kept ones of the window on all
+    workers: every token of an optimizer step weighs the same, so W workers x micro-batch m x
+    accumulation a give the gradient of one worker with batch W·m·a.
+    The forward passes of all three models run under Trainer's autocast (`precision`), with one
+    worker as with many.
     """
 
     def __init__(self, *args, teacher, reference=None, options: KDOptions | None = None, **kwargs):
@@ -376,10 +386,13 @@ class KDTrainer(Trainer):
         )
         self.selection_log: dict = {"kept": 0, "total": 0, "deltas": []}
         self._threshold: float | None = None
+        self._kept_in_window: int | None = None  # kept tokens of the window on all workers
 
     def _response_hidden(self, model, inputs, grad: bool):
         counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
-        with torch.set_grad_enabled(grad):
+        # hidden_and_head calls the decoder directly, past the autocast accelerate wraps around
+        # the model's forward: bf16 has to be asked for here, for all three models.
+        with torch.set_grad_enabled(grad), self.accelerator.autocast():
             hidden, head = hidden_and_head(
                 model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
             )
@@ -389,26 +402,45 @@ class KDTrainer(Trainer):
     def loss_gap(
         self, inputs, s_hidden=None, s_head=None, t_hidden=None, t_head=None
     ) -> torch.Tensor:
-        """ΔL = KL(p‖q_draft) − KL(p‖q_ref) per response token, (N,)."""
+        """ΔL = KL(p‖q_draft) − KL(p‖q_ref) per response token, (N,), with p and q at the
+        distillation temperature (the distributions the loss compares)."""
         if s_hidden is None:
             s_hidden, s_head = self._response_hidden(self.model, inputs, grad=False)
             t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
         r_hidden, r_head = self._response_hidden(self.reference, inputs, grad=False)
+        temperature = self.opts.temperature
         kl_draft = fused_kd_loss(
-            s_hidden.detach(), s_head.detach(), t_hidden, t_head, reduction="none"
+            s_hidden.detach(),
+            s_head.detach(),
+            t_hidden,
+            t_head,
+            temperature=temperature,
+            reduction="none",
         )
-        kl_ref = fused_kd_loss(r_hidden, r_head, t_hidden, t_head, reduction="none")
+        kl_ref = fused_kd_loss(
+            r_hidden, r_head, t_hidden, t_head, temperature=temperature, reduction="none"
+        )
         return kl_draft - kl_ref
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The window's micro-batches; with token selection also the global threshold and the
+        window's kept-token count on all workers (the `normalize="kept"` denominator)."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.opts.selection != "all" and self.opts.scope == "global" and batch_samples:
+        self._kept_in_window = None
+        if self.opts.selection == "all" or not batch_samples:
+            return batch_samples, num_items
+        if self.opts.scope == "global":
             deltas = _gathered(
                 torch.cat([self.loss_gap(self._prepare_inputs(b)) for b in batch_samples])
             )
-            count = max(1, math.ceil(self.opts.k * deltas.numel() - 1e-9))
+            count = max(1, kept_count(deltas.numel(), self.opts.k))
             ordered = torch.sort(deltas, descending=self.opts.selection == "top").values
             self._threshold = float(ordered[min(count, deltas.numel()) - 1])
+            self._kept_in_window = int(self._select(deltas).sum())  # ties at the threshold count
+        else:
+            counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batch_samples]
+            kept = torch.tensor(sum(kept_count(n, self.opts.k) for n in counts), device=device)
+            self._kept_in_window = int(self.accelerator.gather(kept).sum())
         return batch_samples, num_items
 
     def _select(self, delta: torch.Tensor) -> torch.Tensor:
@@ -435,10 +467,14 @@ class KDTrainer(Trainer):
             if len(self.selection_log["deltas"]) < 200_000:
                 self.selection_log["deltas"].extend(delta.float().cpu().tolist())
         loss_sum = kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, self.opts, labels)
+        # DDP averages the workers' gradients: a loss divided by a count over all workers is
+        # multiplied back by their number (as transformers' own compute_loss does).
+        workers = self.accelerator.num_processes
         if self.opts.normalize == "kept" and keep is not None:
-            return loss_sum / keep.sum().clamp(min=1) / self.current_gradient_accumulation_steps
+            return loss_sum * workers / max(1, self._kept_in_window)
         if num_items_in_batch is not None:
-            return loss_sum / num_items_in_batch
+            summed_over_workers = self.args.average_tokens_across_devices
+            return loss_sum * (workers if summed_over_workers else 1) / num_items_in_batch
         return loss_sum / max(1, s_hidden.shape[0])
 
 

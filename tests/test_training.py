@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from specdraft.pipeline.config import LoraConfig, TrainConfig
 from specdraft.pipeline.stages.distil import with_lora
@@ -213,6 +213,93 @@ def test_global_scope_thresholds_the_whole_accumulation_window(tmp_path):
     )
     # one threshold per window: the kept share is k over the window, not per micro-batch
     assert abs(sel["kept"] / sel["total"] - 0.25) < 0.02
+
+
+class Gradients(TrainerCallback):
+    """The flattened gradient of every optimizer step, as the optimizer sees it."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        self.steps.append(torch.cat(grads).detach().clone())
+
+
+@pytest.mark.parametrize("normalize", ["kept", "all"])
+def test_micro_batch_8_equals_2_by_accumulation_4(tmp_path, normalize):
+    """One threshold per window (scope=global), one denominator per window: the gradient of the
+    step does not depend on how the window is cut into micro-batches."""
+    teacher, base, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    opts = KDOptions(selection="top", k=0.4, scope="global", normalize=normalize)
+    grads = {}
+    for accum in (1, 4):
+        grads[accum] = Gradients()
+        _train(
+            copy.deepcopy(base),
+            teacher,
+            tmp_path / str(accum),
+            steps=2,
+            accum=accum,
+            reference=reference,
+            options=opts,
+            callbacks=[grads[accum]],
+        )
+    for one, four in zip(grads[1].steps, grads[4].steps, strict=True):
+        assert one.norm() > 0
+        torch.testing.assert_close(four, one, atol=1e-7, rtol=1e-4)
+
+
+def test_the_kd_forward_runs_in_bf16_when_asked(tmp_path):
+    """precision=bf16 reaches every model's forward with one worker, as it does under DDP."""
+    teacher, model, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    seen: dict[str, set] = {"draft": set(), "teacher": set(), "reference": set()}
+    for name, m in (("draft", model), ("teacher", teacher), ("reference", reference)):
+        layer = m.model.layers[0].self_attn.q_proj
+        layer.register_forward_hook(lambda mod, args, out, name=name: seen[name].add(out.dtype))
+    cfg = TrainConfig(steps=1, batch_size=8, lr=1e-2, log_every=1, precision="bf16")
+    history, _ = train_kd(
+        model,
+        teacher,
+        sequences(),
+        Tok(),
+        cfg,
+        tmp_path,
+        seed=0,
+        reference=reference,
+        options=KDOptions(selection="top", k=0.4),
+    )
+    assert seen == {name: {torch.bfloat16} for name in seen}
+    assert math.isfinite(history[-1]["loss"])
+    assert model.dtype == torch.float32  # autocast: the weights stay fp32
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_loss_gap_uses_the_distillation_temperature(tmp_path, temperature):
+    from specdraft.pipeline.training import Collator, KDTrainer, training_args
+
+    teacher, draft, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
+    trainer = KDTrainer(
+        model=draft,
+        args=training_args(TrainConfig(steps=1, batch_size=4), tmp_path, 0, use_cpu=True),
+        train_dataset=sequences(4),
+        data_collator=Collator(0),
+        teacher=teacher,
+        reference=reference,
+        options=KDOptions(selection="top", k=0.5, temperature=temperature),
+    )
+    batch = Collator(0)(list(sequences(4)))
+    counted = batch["labels"][:, 1:] != -100
+
+    def log_probs(model):  # (N, V) at the distillation temperature
+        with torch.no_grad():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.log_softmax(logits[:, :-1][counted] / temperature, dim=-1)
+
+    p, q_draft, q_ref = log_probs(teacher), log_probs(draft), log_probs(reference)
+    kl_draft = (p.exp() * (p - q_draft)).sum(-1)
+    kl_ref = (p.exp() * (p - q_ref)).sum(-1)
+    torch.testing.assert_close(trainer.loss_gap(batch), kl_draft - kl_ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("divergence", ["rkl", "jsd", "tvd", "lk", "ce"])
