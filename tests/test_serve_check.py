@@ -27,6 +27,13 @@ def _spec(accepted=30, drafted=40, rounds=10, outputs=((1, 2, 3),)):
         "tokens_per_step": 4.0,
         "target_only_greedy": [list(o) for o in outputs],
         "speculative_greedy": [list(o) for o in outputs],
+        "decoder": {
+            "accepted": accepted,
+            "drafted": drafted - 4,
+            "accept_rate": accepted / 36,
+            "rounds": rounds,
+            "per_pos_of_drafts": [0.9, 0.8, 0.7, 0.6],
+        },
     }
 
 
@@ -66,23 +73,25 @@ def test_identical_counts_agree_with_no_difference_to_explain():
     t0 = result["temperature_0"]
     assert t0["agree"] and t0["accept_rate_difference"] == 0
     assert t0["engine"]["per_pos_of_drafts"] == [0.9, 0.8, 0.7, 0.6]
-    assert t0["engine"]["tokens_per_step"] == 4.0 and t0["engine"]["speedup"] == 2.0
+    assert t0["engine"]["tokens_per_step"] == 40 / 11  # 10 drafts and 1 prefill
+    assert t0["engine"]["speedup"] == 2.0
     assert t0["lossless"] == {
         "engine_target_only_equals_specdraft": True,
         "engine_speculative_equals_specdraft": True,
     }
     assert "target_only_greedy" not in t0["specdraft"]  # token ids are compared, not stored
+    assert t0["specdraft_decoder"]["drafted"] == 36
     assert len(result["explanations"]) == 2  # the two counting conventions, nothing else
+    assert "30 / 36" in result["explanations"][1] and "30 / 40" in result["explanations"][1]
 
 
-def test_extra_drafts_at_the_end_are_named_as_the_cause():
-    result = sc.compare(_spec(), _served(drafted=48), _target_only(), temperature=0.0)
+def test_a_difference_on_the_same_text_is_blamed_on_the_drafts_argmax():
+    result = sc.compare(_spec(), _served(accepted=26), _target_only(), temperature=0.0)
     t0 = result["temperature_0"]
-    assert t0["accept_rate_difference"] == pytest.approx(30 / 48 - 0.75)
+    assert t0["accept_rate_difference"] == pytest.approx(26 / 40 - 0.75)
     assert not t0["agree"]
     text = " ".join(result["explanations"])
-    assert "engine drafted 48 tokens, specdraft 40" in text
-    assert "how drafts are counted" in text
+    assert "differs by -0.100" in text and "draft's argmax breaks near-ties" in text
 
 
 def test_diverging_greedy_text_is_blamed_on_kernel_numerics_and_flagged():
@@ -92,7 +101,8 @@ def test_diverging_greedy_text_is_blamed_on_kernel_numerics_and_flagged():
     t0 = result["temperature_0"]
     assert t0["lossless"]["engine_target_only_equals_specdraft"] is False
     text = " ".join(result["explanations"])
-    assert "near-ties" in text and "speculative greedy output differs" in text
+    assert "target's greedy text differs in the engine" in text
+    assert "speculative greedy output differs" in text
 
 
 def test_sampled_run_is_read_against_the_greedy_draft_prediction():

