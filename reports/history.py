@@ -91,7 +91,9 @@ def metrics_to_rows(
             f"metrics lack the draft role(s) {', '.join(missing)}; "
             "give the metrics.json of a finished `specdraft run`"
         )
-    run_id = run_id or run_identity(metrics, timestamp, code_version)
+    served = metrics.get("served")
+    plain = {k: v for k, v in metrics.items() if k != "served"}
+    run_id = run_id or run_identity(plain, timestamp, code_version)
     rows = []
     for role in ROLES:
         by_task = {OVERALL: metrics[role], **(metrics[role].get("tasks") or {})}
@@ -116,6 +118,23 @@ def metrics_to_rows(
                 "code_version": code_version,
             }
             rows.append(row)
+    if isinstance(served, dict):  # `specdraft serve-check`'s numbers: the engine's, at T = 0
+        rows.append(
+            {
+                **{k: rows[0][k] for k in ("run_id", "job", "job_hash", "target", "timestamp")},
+                "draft": str(metrics.get("draft", "")),
+                "draft_role": "served",
+                "task": OVERALL,
+                "gamma": served.get("gamma"),
+                "temperature": 0.0,
+                "alpha": _number(served.get("accept_rate")),
+                "alpha_greedy": _number(served.get("accept_rate")),
+                "spec_alpha": _number(served.get("accept_rate")),
+                "tau": _number(served.get("tokens_per_step")),
+                "per_position": json.dumps(served.get("per_position")),
+                "code_version": code_version,
+            }
+        )
     return rows
 
 

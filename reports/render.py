@@ -65,6 +65,11 @@ def render_report(run: dict, out_dir: Path) -> Path:
         ("summary", "Summary", _summary_section(metrics)),
         ("definitions", "Definitions", _definitions_section(metrics.get("definitions"))),
         ("lossless", "Lossless check (greedy)", _lossless_section(metrics)),
+        *(
+            [("served", "Served (vLLM, T = 0)", _served_section(metrics["served"]))]
+            if isinstance(metrics.get("served"), dict)
+            else []
+        ),
         ("acceptance", "Acceptance", _acceptance_section(metrics)),
         ("training", "Training", _training_section(run.get("training"))),
         ("selection", "Token selection (ΔL)", _selection_section(run.get("selection"))),
@@ -120,6 +125,22 @@ def render_summary_markdown(metrics: dict) -> str:
 
 
 # --- sections --------------------------------------------------------------------------------
+
+
+def _served_section(served: dict) -> str:
+    """`specdraft serve-check`'s numbers: what the engine measured for the exported draft."""
+    per_pos = served.get("per_position") or []
+    positions = ", ".join(_fmt(p, 3) for p in per_pos)
+    return (
+        f"<p>The exported draft served by {_esc(served.get('engine', 'the engine'))} with the "
+        f"target, γ = {_esc(served.get('gamma'))}, on {_esc(served.get('prompts'))} of the run's "
+        "prompts (see serving.json for specdraft's numbers beside it).</p>\n"
+        "<table><tr><th>accepted / drafted</th><th>tokens per target step</th>"
+        "<th>per position</th><th>speedup</th></tr>"
+        f"<tr><td>{_fmt(served.get('accept_rate'), 3)}</td>"
+        f"<td>{_fmt(served.get('tokens_per_step'), 2)}</td><td>{positions}</td>"
+        f"<td>{_fmt(served.get('speedup'), 2)}</td></tr></table>"
+    )
 
 
 def _run_meta(metrics: dict) -> str:

@@ -58,7 +58,36 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
     if not isinstance(metrics, dict):
         raise InputError(f"{path} is not a metrics object; re-run the job")
     finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    served = served_summary(Path(run_dir))
+    if served is not None:
+        metrics["served"] = served
     return metrics, finished.isoformat(timespec="seconds")
+
+
+def served_summary(run_dir: Path) -> dict | None:
+    """The engine's T = 0 numbers from `specdraft serve-check`'s serving.json, if the run has one
+    (a damaged file is reported and left out)."""
+    path = run_dir / "serving.json"
+    if not path.is_file():
+        return None
+    try:
+        engine = json.loads(path.read_text())["temperature_0"]["engine"]
+        serving = json.loads(path.read_text())
+        return {
+            "engine": f"{serving['engine']} {serving['engine_version']}",
+            "gamma": serving["gamma"],
+            "prompts": serving["prompts"],
+            "accept_rate": engine["accept_rate"],
+            "tokens_per_step": engine["tokens_per_step"],
+            "per_position": engine["per_pos_of_drafts"],
+            "speedup": engine["speedup"],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(
+            f"specdraft: {path} is damaged ({err}); its served numbers are left out",
+            file=sys.stderr,
+        )
+        return None
 
 
 def check_history_dir(history_dir: Path) -> None:

@@ -187,3 +187,43 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
     assert {p for p in out.rglob("*")} == before | {out / "serving.json"}
     assert json.loads((out / "serving.json").read_text())["engine"] == "vllm"
     assert os.access(out / "serving.json", os.R_OK)
+
+
+def _serving_json(run_dir: Path) -> None:
+    result = sc.compare(_spec(), _served(), _target_only(), temperature=0.0)
+    result.update(engine="vllm", engine_version="0.32.0", gamma=4, prompts=1)
+    (run_dir / "serving.json").write_text(json.dumps(result))
+
+
+def test_served_numbers_reach_the_history_and_the_report(tmp_path):
+    from specdraft.reports.history import load_history
+    from specdraft.reports.report_cli import build_report
+
+    run_dir = tmp_path / "run"
+    (run_dir / "report").mkdir(parents=True)
+    role = {"alpha": 0.5, "alpha_greedy": 0.5, "spec_alpha": 0.4, "tau": 2.0, "tasks": {}}
+    metrics = {
+        "job": "j",
+        "gamma": 4,
+        "temperature": 1.0,
+        "lossless_greedy": True,
+        **{r: dict(role) for r in ("baseline", "reference", "final")},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "report" / "index.html").write_text(
+        '<html><body><section id="acceptance">a</section></body></html>'
+    )
+    _serving_json(run_dir)
+    sc.add_served_section(run_dir)
+    sc.add_served_section(run_dir)  # again: replaced, not repeated
+    page = (run_dir / "report" / "index.html").read_text()
+    assert page.count('<section id="served">') == 1 and "0.750" in page
+    build_report(
+        [run_dir], history_dir=tmp_path / "h", out_dir=tmp_path / "out", threshold=0.02, window=5
+    )
+    rows, problems = load_history(tmp_path / "h")
+    served = [r for r in rows if r["draft_role"] == "served"]
+    assert not problems and len(served) == 1
+    assert served[0]["spec_alpha"] == 0.75 and served[0]["tau"] == 40 / 11
+    assert served[0]["per_position"] == [0.9, 0.8, 0.7, 0.6]
+    assert '<section id="served">' in (tmp_path / "out" / "index.html").read_text()

@@ -507,7 +507,34 @@ def serve_check(
         **compare(spec, served, target_only, p.temperature),
     }
     atomic_write_text(run_dir / SERVING_FILE, json.dumps(result, indent=2))
+    add_served_section(run_dir)
     return result
+
+
+def add_served_section(run_dir: Path) -> None:
+    """Put (or replace) the "Served" section into the run's own report page."""
+    import re
+
+    from specdraft.pipeline.engine.artifacts import atomic_write_text
+    from specdraft.reports.render import _served_section
+    from specdraft.reports.report_cli import served_summary
+
+    page_path = run_dir / "report" / "index.html"
+    served = served_summary(run_dir)
+    if served is None or not page_path.is_file():
+        return
+    page = re.sub(r'<section id="served">.*?</section>\n?', "", page_path.read_text(), flags=re.S)
+    section = (
+        f'<section id="served">\n<h2>Served (vLLM, T = 0)</h2>\n{_served_section(served)}\n'
+        "</section>\n"
+    )
+    anchor = '<section id="acceptance">'
+    page = (
+        page.replace(anchor, section + anchor, 1)
+        if anchor in page
+        else page.replace("</body>", section + "</body>", 1)
+    )
+    atomic_write_text(page_path, page)
 
 
 def format_result(result: dict) -> str:
