@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from specdraft.kernels import fused_kd_loss, kd_divergence_from_logits
+from specdraft.kernels import acceptance_from_tv, fused_kd_loss, kd_divergence_from_logits
 from specdraft.pipeline.engine.artifacts import StageContext
 
 
@@ -337,7 +337,8 @@ def kd_loss_sum(
     if opts.divergence != "lk":
         return rows(opts.divergence).sum()
     kl, tv = rows("fkl"), rows("tvd")
-    lam = torch.exp(-opts.lk_eta * (1.0 - tv.detach()))  # (N,); masked rows have kl = tv = 0
+    alpha = acceptance_from_tv(tv.detach())  # (N,): β read off the TV rows the loss needs anyway
+    lam = torch.exp(-opts.lk_eta * alpha)  # (N,); masked rows have kl = tv = 0
     return (lam * kl + (1.0 - lam) * tv).sum()
 
 

@@ -342,6 +342,31 @@ def _triton_interpreter_checks() -> None:
         assert_all_close(got, want)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 2.0])
+def test_token_acceptance_is_the_overlap_of_the_two_distributions(temperature):
+    """β = Σ_v min(p_v, q_v) per row (agreement of the argmaxes at T = 0), on an odd V; 1 for a
+    draft equal to the target."""
+    from specdraft.kernels import token_acceptance
+
+    g = torch.Generator().manual_seed(3)
+    th, tw = 2 * torch.randn(16, 6, generator=g), torch.randn(301, 6, generator=g)  # (N, H), (V, H)
+    # a draft near the target: some argmaxes agree, and the distributions overlap in part
+    dh, dw = th + 0.5 * torch.randn(16, 6, generator=g), tw + 0.3 * torch.randn(301, 6, generator=g)
+    beta = token_acceptance(dh, dw, th, tw, temperature)  # (N,)
+    if temperature == 0:
+        want = ((dh @ dw.T).argmax(-1) == (th @ tw.T).argmax(-1)).float()
+    else:
+        q, p = (
+            torch.softmax(dh @ dw.T / temperature, -1),
+            torch.softmax(th @ tw.T / temperature, -1),
+        )
+        want = torch.minimum(p, q).sum(-1)
+    torch.testing.assert_close(beta, want, atol=1e-5, rtol=1e-5)
+    assert 0 < float(want.mean()) < 1  # the rows are neither identical nor disjoint
+    same = token_acceptance(th, tw, th, tw, temperature)
+    torch.testing.assert_close(same, torch.ones(16), atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_under_interpreter():
     # TRITON_INTERPRET must be set before triton is first imported, hence a fresh process.

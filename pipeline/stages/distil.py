@@ -13,7 +13,7 @@ from transformers import TrainerCallback, set_seed
 
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
-from specdraft.kernels import fused_kd_loss
+from specdraft.kernels import token_acceptance
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -88,17 +88,15 @@ class BestAlphaCheckpoint(TrainerCallback):
                 self.teacher, batch["input_ids"], batch["attention_mask"]
             )
             s_hidden, s_head = hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
-            tvd = fused_kd_loss(
+            beta = token_acceptance(
                 s_hidden[:, :-1][counted],
                 s_head,
                 t_hidden[:, :-1][counted],
                 t_head,
-                divergence="tvd",
-                temperature=self.temperature,
-                reduction="none",
-            )
-            total += float((1.0 - tvd).sum())
-            count += tvd.numel()
+                self.temperature,
+            )  # (N,)
+            total += float(beta.sum())
+            count += beta.numel()
         return total / max(1, count)
 
     def _check(self, model, step: int) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from specdraft.drafts.models import device_for
-from specdraft.kernels import fused_kd_loss
+from specdraft.kernels import token_acceptance
 from specdraft.pipeline.acceptance import (
     SpecRuns,
     spec_decoding,
@@ -85,19 +85,10 @@ def position_acceptance(
     t_hidden, t_head = hidden_and_head(target, ids, attn)
     d_hidden, d_head = hidden_and_head(draft, ids, attn)
     t_hidden, d_hidden = t_hidden[:, :-1][counted], d_hidden[:, :-1][counted]  # (N, H)
-    agree = (d_hidden @ d_head.T).argmax(-1) == (t_hidden @ t_head.T).argmax(-1)  # (N,)
+    agree = token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature=0)  # (N,)
     if temperature == 0:
-        return agree.float(), agree.float()
-    tvd = fused_kd_loss(
-        d_hidden,
-        d_head,
-        t_hidden,
-        t_head,
-        divergence="tvd",
-        temperature=temperature,
-        reduction="none",
-    )
-    return 1.0 - tvd, agree.float()
+        return agree, agree
+    return token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature), agree
 
 
 def _mean(values: list[float]) -> float | None:

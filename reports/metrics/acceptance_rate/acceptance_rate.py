@@ -4,9 +4,10 @@
     metric = evaluate.load("reports/metrics/acceptance_rate")  # a local path: works offline
     metric.compute(predictions=draft_logits, references=target_logits, temperature=1.0)
 
-Self-contained (numpy only) so the folder can be copied or pushed to the Hub on its own; specdraft's
-evaluate stage computes the same numbers with its chunked KD kernel (tests/test_acceptance_metric.py
-checks that they agree).
+Self-contained (numpy only) so the folder can be copied or pushed to the Hub on its own: a copy of
+specdraft's one implementation, kernels/acceptance.py (token_acceptance, on the chunked KD kernel),
+which the evaluate stage, distil and the LK loss call; tests/test_acceptance_metric.py checks that
+the two agree.
 """
 
 import datasets
