@@ -34,9 +34,11 @@ from specdraft.pipeline.engine.job import (
     build_stages,
     check_models,
     check_store,
-    distil_chain,
+    evaluate_deps,
     execute_logged,
+    recipe_stages,
     resolve_local_paths,
+    section_stage,
 )
 from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 
@@ -133,20 +135,12 @@ def run_name(recipe: str, seed: int) -> str:
 
 def build_comparison_stages(comp: Comparison) -> list[Stage]:
     """Shared stages once; per recipe × seed its generation (if its own), distillation and
-    evaluation; the comparison stage over all of them."""
+    evaluation (job.recipe_stages); the comparison stage over all of them."""
     base = comp.base
-    shared = [s for s in build_stages(base) if s.name in SHARED]
-    stages = list(shared)
-    evaluate = base.evaluate
+    stages = [s for s in build_stages(base) if s.name in SHARED]
+    # the shared evaluation judges the drafts every recipe starts from or is compared with
     stages.append(
-        Stage(
-            "evaluate",
-            "specdraft.pipeline.stages.evaluate",
-            evaluate,
-            ("data", "target", "draft_init", "reference"),
-            evaluate.resources,
-            base.seed,
-        )
+        section_stage(base, "evaluate", base.seed, deps=evaluate_deps(("draft_init", "reference")))
     )
     finals = {"shared": "evaluate"}
     generations = {
@@ -157,31 +151,13 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
             suffix = "." + run_name(recipe.name, seed)
             settings = json.dumps(dataclasses.asdict(recipe.job.generate), sort_keys=True)
             generate = generations.get((settings, None)) or generations.get((settings, seed))
-            if generate is None:  # the first recipe with this generation makes it, for all
-                generate = generations[(settings, seed)] = f"generate{suffix}"
-                stages.append(
-                    Stage(
-                        generate,
-                        "specdraft.pipeline.stages.generate",
-                        recipe.job.generate,
-                        ("data", "target", "draft_init"),
-                        recipe.job.generate.resources,
-                        seed,
-                    )
-                )
-            chain, last = distil_chain(recipe.job, seed, generate=generate, suffix=suffix)
-            stages.extend(chain)
-            stages.append(
-                Stage(
-                    f"evaluate{suffix}",
-                    "specdraft.pipeline.stages.evaluate",
-                    evaluate,
-                    ("data", "target", f"distil={last}"),
-                    evaluate.resources,
-                    base.seed,  # the same prompts and continuations for every draft
-                )
+            chain, made, evaluate = recipe_stages(
+                recipe.job, seed, suffix=suffix, generate=generate, eval_seed=base.seed
             )
-            finals[run_name(recipe.name, seed)] = f"evaluate{suffix}"
+            # the first recipe with this generation makes it, for all
+            generations.setdefault((settings, seed), made)
+            stages += chain
+            finals[run_name(recipe.name, seed)] = evaluate
     config = {
         "title": base.report.title or base.name,
         "baseline": comp.baseline,

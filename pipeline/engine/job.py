@@ -18,7 +18,9 @@ from specdraft.pipeline.engine.fingerprint import input_fingerprint
 from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 from specdraft.pipeline.engine.store import Store, default_location
 
-# name: (job section, input stages)
+# name: (job section, input stages). The one table of the DAG's wiring: `specdraft run` builds it
+# whole (build_stages), `specdraft compare` takes its shared part and a chain per recipe
+# (recipe_stages); both go through section_stage, so a stage is made the same way in each.
 STAGES = {
     "data": ("data", ()),
     "target": ("target", ("data",)),
@@ -30,10 +32,43 @@ STAGES = {
     "export": ("export", ("data", "target", "draft_init", "distil", "evaluate")),
     "report": ("report", ("target", "draft_init", "reference", "distil", "evaluate")),
 }
+# The drafts the evaluate stage judges, by the input names it reads them under (evaluate.DRAFTS).
+EVALUATED = ("draft_init", "reference", "distil")
 
 
 def final_distil(job: JobConfig) -> str:
     return "distil" if job.distil.rounds == 1 else f"distil_r{job.distil.rounds}"
+
+
+def section_stage(
+    job: JobConfig,
+    name: str,
+    seed: int,
+    *,
+    deps: tuple[str, ...] | None = None,
+    config=None,
+    suffix: str = "",
+) -> Stage:
+    """Stage `name` of STAGES, called `name<suffix>`: its module, its job section's config and
+    resources, its inputs from the table unless `deps` rewires them, `config` in place of the
+    section's (a later round's generation)."""
+    section, table_deps = STAGES[name]
+    config = getattr(job, section) if config is None else config
+    return Stage(
+        f"{name}{suffix}",
+        f"specdraft.pipeline.stages.{name}",
+        config,
+        table_deps if deps is None else tuple(deps),
+        getattr(config, "resources", Resources(cpus=1)),
+        seed,
+    )
+
+
+def evaluate_deps(drafts: tuple[str, ...], last_distil: str = "distil") -> tuple[str, ...]:
+    """The evaluate stage's inputs from STAGES, keeping of EVALUATED only `drafts`; `distil` is
+    passed as the last round's (`distil=distil_rN`), the name the stage reads it by."""
+    kept = [d for d in STAGES["evaluate"][1] if d not in EVALUATED or d in drafts]
+    return tuple(_alias("distil", last_distil) if d == "distil" else d for d in kept)
 
 
 def build_stages(job: JobConfig) -> list[Stage]:
@@ -42,25 +77,28 @@ def build_stages(job: JobConfig) -> list[Stage]:
     last = final_distil(job)
     fingerprints = input_fingerprints(job)
     stages = []
-    for name, (section, deps) in STAGES.items():
-        cfg = getattr(job, section)
-        resources = getattr(cfg, "resources", Resources(cpus=1))
-        if name in ("target", "draft_init") and cfg.model != "builtin":
-            resources = Resources(cpus=1)  # a given model is only recorded, not trained
-        if name in ("evaluate", "export", "report") and last != "distil":
-            deps = tuple(f"distil={last}" if d == "distil" else d for d in deps)
+    for name, (_, deps) in STAGES.items():
         if name == "distil":
             stages.extend(distil_chain(job, job.seed)[0])
             continue
-        if name == "report" and not cfg.title:
-            cfg = dataclasses.replace(cfg, title=job.name)  # the report names its job
-        module = f"specdraft.pipeline.stages.{name}"
-        fingerprint = fingerprints.get(name, "")
-        stages.append(Stage(name, module, cfg, deps, resources, job.seed, fingerprint))
+        if name in ("evaluate", "export", "report"):
+            # the stages after distil read the last round's draft under the name `distil`
+            deps = tuple(_alias("distil", last) if d == "distil" else d for d in deps)
+        stage = section_stage(job, name, job.seed, deps=deps)
+        if name in ("target", "draft_init") and stage.config.model != "builtin":
+            # a given model is only recorded, not trained
+            stage = dataclasses.replace(stage, resources=Resources(cpus=1))
+        if name == "report" and not stage.config.title:
+            # the report names its job
+            stage = dataclasses.replace(
+                stage, config=dataclasses.replace(stage.config, title=job.name)
+            )
+        stages.append(dataclasses.replace(stage, fingerprint=fingerprints.get(name, "")))
     return stages
 
 
 def _alias(name: str, stage: str) -> str:
+    """A dependency entry: `stage`'s artifact passed under the input name `name` ("name=stage")."""
     return name if name == stage else f"{name}={stage}"
 
 
@@ -70,46 +108,71 @@ def distil_chain(
     """`distil<suffix>` on `generate`'s sequences, then on-policy rounds r = 2..R unrolled as
     `generate_r<r><suffix>` (the previous round's draft samples: with generate's shares, or all
     of them with distil.later_rounds=draft) and `distil_r<r><suffix>` (which starts from it), each
-    cached on its own. Returns the stages and the last distil's name."""
-    first = f"distil{suffix}"
+    cached on its own. Returns the stages and the last distil's name.
+
+    Round inputs arrive under the names the generate and distil stages read: the previous round's
+    draft as `draft_init` (`draft_init=distil_r<r-1>`: the draft a round samples with and starts
+    from) and the round's sequences as `generate` (`generate=generate_r<r>`). The aliases are part
+    of the cache keys (dag.stage_key hashes the entries), so they are kept rather than renamed."""
     stages = [
-        Stage(
-            first,
-            "specdraft.pipeline.stages.distil",
-            job.distil,
-            ("data", "target", "draft_init", "reference", _alias("generate", generate)),
-            job.distil.resources,
+        section_stage(
+            job,
+            "distil",
             seed,
+            deps=("data", "target", "draft_init", "reference", _alias("generate", generate)),
+            suffix=suffix,
         )
     ]
-    previous = first
+    previous = stages[0].name
     later = job.generate
     if job.distil.later_rounds == "draft":
         later = dataclasses.replace(job.generate, draft_fraction=1.0, dataset_fraction=0.0)
     for r in range(2, job.distil.rounds + 1):
-        sampled, distilled = f"generate_r{r}{suffix}", f"distil_r{r}{suffix}"
-        stages.append(
-            Stage(
-                sampled,
-                "specdraft.pipeline.stages.generate",
-                later,
-                ("data", "target", f"draft_init={previous}"),
-                later.resources,
-                seed + r - 1,
-            )
+        # rounds after the first are seeded apart from the first (seed + r - 1)
+        sampled = section_stage(
+            job,
+            "generate",
+            seed + r - 1,
+            deps=("data", "target", _alias("draft_init", previous)),
+            config=later,
+            suffix=f"_r{r}{suffix}",
         )
-        stages.append(
-            Stage(
-                distilled,
-                "specdraft.pipeline.stages.distil",
-                job.distil,
-                ("data", "target", f"draft_init={previous}", "reference", f"generate={sampled}"),
-                job.distil.resources,
-                seed + r - 1,
-            )
+        distilled = section_stage(
+            job,
+            "distil",
+            seed + r - 1,
+            deps=(
+                "data",
+                "target",
+                _alias("draft_init", previous),
+                "reference",
+                _alias("generate", sampled.name),
+            ),
+            suffix=f"_r{r}{suffix}",
         )
-        previous = distilled
+        stages += [sampled, distilled]
+        previous = distilled.name
     return stages, previous
+
+
+def recipe_stages(
+    job: JobConfig, seed: int, *, suffix: str, generate: str | None, eval_seed: int
+) -> tuple[list[Stage], str, str]:
+    """A comparison recipe's chain, every stage named with `suffix`: its own generation
+    `generate<suffix>` when `generate` is None (else it trains on that stage's sequences), its
+    distil_chain, and `evaluate<suffix>` of its last draft alone, seeded `eval_seed` (every recipe
+    is judged on the same prompts and continuations). Returns the stages, the generation's name
+    and the evaluation's name."""
+    stages = []
+    if generate is None:
+        stages.append(section_stage(job, "generate", seed, suffix=suffix))
+        generate = stages[0].name
+    chain, last = distil_chain(job, seed, generate=generate, suffix=suffix)
+    stages += chain
+    evaluate = section_stage(
+        job, "evaluate", eval_seed, deps=evaluate_deps(("distil",), last), suffix=suffix
+    )
+    return [*stages, evaluate], generate, evaluate.name
 
 
 def store_for(job: JobConfig) -> Store:
