@@ -61,6 +61,7 @@ INTEGRATION_MODULES = {
     "test_report_browser",
     "test_real_pair",
     "test_distillation_effect",
+    "test_ddp_gradients",  # two gloo processes, ~100 s
 }
 RAY_FIXTURES = {"ray_cluster", "tiny_run"}
 
