@@ -9,6 +9,7 @@ tokenizers are loaded, never weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ class PairError(InputError):
 class PairReport:
     problems: list[str] = field(default_factory=list)  # what differs, concretely; empty when ok
     notes: list[str] = field(default_factory=list)  # informational lines for a printed summary
+    # positions both models cover (the smaller max_position_embeddings; inf where none is given)
+    context: float = math.inf
 
     @property
     def ok(self) -> bool:
@@ -50,6 +53,26 @@ def check_pair(
     report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
     report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
     _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
+    return report
+
+
+def require_pair(
+    target: str,
+    draft: str,
+    *,
+    context_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> PairReport:
+    """The pair check `specdraft run`, `compare` and `eval` stop at: check_pair, and PairError
+    listing every problem when the draft cannot serve the target."""
+    report = check_pair(
+        target, draft, context_length=context_length, trust_remote_code=trust_remote_code
+    )
+    if not report.ok:
+        raise PairError(
+            f"target {target} and draft {draft} cannot be used together:\n  - "
+            + "\n  - ".join(report.problems)
+        )
     return report
 
 
@@ -381,6 +404,7 @@ def _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length,
     target_ctx = getattr(target_text, "max_position_embeddings", None)
     draft_ctx = getattr(draft_text, "max_position_embeddings", None)
     report.notes.append(f"max_position_embeddings: target {target_ctx}, draft {draft_ctx}")
+    report.context = min(math.inf if c is None else int(c) for c in (target_ctx, draft_ctx))
     if draft_ctx is None:
         if context_length is not None:
             report.notes.append(

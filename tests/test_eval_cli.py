@@ -246,3 +246,25 @@ def test_run_refuses_pickle_weights_at_the_pair_check(pair, pickle_draft, tmp_pa
     assert "[specdraft]" not in result.stderr  # no stage started
     assert not (tmp_path / "out").exists()
     assert not [p for p in (tmp_path / "store").glob("*") if not p.name.startswith(".")]
+
+
+def test_run_and_eval_stop_at_one_pair_check_with_one_message(pair):
+    from specdraft.drafts.pair import PairError
+    from specdraft.pipeline.commands import eval_pair
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine import job
+
+    target, other = str(pair / "target"), str(pair / "other")
+    messages = []
+    for check, arg in (
+        (job.check_models, load_job(None, [f"target={target}", f"draft={other}"])),
+        (eval_pair.check_models, eval_pair.EvalRequest(target=target, draft=other, data="builtin")),
+    ):
+        with pytest.raises(PairError) as err:
+            check(arg)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"target {target} and draft {other} cannot be used together:")
+    assert "\n  - " in messages[0]
+    good = eval_pair.EvalRequest(target=target, draft=str(pair / "draft"), data="builtin")
+    assert eval_pair.check_models(good) == CONTEXT  # both cover max_position_embeddings

@@ -8,7 +8,6 @@ are the evaluate stage's, computed by its functions, for a single draft.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,24 +105,11 @@ def resolve_device(name: str):
     return device
 
 
-def check_models(req: EvalRequest) -> int:
-    """The pair check (tokenizer, vocab_size); returns the context both models cover."""
-    from transformers import AutoConfig
+def check_models(req: EvalRequest) -> float:
+    """The pair check (drafts/pair.require_pair); returns the context both models cover."""
+    from specdraft.drafts.pair import require_pair
 
-    from specdraft.drafts.pair import PairError, check_pair
-
-    report = check_pair(req.target, req.draft, trust_remote_code=req.trust_remote_code)
-    if not report.ok:
-        raise PairError(
-            f"target {req.target} and draft {req.draft} cannot be used together:\n  - "
-            + "\n  - ".join(report.problems)
-        )
-    limits = []
-    for name in (req.target, req.draft):
-        config = AutoConfig.from_pretrained(name, trust_remote_code=req.trust_remote_code)
-        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        limits.append(math.inf if limit is None else int(limit))
-    return min(limits)
+    return require_pair(req.target, req.draft, trust_remote_code=req.trust_remote_code).context
 
 
 def load_prompts(req: EvalRequest) -> list[dict]:

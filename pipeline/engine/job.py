@@ -229,19 +229,21 @@ def check_models(job: JobConfig) -> None:
     """The pair check, before anything trains: a mismatch raises PairError saying what differs."""
     if job.target.model == "builtin":
         return  # the toy pair shares the data stage's tokenizer by construction
-    from specdraft.drafts.pair import PairError, check_pair
+    from specdraft.drafts.pair import check_layer_draft, require_pair
 
-    report = check_pair(
+    if job.draft.from_target_layers:  # the draft shares the target's tokenizer by construction
+        check_layer_draft(
+            job.target.model,
+            job.draft.from_target_layers,
+            trust_remote_code=job.target.trust_remote_code,
+        )
+        return
+    require_pair(
         job.target.model,
         job.draft.model,
         context_length=job.data.max_length,
         trust_remote_code=job.target.trust_remote_code or job.draft.trust_remote_code,
     )
-    if not report.ok:
-        raise PairError(
-            f"target {job.target.model} and draft {job.draft.model} cannot be used together:\n  - "
-            + "\n  - ".join(report.problems)
-        )
 
 
 class RunLog:
