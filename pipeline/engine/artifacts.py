@@ -185,14 +185,25 @@ def commit_dir(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def given_model(cfg) -> dict:
-    """A user's model is recorded, not copied: later stages load it with these settings."""
-    return {
+def given_model(cfg, out: Path) -> dict:
+    """A user's model is recorded, not copied: later stages load it with these settings. A GGUF
+    file is the exception: dequantised once into `model/` in `out`, a plain safetensors
+    directory with its tokenizer, which later stages and the export load instead."""
+    from specdraft.drafts.gguf import is_gguf, write_plain_model
+
+    settings = {
         "model": cfg.model,
         "dtype": cfg.dtype,
         "attn_implementation": cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
     }
+    if is_gguf(cfg.model):
+        return {
+            **settings,
+            **write_plain_model(cfg.model, out / "model", cfg.dtype),
+            "model": "model",
+        }
+    return settings
 
 
 def model_location(artifact: Path) -> str:

@@ -84,9 +84,13 @@ def build_stages(job: JobConfig) -> list[Stage]:
         if name in ("evaluate", "export", "report"):
             # the stages after distil read the last round's draft under the name `distil`
             deps = tuple(_alias("distil", last) if d == "distil" else d for d in deps)
+        if name == "draft_init" and job.draft.from_target_layers:
+            deps = ("data", "target")  # the draft is cut from the target's first layers
         stage = section_stage(job, name, job.seed, deps=deps)
-        if name in ("target", "draft_init") and stage.config.model != "builtin":
-            # a given model is only recorded, not trained
+        if name in ("target", "draft_init") and (
+            stage.config.model != "builtin" or getattr(stage.config, "from_target_layers", 0)
+        ):
+            # a given model is only recorded (a GGUF converted), a layer draft cut: not trained
             stage = dataclasses.replace(stage, resources=Resources(cpus=1))
         if name == "report" and not stage.config.title:
             # the report names its job
@@ -217,11 +221,16 @@ def input_fingerprints(job: JobConfig) -> dict[str, str]:
 
 
 def resolve_local_paths(job: JobConfig) -> None:
-    """Make local model and data paths absolute, so Ray workers and cache keys agree on them."""
+    """Make local model and data paths absolute, so Ray workers and cache keys agree on them; a
+    `pkg:<package>/<file>` model becomes the path of that file in the installed package."""
+    from specdraft.drafts.models import PACKAGE_PREFIX, package_file
+
     for section, key in (("target", "model"), ("draft", "model"), ("data", "source")):
         cfg = getattr(job, section)
         value = getattr(cfg, key)
-        if value != "builtin" and Path(value).expanduser().exists():
+        if section != "data" and value.startswith(PACKAGE_PREFIX):
+            setattr(cfg, key, package_file(value))
+        elif value != "builtin" and Path(value).expanduser().exists():
             setattr(cfg, key, str(Path(value).expanduser().resolve()))
 
 

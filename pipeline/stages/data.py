@@ -38,7 +38,7 @@ def run(cfg: DataConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     return {
         "source": "builtin",
         "max_length": cfg.max_length,
-        "chat_template": False,
+        "chat_template": cfg.chat_template,  # a given target's template (config checks the toy)
         "splits": {name: len(split) for name, split in splits.items()},
         "tasks": dict(Counter(splits["train"]["task"])),
         "has_responses": True,

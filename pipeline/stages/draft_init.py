@@ -1,5 +1,6 @@
 """Stage `draft_init`: the toy draft pre-trained briefly with cross-entropy on whole sequences
-(the off-the-shelf small model a user would start from), or the given model."""
+(the off-the-shelf small model a user would start from), the given model (a GGUF dequantised into a
+safetensors directory), or the target's own first layers (`from_target_layers`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,49 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
+from specdraft.drafts.models import (
+    DTYPES,
+    copy_tokenizer_files,
+    count_parameters,
+    first_layers_model,
+)
 from specdraft.pipeline.config import DraftConfig
-from specdraft.pipeline.engine.artifacts import StageContext, given_model
+from specdraft.pipeline.engine.artifacts import (
+    StageContext,
+    given_model,
+    load_model_artifact,
+    model_location,
+)
 from specdraft.pipeline.engine.parallel import train_data_parallel
 from specdraft.pipeline.toy_training import train_toy_model
 
 
 def run(cfg: DraftConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
+    if cfg.from_target_layers:
+        return layer_draft(cfg, inputs["target"], ctx)
     if cfg.model != "builtin":
-        return given_model(cfg)
+        return given_model(cfg, ctx.out)
     pretrain = partial(train_toy_model, all_tokens=True)
     ctx = dataclasses.replace(ctx, seed=ctx.seed + 1)  # not the target's initialisation
     return train_data_parallel(pretrain, cfg, inputs, ctx, stage="draft")
+
+
+def layer_draft(cfg: DraftConfig, target: Path, ctx: StageContext) -> dict:
+    """The target's embeddings, first `from_target_layers` decoder layers, final norm and LM head,
+    saved in `model/` as a plain model of its architecture, with the target's tokenizer files."""
+    model = load_model_artifact(target, trust_remote_code=ctx.trust_remote_code)
+    depth = model.config.get_text_config().num_hidden_layers
+    draft = first_layers_model(model, cfg.from_target_layers).to(DTYPES[cfg.dtype])
+    draft.save_pretrained(ctx.out / "model", safe_serialization=True)
+    copy_tokenizer_files(model_location(target), ctx.out / "model")
+    print(f"draft: the target's first {cfg.from_target_layers} of {depth} layers")
+    return {
+        "model": "model",
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+        "from_target_layers": cfg.from_target_layers,
+        "target_layers": depth,
+        "parameters": count_parameters(draft),
+        "target_parameters": count_parameters(model),
+    }

@@ -1,4 +1,5 @@
-"""Stage `target`: the toy target fine-tuned on the task suite (SFT, answer tokens only), or the given model."""
+"""Stage `target`: the toy target fine-tuned on the task suite (SFT, answer tokens only), or the given
+model (a GGUF dequantised into a safetensors directory)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,6 @@ from specdraft.pipeline.toy_training import train_toy_model
 
 def run(cfg: TargetConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     if cfg.model != "builtin":
-        return given_model(cfg)
+        return given_model(cfg, ctx.out)
     sft = partial(train_toy_model, all_tokens=False)
     return train_data_parallel(sft, cfg, inputs, ctx, stage="target")
