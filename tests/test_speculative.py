@@ -34,9 +34,15 @@ from specdraft.pipeline.decoding import (
     speculative_generate_batch,
 )
 from specdraft.pipeline.stages.evaluate import (
+    DraftRuns,
+    PromptSet,
     analytic_acceptance,
     continuation_sequences,
+    draft_metrics,
     evaluate_draft,
+    judge_draft,
+    prompt_sets,
+    task_indices,
 )
 
 # transformers 5.24 renamed the KV cache argument to `cache`; `past_key_values` warns and goes in 5.40.
@@ -769,18 +775,43 @@ def run_evaluate(target, draft, rows, cfg: EvaluateConfig) -> dict:
         eos_id=None,
         pad_id=PAD,
     )
-    return evaluate_draft(
+    sets = [PromptSet(0, continuation_sequences(rows, refs), rows, refs, seconds)]
+    return evaluate_draft(target, draft, sets, cfg, eos_id=None, pad_id=PAD, seed=0)
+
+
+TIMINGS = {"cost_ratio", "speedup", "speedup_predicted", "target_only_seconds"}
+TIMINGS |= {"spec_seconds_greedy", "draft_seconds", "target_seconds"}
+
+
+def test_task_shards_give_the_metrics_of_one_pass(llamas):
+    """The evaluate stage builds and judges each worker's tasks apart and merges them;
+    `specdraft eval` does all tasks in one pass with the same functions: the same numbers."""
+    target, drafts = llamas
+    rows = eval_rows(8)
+    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=None)
+    cfg = EvaluateConfig(gamma=3, temperature=1.0, max_new_tokens=6, batch_size=3)
+    kwargs = dict(eos_id=None, pad_id=PAD, seed=5)
+    tasks = task_indices(rows)
+    one = evaluate_draft(
         target,
-        draft,
-        sequences=continuation_sequences(rows, refs),
-        spec_rows=rows,
-        greedy_references=refs,
-        target_only_seconds=seconds,
-        cfg=cfg,
-        eos_id=None,
-        pad_id=PAD,
-        seed=0,
+        drafts["near"],
+        prompt_sets(target, tokenizer, rows, tasks, cfg, seed=5, spec_prompts=len(rows)),
+        cfg,
+        **kwargs,
     )
+    merged, seconds = DraftRuns(), 0.0
+    for task in tasks:  # a shard per task, merged in task order as the stage merges them
+        sets = prompt_sets(target, tokenizer, rows, [task], cfg, seed=5, spec_prompts=len(rows))
+        seconds += sum(s.target_only_seconds for s in sets)
+        merged.merge(judge_draft(target, drafts["near"], sets, cfg, **kwargs))
+    sharded = draft_metrics(merged, cfg, seconds)
+
+    def strip(m: dict) -> dict:
+        return {k: v for k, v in m.items() if k not in TIMINGS | {"per_prompt"}}
+
+    assert strip(sharded) == strip(one)
+    assert 0 < one["alpha"] < 1 and 0 < one["spec_alpha"] < 1  # the draft is judged, not copied
+    assert sharded["per_prompt"] == one["per_prompt"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -188,12 +188,11 @@ def run_eval(req: EvalRequest) -> dict:
     check_lengths(rows, context, req.max_new_tokens)
 
     from specdraft.drafts.models import load_causal_lm
-    from specdraft.pipeline.acceptance import target_only_greedy
-    from specdraft.pipeline.sequences import sample_responses
     from specdraft.pipeline.stages.evaluate import (
         DEFINITIONS,
-        continuation_sequences,
         evaluate_draft,
+        prompt_sets,
+        task_indices,
     )
 
     load = dict(dtype=req.dtype, trust_remote_code=req.trust_remote_code, device=device)
@@ -205,38 +204,18 @@ def run_eval(req: EvalRequest) -> dict:
         max_new_tokens=req.max_new_tokens,
         batch_size=req.batch_size,
     )
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    references, target_only_seconds = target_only_greedy(
-        target,
-        [r["prompt_ids"] for r in rows],
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_id=eos_id,
-        pad_id=pad_id,
+    # The evaluate stage's own functions, every prompt decoded speculatively: a pair evaluated
+    # here and in a run's evaluate stage on the same prompts and seed gets the same numbers.
+    sets = prompt_sets(
+        target, tokenizer, rows, task_indices(rows), cfg, seed=req.seed, spec_prompts=len(rows)
     )
-    if cfg.temperature == 0:
-        continuations = references  # greedy continuations: the reference decoding itself
-    else:
-        continuations = sample_responses(
-            target,
-            tokenizer,
-            [r["prompt_ids"] for r in rows],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            batch_size=32,
-            seed=req.seed,
-            desc="target continuations",
-        )
     result = evaluate_draft(
         target,
         draft,
-        sequences=continuation_sequences(rows, continuations),
-        spec_rows=rows,
-        greedy_references=references,
-        target_only_seconds=target_only_seconds,
-        cfg=cfg,
-        eos_id=eos_id,
-        pad_id=pad_id,
+        sets,
+        cfg,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
         seed=req.seed,
     )
     return {

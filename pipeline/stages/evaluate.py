@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ from specdraft.drafts.models import device_for
 from specdraft.kernels import token_acceptance
 from specdraft.pipeline.acceptance import (
     SpecRuns,
-    spec_decoding,
     spec_runs,
     summarize_spec,
     target_only_greedy,
@@ -170,40 +170,6 @@ def analytic_acceptance(
     return summarize_analytic(*analytic_values(target, draft, sequences, pad_id, temperature))
 
 
-def evaluate_draft(
-    target,
-    draft,
-    *,
-    sequences: list[dict],
-    spec_rows: list[dict],
-    greedy_references: list[list[int]],
-    target_only_seconds: float,
-    cfg: EvaluateConfig,
-    eos_id,
-    pad_id: int,
-    seed: int,
-    desc: str = "speculative",
-) -> dict:
-    """Every metric of one draft: analytic acceptance on `sequences`, speculative decoding of
-    `spec_rows` (dicts with prompt, prompt_ids, task); per-task entries merged under `tasks`,
-    per-prompt values under `per_prompt` (`alpha`: one row per sequence, `spec`: per spec row)."""
-    spec = spec_decoding(
-        target,
-        draft,
-        spec_rows,
-        cfg,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        seed=seed,
-        greedy_references=greedy_references,
-        target_only_seconds=target_only_seconds,
-        desc=desc,
-    )
-    return merge_metrics(
-        analytic_acceptance(target, draft, sequences, pad_id, cfg.temperature), spec
-    )
-
-
 def merge_metrics(analytic: dict, spec: dict) -> dict:
     """One draft's metrics: the analytic acceptance with the speculative decoding's merged in
     (per-task entries under `tasks`), both per-prompt lists under `per_prompt` (`alpha`, `spec`)."""
@@ -232,26 +198,41 @@ def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> 
 TASK_SEED_STRIDE = 1_000_003  # task i's sampling is seeded apart from every other task's
 
 
-def evaluate_tasks(
-    inputs: dict[str, str],
-    cfg: EvaluateConfig,
+def task_indices(rows: list[dict]) -> list[tuple[int, str]]:
+    """(index, task) of every task of `rows`, sorted: the index seeds the task's sampling, so a
+    task draws the same numbers whichever shard or command evaluates it."""
+    return list(enumerate(sorted({r["task"] for r in rows})))
+
+
+@dataclass
+class PromptSet:
+    """One task's eval prompts made ready to judge drafts on: prompt + target continuation
+    sequences (where alpha is measured), the prompts decoded speculatively and their target-only
+    greedy outputs (the lossless reference) with its wall seconds."""
+
+    index: int  # the task's index in task_indices
+    sequences: list[dict]
+    spec_rows: list[dict]
+    references: list[list[int]]
+    target_only_seconds: float
+
+
+def prompt_sets(
+    target,
+    tokenizer,
     rows: list[dict],
-    tasks: list[str],
+    tasks: list[tuple[int, str]],
+    cfg: EvaluateConfig,
+    *,
     seed: int,
-    trust_remote_code: bool,
-) -> dict:
-    """One worker's share: every metric's raw material for the eval rows of `tasks` (each task's
-    index in the whole sorted task list seeds its sampling, so any sharding gives the same)."""
-    inputs = {k: Path(v) for k, v in inputs.items()}
-    device = device_for(cfg.resources.gpus)
-    trust = {"trust_remote_code": trust_remote_code}  # the running job's setting
-    tokenizer = load_tokenizer_artifact(inputs["target"], **trust)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    target = load_model_artifact(inputs["target"], device, **trust)
-    per_task = []
+    spec_prompts: int,
+) -> list[PromptSet]:
+    """A PromptSet per (index, task) of `tasks` from `rows` (dicts with prompt, prompt_ids, task):
+    continuations sampled from the target at the evaluation temperature, the first `spec_prompts`
+    rows of each task decoded speculatively."""
+    sets = []
     for index, task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
-        # Target-generated continuations at the evaluation temperature: where alpha is measured.
         continuations = sample_responses(
             target,
             tokenizer,
@@ -263,43 +244,124 @@ def evaluate_tasks(
             desc=f"target continuations ({task})",
             first_index=index * TASK_SEED_STRIDE,
         )
-        spec_rows = task_rows[: cfg.spec_prompts_per_task]
+        spec_rows = task_rows[:spec_prompts]
         references, seconds = target_only_greedy(
             target,
             [r["prompt_ids"] for r in spec_rows],
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
-            eos_id=eos_id,
-            pad_id=pad_id,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
         )
         sequences = continuation_sequences(task_rows, continuations)
-        per_task.append((index, sequences, spec_rows, references, seconds))
-    result: dict = {"target_only_seconds": sum(t[4] for t in per_task), "drafts": {}}
+        sets.append(PromptSet(index, sequences, spec_rows, references, seconds))
+    return sets
+
+
+@dataclass
+class DraftRuns:
+    """What judging one draft on some prompt sets left, before summarising: β and agreement by
+    (task, position bucket), a per-sequence alpha row each, the speculative decoding's SpecRuns.
+    Runs over disjoint tasks (data-parallel shards) merge into one."""
+
+    values: dict = field(default_factory=dict)
+    alpha_rows: list[dict] = field(default_factory=list)
+    spec: SpecRuns = field(default_factory=SpecRuns)
+
+    def merge(self, other: DraftRuns) -> None:
+        self.values.update(other.values)  # disjoint tasks: no (task, bucket) in both
+        self.alpha_rows += other.alpha_rows
+        self.spec.merge(other.spec)
+
+
+def judge_draft(
+    target,
+    draft,
+    sets: list[PromptSet],
+    cfg: EvaluateConfig,
+    *,
+    eos_id,
+    pad_id: int,
+    seed: int,
+    desc: str = "speculative",
+) -> DraftRuns:
+    """Analytic acceptance on each set's sequences and speculative decoding of its spec rows (seeded
+    by seed and the set's task index)."""
+    runs = DraftRuns()
+    for s in sets:
+        values, alpha_rows = analytic_values(target, draft, s.sequences, pad_id, cfg.temperature)
+        spec = spec_runs(
+            target,
+            draft,
+            s.spec_rows,
+            cfg,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            seed=seed * TASK_SEED_STRIDE + s.index,
+            greedy_references=s.references,
+            desc=desc,
+        )
+        runs.merge(DraftRuns(values, alpha_rows, spec))
+    return runs
+
+
+def draft_metrics(runs: DraftRuns, cfg: EvaluateConfig, target_only_seconds: float) -> dict:
+    """Every metric of one draft from its (merged) runs; LosslessError if a greedy output differed."""
+    return merge_metrics(
+        summarize_analytic(runs.values, runs.alpha_rows),
+        summarize_spec(runs.spec, cfg, target_only_seconds),
+    )
+
+
+def evaluate_draft(
+    target,
+    draft,
+    sets: list[PromptSet],
+    cfg: EvaluateConfig,
+    *,
+    eos_id,
+    pad_id: int,
+    seed: int,
+    desc: str = "speculative",
+) -> dict:
+    """Every metric of one draft on prompt sets, in one process: what `specdraft eval` reports. The
+    evaluate stage computes the same (judge_draft per shard, merged, then draft_metrics)."""
+    runs = judge_draft(target, draft, sets, cfg, eos_id=eos_id, pad_id=pad_id, seed=seed, desc=desc)
+    return draft_metrics(runs, cfg, sum(s.target_only_seconds for s in sets))
+
+
+def evaluate_tasks(
+    inputs: dict[str, str],
+    cfg: EvaluateConfig,
+    rows: list[dict],
+    tasks: list[tuple[int, str]],
+    seed: int,
+    trust_remote_code: bool,
+) -> dict:
+    """One worker's share: every draft's DraftRuns on the eval rows of `tasks`."""
+    inputs = {k: Path(v) for k, v in inputs.items()}
+    device = device_for(cfg.resources.gpus)
+    trust = {"trust_remote_code": trust_remote_code}  # the running job's setting
+    tokenizer = load_tokenizer_artifact(inputs["target"], **trust)
+    target = load_model_artifact(inputs["target"], device, **trust)
+    sets = prompt_sets(
+        target, tokenizer, rows, tasks, cfg, seed=seed, spec_prompts=cfg.spec_prompts_per_task
+    )
+    result: dict = {"target_only_seconds": sum(s.target_only_seconds for s in sets), "drafts": {}}
     for name, stage in DRAFTS.items():
         if stage not in inputs:
             continue
         draft = load_model_artifact(inputs[stage], device, **trust)
-        values, alpha_rows, runs = {}, [], SpecRuns()
-        for index, sequences, spec_rows, references, _ in per_task:
-            task_values, task_rows = analytic_values(
-                target, draft, sequences, pad_id, cfg.temperature
-            )
-            values.update(task_values)
-            alpha_rows += task_rows
-            runs.merge(
-                spec_runs(
-                    target,
-                    draft,
-                    spec_rows,
-                    cfg,
-                    eos_id=eos_id,
-                    pad_id=pad_id,
-                    seed=seed * TASK_SEED_STRIDE + index,
-                    greedy_references=references,
-                    desc=f"speculative ({name})",
-                )
-            )
-        result["drafts"][name] = {"values": values, "alpha_rows": alpha_rows, "spec": runs}
+        result["drafts"][name] = judge_draft(
+            target,
+            draft,
+            sets,
+            cfg,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            seed=seed,
+            desc=f"speculative ({name})",
+        )
         del draft
     return result
 
@@ -312,7 +374,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     eval_rows = pick_eval_prompts(load_splits(inputs["data"])["eval"], cfg.prompts_per_task)
     for row in eval_rows:
         row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"], chat)
-    tasks = list(enumerate(sorted({r["task"] for r in eval_rows})))
+    tasks = task_indices(eval_rows)
     paths = {k: str(v) for k, v in inputs.items()}
     shards = []
     for a, b in shard_bounds(len(tasks), cfg.resources.workers, 1):
@@ -332,14 +394,10 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     }
     per_prompt = {}
     for name in parts[0]["drafts"]:
-        values, alpha_rows, runs = {}, [], SpecRuns()
+        runs = DraftRuns()
         for part in parts:  # shards hold whole tasks, in task order
-            values.update(part["drafts"][name]["values"])
-            alpha_rows += part["drafts"][name]["alpha_rows"]
-            runs.merge(part["drafts"][name]["spec"])
-        result = merge_metrics(
-            summarize_analytic(values, alpha_rows), summarize_spec(runs, cfg, target_only_seconds)
-        )
+            runs.merge(part["drafts"][name])
+        result = draft_metrics(runs, cfg, target_only_seconds)
         per_prompt[name] = result.pop("per_prompt")
         result["model"] = model_location(inputs[DRAFTS[name]])
         metrics[name] = result
