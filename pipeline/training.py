@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.kernels import acceptance_from_tv, fused_kd_loss, kd_divergence_from_logits
-from specdraft.pipeline.engine.artifacts import StageContext
+from specdraft.pipeline.engine.artifacts import StageContext, atomic_write_text
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
@@ -516,4 +516,4 @@ def train_kd(
 
 
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from specdraft.reports.render import CSS, _esc, _figure, _md, _table, write_atomic
+from specdraft.pipeline.engine.artifacts import atomic_write_text
+from specdraft.reports.render import CSS, _esc, _figure, _md, _table
 
 LABELS = {
     "alpha": "alpha (T=1)",
@@ -144,5 +145,5 @@ def render_comparison(results: dict, out_dir: Path) -> Path:
         f"<h1>{_esc(title)}</h1>\n{meta}\n" + "\n".join(parts) + "\n</body>\n</html>\n"
     )
     index = out_dir / "index.html"
-    write_atomic(index, page)
+    atomic_write_text(index, page)
     return index

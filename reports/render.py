@@ -11,13 +11,13 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from specdraft.pipeline.engine.artifacts import atomic_write_text
 
 DRAFTS = ("baseline", "reference", "final")
 DRAFT_COLOURS = {"baseline": "#8c8c8c", "reference": "#1f77b4", "final": "#e66101"}
@@ -87,8 +87,8 @@ def render_report(run: dict, out_dir: Path) -> Path:
         f"<h1>specdraft run report: {_esc(job)}</h1>\n{_run_meta(metrics)}\n{body}\n</body>\n</html>\n"
     )
     index = out_dir / "index.html"
-    write_atomic(out_dir / "summary.md", render_summary_markdown(metrics))
-    write_atomic(index, page)
+    atomic_write_text(out_dir / "summary.md", render_summary_markdown(metrics))
+    atomic_write_text(index, page)
     return index
 
 
@@ -488,15 +488,3 @@ def _md(value: Any) -> str:
     """`value` as Markdown text: Markdown renderers pass raw HTML through, so <, > and & are
     escaped like in the HTML report, and | and newlines would break a table row."""
     return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,9 +18,6 @@ same run twice records it twice: give each run directory to `--history` once.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import sqlite3
 import sys
@@ -28,10 +25,10 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from specdraft.errors import InputError
+from specdraft.pipeline.engine.artifacts import atomic_write_text
 from specdraft.reports.history import (
     HISTORY_FILE,
     OVERALL,
@@ -41,7 +38,7 @@ from specdraft.reports.history import (
     metrics_to_rows,
     run_series,
 )
-from specdraft.reports.render import _md, render_report, write_atomic
+from specdraft.reports.render import _esc, _figure, _md, render_report
 
 DEFAULT_OUT = Path("runs") / "report"
 
@@ -163,9 +160,11 @@ def build_report(
     section = _history_section(rows, regressions, problems, threshold, window)
     page = page.replace("</body>", f"{section}\n</body>", 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}")
-    write_atomic(out_dir / "index.html", page)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(
+        out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}"
+    )
+    atomic_write_text(out_dir / "index.html", page)
     return summary
 
 
@@ -250,18 +249,6 @@ def _trend_figure(key: tuple[str, str, str], points: list[dict], flagged: set) -
     return _figure(fig, caption)
 
 
-def _figure(fig: Figure, caption: str) -> str:
-    FigureCanvasAgg(fig)  # Agg for this figure only; pyplot's global backend is untouched
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
-    )
-
-
 def _history_markdown(summary: dict, num_rows: int) -> str:
     lines = ["## History", ""]
     regressions = summary["regressions"]
@@ -280,10 +267,6 @@ def _history_markdown(summary: dict, num_rows: int) -> str:
 def _drop_text(regression: dict) -> str:
     drop = regression["drop"]
     return f"{drop:.1%}" if regression["relative"] else f"{drop:.3f}"
-
-
-def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def main(args) -> int:

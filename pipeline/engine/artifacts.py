@@ -162,12 +162,21 @@ def fsync_tree(folder: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` whole or not at all: a temporary file beside it, flushed to
+    disk, renamed over `path`. The one file writer of specdraft (manifests, metrics, reports):
+    a reader never sees half a file, and a failed write leaves the old one and no temporary."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # the data reaches the disk before the name does
-    os.replace(tmp, path)
+    try:
+        # open() creates it 0666 less the umask, like any file: reports are meant to be shared
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data reaches the disk before the name does
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
