@@ -183,7 +183,9 @@ def _spread(rows: list[dict], n: int) -> list[dict]:
     return chosen
 
 
-def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: float) -> dict:
+def specdraft_side(
+    target_dir: Path, draft_dir: Path, p: Prompts, temperature: float, model_len: int
+) -> dict:
     """specdraft's numbers on the same prompts, twice: its own greedy speculative decoder (its
     counting: drafts shortened near the end, no prefill step), and the same greedy acceptance
     counted by the engine's rules (`engine_rules`); the target-only greedy output; and at T > 0
@@ -197,12 +199,15 @@ def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: f
     draft = load_causal_lm(str(draft_dir))
     own = {"accepted": 0, "drafted": 0, "rounds": 0, "target_calls": 0, "generated_tokens": 0}
     own_at = [0] * p.gamma
-    spec_out, reference = [], []
+    spec_out, reference, extended = [], [], []
     for row in p.rows:
         ids = torch.tensor([row["prompt_ids"]])
-        ref = autoregressive_generate(
-            target, ids, max_new_tokens=p.max_new_tokens, eos_token_id=p.eos_id
+        # γ + 1 tokens past the limit: the engine counts drafts accepted there before it cuts
+        ext = autoregressive_generate(
+            target, ids, max_new_tokens=p.max_new_tokens + p.gamma + 1, eos_token_id=p.eos_id
         ).tolist()
+        ref = ext[: p.max_new_tokens]
+        extended.append(ext)
         out, stats = speculative_generate(
             target,
             draft,
@@ -227,7 +232,7 @@ def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: f
         own["generated_tokens"] / own["target_calls"] if own["target_calls"] else None
     )
     side = {
-        **engine_rules(draft, p, reference),
+        **engine_rules(draft, p, extended, model_len),
         "decoder": own,
         "target_only_greedy": reference,
         "speculative_greedy": spec_out,
@@ -237,44 +242,56 @@ def specdraft_side(target_dir: Path, draft_dir: Path, p: Prompts, temperature: f
     return side
 
 
-def engine_rules(draft, p: Prompts, reference: list[list[int]]) -> dict:
+def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -> dict:
     """Greedy acceptance of `draft` along the target's greedy outputs, counted as vLLM's
-    draft_model counts it: a prefill step emits the first token; then every step drafts γ tokens
-    greedily (also near the end), accepts the longest prefix that matches the target's output and
-    emits it plus one token. `accepted_per_pos[i]` counts steps whose position i + 1 was accepted;
-    a step is a target forward pass, so tokens per step = generated / (steps + prefills)."""
+    draft_model counts it (vLLM 0.32's scheduler and spec-decode stats):
+    - a prefill step emits the first token; then each step drafts k = min(γ, model_len - prompt -
+      generated - 1) tokens greedily (γ also near max_new_tokens: only the context length cuts a
+      draft; k <= 0 is a plain step with no draft), accepts the longest prefix equal to the
+      target's output and emits it plus one token;
+    - accepted drafts are counted before the output is cut at max_new_tokens, so `extended` holds
+      the target's greedy output γ + 1 tokens past the limit (up to eos, where it stops);
+    - `accepted_per_pos[i]` counts drafts whose position i + 1 was accepted; every step is a target
+      forward pass, so tokens per step = generated / (drafts + prefills) (plain steps at the
+      context limit are left out on both sides: vLLM has no counter for them)."""
     import torch
 
-    steps = accepted = generated = 0
+    drafts = drafted = accepted = generated = 0
     at_pos = [0] * p.gamma
     with torch.no_grad():
-        for row, ref in zip(p.rows, reference, strict=True):
-            generated += len(ref)
+        for row, ext in zip(p.rows, extended, strict=True):
+            prompt = list(row["prompt_ids"])
+            out_len = min(len(ext), p.max_new_tokens)
+            generated += out_len
             pos = 1  # the prefill's token
-            while pos < len(ref):
-                context = list(row["prompt_ids"]) + ref[:pos]
-                proposal = []
-                for _ in range(p.gamma):
-                    logits = draft(input_ids=torch.tensor([context + proposal])).logits
+            while pos < out_len:
+                k = min(p.gamma, model_len - len(prompt) - pos - 1)
+                if k <= 0:  # a plain step: no draft
+                    pos += 1
+                    continue
+                proposal: list[int] = []
+                for _ in range(k):
+                    logits = draft(input_ids=torch.tensor([prompt + ext[:pos] + proposal])).logits
                     proposal.append(int(logits[0, -1].argmax()))
                 n = 0
-                while n < p.gamma and pos + n < len(ref) and proposal[n] == ref[pos + n]:
+                while n < k and pos + n < len(ext) and proposal[n] == ext[pos + n]:
                     n += 1
-                steps += 1
+                drafts += 1
+                drafted += k
                 accepted += n
                 for i in range(n):
                     at_pos[i] += 1
                 pos += n + 1
-    drafted = steps * p.gamma
+    steps = drafts + len(extended)
     return {
         "accepted": accepted,
         "drafted": drafted,
         "accept_rate": accepted / drafted if drafted else None,
-        "drafts": steps,
+        "drafts": drafts,
         "accepted_per_pos": at_pos,
-        "per_pos_of_drafts": [a / steps if steps else None for a in at_pos],
+        "per_pos_of_drafts": [a / drafts if drafts else None for a in at_pos],
         "generated_tokens": generated,
-        "tokens_per_step": generated / (steps + len(reference)) if steps else None,
+        "tokens_per_step": generated / steps if steps else None,
     }
 
 
@@ -314,7 +331,7 @@ def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list
         "temperatures": temperatures,
         "seed": 0,
         "dtype": "float32",
-        "max_model_len": max(len(r["prompt_ids"]) for r in p.rows) + p.max_new_tokens + 8,
+        "max_model_len": _model_len(target, p),
         "memory_fraction": float(os.environ.get("SPECDRAFT_VLLM_MEMORY_FRACTION", 0.15)),
     }
     env = {
@@ -342,11 +359,20 @@ def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list
     return response
 
 
+def _model_len(target: Path, p: Prompts) -> int:
+    """Room for the longest prompt and its new tokens, within the target's positions."""
+    needed = max(len(r["prompt_ids"]) for r in p.rows) + p.max_new_tokens
+    config = json.loads((target / "config.json").read_text())
+    return min(needed, int(config.get("max_position_embeddings") or needed))
+
+
 def _engine_reason(stderr: str, response: dict) -> str:
     """The line of the engine's output that says why (its errors come from a child process)."""
-    keys = ("Unsupported", "not supported", "ValueError", "RuntimeError", "Error:")
-    lines = [ln.strip() for ln in stderr.splitlines() if any(k in ln for k in keys)]
-    reasons = [ln for ln in lines if "Unsupported" in ln or "not supported" in ln] or lines
+    keys = ("Unsupported", "not supported", "Value error", "ValueError", "RuntimeError", "Error:")
+    text = stderr + "\n" + response.get("error", "")
+    lines = [ln.strip() for ln in text.splitlines() if any(k in ln for k in keys)]
+    best = ("Unsupported", "not supported", "Value error")
+    reasons = [ln for ln in lines if any(k in ln for k in best)] or lines
     return (reasons[-1] if reasons else response.get("error", "")) or "see the engine's log"
 
 
@@ -427,7 +453,8 @@ def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> lis
         "prefill as a step.",
         f"specdraft's side is its greedy acceptance along the target's greedy output, counted by "
         f"the engine's rules: after a prefill step every step drafts γ = {len(own['per_pos_of_drafts'])} "
-        "tokens, also near the end. specdraft's own decoder (metrics.json's spec_alpha_greedy) "
+        "tokens, also near max_new_tokens (only the context length cuts a draft), and drafts accepted "
+        "past max_new_tokens count before the output is cut. specdraft's own decoder (metrics.json's spec_alpha_greedy) "
         "drafts min(γ, tokens left - 1) near max_new_tokens and stops drafting at eos, and its "
         "first verification carries the prompt: on these prompts it counts "
         f"{own['accepted']} / {own['drafted']} = {_f(own['accept_rate'])} "
@@ -493,7 +520,7 @@ def serve_check(
     served = engine_side(target, draft, p, temps)
     target_only = engine_side(target, None, p, [0.0])
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
-    spec = specdraft_side(target, draft, p, p.temperature)
+    spec = specdraft_side(target, draft, p, p.temperature, _model_len(target, p))
     result = {
         "engine": served["engine"],
         "engine_version": served["version"],

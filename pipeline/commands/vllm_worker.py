@@ -115,8 +115,10 @@ def main(argv: list[str]) -> int:
         response = serve(req)
         code = 0
     except Exception as err:  # the engine refused the models: the caller reports it
-        last = (str(err).strip().splitlines() or [""])[-1]
-        response = {"error": f"{type(err).__name__}: {last}"}
+        import traceback
+
+        traceback.print_exc()  # the caller picks the line that says why from stderr
+        response = {"error": f"{type(err).__name__}: {str(err).strip()[-4000:]}"}
         code = 3
     with open(response_path, "w") as f:
         json.dump(response, f)
