@@ -18,12 +18,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from specdraft.pipeline.acceptance import (
-    LosslessError,
-    spec_decoding,
-    target_only_greedy,
-    tau_predicted,
-)
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.decoding import (
     SpecStats,
@@ -32,6 +26,12 @@ from specdraft.pipeline.decoding import (
     autoregressive_generate_batch,
     speculative_generate,
     speculative_generate_batch,
+)
+from specdraft.pipeline.spec_runs import (
+    LosslessError,
+    spec_decoding,
+    target_only_greedy,
+    tau_predicted,
 )
 from specdraft.pipeline.stages.evaluate import (
     DraftRuns,

@@ -11,7 +11,7 @@
   token for token (`lossless_greedy`); a mismatch fails the stage. The greedy runs are timed
   against target-only decoding of the same prompts at the same batch size (`speedup`).
 
-Real speculative decoding is measured in pipeline/acceptance.py; `specdraft eval`
+Real speculative decoding is measured in pipeline/spec_runs.py; `specdraft eval`
 (pipeline/commands/eval_pair.py) evaluates one target/draft pair with the same functions.
 """
 
@@ -27,12 +27,6 @@ import torch
 
 from specdraft.drafts.models import device_for
 from specdraft.kernels import token_acceptance
-from specdraft.pipeline.acceptance import (
-    SpecRuns,
-    spec_runs,
-    summarize_spec,
-    target_only_greedy,
-)
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -46,6 +40,12 @@ from specdraft.pipeline.sequences import (
     load_splits,
     pick_eval_prompts,
     sample_responses,
+)
+from specdraft.pipeline.spec_runs import (
+    SpecRuns,
+    spec_runs,
+    summarize_spec,
+    target_only_greedy,
 )
 from specdraft.pipeline.training import Collator, hidden_and_head, prompt_token_ids
 
