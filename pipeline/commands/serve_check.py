@@ -301,18 +301,23 @@ def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: fl
     probability p(x))."""
     import torch
 
+    from specdraft.kernels.acceptance import token_acceptance
+    from specdraft.pipeline.training import hidden_and_head
+
     beta, greedy = [], []
     with torch.no_grad():
         for row, cont in zip(p.rows, continuations, strict=True):
             if not cont:
                 continue
             ids = torch.tensor([row["prompt_ids"] + cont])
-            start = len(row["prompt_ids"]) - 1
-            pt = torch.softmax(target(input_ids=ids).logits[0, start:-1] / temperature, -1)
-            q_logits = draft(input_ids=ids).logits[0, start:-1]
-            qt = torch.softmax(q_logits / temperature, -1)
-            beta += torch.minimum(pt, qt).sum(-1).tolist()
-            greedy += pt.gather(-1, q_logits.argmax(-1, keepdim=True)).squeeze(-1).tolist()
+            span = slice(len(row["prompt_ids"]) - 1, -1)  # the positions that predict `cont`
+            ht, wt = hidden_and_head(target, ids)
+            hd, wd = hidden_and_head(draft, ids)
+            ht, hd = ht[0, span], hd[0, span]
+            beta += token_acceptance(hd, wd, ht, wt, temperature).tolist()
+            pt = torch.softmax((ht @ wt.T) / temperature, -1)
+            drafted = (hd @ wd.T).argmax(-1, keepdim=True)
+            greedy += pt.gather(-1, drafted).squeeze(-1).tolist()
     return {
         "alpha_sampled_drafts": sum(beta) / len(beta) if beta else None,
         "alpha_greedy_drafts": sum(greedy) / len(greedy) if greedy else None,
