@@ -308,8 +308,30 @@ class DistilConfig:
     holdout: float = opt(
         0.05, "Share of the training sequences held out for that alpha.", lo=0, hi=0.5, lo_open=True
     )
+    stored_target_outputs: bool = opt(
+        True,
+        "Compute the frozen target's final hidden states for the training sequences once (stage "
+        "target_outputs, one per round's sequences) and train reference and every distil round on "
+        "them with the target's LM head; false runs the target forward at every step (the live "
+        "path, kept for comparison). The reference follows the job's setting, a recipe its own.",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class TargetOutputsConfig:
+    """The target_outputs stage's settings: derived from the job by engine/job.py (not a section
+    of the job file), so that its key follows what the stored outputs depend on."""
+
+    precision: str = opt(
+        "fp32",
+        "Autocast of the target forward and dtype of the stored hidden states: bf16 when every "
+        "stage that reads them trains in bf16 (their train.precision), fp32 otherwise.",
+        choices=["fp32", "bf16"],
+    )
+    batch_size: int = opt(16, "Sequences per target forward.", lo=1)
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 

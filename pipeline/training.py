@@ -60,6 +60,9 @@ class Collator:
     at 0 for every sequence and there is no attention mask, which transformers turns into
     per-sequence attention (cu_seqlens for the varlen FlashAttention kernel, a block-diagonal mask
     for SDPA). The first token of each sequence is never a label, as in the padded layout.
+
+    Rows with a `row` (their index in the generate stage's sequences) give `rows` (B,), which
+    the stored target outputs are looked up by.
     """
 
     def __init__(self, pad_id: int, all_tokens: bool = False, packed: bool = False):
@@ -81,7 +84,7 @@ class Collator:
             resp[i, :n] = torch.tensor(r["response_mask"])
         counted = attn if self.all_tokens else resp
         labels = torch.where(counted.bool(), ids, torch.full_like(ids, -100))
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, **_row_ids(rows)}
 
     def _pack(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids, positions, labels = [], [], []
@@ -96,7 +99,12 @@ class Collator:
             "input_ids": torch.tensor([ids]),  # (1, ΣT)
             "position_ids": torch.tensor([positions]),  # (1, ΣT)
             "labels": torch.tensor([labels]),  # (1, ΣT)
+            **_row_ids(rows),
         }
+
+
+def _row_ids(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {"rows": torch.tensor([r["row"] for r in rows])} if "row" in rows[0] else {}
 
 
 def packs_sequences(train_cfg, model) -> bool:
@@ -248,6 +256,93 @@ def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
     return hidden, base.get_output_embeddings().weight
 
 
+# The target_outputs stage's files: hidden-<i>-of-<n>.safetensors shards, each with `hidden`
+# (M_i, H), the rows' response-predicting positions end to end, and `tokens` (R_i,), how many
+# positions each of its rows has; head.safetensors with the target's LM head `weight` (V, H).
+HIDDEN_SHARD = "hidden-{index:05d}-of-{count:05d}.safetensors"
+HEAD_FILE = "head.safetensors"
+SHARD_BYTES = 2**30  # hidden-state bytes per shard file
+
+
+def response_positions(batch: dict) -> torch.Tensor:
+    """(B, T-1) bool: the positions whose next token is a label, in the order the KD loss takes
+    them (row by row); packed batches give the same order over their one row."""
+    return batch["labels"][:, 1:] != -100
+
+
+def write_target_outputs(folder: Path, rows: list[torch.Tensor], head: torch.Tensor) -> dict:
+    """Save per-row hidden states `rows` ((n_r, H) each, in sequence order) as shards of at most
+    SHARD_BYTES, and the LM head. Returns what the stage's manifest records."""
+    from safetensors.torch import save_file
+
+    groups: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for hidden in rows:
+        if groups[-1] and size + hidden.nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(hidden)
+        size += hidden.nbytes
+    width = head.shape[1]
+    files = []
+    for index, group in enumerate(groups):
+        name = HIDDEN_SHARD.format(index=index, count=len(groups))
+        hidden = torch.cat(group) if group else torch.empty(0, width, dtype=head.dtype)
+        tokens = torch.tensor([h.shape[0] for h in group], dtype=torch.long)
+        save_file({"hidden": hidden.contiguous(), "tokens": tokens}, str(folder / name))
+        files.append(name)
+    save_file({"weight": head.detach().contiguous().cpu()}, str(folder / HEAD_FILE))
+    return {"shards": files, "rows": len(rows), "tokens": sum(h.shape[0] for h in rows)}
+
+
+class StoredTargetOutputs:
+    """The frozen target's final hidden states (after its last norm, before the LM head) at the
+    positions that predict a response token of each training sequence, and its LM head: what KD
+    reads instead of running the target (the target_outputs stage makes them). The hidden
+    states stay on the CPU in their stored dtype; a batch's rows come to the head's device and
+    dtype, which is what the live path's hidden states have."""
+
+    def __init__(self, hidden: torch.Tensor, tokens: torch.Tensor, head: torch.Tensor):
+        self.hidden = hidden  # (M, H)
+        self.offsets = [0, *torch.cumsum(tokens.long(), 0).tolist()]  # row r: offsets[r]..offsets[r+1]
+        self.head = head  # (V, H)
+
+    @classmethod
+    def load(cls, folder: Path, device="cpu") -> StoredTargetOutputs:
+        from safetensors.torch import load_file
+
+        shards = sorted(Path(folder).glob("hidden-*-of-*.safetensors"))
+        expected = int(shards[0].name.split("-of-")[1].split(".")[0]) if shards else 0
+        if not shards or len(shards) != expected:
+            raise FileNotFoundError(f"{folder}: {len(shards)} of {expected or '?'} hidden shards")
+        parts = [load_file(str(p)) for p in shards]
+        head = load_file(str(Path(folder) / HEAD_FILE))["weight"].to(device)
+        return cls(
+            torch.cat([p["hidden"] for p in parts]), torch.cat([p["tokens"] for p in parts]), head
+        )
+
+    def response_hidden(self, rows: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """(N, H): the stored rows `rows` (B,) end to end; `counted` (B, T-1) is the batch's
+        response_positions, checked against what was stored for each row."""
+        per_row = counted.sum(dim=1).tolist() if counted.shape[0] == rows.numel() else None
+        parts = []
+        for i, r in enumerate(rows.tolist()):
+            start, end = self.offsets[r], self.offsets[r + 1]
+            if per_row is not None and per_row[i] != end - start:
+                raise RuntimeError(
+                    f"stored target outputs of sequence {r} have {end - start} positions, the "
+                    f"batch has {per_row[i]}: they were made from other sequences"
+                )
+            parts.append(self.hidden[start:end])
+        hidden = torch.cat(parts) if parts else self.hidden[:0]
+        if hidden.shape[0] != int(counted.sum()):
+            raise RuntimeError(
+                f"stored target outputs hold {hidden.shape[0]} positions for this batch, it has "
+                f"{int(counted.sum())}: they were made from other sequences"
+            )
+        return hidden.to(device=self.head.device, dtype=self.head.dtype, non_blocking=True)
+
+
 def _is_ddp(model) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -373,11 +468,24 @@ class KDTrainer(Trainer):
     accumulation a give the gradient of one worker with batch W·m·a.
     The forward passes of all three models run under Trainer's autocast (`precision`), with one
     worker as with many.
+    With `target_outputs` the teacher is not run: its hidden states for each batch are read from
+    the stored ones (batches carry `rows`) and its head from them too; `teacher` may be None.
     """
 
-    def __init__(self, *args, teacher, reference=None, options: KDOptions | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher,
+        reference=None,
+        options: KDOptions | None = None,
+        target_outputs: StoredTargetOutputs | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        if teacher is None and target_outputs is None:
+            raise ValueError("KD needs the teacher or its stored outputs")
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.target_outputs = target_outputs
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
         self.opts = options or KDOptions()
         if self.opts.selection != "all" and self.reference is None:
@@ -399,6 +507,14 @@ class KDTrainer(Trainer):
             )
         return hidden[:, :-1][counted], head  # (N, H), (V, H)
 
+    def _target_hidden(self, inputs):
+        """The teacher's (N, H) response hidden states and (V, H) head: stored, or run now."""
+        if self.target_outputs is None:
+            return self._response_hidden(self.teacher, inputs, grad=False)
+        counted = response_positions(inputs)
+        stored = self.target_outputs
+        return stored.response_hidden(inputs["rows"], counted), stored.head
+
     @torch.no_grad()
     def loss_gap(
         self, inputs, s_hidden=None, s_head=None, t_hidden=None, t_head=None
@@ -407,7 +523,7 @@ class KDTrainer(Trainer):
         distillation temperature (the distributions the loss compares)."""
         if s_hidden is None:
             s_hidden, s_head = self._response_hidden(self.model, inputs, grad=False)
-            t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
+            t_hidden, t_head = self._target_hidden(inputs)
         r_hidden, r_head = self._response_hidden(self.reference, inputs, grad=False)
         temperature = self.opts.temperature
         kl_draft = fused_kd_loss(
@@ -456,7 +572,7 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         t_hidden = t_head = None
         if self.opts.divergence != "ce" or self.opts.selection != "all":
-            t_hidden, t_head = self._response_hidden(self.teacher, inputs, grad=False)
+            t_hidden, t_head = self._target_hidden(inputs)
         s_hidden, s_head = self._response_hidden(model, inputs, grad=True)
         labels = inputs["labels"][:, 1:][inputs["labels"][:, 1:] != -100]  # (N,) next tokens
         keep = None
@@ -492,8 +608,11 @@ def train_kd(
     options: KDOptions | None = None,
     callbacks=(),
     ctx: StageContext | None = None,
+    target_outputs: StoredTargetOutputs | None = None,
 ):
-    """KD training of `model` on `teacher`; `ctx` as in train_cross_entropy."""
+    """KD training of `model` on `teacher`, or on the teacher's `target_outputs` (then the
+    sequences carry a `row` column: their index in what was stored); `ctx` as in
+    train_cross_entropy."""
     history = LossHistory()
     cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     with warnings.catch_warnings():
@@ -509,6 +628,7 @@ def train_kd(
             teacher=teacher,
             reference=reference,
             options=options,
+            target_outputs=target_outputs,
         )
         _train(trainer, train_cfg, out, ctx)
     model.config.use_cache = cached  # the saved model generates with its cache

@@ -21,8 +21,11 @@ from specdraft.pipeline.engine.job import input_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = Path(__file__).parent / "data" / "compare_wiring.json"
-# jobs/compare.yaml as shipped (one round), and with on-policy rounds sampled by the draft
-VARIANTS = {"shipped": [], "rounds": ["distil.rounds=2", "distil.later_rounds=draft"]}
+# jobs/compare.yaml as shipped (one round), and with on-policy rounds sampled by the draft; both
+# with the target run live at every step (the wiring recorded before the target's outputs were
+# stored; the stored wiring is tested in test_target_outputs.py)
+LIVE = ["distil.stored_target_outputs=false"]
+VARIANTS = {"shipped": LIVE, "rounds": ["distil.rounds=2", "distil.later_rounds=draft", *LIVE]}
 
 
 def config_sources(comp, recipe: str = "") -> dict[str, object]:

@@ -42,7 +42,7 @@ from specdraft.pipeline.engine.job import (
 )
 from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
 
-SHARED = ("data", "target", "draft_init", "generate", "reference")
+SHARED = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
 RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 

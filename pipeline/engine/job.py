@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from specdraft.errors import InputError
-from specdraft.pipeline.config import JobConfig, Resources
+from specdraft.pipeline.config import JobConfig, Resources, TargetOutputsConfig
 from specdraft.pipeline.engine.artifacts import lineage_hash
 from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
 from specdraft.pipeline.engine.fingerprint import input_fingerprint
@@ -21,13 +21,20 @@ from specdraft.pipeline.engine.store import Store, default_location
 # name: (job section, input stages). The one table of the DAG's wiring: `specdraft run` builds it
 # whole (build_stages), `specdraft compare` takes its shared part and a chain per recipe
 # (recipe_stages); both go through section_stage, so a stage is made the same way in each.
+# `target_outputs` (the target's hidden states for generate's sequences, made once) has no section:
+# its config is derived (target_outputs_stage); without distil.stored_target_outputs it is left
+# out, and reference and distil run the target themselves.
 STAGES = {
     "data": ("data", ()),
     "target": ("target", ("data",)),
     "draft_init": ("draft", ("data",)),
     "generate": ("generate", ("data", "target", "draft_init")),
-    "reference": ("reference", ("data", "target", "draft_init", "generate")),
-    "distil": ("distil", ("data", "target", "draft_init", "reference", "generate")),
+    "target_outputs": ("distil", ("data", "target", "generate")),
+    "reference": ("reference", ("data", "target", "draft_init", "generate", "target_outputs")),
+    "distil": (
+        "distil",
+        ("data", "target", "draft_init", "reference", "generate", "target_outputs"),
+    ),
     "evaluate": ("evaluate", ("data", "target", "draft_init", "reference", "distil")),
     "export": ("export", ("data", "target", "draft_init", "distil", "evaluate")),
     "report": ("report", ("target", "draft_init", "reference", "distil", "evaluate")),
@@ -76,11 +83,19 @@ def build_stages(job: JobConfig) -> list[Stage]:
     read a model or data from outside the store carry its content fingerprint in their key."""
     last = final_distil(job)
     fingerprints = input_fingerprints(job)
+    stored = job.distil.stored_target_outputs
     stages = []
     for name, (_, deps) in STAGES.items():
         if name == "distil":
             stages.extend(distil_chain(job, job.seed)[0])
             continue
+        if name == "target_outputs":
+            if stored:  # read by the reference and the first distil round
+                readers = (job.reference.train, job.distil.train)
+                stages.append(target_outputs_stage(job, job.seed, "generate", readers))
+            continue
+        if not stored:
+            deps = tuple(d for d in deps if d != "target_outputs")
         if name in ("evaluate", "export", "report"):
             # the stages after distil read the last round's draft under the name `distil`
             deps = tuple(_alias("distil", last) if d == "distil" else d for d in deps)
@@ -106,6 +121,39 @@ def _alias(name: str, stage: str) -> str:
     return name if name == stage else f"{name}={stage}"
 
 
+def target_outputs_name(generate: str) -> str:
+    """The target_outputs stage of generate stage `generate`, named after it
+    (`generate_r2.fkl.s0` -> `target_outputs_r2.fkl.s0`)."""
+    return "target_outputs" + generate.removeprefix("generate")
+
+
+def target_outputs_stage(job: JobConfig, seed: int, generate: str, readers) -> Stage:
+    """The target's hidden states for `generate`'s sequences, stored once: in bf16 when every
+    training section in `readers` (the TrainConfigs of the stages reading them) runs in bf16,
+    on the device distil trains on."""
+    bf16 = all(train.precision == "bf16" for train in readers)
+    res = job.distil.resources
+    config = TargetOutputsConfig(
+        precision="bf16" if bf16 else "fp32",
+        resources=Resources(cpus=res.cpus, gpus=res.gpus),
+    )
+    return section_stage(
+        job,
+        "target_outputs",
+        seed,
+        deps=("data", "target", _alias("generate", generate)),
+        config=config,
+        suffix=generate.removeprefix("generate"),
+    )
+
+
+def _stored_input(job: JobConfig, generate: str) -> tuple[str, ...]:
+    """The dependency entry on `generate`'s stored target outputs, when the job stores them."""
+    if not job.distil.stored_target_outputs:
+        return ()
+    return (_alias("target_outputs", target_outputs_name(generate)),)
+
+
 def distil_chain(
     job: JobConfig, seed: int, *, generate: str = "generate", suffix: str = ""
 ) -> tuple[list[Stage], str]:
@@ -117,13 +165,24 @@ def distil_chain(
     Round inputs arrive under the names the generate and distil stages read: the previous round's
     draft as `draft_init` (`draft_init=distil_r<r-1>`: the draft a round samples with and starts
     from) and the round's sequences as `generate` (`generate=generate_r<r>`). The aliases are part
-    of the cache keys (dag.stage_key hashes the entries), so they are kept rather than renamed."""
+    of the cache keys (dag.stage_key hashes the entries), so they are kept rather than renamed.
+
+    With distil.stored_target_outputs each round reads its sequences' stored target outputs as
+    `target_outputs` (round 1 those of `generate`, made by whoever made it; round r its own
+    `target_outputs_r<r><suffix>`, in the chain)."""
     stages = [
         section_stage(
             job,
             "distil",
             seed,
-            deps=("data", "target", "draft_init", "reference", _alias("generate", generate)),
+            deps=(
+                "data",
+                "target",
+                "draft_init",
+                "reference",
+                _alias("generate", generate),
+                *_stored_input(job, generate),
+            ),
             suffix=suffix,
         )
     ]
@@ -151,10 +210,16 @@ def distil_chain(
                 _alias("draft_init", previous),
                 "reference",
                 _alias("generate", sampled.name),
+                *_stored_input(job, sampled.name),
             ),
             suffix=f"_r{r}{suffix}",
         )
-        stages += [sampled, distilled]
+        stages.append(sampled)
+        if job.distil.stored_target_outputs:
+            stages.append(
+                target_outputs_stage(job, seed + r - 1, sampled.name, (job.distil.train,))
+            )
+        stages.append(distilled)
         previous = distilled.name
     return stages, previous
 
@@ -163,14 +228,16 @@ def recipe_stages(
     job: JobConfig, seed: int, *, suffix: str, generate: str | None, eval_seed: int
 ) -> tuple[list[Stage], str, str]:
     """A comparison recipe's chain, every stage named with `suffix`: its own generation
-    `generate<suffix>` when `generate` is None (else it trains on that stage's sequences), its
-    distil_chain, and `evaluate<suffix>` of its last draft alone, seeded `eval_seed` (every recipe
+    `generate<suffix>` (and its stored target outputs) when `generate` is None (else it trains on
+    that stage's sequences and their target outputs), its distil_chain, and `evaluate<suffix>` of its last draft alone, seeded `eval_seed` (every recipe
     is judged on the same prompts and continuations). Returns the stages, the generation's name
     and the evaluation's name."""
     stages = []
     if generate is None:
         stages.append(section_stage(job, "generate", seed, suffix=suffix))
         generate = stages[0].name
+        if job.distil.stored_target_outputs:
+            stages.append(target_outputs_stage(job, seed, generate, (job.distil.train,)))
     chain, last = distil_chain(job, seed, generate=generate, suffix=suffix)
     stages += chain
     evaluate = section_stage(

@@ -1,6 +1,8 @@
 """Stage `distil`: selective-token KD (AdaSPEC). Tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_ref);
 the top-k fraction per micro-batch is kept and the draft (LoRA adapters by default) is trained with
-the configured divergence on those tokens only. Adapters are merged for the saved model."""
+the configured divergence on those tokens only. Adapters are merged for the saved model.
+With a `target_outputs` input (distil.stored_target_outputs) the target is not loaded: its stored
+hidden states and head are, for the loss, ΔL and the held-out alpha."""
 
 from __future__ import annotations
 
@@ -22,7 +24,15 @@ from specdraft.pipeline.engine.artifacts import (
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.training import Collator, KDOptions, hidden_and_head, train_kd, write_json
+from specdraft.pipeline.training import (
+    Collator,
+    KDOptions,
+    StoredTargetOutputs,
+    hidden_and_head,
+    response_positions,
+    train_kd,
+    write_json,
+)
 
 
 def with_lora(model, lora_cfg):
@@ -66,13 +76,22 @@ class BestAlphaCheckpoint(TrainerCallback):
 
     FILE = "best_alpha.pt"
 
-    def __init__(self, teacher, held_out: list[dict], pad_id: int, every: int, temperature: float):
+    def __init__(
+        self,
+        teacher,
+        held_out: list[dict],
+        pad_id: int,
+        every: int,
+        temperature: float,
+        target_outputs: StoredTargetOutputs | None = None,
+    ):
         self.teacher, self.held_out, self.every, self.temperature = (
             teacher,
             held_out,
             every,
             temperature,
         )
+        self.target_outputs = target_outputs
         self.collate = Collator(pad_id)
         self.history: list[dict] = []
         self.best: tuple[float, int, dict] | None = None
@@ -83,17 +102,18 @@ class BestAlphaCheckpoint(TrainerCallback):
         for start in range(0, len(self.held_out), 16):
             batch = self.collate(self.held_out[start : start + 16])
             batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-            counted = batch["labels"][:, 1:] != -100
-            t_hidden, t_head = hidden_and_head(
-                self.teacher, batch["input_ids"], batch["attention_mask"]
-            )
+            counted = response_positions(batch)
+            if self.target_outputs is None:
+                t_hidden, t_head = hidden_and_head(
+                    self.teacher, batch["input_ids"], batch["attention_mask"]
+                )
+                t_hidden = t_hidden[:, :-1][counted]
+            else:
+                t_hidden = self.target_outputs.response_hidden(batch["rows"], counted)
+                t_head = self.target_outputs.head
             s_hidden, s_head = hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
             beta = token_acceptance(
-                s_hidden[:, :-1][counted],
-                s_head,
-                t_hidden[:, :-1][counted],
-                t_head,
-                self.temperature,
+                s_hidden[:, :-1][counted], s_head, t_hidden, t_head, self.temperature
             )  # (N,)
             total += float(beta.sum())
             count += beta.numel()
@@ -157,7 +177,11 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
     set_seed(seed)  # LoRA's initial adapters come from the global RNG: same seed, same draft
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
-    teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
+    stored = teacher = None
+    if "target_outputs" in inputs:
+        stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
+    else:
+        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
     selective = cfg.selection != "all"
     reference = (
         load_model_artifact(inputs["reference"], device, trust_remote_code=trust)
@@ -165,7 +189,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         else None
     )
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
-    check_vocabularies(teacher, model, reference)
+    check_vocabularies(stored.head if stored is not None else teacher, model, reference)
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -173,12 +197,19 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             f"distil: LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable} trainable parameters"
         )
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    if stored is not None:  # each sequence's index in what was stored (kept through the split)
+        sequences = sequences.add_column("row", list(range(len(sequences))))
     callbacks = []
     if cfg.eval_every:
         split = sequences.train_test_split(test_size=cfg.holdout, seed=seed)
         sequences = split["train"]
         checkpoint = BestAlphaCheckpoint(
-            teacher, list(split["test"]), tokenizer.pad_token_id, cfg.eval_every, cfg.temperature
+            teacher,
+            list(split["test"]),
+            tokenizer.pad_token_id,
+            cfg.eval_every,
+            cfg.temperature,
+            target_outputs=stored,
         )
         callbacks.append(checkpoint)
     options = KDOptions(
@@ -204,6 +235,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         options=options,
         callbacks=callbacks,
         ctx=ctx,
+        target_outputs=stored,
     )
     info: dict = {}
     if cfg.eval_every:
@@ -252,9 +284,12 @@ def selection_threshold(deltas: list[float], k: float, selection: str) -> float 
 
 
 def check_vocabularies(teacher, draft, reference=None) -> None:
-    """The loss compares distributions token by token: every model needs the target's vocabulary."""
+    """The loss compares distributions token by token: every model needs the target's vocabulary.
+    `teacher` is the target, or its (V, H) LM head weight when its outputs are stored."""
     sizes = {
-        "target": teacher.get_output_embeddings().weight.shape[0],
+        "target": (
+            teacher if isinstance(teacher, torch.Tensor) else teacher.get_output_embeddings().weight
+        ).shape[0],
         "draft": draft.get_output_embeddings().weight.shape[0],
     }
     if reference is not None:

@@ -1,5 +1,6 @@
 """Stage `reference`: AdaSPEC's reference model, the draft init distilled towards the target with
-forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline."""
+forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline.
+With a `target_outputs` input the target is not loaded: its stored hidden states and head are."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from specdraft.pipeline.engine.artifacts import (
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.training import KDOptions, train_kd, write_json
+from specdraft.pipeline.training import KDOptions, StoredTargetOutputs, train_kd, write_json
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
@@ -25,11 +26,27 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
     out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
-    teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
+    stored = None
+    teacher = None
+    if "target_outputs" in inputs:
+        stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
+    else:
+        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    if stored is not None:  # each sequence's index in what was stored
+        sequences = sequences.add_column("row", list(range(len(sequences))))
     history, _ = train_kd(
-        model, teacher, sequences, tokenizer, cfg.train, out, seed, options=KDOptions(), ctx=ctx
+        model,
+        teacher,
+        sequences,
+        tokenizer,
+        cfg.train,
+        out,
+        seed,
+        options=KDOptions(),
+        ctx=ctx,
+        target_outputs=stored,
     )
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
