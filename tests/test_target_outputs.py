@@ -232,3 +232,36 @@ def test_a_loaded_model_with_a_head_bias_or_logit_scale_is_refused():
     scaled.config.logits_scaling = 4.0
     with pytest.raises(PairError, match=r"the draft's logits .*logits_scaling = 4.0"):
         refuse_logit_transforms(scaled, "draft")
+
+
+def test_a_second_recipe_reuses_the_stored_outputs_and_the_first_round_reads_them(tmp_path):
+    """The tiny job's stages up to round 2, in this process; then again with a distil-only change
+    (another recipe): the run log says target_outputs was reused, not made again."""
+    from conftest import TINY
+
+    from specdraft.pipeline.engine.dag import execute
+    from specdraft.pipeline.sequences import load_sequences
+
+    wanted = {
+        "data", "target", "draft_init", "generate", "target_outputs", "reference", "distil",
+        "generate_r2", "target_outputs_r2", "distil_r2",
+    }  # fmt: skip
+    runs = []
+    for extra in ([], ["distil.k=0.7"]):
+        job = load_job(shipped_job("demo.yaml"), TINY + extra)
+        log: list[str] = []
+        stages = [s for s in build_stages(job) if s.name in wanted]
+        runs.append((execute(stages, tmp_path, use_ray=False, say=log.append), log))
+    (first, first_log), (second, second_log) = runs
+    made = first["target_outputs"].path
+    for stage in ("reference", "distil"):
+        assert first[stage].manifest["inputs"]["target_outputs"] == str(made)
+    assert first["distil_r2"].manifest["inputs"]["target_outputs"] == str(
+        first["target_outputs_r2"].path
+    )
+    assert first["target_outputs"].manifest["info"]["rows"] == len(
+        load_sequences(first["generate"].path)
+    )
+    assert any(line.startswith("target_outputs started") for line in first_log)
+    assert f"target_outputs reused   {made}" in second_log
+    assert second["distil"].path != first["distil"].path  # the recipe itself did run
