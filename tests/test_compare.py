@@ -89,13 +89,16 @@ def test_shared_stages_appear_once_and_evaluations_share_one_seed(tmp_path):
     for name in ("data", "target", "draft_init", "generate", "reference", "comparison"):
         assert stages[name].seed == 7
     assert "generate.offline.s3" not in stages  # same generation as the shared one
-    assert stages["distil.offline.s3"].deps[-1] == "generate"
+    assert stages["distil.offline.s3"].deps[-2:] == ("generate", "target_outputs")
     assert stages["generate.online.s4"].seed == 4
-    assert stages["distil.online.s4"].deps[-1] == "generate=generate.online.s4"
+    assert "generate=generate.online.s4" in stages["distil.online.s4"].deps
     assert stages["distil_r2.online.s4"].seed == 5  # round 2 of seed 4
     assert stages["evaluate.online.s4"].deps[-1] == "distil=distil_r2.online.s4"
     assert "generate.online_top.s4" not in stages  # the same generation as `online`'s
-    assert stages["distil.online_top.s4"].deps[-1] == "generate=generate.online.s4"
+    assert "generate=generate.online.s4" in stages["distil.online_top.s4"].deps
+    # recipes on the same sequences read the same stored target outputs
+    outputs = {d for d in stages["distil.online.s4"].deps if d.startswith("target_outputs")}
+    assert outputs == {d for d in stages["distil.online_top.s4"].deps if d.startswith("target_")}
     assert {s.seed for n, s in stages.items() if n.startswith("evaluate")} == {7}
     assert "offline.s3=evaluate.offline.s3" in stages["comparison"].deps
 
