@@ -2,8 +2,10 @@
 
 Serving stacks (vLLM, SGLang, TensorRT-LLM, HF assisted generation) feed the target's token ids to the
 draft and its logits back to the target, so the two must share one tokenizer (same size is not
-enough) and the same embedding size (vLLM rejects padded-vocab mismatches). Only configs and
-tokenizers are loaded, never weights.
+enough). Embedding sizes may differ in padding past the tokenizer's ids (Qwen2.5-7B has 152 064
+rows, Qwen2.5-0.5B 151 936 over one 151 665-token tokenizer): specdraft compares logits over the
+tokenizer's ids only, and the export pads the draft to the target's vocab_size, which vLLM
+requires. Only configs and tokenizers are loaded, never weights.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def format_report(report: PairReport, target: str, draft: str) -> str:
     lines = [f"target {target!r}, draft {draft!r}"]
     lines += [f"  {note}" for note in report.notes]
     if report.ok:
-        lines.append("OK: the draft shares the target's tokenizer and vocab_size.")
+        lines.append("OK: the draft shares the target's tokenizer.")
     else:
         count = len(report.problems)
         lines.append(
@@ -475,16 +477,35 @@ def _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length,
             "embedding sizes not compared"
         )
     elif target_vocab != draft_vocab:
-        report.problems.append(
-            f"vocab_size differs: target {target_vocab}, draft {draft_vocab} "
-            "(padded embeddings included)"
-        )
+        # Heads padded to different sizes over one tokenizer (Qwen2.5-7B 152 064 rows, -0.5B
+        # 151 936) are a pair: every logit consumer compares over the tokenizer's ids only, and
+        # the export pads the draft to the target's rows (vLLM wants equal vocab_size).
+        short = [
+            f"{side} {vocab}"
+            for side, vocab, tok in (
+                ("target", target_vocab, target_tok),
+                ("draft", draft_vocab, draft_tok),
+            )
+            if vocab < len(tok)
+        ]
+        if short:
+            report.problems.append(
+                f"vocab_size differs: target {target_vocab}, draft {draft_vocab}, and "
+                f"{' and '.join(short)} rows do not cover the tokenizer's {len(target_tok)} "
+                "tokens (padded embeddings included)"
+            )
+        else:
+            report.notes.append(
+                f"vocab_size differs (target {target_vocab}, draft {draft_vocab}) only in padding "
+                f"past the tokenizer's {len(target_tok)} tokens: logits are compared over those, "
+                "and the export pads the draft to the target's vocab_size"
+            )
     report.notes.append(f"vocab_size (embedding rows): target {target_vocab}, draft {draft_vocab}")
     for side, vocab, tok in (
         ("target", target_vocab, target_tok),
         ("draft", draft_vocab, draft_tok),
     ):
-        if vocab is not None and len(tok) > vocab:
+        if vocab is not None and len(tok) > vocab and target_vocab == draft_vocab:
             report.notes.append(
                 f"the {side}'s tokenizer has {len(tok)} tokens but its vocab_size is {vocab}: "
                 "ids past the embedding cannot be looked up"

@@ -352,6 +352,14 @@ class EvaluateConfig:
         "accept drafts independently (1 = one prompt at a time).",
         lo=1,
     )
+    tie_tolerance: float = opt(
+        0.02,
+        "Lossless check: a greedy speculative output that leaves the target-only one where both "
+        "tokens' target logits lie within tie_tolerance * max(1, |top logit|) of the top logit "
+        "(relative; 0.02 is ~5 bf16 steps of 2^-8) is a near tie, counted in "
+        "lossless_near_tie_rate, not a failure; 0 makes every difference fail.",
+        lo=0,
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 

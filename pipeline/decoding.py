@@ -36,6 +36,10 @@ stops drafting at eos, and output stops right after the first eos. All randomnes
 
 ``speculative_generate_batch`` decodes a left-padded batch with per-row acceptance; each row gets
 the tokens and counts that ``speculative_generate`` gives it alone (at temperature 0).
+
+``vocab`` (the tokenizer's length) keeps the first ``vocab`` logits of both models: heads padded
+past the tokenizer, to different sizes in target and draft (Qwen2.5-7B 152 064 rows, -0.5B
+151 936), are compared over the real ids, and a padding id is never drafted nor emitted.
 """
 
 from __future__ import annotations
@@ -206,8 +210,9 @@ def _crop_cache(cache: Any, length: int) -> None:
 class _CachedLM:
     """One model plus its KV cache; ``feed`` appends tokens and returns the last ``keep`` logits."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, vocab: int | None = None):
         self.model = model
+        self.vocab = vocab  # logits kept per position: the tokenizer's ids (None: all)
         self.cache: Any = None
         self.seconds = 0.0
         self.calls = 0
@@ -223,7 +228,7 @@ class _CachedLM:
         kwargs[self._cache_argument] = self.cache
         start = time.perf_counter()
         out = self.model(input_ids=input_ids, use_cache=True, **kwargs)
-        logits = out.logits[0, -keep:].float()
+        logits = out.logits[0, -keep:, : self.vocab].float()  # (keep, V)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         self.seconds += time.perf_counter() - start
@@ -352,10 +357,11 @@ class SpeculativeDecoder:
         temperature: float = 0.0,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        vocab: int | None = None,
     ):
         _check_args(input_ids, max_new_tokens, temperature)
         self.stats = SpecStats(gamma=gamma)
-        self.target, self.draft = _CachedLM(target), _CachedLM(draft)
+        self.target, self.draft = _CachedLM(target, vocab), _CachedLM(draft, vocab)
         self.tokens = input_ids.long()
         self.prompt_len = input_ids.shape[1]
         self.max_new_tokens = max_new_tokens
@@ -432,6 +438,7 @@ def speculative_generate(
     temperature: float = 0.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> tuple[torch.LongTensor, SpecStats]:
     """Generate up to ``max_new_tokens`` after the (1, T) prompt with speculative decoding.
 
@@ -447,6 +454,7 @@ def speculative_generate(
         temperature=temperature,
         eos_token_id=eos_token_id,
         generator=generator,
+        vocab=vocab,
     )
     while not decoder.finished:
         decoder.step()
@@ -462,11 +470,12 @@ def autoregressive_generate(
     temperature: float = 0.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> torch.LongTensor:
     """Target-only, KV-cached decoding with the conventions of ``speculative_generate``."""
     _check_args(input_ids, max_new_tokens, temperature)
     eos = _eos_ids(eos_token_id)
-    lm = _CachedLM(model)
+    lm = _CachedLM(model, vocab)
     emitted: list[int] = []
     pending = input_ids.long()
     while len(emitted) < max_new_tokens:
@@ -490,8 +499,11 @@ class _MaskedCachedLM:
     position ids (a row's position = its count of committed slots). Columns no row uses are cropped.
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int, device: torch.device, vocab: int | None
+    ):
         self.model = model
+        self.vocab = vocab  # logits kept per position: the tokenizer's ids (None: all)
         self.cache: Any = None
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
         self._logits_to_keep = _accepts_logits_to_keep(model)
@@ -527,7 +539,7 @@ class _MaskedCachedLM:
             use_cache=True,
             **kwargs,
         )
-        logits = out.logits[:, -keep:].float()  # (B, keep, V)
+        logits = out.logits[:, -keep:, : self.vocab].float()  # (B, keep, V)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
@@ -582,6 +594,7 @@ def speculative_generate_batch(
     temperature: float = 0.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> tuple[list[torch.LongTensor], list[SpecStats]]:
     """Speculative decoding of a left-padded (B, T) batch, each row accepting its own drafts.
 
@@ -603,8 +616,8 @@ def speculative_generate_batch(
     stats = [SpecStats(gamma=gamma) for _ in range(batch)]
     eos = _eos_ids(eos_token_id)
     active = [max_new_tokens > 0] * batch
-    tgt = _MaskedCachedLM(target, batch, device)
-    dft = _MaskedCachedLM(draft, batch, device)
+    tgt = _MaskedCachedLM(target, batch, device, vocab)
+    dft = _MaskedCachedLM(draft, batch, device, vocab)
 
     def charge(rows: list[int], seconds: float, model: str) -> None:
         for b in rows:
@@ -681,6 +694,7 @@ def autoregressive_generate_batch(
     temperature: float = 0.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> list[torch.LongTensor]:
     """Target-only, KV-cached decoding of a left-padded (B, T) batch: the batched baseline of
     ``speculative_generate_batch`` (same cache and masking). Returns the new tokens of each row;
@@ -692,7 +706,7 @@ def autoregressive_generate_batch(
     feed = _left_padded_rows(input_ids, attention_mask)
     batch, device = len(feed), input_ids.device
     eos = _eos_ids(eos_token_id)
-    lm = _MaskedCachedLM(model, batch, device)
+    lm = _MaskedCachedLM(model, batch, device, vocab)
     emitted: list[list[int]] = [[] for _ in range(batch)]
     active = [max_new_tokens > 0] * batch
     while any(active):

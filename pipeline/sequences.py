@@ -53,12 +53,19 @@ def plain_generation_config(
     )
 
 
-def generate_plain(model, input_ids, attention_mask, *, temperature: float, **settings):
+def generate_plain(
+    model, input_ids, attention_mask, *, temperature: float, vocab: int | None = None, **settings
+):
     """`model.generate` sampling from softmax(logits / T) alone. `generate` fills every setting a
     config leaves unset from the checkpoint's generation_config (repetition_penalty, min_p,
     no_repeat_ngram_size, num_beams, suppress_tokens, ...), which would bias the sequences and
-    alpha; an empty generation_config stands in for the checkpoint's during the call."""
+    alpha; an empty generation_config stands in for the checkpoint's during the call.
+    `vocab` (the tokenizer's length) leaves out the head's padding rows past it: softmax over the
+    real ids, as the decoder and alpha take it."""
     config = plain_generation_config(temperature, **settings)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if vocab is not None and rows > vocab:
+        config.suppress_tokens = list(range(vocab, rows))  # their logits become -inf
     checkpoint_config = model.generation_config
     model.generation_config = GenerationConfig()
     try:
@@ -102,6 +109,7 @@ def sample_responses(
             ids.to(device),
             attn.to(device),
             temperature=temperature,
+            vocab=len(tokenizer),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,

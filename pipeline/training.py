@@ -225,9 +225,11 @@ def train_cross_entropy(
     return history.rows
 
 
-def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
+def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None, vocab=None):
     """Final hidden states (B, T, H) and the LM head weight (V, H), without building logits.
-    Packed batches give `position_ids` and no `attention_mask` (see Collator).
+    Packed batches give `position_ids` and no `attention_mask` (see Collator). `vocab` (the
+    tokenizer's length) keeps the head's first `vocab` rows: heads padded past the tokenizer
+    (to different sizes in target and draft) are compared over the real ids only.
 
     A DistributedDataParallel model (Ray Train workers) must run its forward through the wrapper,
     which arms the gradient all-reduce: the whole model runs with no logits kept and a hook on the
@@ -253,7 +255,13 @@ def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
         finally:
             hook.remove()
         hidden = captured[0]
-    return hidden, base.get_output_embeddings().weight
+    return hidden, real_rows(base.get_output_embeddings().weight, vocab)
+
+
+def real_rows(head: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """The first `vocab` rows of a (V, H) LM head (a view: gradients reach the parameter), or all
+    of them when `vocab` is None. Rows past the tokenizer are padding no token id names."""
+    return head if vocab is None else head[:vocab]
 
 
 # The target_outputs stage's files: hidden-<i>-of-<n>.safetensors shards, each with `hidden`
@@ -304,7 +312,10 @@ class StoredTargetOutputs:
 
     def __init__(self, hidden: torch.Tensor, tokens: torch.Tensor, head: torch.Tensor):
         self.hidden = hidden  # (M, H)
-        self.offsets = [0, *torch.cumsum(tokens.long(), 0).tolist()]  # row r: offsets[r]..offsets[r+1]
+        self.offsets = [
+            0,
+            *torch.cumsum(tokens.long(), 0).tolist(),
+        ]  # row r: offsets[r]..offsets[r+1]
         self.head = head  # (V, H)
 
     @classmethod
@@ -470,6 +481,8 @@ class KDTrainer(Trainer):
     worker as with many.
     With `target_outputs` the teacher is not run: its hidden states for each batch are read from
     the stored ones (batches carry `rows`) and its head from them too; `teacher` may be None.
+    `vocab` (the tokenizer's length; train_kd passes it) keeps every head's first `vocab` rows,
+    so heads padded to different sizes past the tokenizer are compared over its ids only.
     """
 
     def __init__(
@@ -479,9 +492,11 @@ class KDTrainer(Trainer):
         reference=None,
         options: KDOptions | None = None,
         target_outputs: StoredTargetOutputs | None = None,
+        vocab: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.vocab = vocab  # the tokenizer's length: heads are compared over their first rows
         if teacher is None and target_outputs is None:
             raise ValueError("KD needs the teacher or its stored outputs")
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
@@ -503,7 +518,11 @@ class KDTrainer(Trainer):
         # the model's forward: bf16 has to be asked for here, for all three models.
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             hidden, head = hidden_and_head(
-                model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
+                model,
+                inputs["input_ids"],
+                inputs.get("attention_mask"),
+                inputs.get("position_ids"),
+                vocab=self.vocab,
             )
         return hidden[:, :-1][counted], head  # (N, H), (V, H)
 
@@ -513,7 +532,7 @@ class KDTrainer(Trainer):
             return self._response_hidden(self.teacher, inputs, grad=False)
         counted = response_positions(inputs)
         stored = self.target_outputs
-        return stored.response_hidden(inputs["rows"], counted), stored.head
+        return stored.response_hidden(inputs["rows"], counted), real_rows(stored.head, self.vocab)
 
     @torch.no_grad()
     def loss_gap(
@@ -629,6 +648,7 @@ def train_kd(
             reference=reference,
             options=options,
             target_outputs=target_outputs,
+            vocab=len(tokenizer),
         )
         _train(trainer, train_cfg, out, ctx)
     model.config.use_cache = cached  # the saved model generates with its cache

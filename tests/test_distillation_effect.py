@@ -76,6 +76,8 @@ def test_models_with_different_vocabularies_are_refused():
             )
         )
 
-    check_vocabularies(model(40), model(40), model(40))
-    with pytest.raises(InputError, match="reference 48"):
-        check_vocabularies(model(40), model(40), model(48))
+    check_vocabularies(model(40), model(40), model(40), vocab=40)
+    # padded past the tokenizer's 40 ids, to different sizes: one vocabulary over the first 40
+    check_vocabularies(model(48), model(40), model(44), vocab=40)
+    with pytest.raises(InputError, match="target 40, draft 48, reference 44 rows, and target"):
+        check_vocabularies(model(40), model(48), model(44), vocab=44)

@@ -142,12 +142,26 @@ def test_extra_added_token_in_the_target(tmp_path, bpe):
     assert report.problems == [f"1 added token only in the target: '<tool>' ({VOCAB})"]
 
 
-def test_padded_vocab_size_differs(tmp_path, bpe):
+def test_heads_padded_to_different_sizes_are_a_pair(tmp_path, bpe):
+    """Qwen2.5-7B (152 064 rows) and -0.5B (151 936) over one tokenizer: padding differs only."""
     target = save_model(tmp_path / "target", bpe, vocab_size=512)
     draft = save_model(tmp_path / "draft", bpe, vocab_size=576)
     report = check_pair(target, draft)
+    assert report.ok, report.problems
+    assert any(
+        n.startswith(f"vocab_size differs (target 512, draft 576) only in padding past the "
+                     f"tokenizer's {VOCAB} tokens")
+        for n in report.notes
+    )  # fmt: skip
+
+
+def test_vocab_size_below_the_tokenizer_is_refused(tmp_path, bpe):
+    target = save_model(tmp_path / "target", bpe, vocab_size=512)
+    draft = save_model(tmp_path / "draft", bpe, vocab_size=VOCAB - 1)
+    report = check_pair(target, draft)
     assert report.problems == [
-        "vocab_size differs: target 512, draft 576 (padded embeddings included)"
+        f"vocab_size differs: target 512, draft {VOCAB - 1}, and draft {VOCAB - 1} rows do not "
+        f"cover the tokenizer's {VOCAB} tokens (padded embeddings included)"
     ]
 
 

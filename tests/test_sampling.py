@@ -63,10 +63,15 @@ def plain_sample(model, prompt, steps, temperature, seed):
     return out
 
 
+class TinyTokenizer(SimpleNamespace):
+    def __len__(self) -> int:  # sample_responses samples over the tokenizer's ids
+        return VOCAB
+
+
 def sampled(model, temperature, seed):
     return sample_responses(
         model,
-        SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS),
+        TinyTokenizer(pad_token_id=PAD, eos_token_id=EOS),
         PROMPTS,
         max_new_tokens=12,
         temperature=temperature,

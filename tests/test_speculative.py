@@ -766,6 +766,11 @@ def eval_rows(n: int) -> list[dict]:
     ]
 
 
+class TinyTokenizer(SimpleNamespace):
+    def __len__(self) -> int:  # the evaluation compares logits over the tokenizer's ids
+        return V
+
+
 def run_evaluate(target, draft, rows, cfg: EvaluateConfig) -> dict:
     refs, seconds = target_only_greedy(
         target,
@@ -788,7 +793,7 @@ def test_task_shards_give_the_metrics_of_one_pass(llamas):
     `specdraft eval` does all tasks in one pass with the same functions: the same numbers."""
     target, drafts = llamas
     rows = eval_rows(8)
-    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=None)
+    tokenizer = TinyTokenizer(pad_token_id=PAD, eos_token_id=None)
     cfg = EvaluateConfig(gamma=3, temperature=1.0, max_new_tokens=6, batch_size=3)
     kwargs = dict(eos_id=None, pad_id=PAD, seed=5)
     tasks = task_indices(rows)
@@ -919,3 +924,113 @@ def test_tau_predicted():
     assert tau_predicted(0.0, 4) == 1.0 and tau_predicted(1.0, 4) == 5.0
     assert tau_predicted(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
     assert math.isnan(tau_predicted(math.nan, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads padded past the tokenizer, to different sizes in target and draft
+
+
+REAL = 40  # the tokenizer's ids; target head 64 rows (V), draft head 52
+
+
+def padded(logits_fn, rows: int, best_padding: int):
+    """`logits_fn`'s real logits, widened to `rows` with padding id `best_padding` the argmax."""
+
+    def fn(prefix):
+        out = torch.full((rows,), -5.0)
+        out[:REAL] = 4 * logits_fn(prefix)[:REAL]  # one real token with p ~ 1 - 1e-16 at T = 1
+        out[best_padding] = 80.0  # a padded row that would win any argmax or sample it were in
+        return out
+
+    return fn
+
+
+def count_up_real(prefix):
+    return one_hot_logits((int(prefix[-1]) + 1) % REAL)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_padding_rows_are_never_drafted_nor_emitted(temperature):
+    target = StubLM(padded(count_up_real, V, best_padding=60))
+    draft = StubLM(padded(count_up_real, 52, best_padding=45))
+    prompt = torch.tensor([[5, 9, 3]])
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(max_new_tokens=12, temperature=temperature, generator=generator, vocab=REAL)
+    spec, stats = speculative_generate(target, draft, prompt, gamma=3, **kwargs)
+    alone = autoregressive_generate(target, prompt, **kwargs)
+    batch, _ = speculative_generate_batch(target, draft, prompt.repeat(2, 1), gamma=3, **kwargs)
+    expected = [(4 + i) % REAL for i in range(12)]
+    assert spec.tolist() == alone.tolist() == expected
+    assert all(row.tolist() == expected for row in batch)
+    assert stats.accepted == stats.drafted  # over the real ids the two models agree
+    # without `vocab` the padding rows win: what the slicing prevents
+    assert speculative_generate(target, draft, prompt, gamma=3, max_new_tokens=2)[0][0] == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# The lossless check and near ties
+
+
+class BlockAwareStub(StubLM):
+    """A stub whose logits may depend on how many tokens a call feeds, as bf16 logits differ
+    between a one-token decoding step and a verification block."""
+
+    def __init__(self, logits_fn):
+        super().__init__(logits_fn)
+        self.device_anchor = torch.nn.Parameter(torch.zeros(1))  # the evaluation reads a device
+
+    def forward(self, input_ids, **kw):
+        self.block = input_ids.shape[1]
+        return super().forward(input_ids, **kw)
+
+
+def tie_after_seven(stub: BlockAwareStub, delta: float):
+    """count_up, except that after token 7 tokens 8 and 20 are tied up to `delta`: 20 wins by
+    delta in a call feeding several tokens, 8 by delta in a one-token step."""
+
+    def fn(prefix):
+        logits = count_up(prefix)
+        if int(prefix[-1]) == 7:
+            logits[20] = logits[8] + (delta if stub.block > 1 else -delta)
+        return logits
+
+    return fn
+
+
+def tie_run(delta: float, tolerance: float) -> dict:
+    target = BlockAwareStub(lambda p: p)
+    target.logits_fn = tie_after_seven(target, delta)
+    rows = [{"prompt": "p", "prompt_ids": [5, 6], "task": "a"}]
+    cfg = EvaluateConfig(
+        gamma=3, temperature=0.0, max_new_tokens=6, batch_size=1, tie_tolerance=tolerance
+    )
+    refs, seconds = target_only_greedy(
+        target, [[5, 6]], batch_size=1, max_new_tokens=6, eos_id=None, pad_id=PAD
+    )
+    assert refs == [[7, 8, 9, 10, 11, 12]]  # one-token steps: 8 wins the tie
+    return spec_decoding(
+        target,
+        StubLM(count_up),
+        rows,
+        cfg,
+        eos_id=None,
+        pad_id=PAD,
+        seed=0,
+        greedy_references=refs,
+        target_only_seconds=seconds,
+    )
+
+
+def test_an_exact_tie_broken_the_other_way_is_reported_not_raised():
+    # the verification block picks 20 over the drafted 8 by 1e-3: the outputs part there
+    metrics = tie_run(delta=1e-3, tolerance=0.02)
+    assert metrics["lossless_greedy"] is True
+    assert metrics["lossless_near_tie_mismatches"] == 1
+    assert metrics["lossless_near_tie_rate"] == 1.0
+
+
+def test_a_clear_mismatch_still_raises():
+    with pytest.raises(LosslessError, match="tie_tolerance=0.02"):
+        tie_run(delta=3.0, tolerance=0.02)  # 3.0 apart at a top logit of 10: no tie
+    with pytest.raises(LosslessError, match="1 prompt"):
+        tie_run(delta=1e-3, tolerance=0.0)  # tolerance 0: every difference fails

@@ -258,7 +258,13 @@ def format_table(metrics: dict) -> str:
         f"cost ratio c {fmt(metrics['cost_ratio'], '.3f')}; greedy speedup over target-only "
         f"{fmt(metrics['speedup'], '.2f')}x measured, {fmt(metrics['speedup_predicted'], '.2f')}x "
         f"predicted (batch size {metrics['batch_size']}, {metrics['num_prompts']} prompts)",
-        f"lossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}",
+        f"lossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}"
+        + (
+            f" ({metrics['lossless_near_tie_mismatches']} prompt(s) parted at a near tie of the "
+            "target's top logits, within evaluate.tie_tolerance)"
+            if metrics.get("lossless_near_tie_mismatches")
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

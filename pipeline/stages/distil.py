@@ -29,6 +29,7 @@ from specdraft.pipeline.training import (
     KDOptions,
     StoredTargetOutputs,
     hidden_and_head,
+    real_rows,
     response_positions,
     train_kd,
     write_json,
@@ -84,7 +85,9 @@ class BestAlphaCheckpoint(TrainerCallback):
         every: int,
         temperature: float,
         target_outputs: StoredTargetOutputs | None = None,
+        vocab: int | None = None,
     ):
+        self.vocab = vocab  # the tokenizer's length: heads compared over their first rows
         self.teacher, self.held_out, self.every, self.temperature = (
             teacher,
             held_out,
@@ -105,13 +108,15 @@ class BestAlphaCheckpoint(TrainerCallback):
             counted = response_positions(batch)
             if self.target_outputs is None:
                 t_hidden, t_head = hidden_and_head(
-                    self.teacher, batch["input_ids"], batch["attention_mask"]
+                    self.teacher, batch["input_ids"], batch["attention_mask"], vocab=self.vocab
                 )
                 t_hidden = t_hidden[:, :-1][counted]
             else:
                 t_hidden = self.target_outputs.response_hidden(batch["rows"], counted)
-                t_head = self.target_outputs.head
-            s_hidden, s_head = hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
+                t_head = real_rows(self.target_outputs.head, self.vocab)
+            s_hidden, s_head = hidden_and_head(
+                model, batch["input_ids"], batch["attention_mask"], vocab=self.vocab
+            )
             beta = token_acceptance(
                 s_hidden[:, :-1][counted], s_head, t_hidden, t_head, self.temperature
             )  # (N,)
@@ -189,7 +194,9 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         else None
     )
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
-    check_vocabularies(stored.head if stored is not None else teacher, model, reference)
+    check_vocabularies(
+        stored.head if stored is not None else teacher, model, reference, vocab=len(tokenizer)
+    )
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -210,6 +217,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             cfg.eval_every,
             cfg.temperature,
             target_outputs=stored,
+            vocab=len(tokenizer),
         )
         callbacks.append(checkpoint)
     options = KDOptions(
@@ -283,8 +291,9 @@ def selection_threshold(deltas: list[float], k: float, selection: str) -> float 
     return ordered[max(0, min(len(ordered), math.ceil(k * len(ordered))) - 1)]
 
 
-def check_vocabularies(teacher, draft, reference=None) -> None:
-    """The loss compares distributions token by token: every model needs the target's vocabulary.
+def check_vocabularies(teacher, draft, reference=None, *, vocab: int) -> None:
+    """The loss compares distributions token by token over the tokenizer's `vocab` ids: every
+    model's head needs a row for each (rows past them are padding, and may differ in number).
     `teacher` is the target, or its (V, H) LM head weight when its outputs are stored."""
     sizes = {
         "target": (
@@ -294,9 +303,11 @@ def check_vocabularies(teacher, draft, reference=None) -> None:
     }
     if reference is not None:
         sizes["reference"] = reference.get_output_embeddings().weight.shape[0]
-    if len(set(sizes.values())) > 1:
+    short = {k: v for k, v in sizes.items() if v < vocab}
+    if short:
         raise InputError(
-            "the models' vocabularies differ ("
+            "the models' LM heads have "
             + ", ".join(f"{k} {v}" for k, v in sizes.items())
-            + "): distillation compares next-token distributions over one vocabulary"
+            + f" rows, and {', '.join(short)} fewer than the tokenizer's {vocab} tokens: "
+            "distillation compares next-token distributions over the tokenizer's vocabulary"
         )

@@ -8,7 +8,8 @@
   real speculative decoding with `gamma` drafted tokens at the evaluation temperature, in batches
   of `batch_size` prompts whose rows accept independently.
 - `*_greedy`: the same at temperature 0, where the output must equal target-only greedy decoding
-  token for token (`lossless_greedy`); a mismatch fails the stage. The greedy runs are timed
+  token for token (`lossless_greedy`); a mismatch fails the stage, unless it is a near tie of the
+  target's top logits (evaluate.tie_tolerance): those are counted. The greedy runs are timed
   against target-only decoding of the same prompts at the same batch size (`speedup`).
 
 Real speculative decoding is measured in pipeline/spec_runs.py; `specdraft eval`
@@ -71,19 +72,24 @@ DEFINITIONS = {
     "speedup": "wall seconds of target-only greedy decoding / wall seconds of greedy speculative "
     "decoding, same prompts, same batch_size, same machine",
     "speedup_predicted": "tau_greedy / (cost_ratio * gamma + 1)",
-    "lossless_greedy": "greedy speculative output equals target-only greedy output token for token",
+    "lossless_greedy": "greedy speculative output equals target-only greedy output token for "
+    "token, or leaves it only at a near tie (both tokens' target logits within tie_tolerance * "
+    "max(1, |top logit|) of the top logit)",
+    "lossless_near_tie_mismatches": "spec prompts whose greedy output left the target-only one at "
+    "a near tie (bf16 rounding breaks exact ties either way); lossless_near_tie_rate: their share",
 }
 
 
 @torch.no_grad()
 def position_acceptance(
-    target, draft, batch: dict, temperature: float
+    target, draft, batch: dict, temperature: float, vocab: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """β (N,) and top-1 agreement (N,) at every response position of a padded batch."""
+    """β (N,) and top-1 agreement (N,) at every response position of a padded batch, over the
+    first `vocab` (the tokenizer's length) logits of both heads."""
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     counted = labels[:, 1:] != -100
-    t_hidden, t_head = hidden_and_head(target, ids, attn)
-    d_hidden, d_head = hidden_and_head(draft, ids, attn)
+    t_hidden, t_head = hidden_and_head(target, ids, attn, vocab=vocab)
+    d_hidden, d_head = hidden_and_head(draft, ids, attn, vocab=vocab)
     t_hidden, d_hidden = t_hidden[:, :-1][counted], d_hidden[:, :-1][counted]  # (N, H)
     agree = token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature=0)  # (N,)
     if temperature == 0:
@@ -105,7 +111,7 @@ def _acceptance_summary(beta: list[float], agree: list[float]) -> dict:
 
 
 def analytic_values(
-    target, draft, sequences: list[dict], pad_id: int, temperature: float
+    target, draft, sequences: list[dict], pad_id: int, temperature: float, vocab=None
 ) -> tuple[dict, list[dict]]:
     """β and agreement at every response position, by (task, position bucket), and per sequence
     their means (the rows paired comparisons read)."""
@@ -118,7 +124,7 @@ def analytic_values(
     for start in range(0, len(sequences), 16):
         chunk = sequences[start : start + 16]
         batch = collate(chunk)
-        beta, agree = position_acceptance(target, draft, batch, temperature)
+        beta, agree = position_acceptance(target, draft, batch, temperature, vocab)
         counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
         beta, agree = beta.tolist(), agree.tolist()
         offset = 0
@@ -215,6 +221,7 @@ class PromptSet:
     spec_rows: list[dict]
     references: list[list[int]]
     target_only_seconds: float
+    vocab: int | None = None  # the tokenizer's length: logits compared over its ids only
 
 
 def prompt_sets(
@@ -252,9 +259,10 @@ def prompt_sets(
             max_new_tokens=cfg.max_new_tokens,
             eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id,
+            vocab=len(tokenizer),
         )
         sequences = continuation_sequences(task_rows, continuations)
-        sets.append(PromptSet(index, sequences, spec_rows, references, seconds))
+        sets.append(PromptSet(index, sequences, spec_rows, references, seconds, len(tokenizer)))
     return sets
 
 
@@ -289,7 +297,9 @@ def judge_draft(
     by seed and the set's task index)."""
     runs = DraftRuns()
     for s in sets:
-        values, alpha_rows = analytic_values(target, draft, s.sequences, pad_id, cfg.temperature)
+        values, alpha_rows = analytic_values(
+            target, draft, s.sequences, pad_id, cfg.temperature, s.vocab
+        )
         spec = spec_runs(
             target,
             draft,
@@ -300,6 +310,7 @@ def judge_draft(
             seed=seed * TASK_SEED_STRIDE + s.index,
             greedy_references=s.references,
             desc=desc,
+            vocab=s.vocab,
         )
         runs.merge(DraftRuns(values, alpha_rows, spec))
     return runs

@@ -71,8 +71,10 @@ def run(cfg: ExportConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
 def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
     """Write the servable draft directory from a run's distil, target, evaluate and data artifacts."""
     model = load_causal_lm(model_location(inputs["distil"]), dtype=dtype)
-    model.save_pretrained(draft_dir, safe_serialization=True)
+    draft_dir.mkdir(parents=True, exist_ok=True)
     copy_tokenizer_files(model_location(inputs["target"]), draft_dir)
+    match_target_vocab_size(model, target_vocab_size(model_location(inputs["target"])), draft_dir)
+    model.save_pretrained(draft_dir, safe_serialization=True)
     adapter = inputs["distil"] / "adapter"
     if adapter.exists():  # kept beside the merged weights for users who want the adapter itself
         shutil.copytree(adapter, draft_dir / "adapter")
@@ -95,6 +97,40 @@ def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
         )
     )
     readable_like_other_files(draft_dir)
+
+
+def target_vocab_size(target: str) -> int:
+    """The target's embedding rows (config vocab_size, padding included)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(target).get_text_config().vocab_size)
+
+
+def match_target_vocab_size(model, rows: int, tokenizer_dir: Path) -> None:
+    """Give the draft the target's `rows` embedding and LM-head rows: vLLM's draft_model refuses a
+    vocab_size that differs from the target's, while target and draft may be padded to different
+    sizes past their one tokenizer (Qwen2.5-7B 152 064 rows, Qwen2.5-0.5B 151 936).
+
+    Rows past the draft's are zero; rows past the target's are dropped (the pair check made sure
+    both cover the tokenizer, so only padding goes). A zero head row gives the logit 0 exactly and
+    no text encodes to its id; specdraft never drafts one (it compares over the tokenizer's ids),
+    and should a serving engine's draft propose one, the target's verification rejects it, so the
+    output stays the target's and the cost is one drafted token."""
+    import torch
+    from transformers import AutoTokenizer
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if rows == old:
+        return
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    if rows < vocab:
+        raise ValueError(
+            f"the target has {rows} embedding rows, fewer than its tokenizer's {vocab} tokens"
+        )
+    model.resize_token_embeddings(rows, mean_resizing=False)  # config.vocab_size follows
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:].zero_()
+        model.get_output_embeddings().weight[old:].zero_()  # the same tensor when tied
 
 
 def readable_like_other_files(folder: Path) -> None:
