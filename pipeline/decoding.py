@@ -57,6 +57,7 @@ __all__ = [
     "SpeculativeDecoder",
     "autoregressive_generate",
     "autoregressive_generate_batch",
+    "left_padded",
     "speculative_generate",
     "speculative_generate_batch",
 ]
@@ -557,6 +558,20 @@ class _MaskedCachedLM:
         length = int(used[-1]) + 1 if len(used) else 0
         _crop_cache(self.cache, length)
         self.slot_mask = self.slot_mask[:, :length]
+
+
+def left_padded(
+    rows: list[list[int]], pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch, as generation needs: ids (B, T) and mask (B, T);
+    `_left_padded_rows` is its inverse."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[b, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _left_padded_rows(

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from specdraft.pipeline.decoding import left_padded
 from specdraft.pipeline.engine.artifacts import read_manifest
 from specdraft.pipeline.training import encode_example
 
@@ -98,16 +99,12 @@ def sample_responses(
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):
         torch.manual_seed(seed * 1_000_003 + first_index + start)
         batch = encoded[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, row in enumerate(batch):  # left padding, as generation needs
-            ids[i, width - len(row) :] = torch.tensor(row)
-            attn[i, width - len(row) :] = 1
+        ids, attn = left_padded(batch, tokenizer.pad_token_id, device)
+        width = ids.shape[1]
         out = generate_plain(
             model,
-            ids.to(device),
-            attn.to(device),
+            ids,
+            attn,
             temperature=temperature,
             vocab=len(tokenizer),
             max_new_tokens=max_new_tokens,

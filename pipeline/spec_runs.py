@@ -18,6 +18,7 @@ from specdraft.pipeline.decoding import (
     SpecStats,
     autoregressive_generate,
     autoregressive_generate_batch,
+    left_padded,
     speculative_generate,
     speculative_generate_batch,
 )
@@ -70,16 +71,6 @@ def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int) -> list[
     return [[order[i] for i in batch] for batch in _batches(len(order), batch_size)]
 
 
-def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = torch.tensor(row)
-        mask[b, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -111,7 +102,7 @@ def target_only_greedy(
                 )
             ]
         else:
-            ids, mask = _left_padded([prompt_ids[i] for i in batch], pad_id, device)
+            ids, mask = left_padded([prompt_ids[i] for i in batch], pad_id, device)
             outs = autoregressive_generate_batch(
                 target, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id, vocab=vocab
             )
@@ -139,7 +130,7 @@ def _speculative(
             target, draft, torch.tensor([rows[0]], device=device), **kwargs
         )
         return [out.tolist()], [stats]
-    ids, mask = _left_padded(rows, pad_id, device)
+    ids, mask = left_padded(rows, pad_id, device)
     outs, stats = speculative_generate_batch(target, draft, ids, mask, **kwargs)
     return [o.tolist() for o in outs], stats
 
