@@ -7,6 +7,9 @@ continuations (pipeline/commands/compare_recipes.py gives them one seed), so pro
 recipe: the test takes, per prompt, each recipe's value averaged over its seeds, and flips the signs
 of the per-prompt differences to the baseline at random (a paired permutation test; exact when
 there are few prompts). Means and std are of the per-seed metrics as `evaluate` reports them.
+
+Reads: `shared` and every `<recipe>.s<seed>` evaluation
+Writes: `results.json`, `results.md`, `report/`
 """
 
 from __future__ import annotations

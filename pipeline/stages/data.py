@@ -1,4 +1,9 @@
-"""Stage `data`: the task suite (train and eval splits) and, for the toy world, its tokenizer."""
+"""Stage `data`: the task suite (train and eval splits) and, for the toy world, its tokenizer.
+
+Reads: nothing from the store (the toy world, or `data.source`)
+Writes: `dataset/` (train and eval splits: prompt, response, task), `tokenizer/` (toy world); info
+`max_length`, `chat_template`, `tasks`, `splits`, `vocab_size`, `has_responses`, `source`
+"""
 
 from __future__ import annotations
 

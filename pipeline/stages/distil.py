@@ -2,7 +2,12 @@
 the top-k fraction per micro-batch is kept and the draft (LoRA adapters by default) is trained with
 the configured divergence on those tokens only. Adapters are merged for the saved model.
 With a `target_outputs` input (distil.stored_target_outputs) the target is not loaded: its stored
-hidden states and head are, for the loss, ΔL and the held-out alpha."""
+hidden states and head are, for the loss, ΔL and the held-out alpha.
+
+Reads: `data`, `target` (or `target_outputs`), `draft_init`, `reference`, `generate`
+Writes: `model/` (adapters merged), `adapter/`, `history.json`, `alpha_history.json`,
+`selection.json`; info `model`, `adapter`, `best_alpha`, `best_step`, `kept_fraction`
+"""
 
 from __future__ import annotations
 

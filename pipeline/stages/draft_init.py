@@ -1,6 +1,11 @@
 """Stage `draft_init`: the toy draft pre-trained briefly with cross-entropy on whole sequences
 (the off-the-shelf small model a user would start from), the given model (a GGUF dequantised into a
-safetensors directory), or the target's own first layers (`from_target_layers`)."""
+safetensors directory), or the target's own first layers (`from_target_layers`).
+
+Reads: `data`; `target` with `from_target_layers`
+Writes: `model/` and `history.json` (toy world), `model/` (GGUF or a layer cut), else nothing; info
+`model`, `dtype`, `attn_implementation`, `parameters`
+"""
 
 from __future__ import annotations
 

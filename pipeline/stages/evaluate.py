@@ -14,6 +14,9 @@
 
 Real speculative decoding is measured in pipeline/spec_runs.py; `specdraft eval`
 (pipeline/commands/eval_pair.py) evaluates one target/draft pair with the same functions.
+
+Reads: `data`, `target`, `draft_init`, `reference`, `distil`
+Writes: `metrics.json` (the definitions below), `per_prompt.json`
 """
 
 from __future__ import annotations

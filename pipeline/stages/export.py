@@ -1,6 +1,10 @@
 """Stage `export`: the distilled draft as a plain HF causal-LM directory that serving stacks load:
 merged safetensors weights, config.json, generation_config.json, the target's tokenizer files and a
-model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`."""
+model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`.
+
+Reads: `data`, `target`, `draft_init`, `distil`, `evaluate`
+Writes: `draft/` (the servable directory); info `draft`, `adapter`, `dtype`
+"""
 
 from __future__ import annotations
 

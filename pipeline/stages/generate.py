@@ -1,6 +1,11 @@
 """Stage `generate`: training sequences for distillation. On-policy by default: the draft samples
 responses to training prompts. A mixture is one flag away: `dataset_fraction` of the prompts keep the
-dataset's responses, `draft_fraction` are answered by the draft and the rest by the target."""
+dataset's responses, `draft_fraction` are answered by the draft and the rest by the target.
+
+Reads: `data` (prompts), `target` and `draft_init` (their models and the target's tokenizer)
+Writes: `sequences/` (input_ids, response_mask, prompt, response, task, source); info `sequences`,
+`from_draft`, `from_target`, `from_dataset`, `mean_response_tokens`
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Stage `reference`: AdaSPEC's reference model, the draft init distilled towards the target with
 forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline.
-With a `target_outputs` input the target is not loaded: its stored hidden states and head are."""
+With a `target_outputs` input the target is not loaded: its stored hidden states and head are.
+
+Reads: `data`, `target` (or `target_outputs`), `draft_init`, `generate`
+Writes: `model/`, `history.json`; info `model`, `final_loss`
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Stage `report`: the self-contained HTML report and Markdown summary of a run."""
+"""Stage `report`: the self-contained HTML report and Markdown summary of a run.
+
+Reads: `target`, `draft_init`, `reference`, `distil`, `evaluate`
+Writes: `report/` (index.html, summary.md)
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """Stage `target`: the toy target fine-tuned on the task suite (SFT, answer tokens only), or the given
-model (a GGUF dequantised into a safetensors directory)."""
+model (a GGUF dequantised into a safetensors directory).
+
+Reads: `data` (toy world: its dataset and tokenizer)
+Writes: `model/` and `history.json` (toy world or GGUF), else nothing; info `model` (a directory in
+the artifact or the user's path/id), `dtype`, `attn_implementation`, `parameters`
+"""
 
 from __future__ import annotations
 

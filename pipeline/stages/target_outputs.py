@@ -4,7 +4,11 @@ beside its LM head, so that `reference`, every `distil` round and every recipe o
 read them instead of running the target at each step (training.StoredTargetOutputs).
 
 Only the positions the KD loss uses are kept: those whose next token is a response token, in the
-order the trainer takes them. Stored in bf16 when every stage reading them trains in bf16."""
+order the trainer takes them. Stored in bf16 when every stage reading them trains in bf16.
+
+Reads: `target` (its model), `generate` (the sequences)
+Writes: sharded safetensors of the target's final hidden states and its LM head
+"""
 
 from __future__ import annotations
 
