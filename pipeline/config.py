@@ -271,6 +271,48 @@ class DistilConfig:
     )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
     lk_eta: float = opt(3.0, "η of the LK hybrid.", lo=0)
+    lk_alpha: str = opt(
+        "token",
+        "α of the LK hybrid's λ = exp(−η·sg(α)): `token`, each token's own β = Σ min(p, q) "
+        "(λ per token), or `batch`, the mean β over every response token of the optimizer "
+        "step (accumulation window and workers; one λ per step, an extra no-grad forward of "
+        "draft and target per micro-batch). RESEARCH.md gives λ = exp(−η·sg(α)) without saying "
+        "over what α is taken; `token` is what specdraft has always run. Only with divergence=lk.",
+        choices=["token", "batch"],
+    )
+    position_weighting: str = opt(
+        "none",
+        "Per-token loss weights from the draft's own acceptance β_t = Σ min(p, q) at "
+        "`temperature` (stop-gradient), in γ-token blocks from each response's first token "
+        "(γ = block_size; token t at offset j = (t − start) mod γ). `reach` (D-PACE's soft "
+        "reach weighting; Spec-AUF's hard cut after the first predicted failure is its 0/1 "
+        "version): w_t = Π_{i<j} β_{t−j+i}, the chance the draft's block reaches t, 1 for a "
+        "block's first token. `accept_length` (our variant toward acceptance length, in the "
+        "spirit of PARD-2, whose own weights RESEARCH.md does not describe): w_t = ∂τ/∂β_t with "
+        "τ = Σ_{l<m} Π_{i≤l} β_i the block's expected accepted drafts, i.e. reach_t · (1 + "
+        "β_{t+1} + β_{t+1}β_{t+2} + …) to the block's end (weights up to γ). The weighted sum "
+        "is divided as `normalize` says; not with divergence=ce (no target distribution).",
+        choices=["none", "reach", "accept_length"],
+    )
+    block_size: int = opt(
+        4, "γ of position_weighting's blocks (evaluate.gamma's default).", lo=1, hi=64
+    )
+    k_search: list[float] = opt(
+        [],
+        "AdaSPEC's k chosen by held-out alpha: for each k here (in (0, 1]) a trial trains "
+        "ceil(k_search_fraction · train.steps) steps from the initial draft with that k, and the "
+        "k whose final held-out alpha (eval_every's held-out sequences) is best trains the full "
+        "budget (ties: the first listed). Empty: the fixed `k`. Needs selection top/bottom and "
+        "eval_every > 0; the choice is in the manifest (k, k_search) and k_search.json.",
+    )
+    k_search_fraction: float = opt(
+        0.25,
+        "Share of train.steps each k_search trial trains (its own cosine schedule); a search "
+        "over n values costs (1 + n · this) times the steps of one training.",
+        lo=0,
+        hi=1,
+        lo_open=True,
+    )
     fused_loss: bool = opt(
         True,
         "Chunked KD loss that never builds (tokens × vocab) logits; false = plain logits (benchmarks).",
@@ -451,6 +493,14 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
             return value
         problems.append(f"{key}: expected a string without NUL characters, got {value!r}")
         return None
+    if typing.get_args(typ) == (float,) and typing.get_origin(typ) is list:
+        if isinstance(value, str):  # `a,b` from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            numbers = [_coerce(v, float, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+            return None if None in numbers else numbers
+        problems.append(f"{key}: expected a list of numbers, got {value!r}")
+        return None
     if typ is list or typing.get_origin(typ) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -604,6 +654,7 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"distil.later_rounds: {cfg.distil.later_rounds} sets how rounds 2..R generate; "
             "with distil.rounds=1 there are none (raise rounds, or leave it at `same`)"
         )
+    _objective_checks(cfg.distil, problems)
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"
@@ -619,6 +670,40 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"name: {cfg.name!r} must be a plain directory name (printable, no / or \\, not "
             "starting with a dot, at most 100 characters)"
         )
+
+
+def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:
+    """The acceptance-aware objectives against the divergence and selection they need."""
+    if distil.position_weighting != "none" and distil.divergence == "ce":
+        problems.append(
+            f"distil.position_weighting={distil.position_weighting} with distil.divergence=ce: the "
+            "weights come from the draft's acceptance Σ min(p, q) against the target, which ce "
+            "does not read; use fkl, rkl, jsd, tvd or lk, or position_weighting=none"
+        )
+    if distil.lk_alpha != "token" and distil.divergence != "lk":
+        problems.append(
+            f"distil.lk_alpha={distil.lk_alpha} with distil.divergence={distil.divergence}: "
+            "lk_alpha sets the LK hybrid's α; set divergence=lk or lk_alpha=token"
+        )
+    grid = distil.k_search
+    if grid and distil.selection == "all":
+        problems.append(
+            f"distil.k_search {grid} with distil.selection=all: k is the share top/bottom "
+            "selection keeps; set selection=top (or bottom), or k_search=[]"
+        )
+    if grid and not distil.eval_every:
+        problems.append(
+            f"distil.k_search {grid} with distil.eval_every=0: k is chosen by held-out alpha, "
+            "and eval_every=0 holds nothing out; set eval_every > 0, or k_search=[]"
+        )
+    outside = [k for k in grid if not 0 < k <= 1]
+    if outside:
+        problems.append(
+            f"distil.k_search: {outside} outside (0, 1]: each value is a share of tokens kept "
+            f"(distil.selection={distil.selection})"
+        )
+    if len(set(grid)) != len(grid):
+        problems.append(f"distil.k_search: {grid} lists a value twice")
 
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from specdraft.kernels import acceptance_from_tv, fused_kd_loss, kd_divergence_from_logits
+from specdraft.kernels import (
+    acceptance_from_tv,
+    fused_kd_loss,
+    kd_divergence_from_logits,
+    token_acceptance,
+)
 from specdraft.pipeline.engine.artifacts import StageContext, atomic_write_text
 
 
@@ -393,23 +398,94 @@ class KDOptions:
     scope: str = "microbatch"  # microbatch | global
     normalize: str = "all"  # all | kept
     fused: bool = True  # False: full (N, V) logits of both models (the unfused baseline)
+    lk_alpha: str = "token"  # LK hybrid's α: each token's β, or the window's mean β (`batch`)
+    position_weighting: str = "none"  # none | reach | accept_length (see position_weights)
+    block_size: int = 4  # γ of the blocks position weighting counts in
+
+
+def response_block_offsets(counted: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(N,) long: each response position's offset j = (t − start) mod γ in its γ-token block,
+    `start` the first position of its response (a run of `counted` positions in a row; packed
+    sequences are apart by their first token, never counted). `counted` (B, T-1) is
+    response_positions; the order is the KD loss's (row by row)."""
+    before = torch.zeros_like(counted[:, :1])
+    previous = torch.cat([before, counted[:, :-1]], dim=1)  # (B, T-1)
+    index = torch.arange(counted.shape[1], device=counted.device).expand_as(counted)
+    starts = torch.where(counted & ~previous, index, torch.zeros_like(index))
+    start = torch.cummax(starts, dim=1).values  # (B, T-1): the start of the run each t is in
+    return ((index - start) % block_size)[counted]
+
+
+def block_reach_weights(beta: torch.Tensor, offsets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """w_t = Π_{i<j} β_{t−j+i} (N,): the chance that the draft, drafting the γ-token block of
+    token t (offset j), has had its j earlier drafts accepted and so reaches t. 1 for a block's
+    first token. `beta` (N,) is each position's acceptance Σ min(p, q)."""
+    weights = torch.ones_like(beta)
+    for shift in range(1, min(block_size, beta.numel())):
+        in_block = offsets[shift:] >= shift  # token t − shift is in t's block
+        weights[shift:] *= torch.where(in_block, beta[:-shift], torch.ones_like(beta[:-shift]))
+    return weights
+
+
+def acceptance_length_weights(
+    beta: torch.Tensor, offsets: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """w_t = ∂τ/∂β_t (N,), τ = Σ_{j<m} Π_{i≤j} β_i the expected accepted drafts of t's block
+    (m ≤ γ tokens): reach_t · (1 + β_{t+1} + β_{t+1}β_{t+2} + … to the block's end). With the
+    tvd loss 1 − β the weighted gradient is −∇τ: training towards acceptance length."""
+    follows = offsets[1:] != 0  # (N-1,): token t + 1 continues t's block
+    rest = torch.ones_like(beta)  # 1 + expected accepted drafts after t, given t is accepted
+    for _ in range(block_size - 1):
+        longer = torch.ones_like(beta)
+        longer[:-1] += torch.where(follows, beta[1:] * rest[1:], torch.zeros_like(rest[1:]))
+        rest = longer
+    return block_reach_weights(beta, offsets, block_size) * rest
+
+
+def position_weights(
+    beta: torch.Tensor, offsets: torch.Tensor, mode: str, block_size: int
+) -> torch.Tensor:
+    """Stop-gradient per-token weights (N,) of distil.position_weighting `mode` from the
+    draft's acceptance estimates `beta` (N,) and block `offsets` (N,)."""
+    beta = beta.detach().float()
+    if mode == "reach":
+        return block_reach_weights(beta, offsets, block_size)
+    if mode == "accept_length":
+        return acceptance_length_weights(beta, offsets, block_size)
+    raise ValueError(f"position weighting must be reach or accept_length, got {mode!r}")
 
 
 def kd_loss_sum(
-    s_hidden, s_head, t_hidden, t_head, keep, opts: KDOptions, labels=None
+    s_hidden,
+    s_head,
+    t_hidden,
+    t_head,
+    keep,
+    opts: KDOptions,
+    labels=None,
+    weights=None,
+    batch_alpha=None,
 ) -> torch.Tensor:
     """Summed divergence over the kept tokens, exact over the vocabulary, without (N, V) logits.
 
     The LK hybrid per token is λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−η·sg(α)), α = 1 − TV:
     KL pulls from a cold start, TV (the acceptance itself) takes over as α grows.
     `ce` is cross-entropy on the data's next tokens `labels` (N,): no teacher, the SFT control.
+    `weights` (N,), constants (position_weights), multiply each token's loss. With
+    opts.lk_alpha="batch" λ = exp(−η·`batch_alpha`), one α for the whole batch (the trainer's:
+    the mean β of its optimizer step's response tokens on all workers).
     """
+    weights = None if weights is None else weights.detach()
+
+    def weighted(per_row: torch.Tensor) -> torch.Tensor:  # (N,)
+        return per_row if weights is None else per_row * weights
+
     if opts.divergence == "ce":
         per_row = torch.nn.functional.cross_entropy(
             (s_hidden @ s_head.T).float() / opts.temperature, labels, reduction="none"
         )  # (N,): the draft's logits only, as plain SFT builds them
-        return (per_row if keep is None else per_row * keep).sum()
-    if opts.fused and opts.divergence != "lk":
+        return weighted(per_row if keep is None else per_row * keep).sum()
+    if opts.fused and opts.divergence != "lk" and weights is None:
         return fused_kd_loss(
             s_hidden,
             s_head,
@@ -441,11 +517,16 @@ def kd_loss_sum(
         return per_row if keep is None else per_row * keep
 
     if opts.divergence != "lk":
-        return rows(opts.divergence).sum()
+        return weighted(rows(opts.divergence)).sum()
     kl, tv = rows("fkl"), rows("tvd")
-    alpha = acceptance_from_tv(tv.detach())  # (N,): β read off the TV rows the loss needs anyway
-    lam = torch.exp(-opts.lk_eta * alpha)  # (N,); masked rows have kl = tv = 0
-    return (lam * kl + (1.0 - lam) * tv).sum()
+    if opts.lk_alpha == "batch":
+        if batch_alpha is None:
+            raise ValueError("lk_alpha='batch' needs the batch's acceptance (batch_alpha)")
+        alpha = torch.as_tensor(float(batch_alpha), device=tv.device)  # (): one λ for all
+    else:
+        alpha = acceptance_from_tv(tv.detach())  # (N,): β read off the TV rows the loss has
+    lam = torch.exp(-opts.lk_eta * alpha)  # masked rows have kl = tv = 0
+    return weighted(lam * kl + (1.0 - lam) * tv).sum()
 
 
 def _world_size() -> int:
@@ -505,12 +586,15 @@ class KDTrainer(Trainer):
         self.opts = options or KDOptions()
         if self.opts.selection != "all" and self.reference is None:
             raise ValueError("token selection needs a reference model")
+        if self.opts.divergence == "ce" and self.opts.position_weighting != "none":
+            raise ValueError("position weighting needs the teacher's distributions, ce has none")
         self.model_accepts_loss_kwargs = (
             True  # compute_loss normalises by num_items_in_batch itself
         )
         self.selection_log: dict = {"kept": 0, "total": 0, "deltas": []}
         self._threshold: float | None = None
         self._kept_in_window: int | None = None  # kept tokens of the window on all workers
+        self._window_alpha: float | None = None  # mean β of the window (lk_alpha="batch")
 
     def _response_hidden(self, model, inputs, grad: bool):
         counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
@@ -563,6 +647,8 @@ class KDTrainer(Trainer):
         window's kept-token count on all workers (the `normalize="kept"` denominator)."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._kept_in_window = None
+        if self.opts.divergence == "lk" and self.opts.lk_alpha == "batch" and batch_samples:
+            self._window_alpha = self.window_acceptance(batch_samples, device)
         if self.opts.selection == "all" or not batch_samples:
             return batch_samples, num_items
         if self.opts.scope == "global":
@@ -588,6 +674,22 @@ class KDTrainer(Trainer):
             )
         return select_tokens_by_loss_gap(delta, self.opts.k, self.opts.selection)
 
+    @torch.no_grad()
+    def window_acceptance(self, batch_samples, device) -> float:
+        """Mean β = Σ min(p, q) at the distillation temperature over every response token of
+        the window's micro-batches on all workers: the LK hybrid's α with lk_alpha="batch", the
+        same for any cut of the window into micro-batches and workers."""
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (Σβ, count)
+        for batch in batch_samples:
+            inputs = self._prepare_inputs(batch)
+            s_hidden, s_head = self._response_hidden(self.model, inputs, grad=False)
+            t_hidden, t_head = self._target_hidden(inputs)
+            beta = token_acceptance(s_hidden, s_head, t_hidden, t_head, self.opts.temperature)
+            total[0] += beta.double().sum().to(device)
+            total[1] += beta.numel()
+        total = self.accelerator.gather(total).view(-1, 2).sum(dim=0)
+        return float(total[0] / total[1].clamp(min=1))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         t_hidden = t_head = None
         if self.opts.divergence != "ce" or self.opts.selection != "all":
@@ -602,7 +704,26 @@ class KDTrainer(Trainer):
             self.selection_log["total"] += int(keep.numel())
             if len(self.selection_log["deltas"]) < 200_000:
                 self.selection_log["deltas"].extend(delta.float().cpu().tolist())
-        loss_sum = kd_loss_sum(s_hidden, s_head, t_hidden, t_head, keep, self.opts, labels)
+        weights = None
+        if self.opts.position_weighting != "none":
+            beta = token_acceptance(
+                s_hidden.detach(), s_head.detach(), t_hidden, t_head, self.opts.temperature
+            )  # (N,): every response token's, kept or not: the block reaches past them all
+            offsets = response_block_offsets(response_positions(inputs), self.opts.block_size)
+            weights = position_weights(
+                beta, offsets, self.opts.position_weighting, self.opts.block_size
+            )
+        loss_sum = kd_loss_sum(
+            s_hidden,
+            s_head,
+            t_hidden,
+            t_head,
+            keep,
+            self.opts,
+            labels,
+            weights=weights,
+            batch_alpha=self._window_alpha,
+        )
         # DDP averages the workers' gradients: a loss divided by a count over all workers is
         # multiplied back by their number (as transformers' own compute_loss does).
         workers = self.accelerator.num_processes

@@ -6,12 +6,16 @@ hidden states and head are, for the loss, ΔL and the held-out alpha.
 
 Reads: `data`, `target` (or `target_outputs`), `draft_init`, `reference`, `generate`
 Writes: `model/` (adapters merged), `adapter/`, `history.json`, `alpha_history.json`,
-`selection.json`; info `model`, `adapter`, `best_alpha`, `best_step`, `kept_fraction`
+`selection.json`, `k_search.json` (distil.k_search); info `model`, `adapter`, `best_alpha`,
+`best_step`, `kept_fraction`, `k` and `k_search` (the k trained with, each trial's alpha)
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -235,7 +239,28 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         scope=cfg.scope,
         normalize=cfg.normalize,
         fused=cfg.fused_loss,
+        lk_alpha=cfg.lk_alpha,
+        position_weighting=cfg.position_weighting,
+        block_size=cfg.block_size,
     )
+    trials: list[dict] = []
+    if cfg.k_search:  # the config check ensures eval_every > 0: `checkpoint` judges the trials
+        options, trials = search_k(
+            cfg.k_search,
+            cfg.k_search_fraction,
+            cfg.train,
+            options,
+            model,
+            teacher,
+            reference,
+            sequences,
+            tokenizer,
+            checkpoint.alpha,
+            out / "k_search",
+            seed,
+            stored,
+        )
+        write_json(out / "k_search.json", {"k": options.k, "trials": trials})
     history, selection = train_kd(
         model,
         teacher,
@@ -250,7 +275,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         ctx=ctx,
         target_outputs=stored,
     )
-    info: dict = {}
+    info: dict = {"k": options.k, "k_search": trials} if selective else {}
     if cfg.eval_every:
         checkpoint.restore(model)
         info["best_step"], info["best_alpha"] = checkpoint.best[1], checkpoint.best[0]
@@ -270,10 +295,10 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         write_json(
             out / "selection.json",
             {
-                "k": cfg.k,
+                "k": options.k,
                 "selection": cfg.selection,
                 "scope": cfg.scope,
-                "threshold": selection_threshold(deltas, cfg.k, cfg.selection),
+                "threshold": selection_threshold(deltas, options.k, cfg.selection),
                 "kept": selection["kept"],
                 "total": selection["total"],
                 "delta_histogram": delta_histogram(deltas),
@@ -286,6 +311,52 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         "kept_fraction": selection["kept"] / max(1, selection["total"]) if selective else 1.0,
         **info,
     }
+
+
+def search_k(
+    grid: list[float],
+    fraction: float,
+    train_cfg,
+    options: KDOptions,
+    model,
+    teacher,
+    reference,
+    sequences,
+    tokenizer,
+    judge,
+    folder: Path,
+    seed: int,
+    stored: StoredTargetOutputs | None = None,
+) -> tuple[KDOptions, list[dict]]:
+    """AdaSPEC's k chosen by held-out alpha: for each k of `grid`, a copy of the initial `model`
+    trains ceil(fraction · steps) steps (its own schedule, no checkpoints) and `judge(model)`
+    gives its held-out alpha. Returns `options` with the best k (ties: the first listed) and
+    the trials [{k, steps, alpha}]. `folder` holds the trials' Trainer output and is removed."""
+    steps = max(1, math.ceil(fraction * train_cfg.steps))
+    trial_cfg = dataclasses.replace(train_cfg, steps=steps, save_every=0)
+    trials = []
+    for k in grid:
+        trial = copy.deepcopy(model)
+        train_kd(
+            trial,
+            teacher,
+            sequences,
+            tokenizer,
+            trial_cfg,
+            folder / f"k{k}",
+            seed,
+            reference=reference,
+            options=dataclasses.replace(options, k=k),
+            target_outputs=stored,
+        )
+        trial.eval()
+        trials.append({"k": k, "steps": steps, "alpha": judge(trial)})
+        print(f"distil: k={k} after {steps} steps: held-out alpha {trials[-1]['alpha']:.4f}")
+        del trial
+    shutil.rmtree(folder, ignore_errors=True)
+    best = max(trials, key=lambda t: t["alpha"])  # the first of equals
+    print(f"distil: k_search chose k={best['k']}")
+    return dataclasses.replace(options, k=best["k"]), trials
 
 
 def selection_threshold(deltas: list[float], k: float, selection: str) -> float | None:
