@@ -362,3 +362,29 @@ def test_an_empty_k_search_is_the_fixed_k_and_a_grid_parses_from_the_command_lin
     assert load_job(None, ["distil.k_search=[]"]).distil.k_search == []
     job = load_job(None, ["distil.k_search=0.2,0.6,1"])
     assert job.distil.k_search == [0.2, 0.6, 1.0]
+
+
+def test_the_distil_stage_trains_the_chosen_k_and_records_the_search(tmp_path):
+    """The tiny job's stages up to distil, in this process, with a k-search over two values."""
+    import json
+
+    from conftest import TINY
+
+    from specdraft.cli import shipped_job
+    from specdraft.pipeline.engine.dag import execute
+    from specdraft.pipeline.engine.job import build_stages
+
+    wanted = {"data", "target", "draft_init", "generate", "target_outputs", "reference", "distil"}
+    job = load_job(
+        shipped_job("demo.yaml"),
+        [*TINY, "distil.rounds=1", "distil.k_search=[0.4,1.0]", "distil.train.steps=4"],
+    )
+    stages = [s for s in build_stages(job) if s.name in wanted]
+    result = execute(stages, tmp_path, use_ray=False, say=lambda line: None)["distil"]
+    info = result.manifest["info"]
+    assert [t["k"] for t in info["k_search"]] == [0.4, 1.0]
+    assert {t["steps"] for t in info["k_search"]} == {1}  # ceil(0.25 x 4)
+    assert info["k"] == max(info["k_search"], key=lambda t: t["alpha"])["k"]
+    assert json.loads((result.path / "selection.json").read_text())["k"] == info["k"]
+    assert json.loads((result.path / "k_search.json").read_text())["k"] == info["k"]
+    assert not (result.path / "k_search").exists()  # the trials' Trainer output is gone
