@@ -202,11 +202,12 @@ def specdraft_side(
     spec_out, reference, extended = [], [], []
     for row in p.rows:
         ids = torch.tensor([row["prompt_ids"]])
-        # γ + 1 tokens past the limit: the engine counts drafts accepted there before it cuts
+        # γ + 1 tokens past the limit, and on past eos: the engine counts drafts accepted there
+        # before it cuts the output
         ext = autoregressive_generate(
-            target, ids, max_new_tokens=p.max_new_tokens + p.gamma + 1, eos_token_id=p.eos_id
+            target, ids, max_new_tokens=p.max_new_tokens + p.gamma + 1, eos_token_id=None
         ).tolist()
-        ref = ext[: p.max_new_tokens]
+        ref = _cut(ext, p)
         extended.append(ext)
         out, stats = speculative_generate(
             target,
@@ -242,6 +243,12 @@ def specdraft_side(
     return side
 
 
+def _cut(tokens: list[int], p: Prompts) -> list[int]:
+    """The output of greedy decoding: up to max_new_tokens, ending after the first eos."""
+    out = tokens[: p.max_new_tokens]
+    return out[: out.index(p.eos_id) + 1] if p.eos_id in out else out
+
+
 def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -> dict:
     """Greedy acceptance of `draft` along the target's greedy outputs, counted as vLLM's
     draft_model counts it (vLLM 0.32's scheduler and spec-decode stats):
@@ -249,8 +256,10 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
       generated - 1) tokens greedily (γ also near max_new_tokens: only the context length cuts a
       draft; k <= 0 is a plain step with no draft), accepts the longest prefix equal to the
       target's output and emits it plus one token;
-    - accepted drafts are counted before the output is cut at max_new_tokens, so `extended` holds
-      the target's greedy output γ + 1 tokens past the limit (up to eos, where it stops);
+    - accepted drafts are counted before the output is cut at max_new_tokens or after eos, so
+      `extended` holds the target's greedy output γ + 1 tokens past the limit, not stopped at eos
+      (checked against vLLM on the demo: 388 / 856 both ways, per position identical; stopping
+      at eos here gave 374);
     - `accepted_per_pos[i]` counts drafts whose position i + 1 was accepted; every step is a target
       forward pass, so tokens per step = generated / (drafts + prefills) (plain steps at the
       context limit are left out on both sides: vLLM has no counter for them)."""
@@ -261,7 +270,7 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
     with torch.no_grad():
         for row, ext in zip(p.rows, extended, strict=True):
             prompt = list(row["prompt_ids"])
-            out_len = min(len(ext), p.max_new_tokens)
+            out_len = len(_cut(ext, p))
             generated += out_len
             pos = 1  # the prefill's token
             while pos < out_len:
@@ -458,9 +467,10 @@ def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> lis
         "prefill as a step.",
         f"specdraft's side is its greedy acceptance along the target's greedy output, counted by "
         f"the engine's rules: after a prefill step every step drafts γ = {len(own['per_pos_of_drafts'])} "
-        "tokens, also near max_new_tokens (only the context length cuts a draft), and drafts accepted "
-        "past max_new_tokens count before the output is cut. specdraft's own decoder (metrics.json's spec_alpha_greedy) "
-        "drafts min(γ, tokens left - 1) near max_new_tokens and stops drafting at eos, and its "
+        "tokens, also near max_new_tokens (only the context length cuts a draft), and drafts "
+        "accepted past max_new_tokens or after eos count before the output is cut. specdraft's "
+        "own decoder (metrics.json's spec_alpha_greedy) drafts min(γ, tokens left - 1) near "
+        "max_new_tokens and stops drafting at eos, and its "
         "first verification carries the prompt: on these prompts it counts "
         f"{own['accepted']} / {own['drafted']} = {_f(own['accept_rate'])} "
         f"(engine rules: {spec['accepted']} / {spec['drafted']} = {_f(spec['accept_rate'])}).",
