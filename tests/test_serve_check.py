@@ -113,6 +113,9 @@ def test_sampled_run_is_read_against_the_greedy_draft_prediction():
     t = result["temperature"]
     assert t["engine_accept_rate"] == 0.5 and t["specdraft_predicted_for_greedy_drafts"] == 0.52
     assert any("p(argmax q)" in n or "E[p(argmax q)]" in n for n in result["explanations"])
+    assert not any("NOT explained" in n for n in result["explanations"])
+    far = sc.compare({**spec, "alpha_greedy_drafts": 0.8}, served, _target_only(), 1.0)
+    assert any("NOT explained" in n for n in far["explanations"])
 
 
 def test_the_engine_reason_is_the_line_that_says_why():
