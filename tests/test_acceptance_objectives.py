@@ -364,6 +364,7 @@ def test_an_empty_k_search_is_the_fixed_k_and_a_grid_parses_from_the_command_lin
     assert job.distil.k_search == [0.2, 0.6, 1.0]
 
 
+@pytest.mark.integration  # a whole (tiny) job
 def test_the_distil_stage_trains_the_chosen_k_and_records_the_search(tmp_path):
     """The tiny job's stages up to distil, in this process, with a k-search over two values."""
     import json

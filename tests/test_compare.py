@@ -103,6 +103,7 @@ def test_shared_stages_appear_once_and_evaluations_share_one_seed(tmp_path):
     assert "offline.s3=evaluate.offline.s3" in stages["comparison"].deps
 
 
+@pytest.mark.integration  # a whole (tiny) job
 def test_a_tiny_comparison_end_to_end(tmp_path):
     """Two copies of one recipe train identically (paired difference 0, p = 1); the table holds
     every task, seed and metric; shared stages are made once."""

@@ -234,6 +234,7 @@ def test_a_loaded_model_with_a_head_bias_or_logit_scale_is_refused():
         refuse_logit_transforms(scaled, "draft")
 
 
+@pytest.mark.integration  # a whole (tiny) job
 def test_a_second_recipe_reuses_the_stored_outputs_and_the_first_round_reads_them(tmp_path):
     """The tiny job's stages up to round 2, in this process; then again with a distil-only change
     (another recipe): the run log says target_outputs was reused, not made again."""
