@@ -152,7 +152,7 @@ def _moved(trained, start) -> list[str]:
 
 def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
     job, _, results = tiny_run
-    upstream = ("data", "target", "draft_init", "generate", "reference")
+    upstream = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
     made = _made_by_two_workers(job, "distil", upstream, rounds=1)
     trained = load_model_artifact(made.path, "cpu")
     assert _moved(trained, load_model_artifact(results["draft_init"].path, "cpu"))
@@ -162,7 +162,8 @@ def test_reference_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_c
     job, _, results = tiny_run
     assert "workers" not in results["reference"].manifest["info"]  # one worker: no DDP record
     assert "weights_checksum" not in results["reference"].manifest["info"]
-    made = _made_by_two_workers(job, "reference", ("data", "target", "draft_init", "generate"))
+    upstream = ("data", "target", "draft_init", "generate", "target_outputs")
+    made = _made_by_two_workers(job, "reference", upstream)
     trained = load_model_artifact(made.path, "cpu")
     start = load_model_artifact(results["draft_init"].path, "cpu")
     assert len(_moved(trained, start)) == len(list(start.parameters()))  # full fine-tuning

@@ -14,7 +14,7 @@ METRIC_KEYS = {"alpha", "alpha_greedy", "spec_alpha", "tau", "tasks"}
 
 def test_every_stage_ran_once_through_ray(tiny_run):
     _, out, results = tiny_run
-    assert set(results) == set(STAGES) | {"generate_r2", "distil_r2"}
+    assert set(results) == set(STAGES) | {"generate_r2", "target_outputs_r2", "distil_r2"}
     assert not any(r.reused for r in results.values())
     run_info = json.loads((out / "run.json").read_text())
     assert [s["name"] for s in run_info["stages"]][:6] == list(STAGES)[:6]

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import time
@@ -359,12 +360,15 @@ class _RayRunner:
         self.ray = ray
         if not ray.is_initialized():
             # No address: an instance of our own ("local"), never another user's `ray start`
-            # cluster that Ray would otherwise attach to. Ray 2.60 binds its gRPC ports on every
+            # cluster that Ray would otherwise attach to; RAY_ADDRESS still names one explicitly
+            # (it is how a Ray job's driver, `specdraft submit`'s entrypoint, finds its cluster:
+            # a private instance there could not fetch the job's working_dir package from the
+            # cluster's GCS and every stage would fail to start). Ray 2.60 binds its gRPC ports on every
             # interface whatever node IP it is given (it turns 127.0.0.1 into the host's address),
             # so what keeps other hosts out is its token authentication, on by default for a new
             # instance (RAY_AUTH_MODE=token; README, "Promises").
             kwargs: dict[str, Any] = {
-                "address": address or "local",
+                "address": address or os.environ.get("RAY_ADDRESS") or "local",
                 "include_dashboard": False,
                 "logging_level": "warning",
             }
