@@ -68,8 +68,8 @@ def served_summary(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        engine = json.loads(path.read_text())["temperature_0"]["engine"]
         serving = json.loads(path.read_text())
+        engine = serving["temperature_0"]["engine"]
         return {
             "engine": f"{serving['engine']} {serving['engine_version']}",
             "gamma": serving["gamma"],
