@@ -50,13 +50,15 @@ def print_metrics(metrics: dict) -> None:
     print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
 
 
-def print_plan(stages, job, source: Path | None) -> None:
+def print_plan(build, job, source: Path | None) -> None:
     """What `run`/`compare` would do: the job file, then every stage with its key and whether
-    the store has it already. Runs nothing."""
+    the store has it already. Runs nothing. `build()` makes the stages once local paths are
+    resolved, as a run resolves them before keying its stages (a `pkg:` or relative model path
+    is keyed as the absolute path it names)."""
     from specdraft.pipeline.engine.dag import plan
-    from specdraft.pipeline.engine.job import resolve_local_paths, store_for
+    from specdraft.pipeline.engine.job import store_for
 
-    resolve_local_paths(job)
+    stages = build()
     store = store_for(job)
     print(f"job {job.name!r} from {source or 'the built-in defaults'}; store {store.url}")
     for stage, key, path in plan(stages, store):
@@ -71,9 +73,13 @@ def cmd_run(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
     job = load_job(_job_path(job_file), overrides)
     if args.plan:
-        from specdraft.pipeline.engine.job import build_stages
+        from specdraft.pipeline.engine.job import build_stages, resolve_local_paths
 
-        print_plan(build_stages(job), job, _job_path(job_file))
+        def build():
+            resolve_local_paths(job)
+            return build_stages(job)
+
+        print_plan(build, job, _job_path(job_file))
         return 0
     unknown = set(args.force) - set(STAGES)
     if unknown:
@@ -113,11 +119,16 @@ def cmd_compare(args) -> int:
     job_file, overrides = _split(args.job, args.overrides)
     comp = load_comparison(job_file or shipped_job("compare.yaml"), overrides)
     if args.plan:
-        from specdraft.pipeline.commands.compare_recipes import build_comparison_stages
-
-        print_plan(
-            build_comparison_stages(comp), comp.base, job_file or shipped_job("compare.yaml")
+        from specdraft.pipeline.commands.compare_recipes import (
+            build_comparison_stages,
+            resolve_comparison_paths,
         )
+
+        def build():
+            resolve_comparison_paths(comp)
+            return build_comparison_stages(comp)
+
+        print_plan(build, comp.base, job_file or shipped_job("compare.yaml"))
         return 0
     out = Path(args.out) if args.out else Path("runs") / comp.base.name
     if args.address:

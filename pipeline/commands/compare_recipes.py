@@ -178,6 +178,14 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     return stages
 
 
+def resolve_comparison_paths(comp: Comparison) -> None:
+    """Local model and data paths of the base job and every recipe made absolute (before the
+    stages are keyed)."""
+    for recipe in comp.recipes:
+        resolve_local_paths(recipe.job)
+    resolve_local_paths(comp.base)
+
+
 def run_comparison(
     comp: Comparison,
     out: Path,
@@ -194,9 +202,7 @@ def run_comparison(
     check_destination(out, overwrite=overwrite)
     base = comp.base
     check_store(base, create=True)
-    for recipe in comp.recipes:
-        resolve_local_paths(recipe.job)
-    resolve_local_paths(base)
+    resolve_comparison_paths(comp)
     check_models(base)
     results = execute_logged(build_comparison_stages(comp), base, force=force, use_ray=use_ray)
     made = results["comparison"].path
