@@ -151,6 +151,11 @@ def test_a_sampled_run_off_its_rule_or_its_steps_is_flagged():
     assert any("does NOT follow its rule" in n and "z = -7.5" in n for n in far["explanations"])
     steps = sc.compare(_spec(), served, _target_only(), 1.0, replays=[_replay(steps=9)])
     assert any("9 vs 10 drafts" in n for n in steps["explanations"])
+    # two steps of 194 (the real pair): the draft's argmax broke a near-tie differently
+    served["runs"][1] = _sampled(served, accepted=20, drafts=194)
+    near = sc.compare(_spec(), served, _target_only(), 1.0, replays=[_replay(steps=192)])
+    assert near["temperature"]["runs"][0]["follows_rule"]
+    assert any("192 steps rebuilt of its 194" in n for n in near["explanations"])
 
 
 def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_checked():

@@ -40,6 +40,9 @@ SERVING_FILE = "serving.json"
 OUTPUTS = ("target_only_greedy", "speculative_greedy", "decoder")  # compared, kept apart
 AGREEMENT = 0.02  # |engine - specdraft| accepted/drafted at T = 0 that counts as agreement
 Z_LIMIT = 4.0  # |z| of a sampled run's replay within which the engine follows its acceptance rule
+# rebuilt steps vs the engine's count: near-ties in the draft's argmax break differently under the
+# engine's kernels now and then (on the real pair at T = 0 too: 588 vs 586 drafted tokens)
+STEP_SLACK = 0.02
 
 
 def engine_dir() -> Path:
@@ -551,7 +554,9 @@ def sampled_comparison(
             "replay": replay,
         }
         if replay is not None:
-            entry["steps_match"] = replay["steps"] == run["num_drafts"]
+            entry["steps_match"] = abs(replay["steps"] - run["num_drafts"]) <= STEP_SLACK * max(
+                run["num_drafts"], 1
+            )
             entry["follows_rule"] = (
                 entry["steps_match"] and replay["z"] is not None and abs(replay["z"]) <= Z_LIMIT
             )
@@ -591,6 +596,10 @@ def sampled_comparison(
             "The engine's sampled acceptance does NOT follow its rule on the contexts it visited"
             f"{_replay_text(checked)}: not explained; trust the T = 0 comparison only."
         )
+    elif checked is not None and checked.get("follows_rule") and not defects:
+        notes.append(
+            "The engine's sampled run follows its acceptance rule" + _replay_text(checked) + "."
+        )
     elif checked is not None and checked["replay"] is None:
         notes.append("The sampled run was not replayed; its rate is not checked.")
     return {
@@ -615,9 +624,15 @@ def _replay_text(entry: dict) -> str:
             f" (its output cannot be rebuilt into the steps its counters report: "
             f"{replay['steps']} vs {entry['engine_drafts']} drafts)"
         )
+    steps = (
+        ""
+        if replay["steps"] == entry["engine_drafts"]
+        else f"; {replay['steps']} steps rebuilt of its {entry['engine_drafts']}: the draft's "
+        "argmax breaks a near-tie differently under the engine's kernels now and then"
+    )
     return (
         f" (its replay: {replay['accepted_seen']} accepted in view where its rule expects "
-        f"{replay['accepted_expected']:.1f}, z = {_f(replay['z'], '+.1f')})"
+        f"{replay['accepted_expected']:.1f}, z = {_f(replay['z'], '+.1f')}{steps})"
     )
 
 
