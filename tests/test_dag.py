@@ -111,3 +111,21 @@ def test_checkpoints_survive_a_failed_attempt_and_go_with_success(tmp_path, call
     results = run(stages, store)
     assert json.loads((results["a"].path / "value.json").read_text()) == 2  # saw the checkpoint
     assert not ckpt.exists()
+
+
+def test_a_stage_s_seconds_are_its_own_run_time_not_its_wait_in_the_queue(tmp_path):
+    """Under Ray a comparison submits every ready stage at once; a stage's `seconds` (run.json,
+    the log) is its manifest's run time, and the wait before it is `queued`."""
+    import time
+
+    from specdraft.pipeline.engine import dag
+    from specdraft.pipeline.engine.rundir import stage_records
+
+    said = []
+    stage = dag.Stage(name="distil.x.s0", module="m", config={}, deps=())
+    started = time.time() - 700  # submitted 700 s ago, ran 100 s
+    result = dag._finish(stage, "k", tmp_path, started, {"seconds": 100.0}, said.append)
+    assert result.seconds == 100.0 and 599 <= result.queued <= 601
+    assert "finished in 100.0s after 600s queued" in said[0]
+    record = stage_records({"distil.x.s0": result})[0]
+    assert record["seconds"] == 100.0 and 599 <= record["queued_seconds"] <= 601

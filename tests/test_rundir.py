@@ -119,6 +119,7 @@ def _result(name: str, reused: bool, inputs: dict) -> SimpleNamespace:
         reused=reused,
         seconds=1.234,
         manifest={"inputs": inputs},
+        queued=0.0,
     )
 
 

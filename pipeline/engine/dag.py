@@ -65,8 +65,9 @@ class StageResult:
     key: str
     path: Path
     reused: bool
-    seconds: float
+    seconds: float  # the stage's own run time (0 when reused)
     manifest: dict
+    queued: float = 0.0  # seconds between its submission and its start, roughly (Ray runs)
 
 
 class StageError(RuntimeError):
@@ -346,9 +347,15 @@ def _lost(stage, key, path, lost: LockLost, pending: list, rerun: set[str], say)
 
 
 def _finish(stage, key, path, start, manifest, say) -> StageResult:
-    seconds = time.time() - start
-    say(f"{stage.name:<10} finished in {seconds:.1f}s -> {path}")
-    return StageResult(stage.name, key, path, False, seconds, manifest)
+    """The stage's result with its own run time (its manifest's `seconds`) and, apart, the time it
+    waited since it was submitted (a comparison submits every ready stage at once and Ray runs them
+    as CPUs free up: the wait is not the stage's cost)."""
+    elapsed = time.time() - start
+    ran = float(manifest.get("seconds", elapsed))
+    queued = max(elapsed - ran, 0.0)
+    waited = f" after {queued:.0f}s queued" if queued >= 60 else ""
+    say(f"{stage.name:<10} finished in {ran:.1f}s{waited} -> {path}")
+    return StageResult(stage.name, key, path, False, ran, manifest, queued)
 
 
 class _RayRunner:

@@ -147,6 +147,7 @@ def stage_records(results: dict) -> list[dict]:
             "path": str(r.path),
             "reused": r.reused,
             "seconds": round(r.seconds, 2),
+            **({"queued_seconds": round(r.queued, 1)} if r.queued >= 1 else {}),
         }
         for r in results.values()
     ]
