@@ -56,13 +56,16 @@ def probe_defects() -> list[dict]:
     distribution. Probed on the engine's own function, after the engine registered its kernels."""
     import torch
     import vllm.v1.sample.rejection_sampler as rs
+    from vllm.platforms import current_platform
 
-    x = torch.tensor([0.5, 2.0])
-    cu = torch.tensor([2, 3], dtype=torch.int32)
+    device = current_platform.device_type  # the engine's tensors live there (a GPU kernel on GPU)
+    x = torch.tensor([0.5, 2.0], device=device)
+    cu = torch.tensor([2, 3], dtype=torch.int32, device=device)
     want = _expand_fixed(x, cu, 3, replace_from=-1, replace_to=1)
     got = rs.expand_batch_to_tokens(x, cu, 3, replace_from=-1, replace_to=1)
     if torch.equal(got, want):
         return []
+    want, got = want.cpu(), got.cpu()
     return [
         {
             "name": EXPAND_DEFECT,
