@@ -66,7 +66,7 @@ def render_report(run: dict, out_dir: Path) -> Path:
         ("definitions", "Definitions", _definitions_section(metrics.get("definitions"))),
         ("lossless", "Lossless check (greedy)", _lossless_section(metrics)),
         *(
-            [("served", "Served (vLLM, T = 0)", _served_section(metrics["served"]))]
+            [("served", "Served (vLLM)", _served_section(metrics["served"]))]
             if isinstance(metrics.get("served"), dict)
             else []
         ),
@@ -134,12 +134,34 @@ def _served_section(served: dict) -> str:
     return (
         f"<p>The exported draft served by {_esc(served.get('engine', 'the engine'))} with the "
         f"target, γ = {_esc(served.get('gamma'))}, on {_esc(served.get('prompts'))} of the run's "
-        "prompts (see serving.json for specdraft's numbers beside it).</p>\n"
+        "prompts, greedy (T = 0; serving.json has specdraft's numbers beside it).</p>\n"
         "<table><tr><th>accepted / drafted</th><th>tokens per target step</th>"
         "<th>per position</th><th>speedup</th></tr>"
         f"<tr><td>{_fmt(served.get('accept_rate'), 3)}</td>"
         f"<td>{_fmt(served.get('tokens_per_step'), 2)}</td><td>{positions}</td>"
         f"<td>{_fmt(served.get('speedup'), 2)}</td></tr></table>"
+        + _sampled_served(served.get("sampled"))
+    )
+
+
+def _sampled_served(sampled: dict | None) -> str:
+    """One paragraph on the engine's sampled run: its rate, and whether it follows its rule."""
+    if not sampled:
+        return ""
+    temperature = _fmt(sampled["temperature"], 2)
+    rule = (
+        f"its acceptance rule expects {_fmt(sampled['expected'], 3)} on the contexts it visited "
+        f"(z = {_fmt(sampled['z'], 1)}: "
+        + ("it follows the rule" if sampled["follows_rule"] else "it does NOT follow the rule")
+        + ")"
+    )
+    if sampled["fixed"] is None:
+        return f"<p>At T = {temperature} the engine accepts {_fmt(sampled['as_shipped'], 3)}; {rule}.</p>"
+    links = ", ".join(f'<a href="{_esc(u)}">{_esc(u)}</a>' for u in sampled["defects"])
+    return (
+        f"<p>At T = {temperature} the engine as shipped accepts {_fmt(sampled['as_shipped'], 3)}: "
+        f"its CPU sampler divides by uninitialised temperatures ({links}). With that fixed it "
+        f"accepts {_fmt(sampled['fixed'], 3)}; {rule}.</p>"
     )
 
 

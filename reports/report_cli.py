@@ -78,6 +78,7 @@ def served_summary(run_dir: Path) -> dict | None:
             "tokens_per_step": engine["tokens_per_step"],
             "per_position": engine["per_pos_of_drafts"],
             "speedup": engine["speedup"],
+            "sampled": _sampled_summary(serving.get("temperature")),
         }
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(
@@ -85,6 +86,27 @@ def served_summary(run_dir: Path) -> dict | None:
             file=sys.stderr,
         )
         return None
+
+
+def _sampled_summary(sampled: dict | None) -> dict | None:
+    """serve-check's run at the run's temperature: the engine's rate as shipped, with a known
+    defect fixed, and what its acceptance rule expects on the contexts it visited (the replay of
+    the run the check judged: the fixed one when there is one). None for a T = 0 check or a file
+    from before the replay."""
+    if not sampled or "runs" not in sampled:
+        return None
+    runs = sampled["runs"]
+    checked = next((r for r in runs if r["engine_fix"]), runs[0])
+    replay = checked.get("replay") or {}
+    return {
+        "temperature": sampled["temperature"],
+        "as_shipped": sampled["engine_accept_rate"],
+        "fixed": sampled.get("engine_fixed_accept_rate"),
+        "expected": replay.get("accept_rate_expected"),
+        "z": replay.get("z"),
+        "follows_rule": checked.get("follows_rule"),
+        "defects": [d["upstream"] for d in sampled.get("engine_defects", [])],
+    }
 
 
 def check_history_dir(history_dir: Path) -> None:

@@ -326,7 +326,14 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
 
 
 def _serving_json(run_dir: Path) -> None:
-    result = sc.compare(_spec(), _served(), _target_only(), temperature=0.0)
+    served = _served()
+    served["defects"] = [DEFECT]
+    served["runs"] += [
+        _sampled(served, accepted=1, drafts=30),
+        _sampled(served, accepted=20, fix=DEFECT["name"]),
+    ]
+    replays = [_replay(steps=12, seen=14, expected=11.0, z=1.0), _replay()]
+    result = sc.compare(_spec(), served, _target_only(), temperature=1.0, replays=replays)
     result.update(engine="vllm", engine_version="0.32.0", gamma=4, prompts=1)
     (run_dir / "serving.json").write_text(json.dumps(result))
 
@@ -354,6 +361,10 @@ def test_served_numbers_reach_the_history_and_the_report(tmp_path):
     sc.add_served_section(run_dir)  # again: replaced, not repeated
     page = (run_dir / "report" / "index.html").read_text()
     assert page.count('<section id="served">') == 1 and "0.750" in page
+    # the sampled run: as shipped, fixed, and the rule's expectation (replay of the fixed run)
+    assert "as shipped accepts 0.025" in page and "accepts 0.500" in page
+    assert "expects 0.512" in page and "it follows the rule" in page
+    assert DEFECT["upstream"] in page
     build_report(
         [run_dir], history_dir=tmp_path / "h", out_dir=tmp_path / "out", threshold=0.02, window=5
     )

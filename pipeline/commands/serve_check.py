@@ -746,8 +746,7 @@ def add_served_section(run_dir: Path) -> None:
         return
     page = re.sub(r'<section id="served">.*?</section>\n?', "", page_path.read_text(), flags=re.S)
     section = (
-        f'<section id="served">\n<h2>Served (vLLM, T = 0)</h2>\n{_served_section(served)}\n'
-        "</section>\n"
+        f'<section id="served">\n<h2>Served (vLLM)</h2>\n{_served_section(served)}\n</section>\n'
     )
     anchor = '<section id="acceptance">'
     page = (
