@@ -129,3 +129,22 @@ def test_a_stage_s_seconds_are_its_own_run_time_not_its_wait_in_the_queue(tmp_pa
     assert "finished in 100.0s after 600s queued" in said[0]
     record = stage_records({"distil.x.s0": result})[0]
     assert record["seconds"] == 100.0 and 599 <= record["queued_seconds"] <= 601
+
+
+def test_a_ray_stage_computes_with_the_cpus_it_holds(ray_cluster, tmp_path):
+    """Ray reuses a worker process for task after task and torch keeps the thread count it
+    started with (the first task's CPUs): a 2-CPU stage after a 1-CPU one in the same worker ran
+    on one core. Each stage now sets torch's threads to its CPUs."""
+    from specdraft.pipeline.config import Resources
+    from specdraft.pipeline.engine import dag
+
+    stages = [
+        dag.Stage("one", "dag_thread_stage", {"n": 1}, resources=Resources(cpus=1)),
+        dag.Stage("two", "dag_thread_stage", {"n": 2}, deps=("one",), resources=Resources(cpus=2)),
+        dag.Stage(
+            "three", "dag_thread_stage", {"n": 3}, deps=("two",), resources=Resources(cpus=1)
+        ),
+    ]
+    results = dag.execute(stages, tmp_path / "store", use_ray=True, say=lambda _: None)
+    threads = {name: r.manifest["info"]["threads"] for name, r in results.items()}
+    assert threads == {"one": 1, "two": 2, "three": 1}

@@ -130,6 +130,7 @@ def run_stage(
     trust_remote_code: bool = False,
     fence: StageLock | None = None,
     replace: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Run one stage into a temporary directory and publish it as artifact `name` of `store`; the
     inputs are artifact names, fetched to this machine first. Runs in a Ray task or here.
@@ -137,6 +138,14 @@ def run_stage(
     `fence` is the run's lock on the stage: checked right before publication, so a run whose lock
     was taken over discards its result (LockLost). Without `replace` (a forced re-run) an artifact
     that exists is never replaced: its maker's result stands (LockLost too)."""
+    if threads:
+        # A Ray worker process runs task after task, and torch keeps the intra-op thread count it
+        # started with: the first task's CPUs (Ray's OMP_NUM_THREADS). After a 1-CPU stage every
+        # later stage in that worker computed on one core (the real pair's cold run: distil 389 s
+        # against 221 s when its worker had started on a 2-CPU stage).
+        import torch
+
+        torch.set_num_threads(threads)
     local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
     tmp = store.scratch(name)
     ctx = StageContext(
@@ -389,6 +398,8 @@ class _RayRunner:
     ):
         # A data-parallel stage's task only coordinates: its worker tasks hold the resources.
         parallel = getattr(stage.resources, "workers", 1) > 1
+        if not parallel:  # torch computes with the CPUs the task holds (run_stage)
+            options = {**options, "threads": max(1, int(stage.resources.cpus))}
         return self._remote.options(
             num_cpus=0 if parallel else stage.resources.cpus,
             num_gpus=0 if parallel else stage.resources.gpus,
