@@ -126,7 +126,7 @@ DEFECT = {
     "name": "cpu_expand_batch_to_tokens",
     "upstream": "https://github.com/vllm-project/vllm/issues/55005",
     "expected": [0.5, 0.5, 2.0],
-    "got": [1e-20, 0.0, 4e9],
+    "got": [1e-20, "nan", 4e9],  # the worker writes non-finite values as strings
 }
 
 
@@ -172,6 +172,7 @@ def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_ch
     assert [r["follows_rule"] for r in t["runs"]] == [False, True]
     text = " ".join(result["explanations"])
     assert "vllm-project/vllm/issues/55005" in text and "uninitialised memory" in text
+    assert "got [1e-20, nan, 4e+09]" in text
     assert "12 vs 30 drafts" in text  # as shipped: its output does not rebuild into its steps
     assert "accepts 0.500" in text and "NOT" not in text  # the fixed run follows the rule
     lines = sc.format_result(

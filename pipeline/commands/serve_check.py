@@ -579,7 +579,7 @@ def sampled_comparison(
             "for the rejection sampler's expand kernel writes into an int64 copy of its output, so "
             "every draft token's target logits are divided by uninitialised memory instead of the "
             f"request's temperature (probe: expected {d['expected']}, got "
-            f"{[float(f'{v:.3g}') for v in d['got']]}). As shipped the engine accepts "
+            f"[{', '.join(_f(v, '.3g') if not isinstance(v, str) else v for v in d['got'])}]). As shipped the engine accepts "
             f"{_f(shipped['engine_accept_rate'])}"
             + _replay_text(shipped)
             + ", and its sampled text is not drawn from the target's distribution either."

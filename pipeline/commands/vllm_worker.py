@@ -13,7 +13,7 @@ RESPONSE: {"engine": "vllm", "version": str, "defects": [{"name", "upstream", "e
           or {"error": str} (exit code 3) when the engine refuses the models.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that its sampler can be
-probed. A known defect of the engine's CPU build is probed once the engine is up (`DEFECTS`); when
+probed. A known defect of the engine's CPU build is probed once the engine is up (`probe_defects`); when
 present and a request samples (T > 0) with a draft, that temperature is served twice: as shipped
 (`engine_fix` null) and with the one broken function replaced (`engine_fix` its name), so the caller
 can show what the engine delivers and check that the rest of its acceptance rule holds.
@@ -27,6 +27,7 @@ or at a stop id (included in the output, as specdraft's decoder does).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -71,7 +72,8 @@ def probe_defects() -> list[dict]:
             "name": EXPAND_DEFECT,
             "upstream": UPSTREAM,
             "expected": want.tolist(),
-            "got": [float(v) for v in got.tolist()],
+            # uninitialised memory may hold NaN or inf, which strict JSON cannot carry
+            "got": [v if math.isfinite(v) else str(v) for v in map(float, got.tolist())],
         }
     ]
 
