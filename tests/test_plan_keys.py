@@ -31,14 +31,15 @@ def _packaged_model(tmp_path, monkeypatch) -> str:
     return "pkg:modelpkg/tiny.gguf"
 
 
-def test_run_plan_keys_are_the_run_keys_for_a_packaged_model(tmp_path, monkeypatch, capsys):
+def _overrides(tmp_path, monkeypatch) -> list[str]:
+    """A job on the packaged model with a layer draft, run from `tmp_path`."""
     model = _packaged_model(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    overrides = [
-        f"store={tmp_path / 'store'}",
-        f"target.model={model}",
-        "draft.from_target_layers=1",
-    ]
+    return [f"store={tmp_path / 'store'}", f"target.model={model}", "draft.from_target_layers=1"]
+
+
+def test_run_plan_keys_are_the_run_keys_for_a_packaged_model(tmp_path, monkeypatch, capsys):
+    overrides = _overrides(tmp_path, monkeypatch)
     assert main(["run", str(shipped_job("demo.yaml")), *overrides, "--plan"]) == 0
     printed = _printed_keys(capsys.readouterr().out)
     job = load_job(shipped_job("demo.yaml"), overrides)
@@ -48,13 +49,7 @@ def test_run_plan_keys_are_the_run_keys_for_a_packaged_model(tmp_path, monkeypat
 
 
 def test_compare_plan_keys_are_the_comparison_keys(tmp_path, monkeypatch, capsys):
-    model = _packaged_model(tmp_path, monkeypatch)
-    monkeypatch.chdir(tmp_path)
-    overrides = [
-        f"store={tmp_path / 'store'}",
-        f"target.model={model}",
-        "draft.from_target_layers=1",
-    ]
+    overrides = _overrides(tmp_path, monkeypatch)
     assert main(["compare", str(shipped_job("compare.yaml")), *overrides, "--plan"]) == 0
     printed = _printed_keys(capsys.readouterr().out)
     comp = load_comparison(shipped_job("compare.yaml"), overrides)

@@ -158,14 +158,20 @@ def test_a_sampled_run_off_its_rule_or_its_steps_is_flagged():
     assert any("192 steps rebuilt of its 194" in n for n in near["explanations"])
 
 
-def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_checked():
+def _served_with_defect() -> tuple[dict, list[dict]]:
+    """An engine with the CPU sampler defect: its T = 1 run as shipped (off its steps) and fixed
+    (on its rule), with their replays."""
     served = _served()
     served["defects"] = [DEFECT]
     served["runs"] += [
         _sampled(served, accepted=1, drafts=30),
         _sampled(served, accepted=20, fix=DEFECT["name"]),
     ]
-    replays = [_replay(steps=12, seen=14, expected=11.0, z=1.0), _replay()]
+    return served, [_replay(steps=12, seen=14, expected=11.0, z=1.0), _replay()]
+
+
+def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_checked():
+    served, replays = _served_with_defect()
     result = sc.compare(_spec(), served, _target_only(), 1.0, replays=replays)
     t = result["temperature"]
     assert t["engine_accept_rate"] == 1 / 40 and t["engine_fixed_accept_rate"] == 0.5
@@ -327,13 +333,7 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
 
 
 def _serving_json(run_dir: Path) -> None:
-    served = _served()
-    served["defects"] = [DEFECT]
-    served["runs"] += [
-        _sampled(served, accepted=1, drafts=30),
-        _sampled(served, accepted=20, fix=DEFECT["name"]),
-    ]
-    replays = [_replay(steps=12, seen=14, expected=11.0, z=1.0), _replay()]
+    served, replays = _served_with_defect()
     result = sc.compare(_spec(), served, _target_only(), temperature=1.0, replays=replays)
     result.update(engine="vllm", engine_version="0.32.0", gamma=4, prompts=1)
     (run_dir / "serving.json").write_text(json.dumps(result))

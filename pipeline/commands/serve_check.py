@@ -187,20 +187,15 @@ def _spread(rows: list[dict], n: int) -> list[dict]:
     return chosen
 
 
-def specdraft_side(
-    target_dir: Path, draft_dir: Path, p: Prompts, temperature: float, model_len: int
-) -> dict:
+def specdraft_side(target, draft, p: Prompts, temperature: float, model_len: int) -> dict:
     """specdraft's numbers on the same prompts, twice: its own greedy speculative decoder (its
     counting: drafts shortened near the end, no prefill step), and the same greedy acceptance
     counted by the engine's rules (`engine_rules`); the target-only greedy output; and at T > 0
     the acceptance predicted for the engine's greedy drafting."""
     import torch
 
-    from specdraft.drafts.models import load_causal_lm
     from specdraft.pipeline.decoding import autoregressive_generate, speculative_generate
 
-    target = load_causal_lm(str(target_dir))
-    draft = load_causal_lm(str(draft_dir))
     own = {"accepted": 0, "drafted": 0, "rounds": 0, "target_calls": 0, "generated_tokens": 0}
     own_at = [0] * p.gamma
     spec_out, reference, extended = [], [], []
@@ -247,18 +242,11 @@ def specdraft_side(
     return side
 
 
-def sampled_side(
-    target_dir: Path, draft_dir: Path, p: Prompts, served: dict, model_len: int
-) -> list[dict]:
+def sampled_side(target, draft, p: Prompts, served: dict, model_len: int) -> list[dict]:
     """replay_sampled of each of the engine's sampled (T > 0) runs, in their order."""
-    from specdraft.drafts.models import load_causal_lm
-
     runs = [r for r in served["runs"] if r["temperature"] > 0]
-    if not runs:
-        return []
-    print("[specdraft] replaying the engine's sampled runs", file=sys.stderr)
-    target = load_causal_lm(str(target_dir))
-    draft = load_causal_lm(str(draft_dir))
+    if runs:
+        print("[specdraft] replaying the engine's sampled runs", file=sys.stderr)
     return [
         replay_sampled(target, draft, p, r["outputs"], r["temperature"], model_len) for r in runs
     ]
@@ -268,6 +256,20 @@ def _cut(tokens: list[int], p: Prompts) -> list[int]:
     """The output of greedy decoding: up to max_new_tokens, ending after the first eos."""
     out = tokens[: p.max_new_tokens]
     return out[: out.index(p.eos_id) + 1] if p.eos_id in out else out
+
+
+def _engine_draft(draft, p: Prompts, prompt: list[int], emitted: list[int], model_len: int):
+    """The draft's greedy chain as vLLM's draft_model proposes it after `prompt` + `emitted`:
+    γ tokens, fewer only where the context length cuts it (empty: a plain step)."""
+    import torch
+
+    k = min(p.gamma, model_len - len(prompt) - len(emitted) - 1)
+    chain: list[int] = []
+    with torch.no_grad():
+        for _ in range(max(k, 0)):
+            logits = draft(input_ids=torch.tensor([prompt + emitted + chain])).logits
+            chain.append(int(logits[0, -1].argmax()))
+    return chain
 
 
 def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -> dict:
@@ -295,14 +297,11 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
             generated += out_len
             pos = 1  # the prefill's token
             while pos < out_len:
-                k = min(p.gamma, model_len - len(prompt) - pos - 1)
-                if k <= 0:  # a plain step: no draft
+                proposal = _engine_draft(draft, p, prompt, ext[:pos], model_len)
+                if not proposal:  # a plain step at the context limit: no draft
                     pos += 1
                     continue
-                proposal: list[int] = []
-                for _ in range(k):
-                    logits = draft(input_ids=torch.tensor([prompt + ext[:pos] + proposal])).logits
-                    proposal.append(int(logits[0, -1].argmax()))
+                k = len(proposal)
                 n = 0
                 while n < k and pos + n < len(ext) and proposal[n] == ext[pos + n]:
                     n += 1
@@ -378,14 +377,11 @@ def replay_sampled(
             prompt = list(row["prompt_ids"])
             pos = 1  # the prefill's token
             while pos < len(out):
-                k = min(p.gamma, model_len - len(prompt) - pos - 1)
-                if k <= 0:
+                chain = _engine_draft(draft, p, prompt, out[:pos], model_len)
+                if not chain:  # a plain step at the context limit: no draft
                     pos += 1
                     continue
-                chain: list[int] = []
-                for _ in range(k):
-                    logits = draft(input_ids=torch.tensor([prompt + out[:pos] + chain])).logits
-                    chain.append(int(logits[0, -1].argmax()))
+                k = len(chain)
                 context = prompt + out[:pos]
                 logits = target(input_ids=torch.tensor([context + chain[:-1]])).logits[0]
                 probs = torch.softmax(logits[len(context) - 1 :].double() / temperature, -1)
@@ -713,8 +709,12 @@ def serve_check(
     served = engine_side(target, draft, p, temps)
     target_only = engine_side(target, None, p, [0.0])
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
-    spec = specdraft_side(target, draft, p, p.temperature, _model_len(target, p))
-    replays = sampled_side(target, draft, p, served, _model_len(target, p))
+    from specdraft.drafts.models import load_causal_lm
+
+    target_lm, draft_lm = load_causal_lm(str(target)), load_causal_lm(str(draft))
+    model_len = _model_len(target, p)
+    spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len)
+    replays = sampled_side(target_lm, draft_lm, p, served, model_len)
     result = {
         "engine": served["engine"],
         "engine_version": served["version"],
