@@ -21,6 +21,13 @@ def placed(i: int):
     return context.get_placement_group_id(), [int(g) for g in ray.get_gpu_ids()]
 
 
+def threads(i: int) -> int:
+    """A shard reporting the intra-op threads torch computes with."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _ddp_body(cfg, inputs, ctx):
     out = ctx.out
     upstream = sum(json.loads((p / "value.json").read_text()) for p in inputs.values())

@@ -64,6 +64,20 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
 
 
 @pytest.mark.ray
+def test_a_shard_computes_with_the_cpus_it_holds(ray_cluster):
+    """Ray reuses worker processes across tasks and torch keeps the thread count a worker started
+    with: shard tasks of 2 CPUs after 1-CPU ones (and back) each compute with their own CPUs."""
+    from dag_parallel_stages import threads
+
+    here = StageContext(Path("."), 0)
+    seen = [
+        map_shards(threads, [(0,), (1,)], Resources(cpus=cpus, workers=2), here)
+        for cpus in (1, 2, 1, 0.5)
+    ]
+    assert seen == [[1, 1], [2, 2], [1, 1], [1, 1]]
+
+
+@pytest.mark.ray
 def test_independent_stages_with_fractional_gpus_run_side_by_side(ray_cluster, tmp_path):
     """Four stages asking for half a GPU each run at once on the 2 logical GPUs: each waits
     until all four have started, which could not happen one or two at a time."""

@@ -32,6 +32,7 @@ from specdraft.pipeline.engine.artifacts import (
 )
 from specdraft.pipeline.engine.code_version import code_version
 from specdraft.pipeline.engine.lock import LockLost, StageLock, StoreLocks
+from specdraft.pipeline.engine.parallel import use_cpus
 from specdraft.pipeline.engine.store import RemoteCheckpoints, Store, as_store
 
 
@@ -139,13 +140,7 @@ def run_stage(
     was taken over discards its result (LockLost). Without `replace` (a forced re-run) an artifact
     that exists is never replaced: its maker's result stands (LockLost too)."""
     if threads:
-        # A Ray worker process runs task after task, and torch keeps the intra-op thread count it
-        # started with: the first task's CPUs (Ray's OMP_NUM_THREADS). After a 1-CPU stage every
-        # later stage in that worker computed on one core (the real pair's cold run: distil 389 s
-        # against 221 s when its worker had started on a 2-CPU stage).
-        import torch
-
-        torch.set_num_threads(threads)
+        use_cpus(threads)
     local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
     tmp = store.scratch(name)
     ctx = StageContext(

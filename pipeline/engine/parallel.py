@@ -69,7 +69,7 @@ def map_shards(
         with placement_group(len(shards), cpus, gpus, resources.placement) as where:
             refs = [
                 remote.options(name=fn.__name__, scheduling_strategy=where(i)).remote(
-                    fn, context, *shard
+                    fn, context, cpus, *shard
                 )
                 for i, shard in enumerate(shards)
             ]
@@ -111,7 +111,20 @@ def placement_group(n: int, cpus: float, gpus: float, strategy: str):
         remove_placement_group(group)
 
 
-def _run_shard(fn: Callable[..., Any], context: tuple | None, *shard) -> Any:
+def use_cpus(cpus: float) -> None:
+    """Torch computes with the `cpus` this Ray task holds (at least one thread).
+
+    A Ray worker process runs task after task, and torch keeps the intra-op thread count it
+    started with: the first task's CPUs (Ray's OMP_NUM_THREADS). After a 1-CPU task every later
+    task in that worker computed on one core (the real pair's cold run: distil 389 s against
+    221 s when its worker had started on a 2-CPU stage)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _run_shard(fn: Callable[..., Any], context: tuple | None, cpus: float, *shard) -> Any:
+    use_cpus(cpus)
     return fn(*fetch_inputs(context, shard))
 
 
