@@ -39,6 +39,10 @@ TINY = [
     "reference.train.batch_size=4",
     "distil.train.steps=3",
     "distil.train.batch_size=4",
+    # AdaSPEC's selection and LoRA adapters (not the defaults): the paths a whole job exercises
+    # least otherwise; the defaults (all tokens, full fine-tuning) run in the real pair's test
+    "distil.selection=top",
+    "distil.lora.enabled=true",
     "distil.lora.r=4",
     "evaluate.max_new_tokens=10",
     "evaluate.prompts_per_task=2",

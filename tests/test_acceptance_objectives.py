@@ -333,8 +333,11 @@ def test_k_search_keeps_the_k_with_the_best_held_out_alpha_and_trials_are_plain_
         ),
         (["distil.lk_alpha=batch", "distil.divergence=fkl"], ("lk_alpha=batch", "divergence=fkl")),
         (["distil.k_search=[0.2,0.4]", "distil.selection=all"], ("k_search", "selection=all")),
-        (["distil.k_search=[0.4]", "distil.eval_every=0"], ("k_search", "eval_every=0")),
-        (["distil.k_search=[0,0.4,1.5]"], ("k_search", "(0, 1]")),
+        (
+            ["distil.selection=top", "distil.k_search=[0.4]", "distil.eval_every=0"],
+            ("k_search", "eval_every=0"),
+        ),
+        (["distil.selection=top", "distil.k_search=[0,0.4,1.5]"], ("k_search", "(0, 1]")),
     ],
     ids=["reach-ce", "length-ce", "lkbatch-fkl", "ksearch-all", "ksearch-noeval", "ksearch-range"],
 )
@@ -360,7 +363,7 @@ def test_bad_objective_settings_exit_2_and_write_nothing(tmp_path):
 
 def test_an_empty_k_search_is_the_fixed_k_and_a_grid_parses_from_the_command_line():
     assert load_job(None, ["distil.k_search=[]"]).distil.k_search == []
-    job = load_job(None, ["distil.k_search=0.2,0.6,1"])
+    job = load_job(None, ["distil.selection=top", "distil.k_search=0.2,0.6,1"])
     assert job.distil.k_search == [0.2, 0.6, 1.0]
 
 
@@ -378,7 +381,8 @@ def test_the_distil_stage_trains_the_chosen_k_and_records_the_search(tmp_path):
     wanted = {"data", "target", "draft_init", "generate", "target_outputs", "reference", "distil"}
     job = load_job(
         shipped_job("demo.yaml"),
-        [*TINY, "distil.rounds=1", "distil.k_search=[0.4,1.0]", "distil.train.steps=4"],
+        [*TINY, "distil.rounds=1", "distil.selection=top", "distil.k_search=[0.4,1.0]",
+         "distil.train.steps=4"],  # fmt: skip
     )
     stages = [s for s in build_stages(job) if s.name in wanted]
     result = execute(stages, tmp_path, use_ray=False, say=lambda line: None)["distil"]
