@@ -87,6 +87,7 @@ SMALL = [
     "reference.train.batch_size=4",
     "distil.train.steps=2",
     "distil.train.batch_size=4",
+    "distil.lora.enabled=true",  # not the default: the export of adapters is checked below
     "distil.lora.r=4",
     "evaluate.max_new_tokens=6",
     "evaluate.prompts_per_task=2",
