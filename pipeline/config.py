@@ -269,21 +269,23 @@ class DistilConfig:
         choices=["microbatch", "global"],
     )
     divergence: str = opt(
-        "fkl",
+        "lk",
         "Training divergence: fkl KL(p‖q), rkl KL(q‖p), jsd (with beta), tvd, lk, the LK hybrid "
-        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)), or ce, cross-entropy on the sequences' own "
-        "tokens (no teacher: the SFT control of a comparison).",
+        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)) (the default, with lk_alpha=batch: the recipe "
+        "that won on the real pair), or ce, cross-entropy on the sequences' own tokens (no "
+        "teacher: the SFT control of a comparison).",
         choices=["fkl", "rkl", "jsd", "tvd", "lk", "ce"],
     )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
     lk_eta: float = opt(3.0, "η of the LK hybrid.", lo=0)
     lk_alpha: str = opt(
-        "token",
+        "batch",
         "α of the LK hybrid's λ = exp(−η·sg(α)): `token`, each token's own β = Σ min(p, q) "
         "(λ per token), or `batch`, the mean β over every response token of the optimizer "
         "step (accumulation window and workers; one λ per step, an extra no-grad forward of "
-        "draft and target per micro-batch). RESEARCH.md gives λ = exp(−η·sg(α)) without saying "
-        "over what α is taken; `token` is what specdraft has always run. Only with divergence=lk.",
+        "draft and target per micro-batch; the default: it beat `token` on the real pair). "
+        "RESEARCH.md gives λ = exp(−η·sg(α)) without saying over what α is taken. Only with "
+        "divergence=lk: left unset with another divergence it reads `token` (unused).",
         choices=["token", "batch"],
     )
     position_weighting: str = opt(
@@ -747,6 +749,12 @@ def job_from_dict(data: dict, overrides: list[str] | None = None) -> JobConfig:
     _apply(cfg, copy.deepcopy(data), "", problems)
     nested = _dotted_to_nested(overrides or [], problems)
     _apply(cfg, nested, "", problems)
+    if cfg.distil.divergence != "lk" and not any(
+        "lk_alpha" in (source.get("distil") or {})
+        for source in (data, nested)
+        if isinstance(source.get("distil"), dict)
+    ):
+        cfg.distil.lk_alpha = "token"  # the LK hybrid's α, unused by other divergences
     if not problems:
         _cross_checks(cfg, problems)
     if problems:

@@ -15,9 +15,10 @@ def test_defaults_are_the_builtin_demo():
     job = load_job()
     assert job == JobConfig()
     assert (job.target.model, job.draft.model, job.data.source) == ("builtin", "builtin", "builtin")
-    # the recipe that won on every world measured (README, Results): all tokens, full
-    # fine-tuning, target-written responses
-    assert job.distil.selection == "all" and job.distil.divergence == "fkl"
+    # the recipe that won on the real pair (README, Results): the LK hybrid with one λ per step
+    # on all tokens, full fine-tuning, target-written responses
+    assert job.distil.selection == "all" and job.distil.divergence == "lk"
+    assert job.distil.lk_alpha == "batch"
     assert not job.distil.lora.enabled and job.generate.draft_fraction == 0.0
 
 
@@ -259,3 +260,16 @@ def test_cli_bad_jobs_exit_2_without_traceback(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_lk_alpha_left_unset_reads_token_with_another_divergence():
+    """lk_alpha's default (batch) belongs to the default divergence (lk): a job that picks another
+    divergence without naming lk_alpha gets `token` (unused), not an error, and its stages keep
+    the keys they had when `token` was the default."""
+    assert load_job(None, ["distil.divergence=fkl"]).distil.lk_alpha == "token"
+    assert load_job(None, ["distil.divergence=lk"]).distil.lk_alpha == "batch"
+    assert (
+        load_job(None, ["distil.divergence=lk", "distil.lk_alpha=token"]).distil.lk_alpha == "token"
+    )
+    with pytest.raises(ConfigError, match="distil.lk_alpha=batch with distil.divergence=fkl"):
+        load_job(None, ["distil.divergence=fkl", "distil.lk_alpha=batch"])
