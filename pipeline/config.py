@@ -235,7 +235,7 @@ class LoraConfig:
     enabled: bool = opt(
         False,
         "Train LoRA adapters (PEFT) instead of all weights (default: full fine-tuning, which "
-        "beat adapters in every world measured).",
+        "beat adapters on the toy world; the real pair was only trained in full).",
     )
     r: int = opt(16, "Adapter rank.", lo=1)
     alpha: int = opt(32, "Adapter scaling numerator (scale = alpha / r).", lo=1)
