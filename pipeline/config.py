@@ -749,11 +749,10 @@ def job_from_dict(data: dict, overrides: list[str] | None = None) -> JobConfig:
     _apply(cfg, copy.deepcopy(data), "", problems)
     nested = _dotted_to_nested(overrides or [], problems)
     _apply(cfg, nested, "", problems)
-    if cfg.distil.divergence != "lk" and not any(
-        "lk_alpha" in (source.get("distil") or {})
-        for source in (data, nested)
-        if isinstance(source.get("distil"), dict)
-    ):
+    named = any(
+        isinstance(s.get("distil"), dict) and "lk_alpha" in s["distil"] for s in (data, nested)
+    )
+    if cfg.distil.divergence != "lk" and not named:
         cfg.distil.lk_alpha = "token"  # the LK hybrid's α, unused by other divergences
     if not problems:
         _cross_checks(cfg, problems)

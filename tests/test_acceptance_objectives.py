@@ -381,8 +381,13 @@ def test_the_distil_stage_trains_the_chosen_k_and_records_the_search(tmp_path):
     wanted = {"data", "target", "draft_init", "generate", "target_outputs", "reference", "distil"}
     job = load_job(
         shipped_job("demo.yaml"),
-        [*TINY, "distil.rounds=1", "distil.selection=top", "distil.k_search=[0.4,1.0]",
-         "distil.train.steps=4"],  # fmt: skip
+        [
+            *TINY,
+            "distil.rounds=1",
+            "distil.selection=top",
+            "distil.k_search=[0.4,1.0]",
+            "distil.train.steps=4",
+        ],
     )
     stages = [s for s in build_stages(job) if s.name in wanted]
     result = execute(stages, tmp_path, use_ray=False, say=lambda line: None)["distil"]

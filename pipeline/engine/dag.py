@@ -131,16 +131,17 @@ def run_stage(
     trust_remote_code: bool = False,
     fence: StageLock | None = None,
     replace: bool = False,
-    threads: int | None = None,
+    cpus: float = 0,
 ) -> dict:
     """Run one stage into a temporary directory and publish it as artifact `name` of `store`; the
     inputs are artifact names, fetched to this machine first. Runs in a Ray task or here.
 
     `fence` is the run's lock on the stage: checked right before publication, so a run whose lock
     was taken over discards its result (LockLost). Without `replace` (a forced re-run) an artifact
-    that exists is never replaced: its maker's result stands (LockLost too)."""
-    if threads:
-        use_cpus(threads)
+    that exists is never replaced: its maker's result stands (LockLost too). `cpus`: what the
+    stage's Ray task holds, torch's threads (0: leave them)."""
+    if cpus:
+        use_cpus(cpus)
     local_inputs = {key: store.fetch(artifact) for key, artifact in inputs.items()}
     tmp = store.scratch(name)
     ctx = StageContext(
@@ -394,7 +395,7 @@ class _RayRunner:
         # A data-parallel stage's task only coordinates: its worker tasks hold the resources.
         parallel = getattr(stage.resources, "workers", 1) > 1
         if not parallel:  # torch computes with the CPUs the task holds (run_stage)
-            options = {**options, "threads": max(1, int(stage.resources.cpus))}
+            options = {**options, "cpus": stage.resources.cpus}
         return self._remote.options(
             num_cpus=0 if parallel else stage.resources.cpus,
             num_gpus=0 if parallel else stage.resources.gpus,
