@@ -305,13 +305,14 @@ class DistilConfig:
     block_size: int = opt(
         4, "γ of position_weighting's blocks (evaluate.gamma's default).", lo=1, hi=64
     )
-    k_search: list[float] = opt(
-        [],
+    k_search: list[float] | None = opt(
+        None,
         "AdaSPEC's k chosen by held-out alpha: for each k here (in (0, 1]) a trial trains "
         "ceil(k_search_fraction · train.steps) steps from the initial draft with that k, and the "
         "k whose final held-out alpha (eval_every's held-out sequences) is best trains the full "
-        "budget (ties: the first listed). Empty: the fixed `k`. Needs selection top/bottom and "
-        "eval_every > 0; the choice is in the manifest (k, k_search) and k_search.json.",
+        "budget (ties: the first listed). Unset (null): no search, the fixed `k`; an empty list "
+        "is an error. Needs selection top/bottom and eval_every > 0; the choice is in the "
+        "manifest (k, k_search) and k_search.json.",
     )
     k_search_fraction: float = opt(
         0.25,
@@ -545,6 +546,11 @@ def _apply(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
             problems.append(f"{key}: unknown key (known keys here: {known})")
             continue
         typ, f = types_[raw_key]
+        if type(None) in typing.get_args(typ):  # `X | None`: null unsets it
+            if value is None:
+                setattr(obj, raw_key, None)
+                continue
+            typ = next(arg for arg in typing.get_args(typ) if arg is not type(None))
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict) and raw_key in SHORTHAND and prefix == "":
                 value = {SHORTHAND[raw_key]: value}
@@ -693,16 +699,22 @@ def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:
             f"distil.lk_alpha={distil.lk_alpha} with distil.divergence={distil.divergence}: "
             "lk_alpha sets the LK hybrid's α; set divergence=lk or lk_alpha=token"
         )
-    grid = distil.k_search
+    if distil.k_search == []:
+        problems.append(
+            f"distil.k_search=[] with distil.selection={distil.selection}: a k-search over an "
+            "empty grid tries no k; list the shares to try (e.g. distil.k_search=0.2,0.4,0.6,1.0) "
+            f"or leave k_search unset (null) for the fixed distil.k={distil.k}"
+        )
+    grid = distil.k_search or []
     if grid and distil.selection == "all":
         problems.append(
             f"distil.k_search {grid} with distil.selection=all: k is the share top/bottom "
-            "selection keeps; set selection=top (or bottom), or k_search=[]"
+            "selection keeps; set selection=top (or bottom), or leave k_search unset"
         )
     if grid and not distil.eval_every:
         problems.append(
             f"distil.k_search {grid} with distil.eval_every=0: k is chosen by held-out alpha, "
-            "and eval_every=0 holds nothing out; set eval_every > 0, or k_search=[]"
+            "and eval_every=0 holds nothing out; set eval_every > 0, or leave k_search unset"
         )
     outside = [k for k in grid if not 0 < k <= 1]
     if outside:

@@ -338,8 +338,19 @@ def test_k_search_keeps_the_k_with_the_best_held_out_alpha_and_trials_are_plain_
             ("k_search", "eval_every=0"),
         ),
         (["distil.selection=top", "distil.k_search=[0,0.4,1.5]"], ("k_search", "(0, 1]")),
+        (["distil.selection=top", "distil.k_search=[]"], ("k_search=[]", "selection=top")),
+        (["distil.selection=bottom", "distil.k_search="], ("k_search=[]", "selection=bottom")),
     ],
-    ids=["reach-ce", "length-ce", "lkbatch-fkl", "ksearch-all", "ksearch-noeval", "ksearch-range"],
+    ids=[
+        "reach-ce",
+        "length-ce",
+        "lkbatch-fkl",
+        "ksearch-all",
+        "ksearch-noeval",
+        "ksearch-range",
+        "ksearch-empty",
+        "ksearch-empty-cli",
+    ],  # fmt: skip
 )
 def test_an_objective_with_a_setting_it_cannot_use_is_one_problem(overrides, names):
     with pytest.raises(ConfigError) as info:
@@ -348,23 +359,38 @@ def test_an_objective_with_a_setting_it_cannot_use_is_one_problem(overrides, nam
     assert all(name in info.value.problems[0] for name in names)
 
 
-def test_bad_objective_settings_exit_2_and_write_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["distil.position_weighting=reach", "distil.divergence=ce"],
+            "distil.position_weighting=reach with distil.divergence=ce",
+        ),
+        (
+            ["distil.selection=top", "distil.k_search=[]"],
+            "distil.k_search=[] with distil.selection=top",
+        ),
+    ],
+    ids=["reach-ce", "ksearch-empty"],
+)
+def test_bad_objective_settings_exit_2_and_write_nothing(tmp_path, overrides, message):
     store = tmp_path / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "specdraft", "run", "distil.position_weighting=reach",
-         "distil.divergence=ce", f"store={store}", "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "specdraft", "run", *overrides, f"store={store}",
+         "--out", str(tmp_path / "o")],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "distil.position_weighting=reach with distil.divergence=ce" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not store.exists() and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
 
 
-def test_an_empty_k_search_is_the_fixed_k_and_a_grid_parses_from_the_command_line():
-    assert load_job(None, ["distil.k_search=[]"]).distil.k_search == []
+def test_an_unset_k_search_is_the_fixed_k_and_a_grid_parses_from_the_command_line():
+    assert load_job(None, ["distil.selection=top"]).distil.k_search is None
     job = load_job(None, ["distil.selection=top", "distil.k_search=0.2,0.6,1"])
     assert job.distil.k_search == [0.2, 0.6, 1.0]
+    assert load_job(None, ["distil.selection=top", "distil.k_search=null"]).distil.k_search is None
 
 
 @pytest.mark.integration  # a whole (tiny) job
