@@ -21,7 +21,7 @@ import math
 
 import torch
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "lk")
 REDUCTIONS = ("mean", "sum", "none")
 # A chunk's fp32 (rows, V) scratch buffers stay within this budget when chunk_size is None.
 # 256 MiB is 512 rows at V = 32k: CPU GEMMs lose speed with fewer rows (each chunk re-packs the
@@ -49,14 +49,23 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 #        itself tends to 0 at both ends, so the loss is discontinuous there by convention).
 #   tvd  0.5 sum |p_t - p_s|                                   a = 0.5 p_s sign(p_s - p_t)
 #                                                              g = a - p_s sum(a)
+#   lk   the LK hybrid, lam KL(p_t || p_s) + (1 - lam) TV     g = lam g_fkl + (1 - lam) g_tvd
+#        with lam = exp(-eta alpha) a constant (stop-gradient): alpha = 1 - TV of the row itself
+#        (per token) or one given alpha for every row (`lk_alpha`). One pass for both terms.
 # (For any loss of s, g = dL/ds - p_s sum(dL/ds), the log-softmax Jacobian.)
 def _divergence_rows(
-    s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float, need_grad: bool
+    s: torch.Tensor,
+    t: torch.Tensor,
+    divergence: str,
+    beta: float,
+    need_grad: bool,
+    lk: tuple[float, float | None] = (0.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergence (C,) and its gradient (C, V) w.r.t. z_s, or None without need_grad.
 
     s, t: (C, V) fp32 log-probabilities of student and teacher. They are scratch: overwritten in
     place, so that at most four (C, V) buffers (s and t included) are alive at once.
+    lk: (eta, alpha) of divergence "lk"; alpha None reads each row's own 1 - TV.
     """
     if divergence == "jsd" and beta == 0.0:
         divergence = "fkl"
@@ -93,6 +102,21 @@ def _divergence_rows(
         if need_grad:
             a = diff.sign_().mul_(ps).mul_(0.5)
             grad = a.addcmul_(ps, a.sum(dim=-1, keepdim=True), value=-1.0)
+    elif divergence == "lk":
+        eta, alpha = lk
+        pt = t.exp()
+        kl = _row_dot(pt, t.sub_(s))
+        ps = s.exp_()
+        diff = torch.sub(ps, pt, out=t)  # p_s - p_t (t - s is spent)
+        tv = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        beta_rows = 1.0 - tv if alpha is None else torch.full_like(tv, alpha)
+        lam = torch.exp(-eta * beta_rows)  # (C,), a constant of the gradient
+        loss = lam * kl + (1.0 - lam) * tv
+        if need_grad:
+            a = diff.sign_().mul_(ps).mul_(0.5)  # TV's dL/ds
+            keep = (1.0 - lam).unsqueeze(1)
+            grad = pt.neg_().add_(ps).mul_(lam.unsqueeze(1))  # lam (p_s - p_t)
+            grad.addcmul_(a, keep).addcmul_(ps, a.sum(dim=-1, keepdim=True) * keep, value=-1.0)
     else:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     return loss, grad
@@ -103,9 +127,15 @@ def default_chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BUDGET_BYTES // (vocab * 4 * _FP32_BUFFERS_PER_CHUNK))
 
 
-def _check_options(divergence: str, beta: float, temperature: float) -> None:
+def _check_options(
+    divergence: str, beta: float, temperature: float, lk_eta: float = 3.0, lk_alpha=None
+) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not (math.isfinite(lk_eta) and lk_eta >= 0.0):
+        raise ValueError(f"lk_eta must be a finite number >= 0, got {lk_eta}")
+    if lk_alpha is not None and not math.isfinite(lk_alpha):
+        raise ValueError(f"lk_alpha must be a finite acceptance in [0, 1] or None, got {lk_alpha}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1] (0 -> fkl, 1 -> rkl), got {beta}")
     if not temperature > 0.0:
@@ -114,10 +144,10 @@ def _check_options(divergence: str, beta: float, temperature: float) -> None:
 
 class _KDFromLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, divergence, beta, temperature, need_grad):
+    def forward(ctx, student_logits, teacher_logits, divergence, beta, temperature, need_grad, lk):
         s = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V) fp32
         t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V) fp32
-        loss, grad = _divergence_rows(s, t, divergence, beta, need_grad)
+        loss, grad = _divergence_rows(s, t, divergence, beta, need_grad, lk)
         if grad is not None:
             ctx.save_for_backward(grad.div_(temperature))
         ctx.logits_dtype = student_logits.dtype
@@ -128,7 +158,7 @@ class _KDFromLogits(torch.autograd.Function):
     def backward(ctx, grad_output):  # grad_output: (N,)
         (grad,) = ctx.saved_tensors
         grad_logits = (grad * grad_output.unsqueeze(1)).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
 
 def kd_divergence_from_logits(
@@ -137,13 +167,15 @@ def kd_divergence_from_logits(
     divergence: str = "fkl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    lk_eta: float = 3.0,
+    lk_alpha: float | None = None,
 ) -> torch.Tensor:
     """Per-row divergence (N,) fp32 between (N, V) student and teacher logits.
 
     The same math as `fused_kd_loss`, for callers that already hold full logits. Differentiable
     w.r.t. `student_logits`; the teacher is a constant (no gradient flows to it).
     """
-    _check_options(divergence, beta, temperature)
+    _check_options(divergence, beta, temperature, lk_eta, lk_alpha)
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must both be (N, V) with equal shapes, got "
@@ -151,7 +183,13 @@ def kd_divergence_from_logits(
         )
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _KDFromLogits.apply(
-        student_logits, teacher_logits.detach(), divergence, beta, temperature, need_grad
+        student_logits,
+        teacher_logits.detach(),
+        divergence,
+        beta,
+        temperature,
+        need_grad,
+        (float(lk_eta), None if lk_alpha is None else float(lk_alpha)),
     )
 
 
@@ -184,6 +222,7 @@ def _chunked_kd(
     temperature: float,
     chunk_size: int,
     row_weight: float | torch.Tensor,  # d total / d loss_i: a float, or (K,) per kept row
+    lk: tuple[float, float | None],  # (eta, alpha) of divergence "lk"
     want_grad_h: bool,
     want_grad_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -193,7 +232,7 @@ def _chunked_kd(
     """
     n_kept = sh.shape[0] if rows is None else rows.numel()
     need_grad = want_grad_h or want_grad_w
-    use_triton = _use_triton(sh)
+    use_triton = _use_triton(sh) and divergence != "lk"  # the kernel has no LK rows
     if use_triton:
         from specdraft.kernels import kd_loss_triton
     loss = torch.empty(n_kept, dtype=torch.float32, device=sh.device)
@@ -220,7 +259,7 @@ def _chunked_kd(
         else:
             s = _log_probs(hs, sw, temperature)  # (C, V)
             t = _log_probs(ht, tw, temperature)  # (C, V)
-            loss[start:end], g = _divergence_rows(s, t, divergence, beta, need_grad)
+            loss[start:end], g = _divergence_rows(s, t, divergence, beta, need_grad, lk)
             del s, t
             if need_grad:
                 g = g.mul_(scale.unsqueeze(1)).to(sw.dtype)  # (C, V), no copy for fp32
@@ -247,21 +286,25 @@ class _FusedKDLoss(torch.autograd.Function):
     them by the scalar grad_output). For "none" the upstream gradient is a (N,) vector: scaling
     stored grad_h rows would be exact, but grad_w sums over rows, so backward instead recomputes
     the chunks with the per-row weights (one extra pass of the matmuls, exact, no (N, V) storage).
+    `weights` (K,) fp32 per kept row, or None: constants that multiply each row's loss.
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, th, tw, rows, opts, want_grad_h, want_grad_w):
-        divergence, beta, temperature, reduction, chunk_size = opts
+    def forward(ctx, sh, sw, th, tw, rows, weights, opts, want_grad_h, want_grad_w):
+        divergence, beta, temperature, reduction, chunk_size, lk = opts
         n_kept = sh.shape[0] if rows is None else rows.numel()
-        ctx.opts, ctx.rows_none = opts, rows is None
+        ctx.opts, ctx.rows_none, ctx.weights_none = opts, rows is None, weights is None
         precompute = reduction != "none" and (want_grad_h or want_grad_w)
-        row_weight = 1.0 / max(n_kept, 1) if reduction == "mean" else 1.0
+        scale = 1.0 / max(n_kept, 1) if reduction == "mean" else 1.0
+        row_weight = scale if weights is None else weights * scale
         loss, grad_h, grad_w = _chunked_kd(
-            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight,
+            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
             want_grad_h and precompute, want_grad_w and precompute,
         )  # fmt: skip
+        if weights is not None:
+            loss.mul_(weights)
         if reduction == "none":
-            ctx.save_for_backward(sh, sw, th, tw, rows)
+            ctx.save_for_backward(sh, sw, th, tw, rows, weights)
             ctx.want = (want_grad_h, want_grad_w)
             if rows is None:
                 return loss
@@ -271,12 +314,12 @@ class _FusedKDLoss(torch.autograd.Function):
         # Kept on ctx, not saved tensors: backward hands them over (no copy) and drops them.
         ctx.grads = (grad_h, grad_w)
         total = loss.sum()
-        return total * row_weight if reduction == "mean" else total
+        return total * scale if reduction == "mean" else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        divergence, beta, temperature, reduction, chunk_size = ctx.opts
+        divergence, beta, temperature, reduction, chunk_size, lk = ctx.opts
         if reduction != "none":  # grad_output: () scalar
             if ctx.grads is None:
                 raise RuntimeError(
@@ -291,17 +334,22 @@ class _FusedKDLoss(torch.autograd.Function):
                 grad_h.mul_(grad_output.to(grad_h.dtype))
             if grad_w is not None:
                 grad_w.mul_(grad_output.to(grad_w.dtype))
-            return grad_h, grad_w, None, None, None, None, None, None
-        sh, sw, th, tw, rows = ctx.saved_tensors  # grad_output: (N,)
+            return grad_h, grad_w, None, None, None, None, None, None, None
+        sh, sw, th, tw, rows, weights = ctx.saved_tensors  # grad_output: (N,)
         rows = None if ctx.rows_none else rows
         row_weight = grad_output.float() if rows is None else grad_output.float()[rows]
+        if not ctx.weights_none:
+            row_weight = row_weight * weights
         _, grad_h, grad_w = _chunked_kd(
-            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, *ctx.want
-        )
-        return grad_h, grad_w, None, None, None, None, None, None
+            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
+            *ctx.want,
+        )  # fmt: skip
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction):
+def _check_inputs(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction, weights=None
+):
     shapes = (
         f"student_hidden {tuple(student_hidden.shape)}, student_weight {tuple(student_weight.shape)}, "
         f"teacher_hidden {tuple(teacher_hidden.shape)}, teacher_weight {tuple(teacher_weight.shape)}"
@@ -327,6 +375,10 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError(
             f"mask must be (N,) = ({student_hidden.shape[0]},) bool, got {tuple(mask.shape)}"
         )
+    if weights is not None and (weights.dim() != 1 or weights.shape[0] != student_hidden.shape[0]):
+        raise ValueError(
+            f"weights must be (N,) = ({student_hidden.shape[0]},), got {tuple(weights.shape)}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -342,6 +394,9 @@ def fused_kd_loss(
     temperature: float = 1.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
+    lk_eta: float = 3.0,
+    lk_alpha: float | None = None,
 ) -> torch.Tensor:
     """Distillation loss between two LM heads without materialising (N, V) logits.
 
@@ -350,17 +405,24 @@ def fused_kd_loss(
         student_weight: (V, Hs) the draft's LM head; gets a gradient only if it requires one.
         teacher_hidden: (N, Ht) and teacher_weight: (V, Ht): constants, no gradient flows to them.
         mask: (N,) bool, the tokens that count; None keeps all. Masked rows are never computed.
-        divergence: "fkl" KL(p_t||p_s), "rkl" KL(p_s||p_t), "jsd" TRL's generalized JSD, "tvd".
+        divergence: "fkl" KL(p_t||p_s), "rkl" KL(p_s||p_t), "jsd" TRL's generalized JSD, "tvd",
+            or "lk" the LK hybrid λ·KL(p_t||p_s) + (1 − λ)·TV with λ = exp(−lk_eta·α) held
+            constant: α = 1 − TV of each row (lk_alpha None) or lk_alpha for every row. Both
+            terms come from one pass (on CUDA it runs in torch: the Triton kernel has no LK).
         beta: JSD mixture weight; 0 gives fkl and 1 gives rkl.
         temperature: both logits are divided by it (no T^2 rescaling).
         reduction: "mean" over kept tokens (0 if none), "sum", or "none" -> (N,), 0 where masked.
         chunk_size: rows per chunk; None keeps a chunk's fp32 (rows, V) buffers near 256 MiB.
+        weights: (N,) constants (no gradient) that multiply each row's loss, in every reduction
+            ("mean" still divides by the number of kept rows); None weighs every row 1.
 
     Returns:
         fp32 loss: a scalar, or (N,) for reduction="none". Gradients come in the input dtypes.
     """
-    _check_options(divergence, beta, temperature)
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction)
+    _check_options(divergence, beta, temperature, lk_eta, lk_alpha)
+    _check_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction, weights
+    )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
     n_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
@@ -374,13 +436,18 @@ def fused_kd_loss(
         chunk_size = default_chunk_rows(vocab)
     chunk_size = max(1, min(chunk_size, n_kept))
     grad_on = torch.is_grad_enabled()
-    opts = (divergence, float(beta), float(temperature), reduction, chunk_size)
+    lk = (float(lk_eta), None if lk_alpha is None else float(lk_alpha))
+    opts = (divergence, float(beta), float(temperature), reduction, chunk_size, lk)
+    if weights is not None:
+        weights = weights.detach().to(device=student_hidden.device, dtype=torch.float32)
+        weights = weights if rows is None else weights[rows]  # (K,) per kept row
     return _FusedKDLoss.apply(
         student_hidden,
         student_weight,
         teacher_hidden.detach(),
         teacher_weight.detach(),
         rows,
+        weights,
         opts,
         grad_on and student_hidden.requires_grad,
         grad_on and student_weight.requires_grad,

@@ -485,7 +485,12 @@ def kd_loss_sum(
             (s_hidden @ s_head.T).float() / opts.temperature, labels, reduction="none"
         )  # (N,): the draft's logits only, as plain SFT builds them
         return weighted(per_row if keep is None else per_row * keep).sum()
-    if opts.fused and opts.divergence != "lk" and weights is None:
+    lk_alpha = None  # the LK hybrid's α: each row's own β, or the batch's (one λ for all)
+    if opts.divergence == "lk" and opts.lk_alpha == "batch":
+        if batch_alpha is None:
+            raise ValueError("lk_alpha='batch' needs the batch's acceptance (batch_alpha)")
+        lk_alpha = float(batch_alpha)
+    if opts.fused:  # one pass over the kept rows: loss, weights and both LK terms together
         return fused_kd_loss(
             s_hidden,
             s_head,
@@ -496,21 +501,12 @@ def kd_loss_sum(
             beta=opts.beta,
             temperature=opts.temperature,
             reduction="sum",
+            weights=weights,
+            lk_eta=opts.lk_eta,
+            lk_alpha=lk_alpha,
         )
 
     def rows(divergence: str) -> torch.Tensor:  # (N,), 0 where not kept
-        if opts.fused:
-            return fused_kd_loss(
-                s_hidden,
-                s_head,
-                t_hidden,
-                t_head,
-                mask=keep,
-                divergence=divergence,
-                beta=opts.beta,
-                temperature=opts.temperature,
-                reduction="none",
-            )
         per_row = kd_divergence_from_logits(  # (N, V) logits of both models: the unfused baseline
             s_hidden @ s_head.T, t_hidden @ t_head.T, divergence, opts.beta, opts.temperature
         )
@@ -518,13 +514,11 @@ def kd_loss_sum(
 
     if opts.divergence != "lk":
         return weighted(rows(opts.divergence)).sum()
-    kl, tv = rows("fkl"), rows("tvd")
-    if opts.lk_alpha == "batch":
-        if batch_alpha is None:
-            raise ValueError("lk_alpha='batch' needs the batch's acceptance (batch_alpha)")
-        alpha = torch.as_tensor(float(batch_alpha), device=tv.device)  # (): one λ for all
-    else:
+    kl, tv = rows("fkl"), rows("tvd")  # the LK hybrid composed from its two terms
+    if lk_alpha is None:
         alpha = acceptance_from_tv(tv.detach())  # (N,): β read off the TV rows the loss has
+    else:
+        alpha = torch.as_tensor(lk_alpha, device=tv.device)  # (): one λ for all
     lam = torch.exp(-opts.lk_eta * alpha)  # masked rows have kl = tv = 0
     return weighted(lam * kl + (1.0 - lam) * tv).sum()
 

@@ -20,8 +20,18 @@ def kd_divergence_reference(
     divergence: str = "fkl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    lk_eta: float = 3.0,
+    lk_alpha: float | None = None,
 ) -> torch.Tensor:
-    """Per-row divergence (N,) fp32; log-softmax in fp32."""
+    """Per-row divergence (N,) fp32; log-softmax in fp32. "lk" is the LK hybrid composed from
+    the fkl and tvd rows with λ = exp(−η·α) detached: α = 1 − TV per row, or lk_alpha."""
+    if divergence == "lk":
+        args = (student_logits, teacher_logits)
+        kl = kd_divergence_reference(*args, "fkl", temperature=temperature)
+        tv = kd_divergence_reference(*args, "tvd", temperature=temperature)
+        alpha = 1.0 - tv.detach() if lk_alpha is None else torch.full_like(tv, lk_alpha)
+        lam = torch.exp(-lk_eta * alpha)
+        return lam * kl + (1.0 - lam) * tv
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if divergence == "fkl" or (divergence == "jsd" and beta == 0):
@@ -50,11 +60,18 @@ def kd_loss_reference(
     beta: float = 0.5,
     temperature: float = 1.0,
     reduction: str = "mean",
+    weights: torch.Tensor | None = None,  # (N,) constants multiplying each row's loss
+    lk_eta: float = 3.0,
+    lk_alpha: float | None = None,
 ) -> torch.Tensor:
     student_logits = student_hidden @ student_weight.T  # (N, V), input dtype
     with torch.no_grad():
         teacher_logits = teacher_hidden @ teacher_weight.T  # (N, V)
-    per_row = kd_divergence_reference(student_logits, teacher_logits, divergence, beta, temperature)
+    per_row = kd_divergence_reference(
+        student_logits, teacher_logits, divergence, beta, temperature, lk_eta, lk_alpha
+    )
+    if weights is not None:
+        per_row = per_row * weights.detach().float()
     if mask is None:
         mask = torch.ones_like(per_row, dtype=torch.bool)
     per_row = torch.where(mask, per_row, torch.zeros_like(per_row))  # (N,)

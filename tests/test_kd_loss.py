@@ -30,6 +30,7 @@ CASES = [
     ("jsd", 0.3),  # asymmetric: catches beta applied to the wrong side of the mixture
     ("jsd", 1.0),
     ("tvd", 0.5),
+    ("lk", 0.5),  # the LK hybrid, λ per row (η = 3); the batch α and weights have their own test
 ]
 IDS = [f"{d}-b{b}" if d == "jsd" else d for d, b in CASES]
 
@@ -306,6 +307,9 @@ def _good():
         (dict(temperature=-1.0), r"temperature must be > 0"),
         (dict(reduction="batchmean"), r"reduction must be one of"),
         (dict(chunk_size=0), r"chunk_size must be a positive"),
+        (dict(weights=torch.ones(36)), r"weights must be \(N,\) = \(37,\).*\(36,\)"),
+        (dict(divergence="lk", lk_eta=-1.0), r"lk_eta must be a finite number >= 0"),
+        (dict(divergence="lk", lk_alpha=float("nan")), r"lk_alpha must be a finite"),
     ],
 )
 def test_invalid_arguments_raise_value_error(override, message):
@@ -321,7 +325,7 @@ def _triton_interpreter_checks() -> None:
     student = 3 * torch.randn(5, 1001, generator=gen)  # (C, V): three 256-wide tiles and a tail
     teacher = 3 * torch.randn(5, 1001, generator=gen)
     scale = torch.randn(5, generator=gen)
-    for divergence, beta in CASES:
+    for divergence, beta in [case for case in CASES if case[0] != "lk"]:  # the kernel has no LK
         s = torch.log_softmax(student / 1.5, dim=-1)
         t = torch.log_softmax(teacher / 1.5, dim=-1)
         want_loss, want_grad = kd_loss_module._divergence_rows(s, t, divergence, beta, True)
@@ -340,6 +344,39 @@ def _triton_interpreter_checks() -> None:
         got = loss_and_grads(fused_kd_loss, inputs, inputs[4], upstream, chunk_size=4, **kw)
         want = loss_and_grads(kd_loss_reference, inputs, inputs[4], upstream, **kw)
         assert_all_close(got, want)
+    kw = dict(divergence="lk", temperature=2.0, reduction="sum")  # LK falls back to torch rows
+    got = loss_and_grads(fused_kd_loss, inputs, inputs[4], chunk_size=4, **kw)
+    assert_all_close(got, loss_and_grads(kd_loss_reference, inputs, inputs[4], **kw))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lk_alpha", [None, 0.3], ids=["alpha-per-row", "alpha-given"])
+@pytest.mark.parametrize(("divergence", "beta"), [("fkl", 0.5), ("lk", 0.5)], ids=["fkl", "lk"])
+def test_row_weights_and_the_lk_alpha_match_reference(divergence, beta, lk_alpha, reduction):
+    """Per-row weights (the position weighting's) and a given LK α (the batch's) in one pass."""
+    inputs = make_inputs(ODD, seed=15)
+    weights = torch.rand(ODD[0], generator=torch.Generator().manual_seed(2)) * 2
+    upstream = torch.randn(ODD[0], generator=torch.Generator().manual_seed(3))
+    upstream = upstream if reduction == "none" else None
+    kw = dict(divergence=divergence, beta=beta, reduction=reduction, weights=weights)
+    kw |= dict(lk_eta=2.0, lk_alpha=lk_alpha)
+    got = loss_and_grads(fused_kd_loss, inputs, inputs[4], upstream, chunk_size=5, **kw)
+    want = loss_and_grads(kd_loss_reference, inputs, inputs[4], upstream, **kw)
+    assert_all_close(got, want)
+    plain = fused_kd_loss(*inputs[:4], mask=inputs[4], divergence=divergence, reduction=reduction)
+    assert not torch.allclose(got[0], plain.detach(), rtol=1e-3)  # the weights count
+
+
+def test_lk_is_kl_at_eta_0_and_leans_to_tv_as_alpha_grows():
+    inputs = make_inputs(ODD, seed=16)
+    kl = loss_and_grads(fused_kd_loss, inputs, divergence="fkl", reduction="sum")
+    tv = loss_and_grads(fused_kd_loss, inputs, divergence="tvd", reduction="sum")
+    assert_all_close(
+        loss_and_grads(fused_kd_loss, inputs, divergence="lk", lk_eta=0.0, reduction="sum"), kl
+    )
+    lam = math.exp(-3.0 * 0.8)  # λ of a given α = 0.8 with η = 3: mostly TV
+    mixed = loss_and_grads(fused_kd_loss, inputs, divergence="lk", lk_alpha=0.8, reduction="sum")
+    assert_all_close(mixed, [lam * k + (1 - lam) * t for k, t in zip(kl, tv, strict=True)])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 2.0])
