@@ -17,7 +17,9 @@ from specdraft.pipeline.engine.job import build_stages
 def _keys(tmp_path) -> dict[str, str]:
     cv.code_version.cache_clear()
     cv._parse.cache_clear()
-    job = load_job(shipped_job("demo.yaml"), ["distil.rounds=2"])
+    # round 2 on-policy: its sequences are the first round's draft's (a target-written round 2
+    # would not read that draft, and shares nothing with it)
+    job = load_job(shipped_job("demo.yaml"), ["distil.rounds=2", "distil.later_rounds=draft"])
     return {stage.name: key for stage, key, _ in plan(build_stages(job), tmp_path)}
 
 
@@ -140,3 +142,21 @@ def test_a_stage_reaches_its_own_run_and_not_the_config_module(module):
     reached = cv.reached(module)
     assert f"{module}:run" in reached
     assert not [r for r in reached if r.startswith("specdraft.pipeline.config:")]
+
+
+def _job_keys(tmp_path, *overrides) -> dict[str, str]:
+    job = load_job(shipped_job("demo.yaml"), list(overrides))
+    return {stage.name: key for stage, key, _ in plan(build_stages(job), tmp_path)}
+
+
+def test_a_draft_free_generation_is_shared_by_every_draft(tmp_path):
+    """With draft_fraction=0 the draft writes nothing: another draft reuses the sequences and the
+    target's outputs for them; with a draft share it does not."""
+    for fraction, shared in (("0", True), ("0.5", False)):
+        a, b = (
+            _job_keys(tmp_path, f"generate.draft_fraction={fraction}", f"draft.train.steps={n}")
+            for n in (10, 20)
+        )
+        assert a["draft_init"] != b["draft_init"] and a["distil"] != b["distil"]
+        assert (a["generate"] == b["generate"]) is shared
+        assert (a["target_outputs"] == b["target_outputs"]) is shared

@@ -5,7 +5,8 @@ keeps every stage name and cache key a comparison had before it was shared.
 wiring moved to engine/job.py) by `describe` below: per stage its module, where its config comes
 from (a job section of the base or of a recipe), inputs, seed, resources and whether it carries an
 input fingerprint. Config values are not in it, so changing a default elsewhere does not break it;
-the keys are compared by rebuilding the recorded stages from today's configs.
+the keys are compared by rebuilding the recorded stages from today's configs. One deliberate
+change since: a generation with draft_fraction=0 no longer lists `draft_init` (it never read it).
 """
 
 import dataclasses

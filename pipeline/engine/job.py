@@ -61,11 +61,16 @@ def section_stage(
     section's (a later round's generation)."""
     section, table_deps = STAGES[name]
     config = getattr(job, section) if config is None else config
+    deps = table_deps if deps is None else tuple(deps)
+    if name == "generate" and not config.draft_fraction:
+        # only the target writes (or the dataset gives) the sequences: the draft is not read, so
+        # jobs and recipes that differ in their draft share the sequences and the target outputs
+        deps = tuple(d for d in deps if d.split("=")[0] != "draft_init")
     return Stage(
         f"{name}{suffix}",
         f"specdraft.pipeline.stages.{name}",
         config,
-        table_deps if deps is None else tuple(deps),
+        deps,
         getattr(config, "resources", Resources(cpus=1)),
         seed,
     )

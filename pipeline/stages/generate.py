@@ -2,7 +2,9 @@
 responses to training prompts. A mixture is one flag away: `dataset_fraction` of the prompts keep the
 dataset's responses, `draft_fraction` are answered by the draft and the rest by the target.
 
-Reads: `data` (prompts), `target` and `draft_init` (their models and the target's tokenizer)
+Reads: `data` (prompts), `target` and `draft_init` (their models and the target's tokenizer;
+`draft_init` only with draft_fraction > 0, else it is not an input: a draft-free generation is
+shared by every draft)
 Writes: `sequences/` (input_ids, response_mask, prompt, response, task, source); info `sequences`,
 `from_draft`, `from_target`, `from_dataset`, `mean_response_tokens`
 """
