@@ -117,8 +117,8 @@ def _result(name: str, reused: bool, inputs: dict) -> SimpleNamespace:
         key="k" * 64,
         path=Path(f"/store/{name}-x"),
         reused=reused,
-        seconds=1.234,
-        manifest={"inputs": inputs},
+        seconds=0.0 if reused else 1.234,
+        manifest={"inputs": inputs, "seconds": 60.25 if reused else 1.234},
         queued=0.0,
     )
 
@@ -154,8 +154,11 @@ def test_run_json_has_one_shape_for_runs_and_comparisons(tmp_path):
             "inputs": {"distil": "/store/distil-x"},
             "path": "/store/export-x",
             "reused": True,
-            "seconds": 1.23,
+            "seconds": 0.0,  # this run spent nothing on it
+            "made_seconds": 60.25,  # its maker did
         }
+        assert run["stages"][1]["made_seconds"] == run["stages"][1]["seconds"] == 1.23
+        assert run["made_seconds_total"] == 61.5
         assert (out / "report" / "index.html").read_text() == "<html>"
         assert {p.name for p in out.iterdir()} == {
             MARKER, "report", "results.md", "metrics.json", "job.yaml", "run.json",

@@ -2,10 +2,12 @@
 
     python reports/benchmarks/stage_seconds.py runs/compare-smollm2 [--json OUT]
 
-A run that reused cached stages records 0 s for them in run.json (it did not run them); the
-artifact's manifest keeps the seconds its maker took (its run time, not its wait in Ray's queue).
-Summed, they are what the run costs from an empty store with stages one after another, as they
-run on a 2-core machine (each asks for both cores). Needs the store the run used.
+A run that reused cached stages records 0 s for them in run.json's `seconds` (it did not run
+them); the artifact's manifest keeps the seconds its maker took (its run time, not its wait in
+Ray's queue). Summed, they are what the run costs from an empty store with stages one after
+another, as they run on a 2-core machine (each asks for both cores). run.json carries them itself
+(`made_seconds`, `made_seconds_total`) since 2026-12-02; for runs from before,
+this script reads them from the store the run used.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ def stage_seconds(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
     stages = {}
     for stage in run["stages"]:
+        if "made_seconds" in stage:
+            stages[stage["name"]] = round(stage["made_seconds"], 1)
+            continue
         manifest = Path(stage["path"]) / "manifest.json"
         if not manifest.exists():
             raise SystemExit(f"{manifest} is missing: the store this run used is not here")
