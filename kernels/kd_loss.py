@@ -8,9 +8,10 @@ student hidden rows and accumulates the gradient w.r.t. the student LM head, the
 Peak extra memory is a few (rows, V) buffers plus the gradients themselves.
 
 On CUDA with triton installed, the per-row divergence and gradient come from the Triton kernel in
-`kd_loss_triton.py` instead of `_divergence_rows` (same math); the matmuls stay in torch. The
-pure-PyTorch full-logits reference lives in `tests/kd_reference.py`; the benchmark is
-`reports/benchmarks/bench_kd_loss.py`.
+`kd_loss_triton.py` instead of `_divergence_rows` (same math; the LK hybrid has no Triton rows and
+runs the torch ones); the matmuls stay in torch. The pure-PyTorch full-logits reference lives in
+`tests/kd_reference.py`; the benchmarks are `reports/benchmarks/bench_kd_loss.py` and
+`bench_lk_loss.py`.
 """
 
 from __future__ import annotations

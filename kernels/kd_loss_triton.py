@@ -1,7 +1,7 @@
 """Triton kernel for the per-row KD divergence and its gradient, over a chunk of logits (CUDA).
 
 `fused_kd_loss` uses it in place of `_divergence_rows` when its inputs are on CUDA and triton is
-importable; the matmuls stay in torch (cuBLAS). Compared with the torch path it reads the two
+importable (every divergence but the LK hybrid, which stays on the torch rows); the matmuls stay in torch (cuBLAS). Compared with the torch path it reads the two
 (C, V) logit buffers and writes the gradient over the student's, with no fp32 (C, V) scratch.
 Optional: triton is not a dependency of specdraft. Tested under TRITON_INTERPRET=1 with tiny shapes.
 """

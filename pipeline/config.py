@@ -703,7 +703,7 @@ def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:
         problems.append(
             f"distil.k_search=[] with distil.selection={distil.selection}: a k-search over an "
             "empty grid tries no k; list the shares to try (e.g. distil.k_search=0.2,0.4,0.6,1.0) "
-            f"or leave k_search unset (null) for the fixed distil.k={distil.k}"
+            f"or unset it (k_search: null, or distil.k_search=null) for the fixed distil.k={distil.k}"
         )
     grid = distil.k_search or []
     if grid and distil.selection == "all":

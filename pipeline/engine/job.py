@@ -28,6 +28,7 @@ STAGES = {
     "data": ("data", ()),
     "target": ("target", ("data",)),
     "draft_init": ("draft", ("data",)),
+    # generate reads draft_init only with draft_fraction > 0 (section_stage drops it otherwise)
     "generate": ("generate", ("data", "target", "draft_init")),
     "target_outputs": ("distil", ("data", "target", "generate")),
     "reference": ("reference", ("data", "target", "draft_init", "generate", "target_outputs")),
@@ -164,8 +165,10 @@ def distil_chain(
 ) -> tuple[list[Stage], str]:
     """`distil<suffix>` on `generate`'s sequences, then on-policy rounds r = 2..R unrolled as
     `generate_r<r><suffix>` (the previous round's draft samples: with generate's shares, or all
-    of them with distil.later_rounds=draft) and `distil_r<r><suffix>` (which starts from it), each
-    cached on its own. Returns the stages and the last distil's name.
+    of them with distil.later_rounds=draft; with generate's shares and draft_fraction=0 the
+    target writes every round, seeded apart, without the previous draft) and
+    `distil_r<r><suffix>` (which starts from it), each cached on its own. Returns the stages and
+    the last distil's name.
 
     Round inputs arrive under the names the generate and distil stages read: the previous round's
     draft as `draft_init` (`draft_init=distil_r<r-1>`: the draft a round samples with and starts

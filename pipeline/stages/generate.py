@@ -1,6 +1,6 @@
-"""Stage `generate`: training sequences for distillation. On-policy by default: the draft samples
-responses to training prompts. A mixture is one flag away: `dataset_fraction` of the prompts keep the
-dataset's responses, `draft_fraction` are answered by the draft and the rest by the target.
+"""Stage `generate`: training sequences for distillation. Target-written by default: the target
+samples responses to training prompts. `draft_fraction` of the prompts are answered by the draft
+instead (on-policy) and `dataset_fraction` keep the dataset's responses.
 
 Reads: `data` (prompts), `target` and `draft_init` (their models and the target's tokenizer;
 `draft_init` only with draft_fraction > 0, else it is not an input: a draft-free generation is
