@@ -136,7 +136,9 @@ def _check_options(
     if not (math.isfinite(lk_eta) and lk_eta >= 0.0):
         raise ValueError(f"lk_eta must be a finite number >= 0, got {lk_eta}")
     if lk_alpha is not None and not math.isfinite(lk_alpha):
-        raise ValueError(f"lk_alpha must be a finite acceptance in [0, 1] or None, got {lk_alpha}")
+        raise ValueError(
+            f"lk_alpha must be a finite number (an acceptance) or None, got {lk_alpha}"
+        )
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1] (0 -> fkl, 1 -> rkl), got {beta}")
     if not temperature > 0.0:
