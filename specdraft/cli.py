@@ -24,8 +24,16 @@ def shipped_job(name: str) -> Path:
     return Path(str(files("specdraft.jobs") / name))
 
 
-def _job_path(job: str | None) -> Path:
-    return Path(job) if job is not None else shipped_job("demo.yaml")
+def _job_path(job: str | None, default: str = "demo.yaml") -> Path:
+    """JOB as given when it is a file; otherwise the shipped job it names (`smollm2`,
+    `smollm2.yaml`, or `jobs/smollm2.yaml` as the jobs are named in the docs); None is `default`."""
+    if job is None:
+        return shipped_job(default)
+    path = Path(job)
+    if path.exists() or path.parent not in (Path("."), Path("jobs")):
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    return shipped_job(name) if shipped_job(name).is_file() else path
 
 
 def _split(args_job: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -117,7 +125,7 @@ def cmd_compare(args) -> int:
     from specdraft.pipeline.engine.dag import StageError
 
     job_file, overrides = _split(args.job, args.overrides)
-    comp = load_comparison(job_file or shipped_job("compare.yaml"), overrides)
+    comp = load_comparison(_job_path(job_file, "compare.yaml"), overrides)
     if args.plan:
         from specdraft.pipeline.commands.compare_recipes import (
             build_comparison_stages,
@@ -128,7 +136,7 @@ def cmd_compare(args) -> int:
             resolve_comparison_paths(comp)
             return build_comparison_stages(comp)
 
-        print_plan(build, comp.base, job_file or shipped_job("compare.yaml"))
+        print_plan(build, comp.base, _job_path(job_file, "compare.yaml"))
         return 0
     out = Path(args.out) if args.out else Path("runs") / comp.base.name
     if args.address:

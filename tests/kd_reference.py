@@ -1,7 +1,7 @@
 """The plain full-logits KD loss: the reference `specdraft.kernels.fused_kd_loss` is judged against.
 
 Materialises (N, V) logits for both models and lets autograd do the gradients. One copy, imported by
-tests/test_kd_loss.py and reports/benchmarks/bench_kd_loss.py. The divergences follow TRL's
+tests/test_kd_loss.py and benchmarks/bench_kd_loss.py. The divergences follow TRL's
 `GKDTrainer.generalized_jsd_loss` (F.kl_div with log targets, logsumexp mixture), written
 independently of the kernel's hand-derived gradients.
 """

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specdraft.pipeline.stages.evaluate import position_acceptance
 from specdraft.pipeline.training import Collator
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "reports" / "metrics" / "acceptance_rate"
+METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "acceptance_rate"
 V, PAD = 48, 47
 
 

@@ -33,7 +33,7 @@ def test_paired_permutation_p_exact_and_sampled():
 
 
 def test_the_shipped_comparison_loads_with_six_recipes_over_three_seeds():
-    comp = load_comparison(REPO / "jobs" / "compare.yaml")
+    comp = load_comparison(REPO / "specdraft" / "jobs" / "compare.yaml")
     assert len(comp.recipes) == 6 and len(comp.seeds) >= 3
     assert comp.baseline == "fkl_all"
     by_name = {r.name: r.job for r in comp.recipes}
@@ -156,7 +156,7 @@ def test_a_tiny_comparison_end_to_end(tmp_path):
 def test_validate_and_run_point_at_the_comparison(capsys):
     from specdraft.cli import main
 
-    assert main(["validate", str(REPO / "jobs" / "compare.yaml")]) == 0
+    assert main(["validate", str(REPO / "specdraft" / "jobs" / "compare.yaml")]) == 0
     assert "6 recipes x 3 seeds" in capsys.readouterr().out
-    assert main(["run", str(REPO / "jobs" / "compare.yaml")]) == 2
+    assert main(["run", str(REPO / "specdraft" / "jobs" / "compare.yaml")]) == 2
     assert "specdraft compare" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def rebuild(comp, described: dict) -> list[Stage]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_comparison_keeps_its_stage_names_wiring_and_keys(variant, tmp_path):
-    comp = load_comparison(REPO / "jobs" / "compare.yaml", VARIANTS[variant])
+    comp = load_comparison(REPO / "specdraft" / "jobs" / "compare.yaml", VARIANTS[variant])
     expected = json.loads(SNAPSHOT.read_text())[variant]
     stages = build_comparison_stages(comp)
     assert describe(comp, stages) == expected

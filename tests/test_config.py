@@ -8,7 +8,7 @@ import pytest
 
 from specdraft.pipeline.config import ConfigError, JobConfig, describe, load_job, read_job_yaml
 
-JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+JOBS = sorted((Path(__file__).resolve().parents[1] / "specdraft" / "jobs").glob("*.yaml"))
 
 
 def test_defaults_are_the_builtin_demo():

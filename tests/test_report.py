@@ -1,4 +1,4 @@
-"""Tests for the run report renderer (reports/render.py)."""
+"""Tests for the run report renderer (specdraft/reports/render.py)."""
 
 from __future__ import annotations
 

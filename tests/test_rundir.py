@@ -182,7 +182,7 @@ def test_a_damaged_run_json_is_one_message(tmp_path, text, message):
 
 def test_legacy_run_json_gets_its_kind():
     repo = Path(__file__).resolve().parents[1]
-    assert read_run(repo / "reports" / "results" / "compare")["kind"] == "comparison"
+    assert read_run(repo / "results" / "compare")["kind"] == "comparison"
 
 
 def specdraft(*args, cwd):
@@ -227,7 +227,7 @@ def test_export_never_replaces_a_foreign_directory_or_the_working_directory(tmp_
 def test_export_of_a_comparison_or_a_damaged_run_is_one_message(tmp_path, case, message):
     if case == "comparison":
         repo = Path(__file__).resolve().parents[1]
-        run_dir = repo / "reports" / "results" / "compare"
+        run_dir = repo / "results" / "compare"
     elif case == "corrupt":
         run_dir = _fake_run(tmp_path)
         (run_dir / "run.json").write_text('{"stages": [')

@@ -8,7 +8,7 @@ live at every step, side by side in one process.
    layers, trained with all-token forward KL in full (the issue's real-pair recipe) through
    train_kd, live and stored; the one-off cost of computing the stored outputs is reported too.
 
-    python reports/benchmarks/bench_target_outputs.py --store /tmp/store --real
+    python benchmarks/bench_target_outputs.py --store /tmp/store --real
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from specdraft.pipeline.training import (
 )
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
-RESULT = REPO / "reports" / "benchmarks" / "results" / "target_outputs_cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "target_outputs_cpu.json"
 UPSTREAM = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
 
 
@@ -58,7 +58,7 @@ class StepTimes(TrainerCallback):
 
 
 def demo(store: Path, repeats: int) -> dict:
-    job = load_job(REPO / "jobs" / "demo.yaml")
+    job = load_job(REPO / "specdraft" / "jobs" / "demo.yaml")
     built = execute([s for s in build_stages(job) if s.name in UPSTREAM], store, use_ray=False)
     inputs = {name: result.path for name, result in built.items()}
     live_inputs = {k: v for k, v in inputs.items() if k != "target_outputs"}
@@ -171,7 +171,7 @@ def main() -> None:
     machine = describe_machine()
     result = {
         "benchmark": "distil steps/s with the target's outputs stored once vs run live each step",
-        "command": "python reports/benchmarks/bench_target_outputs.py"
+        "command": "python benchmarks/bench_target_outputs.py"
         + (" --real" if args.real else ""),
         "machine": machine,
         "note": args.note,

@@ -93,7 +93,7 @@ def sample_responses(
     """Token ids of one sampled response per tokenised prompt (eos included when reached).
 
     Each batch is seeded by its position `first_index + start` in the whole prompt list, so a shard
-    of whole batches samples what the same batches sample in one pass (see pipeline/engine/parallel.py)."""
+    of whole batches samples what the same batches sample in one pass (see specdraft/pipeline/engine/parallel.py)."""
     device = next(model.parameters()).device
     responses: list[list[int]] = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, mininterval=2.0):

@@ -1,5 +1,5 @@
-"""Render a comparison (pipeline/stages/comparison.py's results) as Markdown tables and a self-contained
-HTML page with plots, in the style of the run report (reports/render.py)."""
+"""Render a comparison (specdraft/pipeline/stages/comparison.py's results) as Markdown tables and a self-contained
+HTML page with plots, in the style of the run report (specdraft/reports/render.py)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ and the reference are computed once and shared by every recipe through the stage
 the first recipe with those settings names it, later ones reuse it),
 `distil.<recipe>.s<seed>` and `evaluate.<recipe>.s<seed>`; every evaluation uses the job's seed, so
 all drafts are judged on the same prompts and target continuations (paired comparisons).
-The `comparison` stage (pipeline/stages/comparison.py) reduces them to the table and report.
+The `comparison` stage (specdraft/pipeline/stages/comparison.py) reduces them to the table and report.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and verified by rejection sampling is accepted with probability β; alpha is its
 
 The one implementation specdraft uses: the evaluate stage and `specdraft eval`, distil's held-out
 alpha, and the LK hybrid's λ (which reads β off the TV rows its loss already has).
-reports/metrics/acceptance_rate keeps a numpy copy so that folder stands alone on the Hub;
+metrics/acceptance_rate keeps a numpy copy so that folder stands alone on the Hub;
 tests/test_acceptance_metric.py holds the two together.
 """
 

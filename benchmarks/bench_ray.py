@@ -1,7 +1,7 @@
 """The cost of Ray: the demo job through Ray tasks vs the same stages in-process, and the generate
 stage with 1 vs 2 data-parallel workers.
 
-    python reports/benchmarks/bench_ray.py            # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_ray.py            # about 10 minutes on a 2-core CPU
 
 1. `specdraft run` and `specdraft run --no-ray` of the demo, each cold in an empty store, alternating
    (`--repeats` times): wall seconds of the whole command, Ray's start-up included.
@@ -31,8 +31,8 @@ from specdraft.pipeline.engine.job import build_stages
 from specdraft.pipeline.sequences import load_sequences
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
-RESULT = REPO / "reports" / "benchmarks" / "results" / "ray_cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "ray_cpu.json"
 UPSTREAM = ("data", "target", "draft_init")
 
 
@@ -48,7 +48,7 @@ def time_demo(no_ray: bool) -> float:
 def time_generate(store: Path, repeats: int, gpus: int) -> dict:
     import ray
 
-    job = load_job(REPO / "jobs" / "demo.yaml")
+    job = load_job(REPO / "specdraft" / "jobs" / "demo.yaml")
     upstream = [s for s in build_stages(job) if s.name in UPSTREAM]
     execute(upstream, store, use_ray=False)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
@@ -103,7 +103,7 @@ def main() -> None:
         generate = time_generate(Path(store), args.repeats, args.gpus)
     result = {
         "benchmark": "Ray overhead: demo via Ray vs in-process; generate with 1 vs N workers",
-        "command": "python reports/benchmarks/bench_ray.py",
+        "command": "python benchmarks/bench_ray.py",
         "machine": describe_machine(),
         "demo_cold_seconds": demo,
         "demo_median_seconds": {k: statistics.median(v) for k, v in demo.items()},

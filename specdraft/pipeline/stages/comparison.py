@@ -3,7 +3,7 @@ to the baseline recipe and its significance, paired over prompts.
 
 Inputs: `shared` (the evaluation of the draft init and the reference) and `<recipe>.s<seed>` (the
 evaluation of that run's final draft). Every evaluation saw the same prompts and target
-continuations (pipeline/commands/compare_recipes.py gives them one seed), so prompt i is the same trial for every
+continuations (specdraft/pipeline/commands/compare_recipes.py gives them one seed), so prompt i is the same trial for every
 recipe: the test takes, per prompt, each recipe's value averaged over its seeds, and flips the signs
 of the per-prompt differences to the baseline at random (a paired permutation test; exact when
 there are few prompts). Means and std are of the per-seed metrics as `evaluate` reports them.

@@ -1,13 +1,13 @@
 """Benchmark fused_kd_loss against the plain full-logits reference: CPU, fp32, forward + backward.
 
-    python reports/benchmarks/bench_kd_loss.py            # N=4096, V=32768, H=1024, ~4 min on 2 cores
+    python benchmarks/bench_kd_loss.py            # N=4096, V=32768, H=1024, ~4 min on 2 cores
 
 Time: both variants run in this process on the same inputs, alternating (A B, B A, ...), and the
 median of the repeats is reported (wall clock, and process CPU time, which is steadier on a shared
 machine). Memory: each variant runs once in a fresh subprocess; its peak extra memory is the peak
 RSS (ru_maxrss) minus the RSS just before the call, with inputs already allocated. Gradients
 (student hidden and LM head) count towards both. Targets: fused time <= 1.3x and peak extra memory
-<= 20% of the reference's. Results go to reports/benchmarks/results/kd_loss_cpu.json.
+<= 20% of the reference's. Results go to benchmarks/results/kd_loss_cpu.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from kd_reference import kd_loss_reference  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Acceptance rate of speculative decoding, as an `evaluate` metric.
 
     import evaluate
-    metric = evaluate.load("reports/metrics/acceptance_rate")  # a local path: works offline
+    metric = evaluate.load("metrics/acceptance_rate")  # a local path: works offline
     metric.compute(predictions=draft_logits, references=target_logits, temperature=1.0)
 
 Self-contained (numpy only) so the folder can be copied or pushed to the Hub on its own: a copy of
@@ -34,7 +34,7 @@ Returns:
     alpha_greedy: mean over positions of [argmax q == argmax p].
     num_positions: N.
 Examples:
-    >>> metric = evaluate.load("reports/metrics/acceptance_rate")
+    >>> metric = evaluate.load("metrics/acceptance_rate")
     >>> metric.compute(predictions=[[0.0, 0.0]], references=[[0.0, 0.0]])
     {'alpha': 1.0, 'alpha_greedy': 1.0, 'num_positions': 1}
 """

@@ -1,6 +1,6 @@
 """The cost of a remote store: the demo job with its store on the local disk vs at an s3:// URL.
 
-    python reports/benchmarks/bench_store.py          # about 6 minutes on a 2-core CPU
+    python benchmarks/bench_store.py          # about 6 minutes on a 2-core CPU
 
 The S3 is moto's server on loopback, in this process (an object store on the same machine, as a
 MinIO beside the job would be): it measures specdraft's own work for a remote store (fetching into
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
-RESULT = REPO / "reports" / "benchmarks" / "results" / "store_cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "store_cpu.json"
 
 
 def timed_run(store: str, root: Path, mirror: str, env: dict) -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     warm_medians = {k: statistics.median(v) for k, v in warm.items()}
     result = {
         "benchmark": "demo job with a local store vs an s3:// store (moto on loopback)",
-        "command": "python reports/benchmarks/bench_store.py",
+        "command": "python benchmarks/bench_store.py",
         "machine": describe_machine(),
         "cold_seconds": seconds,
         "cold_median_seconds": medians,

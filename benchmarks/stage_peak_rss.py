@@ -1,6 +1,6 @@
 """Peak resident memory of each pipeline stage while a specdraft command runs.
 
-    python reports/benchmarks/stage_peak_rss.py -- specdraft run jobs/smollm2.yaml store=/tmp/s
+    python benchmarks/stage_peak_rss.py -- specdraft run jobs/smollm2.yaml store=/tmp/s
 
 Runs the command and samples, every `--every` seconds, the RSS of the Ray worker processes that
 run stages (named `ray::specdraft:<stage>` by the DAG runner); prints each stage's peak. A stage

@@ -12,8 +12,8 @@
   target's top logits (evaluate.tie_tolerance): those are counted. The greedy runs are timed
   against target-only decoding of the same prompts at the same batch size (`speedup`).
 
-Real speculative decoding is measured in pipeline/spec_runs.py; `specdraft eval`
-(pipeline/commands/eval_pair.py) evaluates one target/draft pair with the same functions.
+Real speculative decoding is measured in specdraft/pipeline/spec_runs.py; `specdraft eval`
+(specdraft/pipeline/commands/eval_pair.py) evaluates one target/draft pair with the same functions.
 
 Reads: `data`, `target`, `draft_init`, `reference`, `distil`
 Writes: `metrics.json` (the definitions below), `per_prompt.json`

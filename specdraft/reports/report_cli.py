@@ -5,7 +5,7 @@ metrics are appended to the history store when --history is given. The history i
 the store (or, without --history, the given runs alone), and the report goes to --out (default
 `runs/report/`, beside the run directories and ignored by git):
 
-- `index.html`: the newest given run's report (reports/render.py, metrics only) plus a history
+- `index.html`: the newest given run's report (specdraft/reports/render.py, metrics only) plus a history
   section: per (job, target, task) trend lines of the final draft's alpha and tau as inline PNGs,
   regressions marked, and the skipped history rows;
 - `summary.md`: the run summary plus the regressions and problems, in a few lines;

@@ -9,12 +9,12 @@ each batch size, greedy. Reports, side by side:
 - the measured cost ratio c, tau, and the wall-clock speedup of greedy speculative decoding over
   target-only decoding of the same prompts at the same batch size.
 
-    python reports/benchmarks/bench_eval.py                     # trains the toy pair first
-    python reports/benchmarks/bench_eval.py --store /tmp/store  # keeps it for the next time
+    python benchmarks/bench_eval.py                     # trains the toy pair first
+    python benchmarks/bench_eval.py --store /tmp/store  # keeps it for the next time
 
 On a 2-core CPU the measurements take about 2 minutes; training the pair adds a few more.
 
-The result goes to reports/benchmarks/results/eval_cpu.json with the machine described.
+The result goes to benchmarks/results/eval_cpu.json with the machine described.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from specdraft.pipeline.engine.dag import execute
 from specdraft.pipeline.engine.job import build_stages
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
-RESULT = REPO / "reports" / "benchmarks" / "results" / "eval_cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "eval_cpu.json"
 
 
 def build_toy_pair(store: Path) -> tuple[Path, Path]:
     """The demo job's toy target and draft init (trained once, then reused from the store)."""
-    job = load_job(REPO / "jobs" / "demo.yaml", [])
+    job = load_job(REPO / "specdraft" / "jobs" / "demo.yaml", [])
     stages = [s for s in build_stages(job) if s.name in ("data", "target", "draft_init")]
     results = execute(stages, store, use_ray=False)
     return results["target"].path / "model", results["draft_init"].path / "model"
@@ -119,7 +119,7 @@ def main() -> None:
             run[f"{kind}_prompts_per_second_vs_batch_{base['batch_size']}"] = round(ratio, 2)
     result = {
         "benchmark": "specdraft eval on the toy pair (demo job's target and draft_init), greedy",
-        "command": "python reports/benchmarks/bench_eval.py",
+        "command": "python benchmarks/bench_eval.py",
         "settings": {
             "data": "builtin (the toy eval split, round-robin over the 4 tasks)",
             "num_prompts": args.num_prompts,

@@ -10,7 +10,7 @@ Peak extra memory is a few (rows, V) buffers plus the gradients themselves.
 On CUDA with triton installed, the per-row divergence and gradient come from the Triton kernel in
 `kd_loss_triton.py` instead of `_divergence_rows` (same math; the LK hybrid has no Triton rows and
 runs the torch ones); the matmuls stay in torch. The pure-PyTorch full-logits reference lives in
-`tests/kd_reference.py`; the benchmarks are `reports/benchmarks/bench_kd_loss.py` and
+`tests/kd_reference.py`; the benchmarks are `benchmarks/bench_kd_loss.py` and
 `bench_lk_loss.py`.
 """
 

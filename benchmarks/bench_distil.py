@@ -4,11 +4,11 @@ Builds the demo job's stages up to `reference` (cached in --store), then runs th
 with `distil.fused_loss` true and false, alternating, and reports training tokens/s (response
 tokens through the loss per second of the whole stage) for each, measured side by side.
 
-    python reports/benchmarks/bench_distil.py --store /tmp/store
+    python benchmarks/bench_distil.py --store /tmp/store
 
 The toy vocabulary is 512 tokens, so the (tokens x vocab) logits are small and the fused loss
 mainly has to not be slower here; its memory win shows at real vocabularies
-(reports/benchmarks/bench_kd_loss.py, V = 32768).
+(benchmarks/bench_kd_loss.py, V = 32768).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.stages import distil
 from specdraft.reports.machine import describe_machine
 
-REPO = Path(__file__).resolve().parents[2]
-RESULT = REPO / "reports" / "benchmarks" / "results" / "distil_cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "distil_cpu.json"
 UPSTREAM = ("data", "target", "draft_init", "generate", "reference")
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     store = args.store or Path(tempfile.mkdtemp(prefix="bench-distil-"))
-    job = load_job(REPO / "jobs" / "demo.yaml", ["distil.eval_every=0"])
+    job = load_job(REPO / "specdraft" / "jobs" / "demo.yaml", ["distil.eval_every=0"])
     upstream = execute([s for s in build_stages(job) if s.name in UPSTREAM], store, use_ray=False)
     inputs = {name: result.path for name, result in upstream.items()}
     sequences = load_sequences(inputs["generate"])
@@ -60,7 +60,7 @@ def main() -> None:
                 runs[name].append(time.perf_counter() - start)
     result = {
         "benchmark": "distil stage (demo job, AdaSPEC top-40 %, LoRA) with the fused KD loss vs plain logits",
-        "command": "python reports/benchmarks/bench_distil.py",
+        "command": "python benchmarks/bench_distil.py",
         "machine": describe_machine(),
         "steps": job.distil.train.steps,
         "batch_size": job.distil.train.batch_size,

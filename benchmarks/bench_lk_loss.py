@@ -1,6 +1,6 @@
 """The LK hybrid and weighted losses in one fused pass against the two-pass composition they replace.
 
-    python reports/benchmarks/bench_lk_loss.py     # the real pair's shapes, ~3 min on 2 cores
+    python benchmarks/bench_lk_loss.py     # the real pair's shapes, ~3 min on 2 cores
 
 Until this benchmark's commit, `kd_loss_sum` built the LK hybrid from two fused passes with
 reduction "none" (KL rows, then TV rows, each recomputed in backward for the per-row upstream
@@ -13,7 +13,7 @@ Variants, forward + backward on the same inputs, alternating in this process (A 
 reversed), median of the repeats (wall clock and process CPU time): `fkl` (the floor: one pass),
 `lk_composed` / `lk_fused` (λ per row), `lk_batch_composed` / `lk_batch_fused` (one given α),
 `fkl_weighted_composed` / `fkl_weighted_fused` (per-row weights). Each pair's losses and gradients
-must agree. Results go to reports/benchmarks/results/lk_loss_cpu.json.
+must agree. Results go to benchmarks/results/lk_loss_cpu.json.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a run's stages cost to make, cached or not: each stage's own run time from its artifact.
 
-    python reports/benchmarks/stage_seconds.py runs/compare-smollm2 [--json OUT]
+    python benchmarks/stage_seconds.py runs/compare-smollm2 [--json OUT]
 
 A run that reused cached stages records 0 s for them in run.json's `seconds` (it did not run
 them); the artifact's manifest keeps the seconds its maker took (its run time, not its wait in
