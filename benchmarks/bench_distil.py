@@ -25,9 +25,9 @@ from specdraft.pipeline.config import load_job
 from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.pipeline.engine.dag import execute
 from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.engine.machine import describe_machine
 from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.stages import distil
-from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "distil_cpu.json"

@@ -29,7 +29,7 @@ from specdraft.pipeline.commands.eval_pair import EvalRequest, run_eval
 from specdraft.pipeline.config import load_job
 from specdraft.pipeline.engine.dag import execute
 from specdraft.pipeline.engine.job import build_stages
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.engine.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "eval_cpu.json"

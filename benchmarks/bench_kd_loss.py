@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.engine.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

@@ -29,7 +29,7 @@ import torch
 from bench_kd_loss import make_inputs as make_heads  # this script's folder is on sys.path
 
 from specdraft.kernels import fused_kd_loss
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.engine.machine import describe_machine
 
 RESULT = Path(__file__).resolve().parent / "results" / "lk_loss_cpu.json"
 ETA, BATCH_ALPHA = 3.0, 0.3

@@ -28,8 +28,8 @@ from pathlib import Path
 from specdraft.pipeline.config import Resources, load_job
 from specdraft.pipeline.engine.dag import Stage, execute
 from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.engine.machine import describe_machine
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.reports.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "ray_cpu.json"

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.engine.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "store_cpu.json"

@@ -29,15 +29,12 @@ from specdraft.pipeline.config import TrainConfig, load_job
 from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.pipeline.engine.dag import execute
 from specdraft.pipeline.engine.job import build_stages
+from specdraft.pipeline.engine.machine import describe_machine
+from specdraft.pipeline.objectives import KDOptions
 from specdraft.pipeline.stages import distil
 from specdraft.pipeline.stages.target_outputs import target_hidden_rows
-from specdraft.pipeline.training import (
-    KDOptions,
-    StoredTargetOutputs,
-    train_kd,
-    write_target_outputs,
-)
-from specdraft.reports.machine import describe_machine
+from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs, write_target_outputs
+from specdraft.pipeline.trainer import train_kd
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "target_outputs_cpu.json"
@@ -171,8 +168,7 @@ def main() -> None:
     machine = describe_machine()
     result = {
         "benchmark": "distil steps/s with the target's outputs stored once vs run live each step",
-        "command": "python benchmarks/bench_target_outputs.py"
-        + (" --real" if args.real else ""),
+        "command": "python benchmarks/bench_target_outputs.py" + (" --real" if args.real else ""),
         "machine": machine,
         "note": args.note,
         "demo": demo(store, args.repeats),

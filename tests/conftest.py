@@ -1,10 +1,12 @@
-"""Shared fixtures: one Ray cluster per pytest run, a tiny job, and its run (done once)."""
+"""The tiers and their checks, and shared fixtures: one Ray cluster per pytest run, a tiny job,
+and its run (done once)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,31 +58,39 @@ TINY = [
 ]
 
 
-# Tests that run whole jobs, start Ray, a browser or a served model: the integration tier. The
-# default `pytest -q` runs the unit tier; `pytest -q -m integration` runs the rest (CI runs both).
-INTEGRATION_MODULES = {
-    "test_pipeline",
-    "test_faults",
-    "test_submit",
-    "test_report_browser",
-    "test_real_pair",
-    "test_distillation_effect",
-    "test_ddp_gradients",  # two gloo processes, ~100 s
-}
+# The tiers: `pytest -q` runs the unit tier; `pytest -q -m integration` runs whole jobs, Ray, a
+# browser and a served model (CI runs both). Each test file marks its tier itself (a module's
+# `pytestmark`, a test's own marks); collection fails where a mark contradicts what a test uses.
 RAY_FIXTURES = {"ray_cluster", "tiny_run"}
+TORCH_THREADS = torch.get_num_threads()  # before any test sets it
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything: every test is checked
 def pytest_collection_modifyitems(config, items):
+    wrong = []
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & RAY_FIXTURES:
-            item.add_marker(pytest.mark.ray)
-        if (
-            fixtures & RAY_FIXTURES
-            or item.module.__name__ in INTEGRATION_MODULES
-            or item.get_closest_marker("slow")
-        ):
-            item.add_marker(pytest.mark.integration)
+        marks = {mark.name for mark in item.iter_markers()}
+        needed = set()
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            needed |= {"integration", "ray"}
+        if marks & {"ray", "slow"}:
+            needed.add("integration")
+        if needed - marks:
+            missing = " and ".join(f"@pytest.mark.{m}" for m in sorted(needed - marks))
+            wrong.append(f"  {item.nodeid}: add {missing}")
+    if wrong:
+        raise pytest.UsageError(
+            "tests in the wrong tier (a Ray fixture, `ray` or `slow` means the integration tier):\n"
+            + "\n".join(wrong)
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Unit tests compute on tiny models, where a second intra-op thread only adds barrier waits
+    (10x slower on a busy 2-core machine): one thread for them, set before their fixtures are. The
+    integration tier keeps torch's own choice."""
+    torch.set_num_threads(TORCH_THREADS if item.get_closest_marker("integration") else 1)
 
 
 @pytest.fixture

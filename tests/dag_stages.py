@@ -48,5 +48,6 @@ def run(cfg, inputs, ctx):
         raise RuntimeError("planned failure")
     (out / "value.json").write_text(json.dumps(upstream + cfg["add"]))
     if cfg.get("report_trust"):  # what the executor let this stage trust
-        return {"value": upstream + cfg["add"], "trust_remote_code": ctx.trust_remote_code}
+        trust = {"target": ctx.trust.target, "draft": ctx.trust.draft}
+        return {"value": upstream + cfg["add"], "trust_remote_code": trust}
     return {"value": upstream + cfg["add"]}

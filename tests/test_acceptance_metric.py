@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdraft.pipeline.stages.evaluate import position_acceptance
-from specdraft.pipeline.training import Collator
+from specdraft.pipeline.batches import Collator
+from specdraft.pipeline.evaluation import position_acceptance
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "acceptance_rate"
 V, PAD = 48, 47

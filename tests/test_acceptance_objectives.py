@@ -13,17 +13,16 @@ import torch
 from kd_reference import kd_divergence_reference
 from test_training import Gradients, Tok, _train, sequences, tiny_llama
 
+from specdraft.pipeline.batches import Collator
 from specdraft.pipeline.config import ConfigError, TrainConfig, load_job
-from specdraft.pipeline.training import (
-    Collator,
+from specdraft.pipeline.objectives import (
     KDOptions,
-    KDTrainer,
     block_reach_weights,
     kd_loss_sum,
     position_weights,
     response_block_offsets,
-    training_args,
 )
+from specdraft.pipeline.trainer import KDTrainer, training_args
 
 # ---- the reference: one response at a time, one block at a time ----
 
@@ -310,7 +309,7 @@ def test_k_search_keeps_the_k_with_the_best_held_out_alpha_and_trials_are_plain_
     for trial in trials:
         model = copy.deepcopy(base)
         cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, log_every=1)
-        from specdraft.pipeline.training import train_kd
+        from specdraft.pipeline.trainer import train_kd
 
         train_kd(model, teacher, sequences(), Tok(), cfg, tmp_path / "fixed", 0, reference=reference,
                  options=KDOptions(selection="top", k=trial["k"]))  # fmt: skip

@@ -131,6 +131,8 @@ def test_a_stage_s_seconds_are_its_own_run_time_not_its_wait_in_the_queue(tmp_pa
     assert record["seconds"] == 100.0 and 599 <= record["queued_seconds"] <= 601
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_a_ray_stage_computes_with_the_cpus_it_holds(ray_cluster, tmp_path):
     """Ray reuses a worker process for task after task and torch keeps the thread count it
     started with (the first task's CPUs): a 2-CPU stage after a 1-CPU one in the same worker ran

@@ -13,7 +13,10 @@ import torch.multiprocessing as mp
 from test_training import Gradients, Tok, sequences, tiny_llama
 
 from specdraft.pipeline.config import TrainConfig
-from specdraft.pipeline.training import KDOptions, train_kd
+from specdraft.pipeline.objectives import KDOptions
+from specdraft.pipeline.trainer import train_kd
+
+pytestmark = pytest.mark.integration  # two gloo processes, ~100 s
 
 OPTIONS = {
     "all": KDOptions(),

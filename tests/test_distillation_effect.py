@@ -10,6 +10,8 @@ from specdraft.errors import InputError
 from specdraft.pipeline.config import load_job
 from specdraft.pipeline.engine.job import run_job
 
+pytestmark = pytest.mark.integration  # a small but real run
+
 SMALL_TOY = [
     "name=effect",
     "data.train_per_task=120",

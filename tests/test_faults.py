@@ -8,8 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from specdraft.pipeline.engine.artifacts import MANIFEST
 from specdraft.pipeline.engine.dag import Stage, execute
+
+pytestmark = pytest.mark.integration
 
 MODULE = "dag_stages"
 TESTS = Path(__file__).resolve().parent
@@ -19,6 +23,7 @@ def read_calls(log: Path) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
+@pytest.mark.ray
 def test_a_worker_killed_mid_stage_is_retried_and_the_run_completes(tmp_path, ray_cluster):
     log, marker = tmp_path / "calls.txt", tmp_path / "killed"
     stages = [

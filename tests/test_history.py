@@ -265,3 +265,39 @@ def test_report_cli_bad_history_or_out_is_one_message(tmp_path, fake_runs, case)
     if case == "not-sqlite":
         assert "not an SQLite database" in result.stderr
         assert (history / HISTORY_FILE).read_text().startswith("these are my notes")
+
+
+def _report(capsys, *args) -> tuple[int, str]:
+    from specdraft.cli import main
+
+    code = main(["report", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold", ["nan", "inf", "-0.1"])
+def test_report_cli_refuses_a_threshold_that_turns_the_gate_off(tmp_path, capsys, threshold):
+    """NaN and inf flag no drop (the CI gate silently off: alpha 0.945 -> 0.1 passed with exit 0),
+    a negative threshold flags steady runs: one message, exit 2, nothing appended or written."""
+    high = write_run(tmp_path / "high", fake_metrics(0.945), 1_790_000_000)
+    low = write_run(tmp_path / "low", fake_metrics(0.1), 1_790_086_400)
+    history, out = tmp_path / "history", tmp_path / "site"
+    flags = ["--history", history, "--out", out, "--threshold", threshold, "--fail-on-regression"]
+    code, err = _report(capsys, high, low, *flags)
+    assert code == 2, err
+    assert f"--threshold {float(threshold)}: must be finite and >= 0" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not history.exists() and not out.exists()
+
+
+def test_report_cli_flags_the_same_drop_with_a_finite_threshold(tmp_path, capsys):
+    high = write_run(tmp_path / "high", fake_metrics(0.945), 1_790_000_000)
+    low = write_run(tmp_path / "low", fake_metrics(0.1), 1_790_086_400)
+    out = tmp_path / "site"
+    code, err = _report(
+        capsys, high, low, "--out", out, "--threshold", 0.05, "--fail-on-regression"
+    )
+    assert code == 3, err
+    regressions = json.loads((out / "summary.json").read_text())["regressions"]
+    overall = [r for r in regressions if (r["task"], r["metric"]) == ("all", "alpha")]
+    assert len(overall) == 1
+    assert (overall[0]["previous"], overall[0]["current"]) == (0.945, 0.1)

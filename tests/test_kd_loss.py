@@ -35,15 +35,6 @@ CASES = [
 IDS = [f"{d}-b{b}" if d == "jsd" else d for d, b in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """The shapes are tiny: extra threads only add barrier waits (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(shape, dtype=torch.float32, seed=0, weight_grad=True):
     n, v, hs, ht = shape
     gen = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specdraft.cli import main, shipped_job
 from specdraft.kernels import fused_kd_loss
+from specdraft.pipeline.batches import Collator
 from specdraft.pipeline.config import EvaluateConfig, TrainConfig, load_job
 from specdraft.pipeline.decoding import (
     autoregressive_generate,
@@ -19,9 +20,10 @@ from specdraft.pipeline.decoding import (
     speculative_generate_batch,
 )
 from specdraft.pipeline.engine.job import check_models
-from specdraft.pipeline.stages.evaluate import evaluate_draft, prompt_sets, task_indices
+from specdraft.pipeline.evaluation import evaluate_draft, prompt_sets, task_indices
+from specdraft.pipeline.objectives import KDOptions
 from specdraft.pipeline.stages.export import match_target_vocab_size, target_vocab_size
-from specdraft.pipeline.training import Collator, KDOptions, KDTrainer, training_args
+from specdraft.pipeline.trainer import KDTrainer, training_args
 
 TOKENS, TARGET_ROWS, DRAFT_ROWS = 320, 448, 384
 

@@ -34,6 +34,7 @@ def test_shards_are_contiguous_runs_of_whole_batches(n, workers, batch, expected
     assert all(start % batch == 0 for start, _ in bounds)
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeypatch):
     from dag_parallel_stages import placed
@@ -63,6 +64,7 @@ def test_a_placement_strategy_reserves_the_workers_together(ray_cluster, monkeyp
         )  # one node
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 def test_a_shard_computes_with_the_cpus_it_holds(ray_cluster):
     """Ray reuses worker processes across tasks and torch keeps the thread count a worker started
@@ -77,6 +79,7 @@ def test_a_shard_computes_with_the_cpus_it_holds(ray_cluster):
     assert seen == [[1, 1], [2, 2], [1, 1], [1, 1]]
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 def test_independent_stages_with_fractional_gpus_run_side_by_side(ray_cluster, tmp_path):
     """Four stages asking for half a GPU each run at once on the 2 logical GPUs: each waits
@@ -104,6 +107,8 @@ def test_independent_stages_with_fractional_gpus_run_side_by_side(ray_cluster, t
     assert not any(r.reused for r in results.values())
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_two_gpu_workers_generate_exactly_what_one_worker_does(tiny_run, ray_cluster):
     """The session cluster has 2 logical GPUs: each shard task gets one of them (both reserved
     together in a placement group)."""
@@ -164,6 +169,8 @@ def _moved(trained, start) -> list[str]:
     ]
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
     job, _, results = tiny_run
     upstream = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
@@ -172,6 +179,8 @@ def test_distil_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_clus
     assert _moved(trained, load_model_artifact(results["draft_init"].path, "cpu"))
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_reference_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_cluster):
     job, _, results = tiny_run
     assert "workers" not in results["reference"].manifest["info"]  # one worker: no DDP record
@@ -183,6 +192,8 @@ def test_reference_with_two_workers_trains_ddp_through_ray_train(tiny_run, ray_c
     assert len(_moved(trained, start)) == len(list(start.parameters()))  # full fine-tuning
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_toy_draft_with_two_workers_pretrains_ddp_through_ray_train(tiny_run, ray_cluster):
     """The toy draft's cross-entropy pre-training (plain HF Trainer) on 2 DDP workers."""
     job, _, results = tiny_run
@@ -210,6 +221,8 @@ def test_two_workers_outside_ray_ask_for_ray(monkeypatch, tmp_path):
         reference.run(cfg, {}, StageContext(tmp_path, 0))
 
 
+@pytest.mark.integration
+@pytest.mark.ray
 def test_evaluation_spread_over_two_gpu_workers_gives_the_same_metrics(tiny_run, ray_cluster):
     job, _, _ = tiny_run
     stages = {s.name: s for s in build_stages(job)}

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specdraft.pipeline.engine.job import STAGES, run_job
 
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # every test reads the tiny job's run
+
 METRIC_KEYS = {"alpha", "alpha_greedy", "spec_alpha", "tau", "tasks"}
 
 

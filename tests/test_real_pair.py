@@ -16,6 +16,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+pytestmark = pytest.mark.integration  # whole jobs on a small real pair
+
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang songs of rain".split()
 
 

@@ -1,4 +1,5 @@
-"""Tests for the run report renderer (specdraft/reports/render.py)."""
+"""Tests for the run report: its renderer (specdraft/reports/render.py) and the writer of its files
+(the report stage's write_report)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from specdraft.pipeline.stages.report import write_report
 from specdraft.reports.render import render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -123,7 +125,7 @@ def _section(page: str, section_id: str) -> str:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("report")
-    index = render_report(full_run(), out)
+    index = write_report(full_run(), out)
     return index, index.read_text(encoding="utf-8"), (out / "summary.md").read_text("utf-8")
 
 
@@ -132,6 +134,14 @@ def test_writes_index_and_summary_only(rendered):
     assert index.name == "index.html"
     # Atomic writes leave no temp files behind.
     assert sorted(p.name for p in index.parent.iterdir()) == ["index.html", "summary.md"]
+
+
+def test_the_renderer_returns_the_files_texts_and_writes_nothing(rendered, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    page = render_report(full_run())
+    _, html, md = rendered
+    assert (page.html, page.markdown) == (html, md)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_html_is_self_contained_and_responsive(rendered):
@@ -216,7 +226,7 @@ def test_summary_md_has_per_task_rows(rendered):
     "run", [{}, {"metrics": {"job": "empty"}}, {"metrics": {}, "training": {}, "examples": []}]
 )
 def test_missing_sections_render_not_available(tmp_path, run):
-    page = render_report(run, tmp_path).read_text("utf-8")
+    page = write_report(run, tmp_path).read_text("utf-8")
     for section in (
         "summary",
         "lossless",
@@ -239,7 +249,7 @@ def test_partial_run_renders_what_is_present(tmp_path):
     del run["metrics"]["final"], run["metrics"]["lossless_greedy"], run["selection"]
     del run["training"]["distil_alpha"], run["training"]["target"]
     run["metrics"]["reference"]["lossless_greedy"] = False
-    page = render_report(run, tmp_path).read_text("utf-8")
+    page = write_report(run, tmp_path).read_text("utf-8")
     overall = re.search(r"<tr><td>overall</td>.*?</tr>", page).group(0)
     assert '<td>0.520</td><td>n/a</td><td class="flat">n/a</td>' in overall
     assert "not available" in _section(page, "selection")
@@ -252,8 +262,8 @@ def test_partial_run_renders_what_is_present(tmp_path):
 
 
 def test_rerender_overwrites(tmp_path):
-    render_report({"metrics": {"job": "first"}}, tmp_path)
-    page = render_report({"metrics": {"job": "second"}}, tmp_path).read_text("utf-8")
+    write_report({"metrics": {"job": "first"}}, tmp_path)
+    page = write_report({"metrics": {"job": "second"}}, tmp_path).read_text("utf-8")
     assert "specdraft run report: second" in page
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "summary.md"]
 
@@ -262,7 +272,7 @@ def test_malformed_histogram_raises_clear_error(tmp_path):
     run = {"selection": copy.deepcopy(full_run()["selection"])}
     run["selection"]["delta_histogram"]["edges"] = [0.0, 1.0]
     with pytest.raises(ValueError, match="n \\+ 1 edges"):
-        render_report(run, tmp_path)
+        write_report(run, tmp_path)
     assert not (tmp_path / "index.html").exists()
 
 
@@ -273,8 +283,8 @@ def test_rendering_leaves_pyplot_and_backend_alone(tmp_path):
         import json, sys
         import matplotlib
         matplotlib.use("svg")
-        from specdraft.reports.render import render_report
-        render_report(json.loads(sys.argv[1]), {str(tmp_path)!r})
+        from specdraft.pipeline.stages.report import write_report
+        write_report(json.loads(sys.argv[1]), {str(tmp_path)!r})
         assert "matplotlib.pyplot" not in sys.modules, "render imported pyplot"
         assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
         """
@@ -293,10 +303,10 @@ def test_summary_md_escapes_raw_html_from_task_names(tmp_path):
         tasks = run["metrics"][draft]["tasks"]
         tasks[evil] = tasks.pop("code")
     run["metrics"]["job"] = "<script>job</script>"
-    render_report(run, tmp_path)
+    write_report(run, tmp_path)
     md = (tmp_path / "summary.md").read_text("utf-8")
     assert "<img" not in md and "<script>" not in md
-    assert "| &lt;img src=x onerror=\"alert(1)\"&gt;\\|x | 0.600 → 0.570 |" in md
+    assert '| &lt;img src=x onerror="alert(1)"&gt;\\|x | 0.600 → 0.570 |' in md
     assert md.startswith("# specdraft run: &lt;script&gt;job&lt;/script&gt;")
 
 

@@ -6,10 +6,14 @@ import shutil
 import pytest
 from test_report import full_run
 
-from specdraft.reports.render import render_report
+from specdraft.pipeline.stages.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
+]
+
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -25,7 +29,7 @@ FLAGS = [
 @pytest.mark.parametrize("width", [1280, 390], ids=["laptop", "phone"])
 def test_report_renders_in_headless_chromium(tmp_path, width):
     sync_api = pytest.importorskip("playwright.sync_api")
-    index = render_report(full_run(), tmp_path / "report")
+    index = write_report(full_run(), tmp_path / "report")
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -27,13 +27,7 @@ from specdraft.pipeline.decoding import (
     speculative_generate,
     speculative_generate_batch,
 )
-from specdraft.pipeline.spec_runs import (
-    LosslessError,
-    spec_decoding,
-    target_only_greedy,
-    tau_predicted,
-)
-from specdraft.pipeline.stages.evaluate import (
+from specdraft.pipeline.evaluation import (
     DraftRuns,
     PromptSet,
     analytic_acceptance,
@@ -42,7 +36,14 @@ from specdraft.pipeline.stages.evaluate import (
     evaluate_draft,
     judge_draft,
     prompt_sets,
+    spec_prompt_rows,
     task_indices,
+)
+from specdraft.pipeline.spec_runs import (
+    LosslessError,
+    spec_decoding,
+    target_only_greedy,
+    tau_predicted,
 )
 
 # transformers 5.24 renamed the KV cache argument to `cache`; `past_key_values` warns and goes in 5.40.
@@ -50,15 +51,6 @@ pytestmark = pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning
 
 V = 64  # vocab of the stub and Llama models (the statistical tests use their own tiny vocab)
 PAD = V - 1  # never in a prompt: transformers masks prompt tokens equal to pad_token_id
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread overhead; one thread is ~5x faster on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +744,7 @@ def test_autoregressive_batch_equals_each_row_alone(llamas):
 
 
 # ---------------------------------------------------------------------------------------------
-# The evaluate stage's functions (also behind `specdraft eval`)
+# The evaluation library (pipeline/evaluation.py: the evaluate stage and `specdraft eval`)
 
 
 def eval_rows(n: int) -> list[dict]:
@@ -817,6 +809,18 @@ def test_task_shards_give_the_metrics_of_one_pass(llamas):
     assert strip(sharded) == strip(one)
     assert 0 < one["alpha"] < 1 and 0 < one["spec_alpha"] < 1  # the draft is judged, not copied
     assert sharded["per_prompt"] == one["per_prompt"]
+
+
+def test_serve_check_replays_the_prompts_the_evaluation_decodes_speculatively(llamas):
+    """spec_prompt_rows (serve-check's prompts) are the prompt sets' spec rows, task by task."""
+    target, _ = llamas
+    rows = eval_rows(9)
+    tokenizer = TinyTokenizer(pad_token_id=PAD, eos_token_id=None)
+    cfg = EvaluateConfig(gamma=2, temperature=1.0, max_new_tokens=2, batch_size=3)
+    sets = prompt_sets(target, tokenizer, rows, task_indices(rows), cfg, seed=0, spec_prompts=3)
+    decoded = [r for s in sets for r in s.spec_rows]
+    assert decoded == spec_prompt_rows(rows, 3)
+    assert [r["prompt"] for r in decoded] == ["p0", "p2", "p4", "p1", "p3", "p5"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 from ray.job_submission import JobSubmissionClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # a real (local) Ray cluster
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,11 +18,8 @@ from specdraft.pipeline.engine.dag import dep_key, dep_name, plan
 from specdraft.pipeline.engine.job import build_stages, target_outputs_name
 from specdraft.pipeline.stages.distil import BestAlphaCheckpoint
 from specdraft.pipeline.stages.target_outputs import target_hidden_rows
-from specdraft.pipeline.training import (
-    StoredTargetOutputs,
-    train_kd,
-    write_target_outputs,
-)
+from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs, write_target_outputs
+from specdraft.pipeline.trainer import train_kd
 
 
 def stored_outputs(teacher, data, folder, precision="fp32", batch_size=5):
@@ -68,7 +65,7 @@ def test_stored_rows_are_the_live_hidden_states_at_the_response_positions(tmp_pa
     ids=["all", "top-microbatch", "top-global", "lk"],
 )
 def test_stored_outputs_give_the_live_losses_gradients_and_weights(tmp_path, options):
-    from specdraft.pipeline.training import KDOptions
+    from specdraft.pipeline.objectives import KDOptions
 
     teacher, base, reference = tiny_llama(1, hidden=32, layers=2), tiny_llama(2), tiny_llama(3)
     data = sequences(16)
@@ -136,11 +133,11 @@ def test_bf16_precision_stores_bf16_and_trains_in_bf16(tmp_path):
 
 
 def test_shards_split_by_size_and_load_whole(tmp_path, monkeypatch):
-    import specdraft.pipeline.training as training
+    import specdraft.pipeline.stored_target_outputs as stored_target_outputs
 
     teacher, data = tiny_llama(1, hidden=32), sequences(12)
     whole = stored_outputs(teacher, data, tmp_path / "one")
-    monkeypatch.setattr(training, "SHARD_BYTES", whole.hidden.nbytes // 3)
+    monkeypatch.setattr(stored_target_outputs, "SHARD_BYTES", whole.hidden.nbytes // 3)
     sharded = stored_outputs(teacher, data, tmp_path / "many")
     files = sorted(p.name for p in (tmp_path / "many").glob("hidden-*"))
     assert len(files) >= 3 and files[0].endswith(f"-of-{len(files):05d}.safetensors")

@@ -10,8 +10,9 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from specdraft.pipeline.config import LoraConfig, TrainConfig
+from specdraft.pipeline.objectives import KDOptions, select_tokens_by_loss_gap
 from specdraft.pipeline.stages.distil import with_lora
-from specdraft.pipeline.training import KDOptions, select_tokens_by_loss_gap, train_kd
+from specdraft.pipeline.trainer import train_kd
 
 
 class Tok:
@@ -122,7 +123,8 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
 
 def test_packed_batches_match_padded_ones_token_for_token():
     """Packing is a layout only: per-token hidden states, labels and the CE loss are unchanged."""
-    from specdraft.pipeline.training import Collator, hidden_and_head
+    from specdraft.drafts.hidden_states import hidden_and_head
+    from specdraft.pipeline.batches import Collator
 
     model = tiny_llama(2).eval()
     rows = list(sequences(5))
@@ -173,7 +175,7 @@ def test_packed_and_padded_training_give_the_same_update(tmp_path, selection):
 
 
 def test_packed_and_padded_cross_entropy_training_give_the_same_update(tmp_path):
-    from specdraft.pipeline.training import train_cross_entropy
+    from specdraft.pipeline.trainer import train_cross_entropy
 
     base = tiny_llama(2)
     models = {}
@@ -279,7 +281,8 @@ def test_the_kd_forward_runs_in_bf16_when_asked(tmp_path):
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_the_loss_gap_uses_the_distillation_temperature(tmp_path, temperature):
-    from specdraft.pipeline.training import Collator, KDTrainer, training_args
+    from specdraft.pipeline.batches import Collator
+    from specdraft.pipeline.trainer import KDTrainer, training_args
 
     teacher, draft, reference = tiny_llama(1, hidden=32), tiny_llama(2), tiny_llama(3)
     trainer = KDTrainer(
@@ -314,7 +317,7 @@ def test_every_divergence_trains(tmp_path, divergence):
 
 
 def test_lk_hybrid_matches_its_formula():
-    from specdraft.pipeline.training import kd_loss_sum
+    from specdraft.pipeline.objectives import kd_loss_sum
 
     g = torch.Generator().manual_seed(0)
     sh, sw = torch.randn(9, 8, generator=g, requires_grad=True), torch.randn(20, 8, generator=g)
@@ -333,7 +336,7 @@ def test_lk_hybrid_matches_its_formula():
 
 
 def test_ce_is_cross_entropy_on_the_kept_next_tokens_without_a_teacher():
-    from specdraft.pipeline.training import kd_loss_sum
+    from specdraft.pipeline.objectives import kd_loss_sum
 
     g = torch.Generator().manual_seed(0)
     sh, sw = torch.randn(9, 8, generator=g), torch.randn(20, 8, generator=g)

@@ -5,9 +5,9 @@
     metric.compute(predictions=draft_logits, references=target_logits, temperature=1.0)
 
 Self-contained (numpy only) so the folder can be copied or pushed to the Hub on its own: a copy of
-specdraft's one implementation, kernels/acceptance.py (token_acceptance, on the chunked KD kernel),
-which the evaluate stage, distil and the LK loss call; tests/test_acceptance_metric.py checks that
-the two agree.
+specdraft's one implementation, specdraft/kernels/acceptance.py (token_acceptance, on the chunked KD
+kernel), which the evaluate stage, distil and the LK loss call; tests/test_acceptance_metric.py
+checks that the two agree.
 """
 
 import datasets

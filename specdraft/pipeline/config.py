@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from specdraft.errors import InputError
+from specdraft.pipeline.engine.environment import environment_problems
 
 
 class ConfigError(InputError):
@@ -205,8 +207,8 @@ class GenerateConfig:
     draft_fraction: float = opt(
         0.0,
         "Share of prompts answered by the draft (on-policy, DistillSpec); the rest by the target, "
-        "after dataset_fraction. Default 0: target-written responses, which beat on-policy ones "
-        "in every world measured (README, Results).",
+        "after dataset_fraction. 0: no draft-written responses (target-written, or the dataset's "
+        "own per dataset_fraction); the draft is then not an input of generate.",
         lo=0,
         hi=1,
     )
@@ -234,8 +236,8 @@ class ReferenceConfig:
 class LoraConfig:
     enabled: bool = opt(
         False,
-        "Train LoRA adapters (PEFT) instead of all weights (default: full fine-tuning, which "
-        "beat adapters on the toy world; the real pair was only trained in full).",
+        "Train LoRA adapters (PEFT), merged into the weights after training, instead of all "
+        "weights; false trains every weight in full.",
     )
     r: int = opt(16, "Adapter rank.", lo=1)
     alpha: int = opt(32, "Adapter scaling numerator (scale = alpha / r).", lo=1)
@@ -254,9 +256,9 @@ class LoraConfig:
 class DistilConfig:
     selection: str = opt(
         "all",
-        "Tokens trained on: `all` (plain distillation; k and the reference are not used; the "
-        "default: it beat AdaSPEC's selection in every world measured), `top` k by loss gap ΔL "
-        "(AdaSPEC) or `bottom` k (the paper's ablation).",
+        "Tokens trained on: `all` (plain distillation on every response token; k and the "
+        "reference are not used), `top` k by loss gap ΔL (AdaSPEC) or `bottom` k (the paper's "
+        "ablation).",
         choices=["top", "bottom", "all"],
     )
     k: float = opt(
@@ -271,9 +273,9 @@ class DistilConfig:
     divergence: str = opt(
         "lk",
         "Training divergence: fkl KL(p‖q), rkl KL(q‖p), jsd (with beta), tvd, lk, the LK hybrid "
-        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)) (the default, with lk_alpha=batch: the recipe "
-        "that won on the real pair), or ce, cross-entropy on the sequences' own tokens (no "
-        "teacher: the SFT control of a comparison).",
+        "λ·KL + (1 − λ)·TV with λ = exp(−η·sg(α)), α as lk_alpha says, or ce, cross-entropy on "
+        "the sequences' own tokens (no teacher: the SFT control of a comparison). All but ce are "
+        "exact over the vocabulary at `temperature`.",
         choices=["fkl", "rkl", "jsd", "tvd", "lk", "ce"],
     )
     beta: float = opt(0.5, "JSD mixture weight (0 = fkl, 1 = rkl).", lo=0, hi=1)
@@ -283,9 +285,8 @@ class DistilConfig:
         "α of the LK hybrid's λ = exp(−η·sg(α)): `token`, each token's own β = Σ min(p, q) "
         "(λ per token), or `batch`, the mean β over every response token of the optimizer "
         "step (accumulation window and workers; one λ per step, an extra no-grad forward of "
-        "draft and target per micro-batch; the default: it beat `token` on the real pair). "
-        "RESEARCH.md gives λ = exp(−η·sg(α)) without saying over what α is taken. Only with "
-        "divergence=lk: left unset with another divergence it reads `token` (unused).",
+        "draft and target per micro-batch). Only with divergence=lk: left unset with another "
+        "divergence it reads `token` (unused).",
         choices=["token", "batch"],
     )
     position_weighting: str = opt(
@@ -295,8 +296,8 @@ class DistilConfig:
         "(γ = block_size; token t at offset j = (t − start) mod γ). `reach` (D-PACE's soft "
         "reach weighting; Spec-AUF's hard cut after the first predicted failure is its 0/1 "
         "version): w_t = Π_{i<j} β_{t−j+i}, the chance the draft's block reaches t, 1 for a "
-        "block's first token. `accept_length` (our variant toward acceptance length, in the "
-        "spirit of PARD-2, whose own weights RESEARCH.md does not describe): w_t = ∂τ/∂β_t with "
+        "block's first token. `accept_length` (specdraft's own weighting toward acceptance "
+        "length, after PARD-2's aim; not PARD-2's weights): w_t = ∂τ/∂β_t with "
         "τ = Σ_{l<m} Π_{i≤l} β_i the block's expected accepted drafts, i.e. reach_t · (1 + "
         "β_{t+1} + β_{t+1}β_{t+2} + …) to the block's end (weights up to γ). The weighted sum "
         "is divided as `normalize` says; not with divergence=ce (no target distribution).",
@@ -469,7 +470,7 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        problems.append(f"{key}: expected true/false, got {value!r}")
+        problems.append(f"{key}: expected true/false, got {_show(value)}")
         return None
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -479,7 +480,7 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected an integer, got {value!r}")
+        problems.append(f"{key}: expected an integer, got {_show(value)}")
         return None
     if typ is float:
         number = None
@@ -493,14 +494,14 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
         if number is not None and math.isfinite(number):
             return number
         expected = "a finite number" if number is not None else "a number"
-        problems.append(f"{key}: expected {expected}, got {value!r}")
+        problems.append(f"{key}: expected {expected}, got {_show(value)}")
         return None
     if typ is str:
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = str(value)
         if isinstance(value, str) and "\0" not in value:
             return value
-        problems.append(f"{key}: expected a string without NUL characters, got {value!r}")
+        problems.append(f"{key}: expected a string without NUL characters, got {_show(value)}")
         return None
     if typing.get_args(typ) == (float,) and typing.get_origin(typ) is list:
         if isinstance(value, str):  # `a,b` from the command line
@@ -508,14 +509,14 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, list):
             numbers = [_coerce(v, float, f"{key}[{i}]", problems) for i, v in enumerate(value)]
             return None if None in numbers else numbers
-        problems.append(f"{key}: expected a list of numbers, got {value!r}")
+        problems.append(f"{key}: expected a list of numbers, got {_show(value)}")
         return None
     if typ is list or typing.get_origin(typ) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) and "\0" not in v for v in value):
             return value
-        problems.append(f"{key}: expected a list of strings, got {value!r}")
+        problems.append(f"{key}: expected a list of strings, got {_show(value)}")
         return None
     raise TypeError(f"unsupported config type {typ} for {key}")
 
@@ -525,7 +526,7 @@ def _check_range(value: Any, meta: dict, key: str, problems: list[str]) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        problems.append(f"{key}: {_show(value)} is not one of {', '.join(map(str, choices))}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if hi is None and isinstance(value, int) and not isinstance(value, bool):
         hi = MAX_COUNT
@@ -540,7 +541,8 @@ def _apply(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
     """Set fields of dataclass `obj` from nested dict `data`, collecting problems."""
     types_ = _field_types(type(obj))
     for raw_key, value in data.items():
-        key = f"{prefix}{raw_key}"
+        shown = raw_key if isinstance(raw_key, str) and len(raw_key) <= 80 else _show(raw_key)
+        key = f"{prefix}{shown}"
         if raw_key not in types_:
             known = ", ".join(types_)
             problems.append(f"{key}: unknown key (known keys here: {known})")
@@ -555,7 +557,7 @@ def _apply(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
             if not isinstance(value, dict) and raw_key in SHORTHAND and prefix == "":
                 value = {SHORTHAND[raw_key]: value}
             if not isinstance(value, dict):
-                problems.append(f"{key}: expected a mapping of settings, got {value!r}")
+                problems.append(f"{key}: expected a mapping of settings, got {_show(value)}")
                 continue
             _apply(getattr(obj, raw_key), value, key + ".", problems)
             continue
@@ -569,14 +571,17 @@ def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
-            problems.append(f"{item!r}: overrides look like section.key=value")
+            problems.append(f"{_show(item)}: overrides look like section.key=value")
             continue
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw  # not YAML (`[1,`): a plain string, which type checking names if wrong
+        except ConfigError as err:  # too deep, too big or duplicate keys
+            problems.extend(err.problems)
+            continue
         if isinstance(value, dict):
             value = raw  # a mapping is never a field value: let type checking name the key
         if len(parts) == 1 and parts[0] in SHORTHAND:
@@ -628,6 +633,12 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
         problems.append(
             "data.chat_template: the builtin toy target's tokenizer has no chat template; "
             "set it to false or give a target with one"
+        )
+    if cfg.target.model == "builtin" and cfg.data.source != "builtin":
+        problems.append(
+            f"data.source ({_show(cfg.data.source)}) with the builtin toy pair: the toy target and "
+            "draft learn the toy task suite with its own tokenizer, so they cannot train on your "
+            "data; give target= and draft= (models with a tokenizer), or set data=builtin"
         )
     if not layers and (cfg.target.model == "builtin") != (cfg.draft.model == "builtin"):
         problems.append(
@@ -727,11 +738,19 @@ def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:
 
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Build a JobConfig from an optional YAML file and `key=value` overrides; raise ConfigError."""
+    """Build a JobConfig from an optional YAML file and `key=value` overrides; raise ConfigError
+    listing every problem, the SPECDRAFT_* environment variables' among them."""
     data = read_job_yaml(path) if path is not None else {}
     if "compare" in data:
         raise ConfigError([f"{path} is a comparison: run it with `specdraft compare {path}`"])
-    return job_from_dict(data, overrides)
+    environment = environment_problems()
+    try:
+        cfg = job_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(err.problems + environment) from None
+    if environment:
+        raise ConfigError(environment)
+    return cfg
 
 
 def read_job_yaml(path: str | Path) -> dict:
@@ -740,7 +759,7 @@ def read_job_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"job file {path} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(
             [f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8"]
@@ -751,6 +770,119 @@ def read_job_yaml(path: str | Path) -> dict:
         raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+    return data
+
+
+# A job is a few hundred values a few levels deep; a file beyond these bounds is a mistake or an
+# attack (aliases that expand a 600-byte file to 9^9 values), refused before it is built.
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 10_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _show(value: Any) -> str:
+    """`value` for a message: its repr, cut short (a job may hold a huge value)."""
+    return _REPR.repr(value)
+
+
+class _JobLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing what a job never needs: nesting deeper than MAX_YAML_DEPTH
+    (checked while composing, before Python's recursion limit) and keys given twice in one
+    mapping (collected in `duplicates`; yaml would keep the last silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+        self.duplicates: list[str] = []
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError([f"nested deeper than {MAX_YAML_DEPTH} levels (line {line})"])
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<:` merges may be overridden; unhashable keys yaml itself refuses
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                self.duplicates.append(
+                    f"key {_show(key)} is given twice in one mapping (lines {first[key]} and "
+                    f"{line}); yaml would keep the second silently: merge them into one"
+                )
+            first.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(values, depth) of the composed YAML graph `root` with every alias expanded, each node
+    measured once and without recursion; ConfigError when an alias refers to its own container."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    started: set[int] = set()  # on the current path from the root
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        kids = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else (node.value if isinstance(node, yaml.SequenceNode) else [])
+        )
+        if finished:
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            depth[id(node)] = 1 + max((depth[id(k)] for k in kids), default=0)
+            started.discard(id(node))
+            continue
+        if id(node) in size:
+            continue
+        started.add(id(node))
+        stack.append((node, True))
+        for kid in kids:
+            if id(kid) in started:
+                line = kid.start_mark.line + 1
+                raise ConfigError([f"an alias refers to a value that contains it (line {line})"])
+            if id(kid) not in size:
+                stack.append((kid, False))
+    return size[id(root)], depth[id(root)]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The YAML document `text` (from `where`, for messages), loaded safely: ConfigError for
+    nesting deeper than MAX_YAML_DEPTH, aliases expanding past MAX_YAML_VALUES values or
+    MAX_YAML_DEPTH levels, and duplicate keys. yaml.YAMLError for text that is not YAML."""
+    loader = _JobLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            values, depth = (0, 0) if node is None else _expanded_size(node)
+        except ConfigError as err:
+            raise ConfigError([f"{where}: {p}" for p in err.problems]) from None
+        if node is None:
+            return None
+        if values > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            raise ConfigError(
+                [
+                    f"{where}: expands (through its aliases) to more than {MAX_YAML_VALUES} "
+                    f"values or {MAX_YAML_DEPTH} levels; a job needs far fewer. Write the values "
+                    "out instead of repeating aliases"
+                ]
+            )
+        data = loader.construct_document(node)
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{where}: {p}" for p in loader.duplicates])
     return data
 
 

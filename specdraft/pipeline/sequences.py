@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from specdraft.pipeline.batches import encode_example
 from specdraft.pipeline.decoding import left_padded
 from specdraft.pipeline.engine.artifacts import read_manifest
-from specdraft.pipeline.training import encode_example
 
 
 def load_splits(artifact: Path):

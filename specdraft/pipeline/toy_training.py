@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdraft.drafts.models import count_parameters, device_for, load_tokenizer, toy_llama
-from specdraft.pipeline.engine.artifacts import StageContext
+from specdraft.pipeline.batches import encode_dataset
+from specdraft.pipeline.engine.artifacts import StageContext, write_json
 from specdraft.pipeline.engine.parallel import replica_checksum
 from specdraft.pipeline.sequences import load_splits, max_length_of, tokenizer_dir
-from specdraft.pipeline.training import encode_dataset, train_cross_entropy, write_json
+from specdraft.pipeline.trainer import train_cross_entropy
 
 
 def train_toy_model(cfg, inputs: dict[str, Path], ctx: StageContext, *, all_tokens: bool) -> dict:

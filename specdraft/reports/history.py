@@ -234,8 +234,10 @@ def find_regressions(
     absolute (0.02 = two points of acceptance); for tau it is relative (0.02 = 2 % fewer tokens per
     target pass), since tau's scale grows with gamma. `drop` is the smaller of the two drops.
     """
-    if threshold < 0 or window < 1:
-        raise InputError(f"threshold must be >= 0 and window >= 1, got {threshold} and {window}")
+    if not (math.isfinite(threshold) and threshold >= 0) or window < 1:  # NaN would flag nothing
+        raise InputError(
+            f"threshold must be finite and >= 0 and window >= 1, got {threshold} and {window}"
+        )
     found = []
     for (job, target, task), points in run_series(rows, role).items():
         if len(points) < 2:

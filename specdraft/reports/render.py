@@ -1,23 +1,21 @@
-"""Render a finished run into a self-contained HTML page and a short Markdown summary.
+"""Draw a finished run's report: a self-contained HTML page and a short Markdown summary.
 
-The page inlines every plot as a base64 PNG and carries its own CSS, so it can be mailed, attached
-to a ticket or opened offline. Plots use `matplotlib.figure.Figure` with an Agg canvas directly, so
-rendering never imports pyplot or touches the caller's backend.
+A renderer only: it is handed the run's JSON (the evaluate stage's metrics, training histories,
+`specdraft serve-check`'s serving.json) as dicts and returns text; the pipeline writes the files
+(the report stage, `specdraft serve-check`, `specdraft report`). The page inlines every plot as a
+base64 PNG and carries its own CSS (page.py), so it can be mailed, attached to a ticket or opened
+offline.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from specdraft.pipeline.engine.artifacts import atomic_write_text
+from specdraft.reports.page import document, esc, figure, md, table
 
 DRAFTS = ("baseline", "reference", "final")
 DRAFT_COLOURS = {"baseline": "#8c8c8c", "reference": "#1f77b4", "final": "#e66101"}
@@ -25,40 +23,23 @@ TRAINING_STAGES = ("target", "draft_init", "reference", "distil")
 NOT_AVAILABLE = '<p class="na">not available</p>'
 MAX_EXAMPLES = 20  # enough to eyeball selection; more only bloats the page
 
-CSS = """
-*{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
- padding:1rem;max-width:1100px;line-height:1.45;color:#1b1b1b;background:#fff}
-h1{font-size:1.5rem;word-break:break-word}h2{font-size:1.2rem;margin-top:2rem;
- border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.meta{color:#555;font-size:.9rem;word-break:break-all}
-.table-wrap{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
-table{border-collapse:collapse;font-size:.9rem;white-space:nowrap}
-th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
-.up{color:#1a7f37;font-weight:600}.down{color:#cf222e;font-weight:600}.flat{color:#666}
-.plots{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr))}
-figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.85rem;color:#555}
-.na{color:#777;font-style:italic}
-.check{display:inline-block;padding:.35rem .8rem;border-radius:.3rem;font-weight:600;color:#fff}
-.pass{background:#1a7f37}.fail{background:#cf222e}.unknown{background:#777}
-.tokens{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,Menlo,Consolas,
- monospace;font-size:.85rem;line-height:1.9;border:1px solid #eee;padding:.5rem}
-.kept{background:#c6f0c2}.dropped{color:#888;background:#f2f2f2}
-dt{font-weight:600}dd{margin:0 0 .6rem 1rem}
-@media (max-width:600px){body{padding:.6rem}h1{font-size:1.25rem}table{font-size:.8rem}}
-"""
+
+@dataclass(frozen=True)
+class ReportPage:
+    """A run's report: the texts of its `index.html` and its `summary.md`."""
+
+    html: str
+    markdown: str
 
 
-def render_report(run: dict, out_dir: Path) -> Path:
-    """Write `out_dir/index.html` and `out_dir/summary.md` for `run`; return the HTML path.
+def render_report(run: dict, serving: dict | None = None) -> ReportPage:
+    """The report page of `run` and its Markdown summary.
 
-    `run` may hold `metrics`, `training`, `selection`, `examples` and `stages`; any that is
-    missing renders as "not available". Both files are written atomically.
+    `run` may hold `metrics` (metrics.json), `training`, `selection`, `examples` and `stages`; any
+    that is missing renders as "not available". `serving` is `specdraft serve-check`'s
+    serving.json: given, the page has a "Served" section (served_summary's numbers). A malformed
+    input raises ValueError (KeyError or TypeError for a malformed `serving`).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = run.get("metrics") or {}
     job = str(metrics.get("job") or "unknown job")
     sections = [
@@ -66,8 +47,8 @@ def render_report(run: dict, out_dir: Path) -> Path:
         ("definitions", "Definitions", _definitions_section(metrics.get("definitions"))),
         ("lossless", "Lossless check (greedy)", _lossless_section(metrics)),
         *(
-            [("served", "Served (vLLM)", _served_section(metrics["served"]))]
-            if isinstance(metrics.get("served"), dict)
+            [("served", "Served (vLLM)", _served_section(served_summary(serving)))]
+            if serving is not None
             else []
         ),
         ("acceptance", "Acceptance", _acceptance_section(metrics)),
@@ -80,23 +61,55 @@ def render_report(run: dict, out_dir: Path) -> Path:
         f'<section id="{sid}">\n<h2>{title}</h2>\n{content}\n</section>'
         for sid, title, content in sections
     )
-    page = (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>specdraft report: {_esc(job)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>specdraft run report: {_esc(job)}</h1>\n{_run_meta(metrics)}\n{body}\n</body>\n</html>\n"
+    html = document(
+        f"specdraft report: {job}", f"specdraft run report: {job}", f"{_run_meta(metrics)}\n{body}"
     )
-    index = out_dir / "index.html"
-    atomic_write_text(out_dir / "summary.md", render_summary_markdown(metrics))
-    atomic_write_text(index, page)
-    return index
+    return ReportPage(html=html, markdown=render_summary_markdown(metrics))
+
+
+def served_summary(serving: dict) -> dict:
+    """The engine's T = 0 numbers (and its sampled run's, if any) from `specdraft serve-check`'s
+    serving.json: what the page's Served section shows and the history records as the `served`
+    draft. KeyError or TypeError when `serving` lacks them."""
+    engine = serving["temperature_0"]["engine"]
+    return {
+        "engine": f"{serving['engine']} {serving['engine_version']}",
+        "gamma": serving["gamma"],
+        "prompts": serving["prompts"],
+        "accept_rate": engine["accept_rate"],
+        "tokens_per_step": engine["tokens_per_step"],
+        "per_position": engine["per_pos_of_drafts"],
+        "speedup": engine["speedup"],
+        "sampled": _sampled_summary(serving.get("temperature")),
+    }
+
+
+def _sampled_summary(sampled: dict | None) -> dict | None:
+    """serve-check's run at the run's temperature: the engine's rate as shipped, with a known
+    defect fixed, and what its acceptance rule expects on the contexts it visited (the replay of
+    the run the check judged: the fixed one when there is one). None for a T = 0 check or a file
+    from before the replay."""
+    if not sampled or "runs" not in sampled:
+        return None
+    runs = sampled["runs"]
+    checked = next((r for r in runs if r["engine_fix"]), runs[0])
+    replay = checked.get("replay") or {}
+    return {
+        "temperature": sampled["temperature"],
+        "as_shipped": sampled["engine_accept_rate"],
+        "fixed": sampled.get("engine_fixed_accept_rate"),
+        "expected": replay.get("accept_rate_expected"),
+        "z": replay.get("z"),
+        "follows_rule": checked.get("follows_rule"),
+        "defects": [d["upstream"] for d in sampled.get("engine_defects", [])],
+    }
 
 
 def render_summary_markdown(metrics: dict) -> str:
     """A short Markdown summary (per-task α and τ, baseline → final, and the lossless check)."""
     job = metrics.get("job") or "unknown job"
-    lines = [f"# specdraft run: {_md(job)}", ""]
-    facts = [f"{k} {_md(metrics[k])}" for k in ("job_hash", "gamma", "temperature") if k in metrics]
+    lines = [f"# specdraft run: {md(job)}", ""]
+    facts = [f"{k} {md(metrics[k])}" for k in ("job_hash", "gamma", "temperature") if k in metrics]
     if facts:
         lines += [", ".join(facts), ""]
     rows = _task_rows(metrics)
@@ -114,7 +127,7 @@ def render_summary_markdown(metrics: dict) -> str:
                 final.get("tau"),
             )
             lines.append(
-                f"| {_md(task)} | {_fmt(a0, 3)} → {_fmt(a1, 3)} | {_delta(a0, a1, 3)} "
+                f"| {md(task)} | {_fmt(a0, 3)} → {_fmt(a1, 3)} | {_delta(a0, a1, 3)} "
                 f"| {_fmt(t0, 2)} → {_fmt(t1, 2)} | {_delta(t0, t1, 2)} |"
             )
     else:
@@ -132,8 +145,8 @@ def _served_section(served: dict) -> str:
     per_pos = served.get("per_position") or []
     positions = ", ".join(_fmt(p, 3) for p in per_pos)
     return (
-        f"<p>The exported draft served by {_esc(served.get('engine', 'the engine'))} with the "
-        f"target, γ = {_esc(served.get('gamma'))}, on {_esc(served.get('prompts'))} of the run's "
+        f"<p>The exported draft served by {esc(served.get('engine', 'the engine'))} with the "
+        f"target, γ = {esc(served.get('gamma'))}, on {esc(served.get('prompts'))} of the run's "
         "prompts, greedy (T = 0; serving.json has specdraft's numbers beside it).</p>\n"
         "<table><tr><th>accepted / drafted</th><th>tokens per target step</th>"
         "<th>per position</th><th>speedup</th></tr>"
@@ -157,7 +170,7 @@ def _sampled_served(sampled: dict | None) -> str:
     )
     if sampled["fixed"] is None:
         return f"<p>At T = {temperature} the engine accepts {_fmt(sampled['as_shipped'], 3)}; {rule}.</p>"
-    links = ", ".join(f'<a href="{_esc(u)}">{_esc(u)}</a>' for u in sampled["defects"])
+    links = ", ".join(f'<a href="{esc(u)}">{esc(u)}</a>' for u in sampled["defects"])
     return (
         f"<p>At T = {temperature} the engine as shipped accepts {_fmt(sampled['as_shipped'], 3)}: "
         f"its CPU sampler divides by uninitialised temperatures ({links}). With that fixed it "
@@ -167,7 +180,7 @@ def _sampled_served(sampled: dict | None) -> str:
 
 def _run_meta(metrics: dict) -> str:
     keys = ("job_hash", "target", "draft", "gamma", "temperature")
-    items = [f"<b>{k}</b>: {_esc(metrics[k])}" for k in keys if k in metrics]
+    items = [f"<b>{k}</b>: {esc(metrics[k])}" for k in keys if k in metrics]
     return f'<p class="meta">{" · ".join(items)}</p>' if items else ""
 
 
@@ -185,12 +198,12 @@ def _summary_section(metrics: dict) -> str:
         ref = by_draft.get("reference", {})
         a0, a1, t0, t1 = base.get("alpha"), final.get("alpha"), base.get("tau"), final.get("tau")
         body.append(
-            f"<tr><td>{_esc(task)}</td><td>{_fmt(a0, 3)}</td><td>{_fmt(a1, 3)}</td>"
+            f"<tr><td>{esc(task)}</td><td>{_fmt(a0, 3)}</td><td>{_fmt(a1, 3)}</td>"
             f"{_delta_cell(a0, a1, 3)}<td>{_fmt(t0, 2)}</td><td>{_fmt(t1, 2)}</td>"
             f"{_delta_cell(t0, t1, 2)}<td>{_fmt(ref.get('alpha'), 3)}</td>"
             f"<td>{_fmt(ref.get('tau'), 2)}</td></tr>"
         )
-    summary = _table(head, body)
+    summary = table(head, body)
     # Every overall number per draft, for readers who want the greedy and counting columns too.
     present = [d for d in DRAFTS if isinstance(metrics.get(d), dict)]
     keys = ("alpha", "alpha_greedy", "spec_alpha", "spec_alpha_greedy", "tau", "tau_greedy")
@@ -201,7 +214,7 @@ def _summary_section(metrics: dict) -> str:
         digits = 0 if key.startswith("num_") else (2 if key.startswith("tau") else 3)
         cells = "".join(f"<td>{_fmt(metrics[d].get(key), digits)}</td>" for d in present)
         detail.append(f"<tr><td>{key}</td>{cells}</tr>")
-    return summary + "\n<h3>All overall metrics</h3>\n" + _table(detail_head, detail)
+    return summary + "\n<h3>All overall metrics</h3>\n" + table(detail_head, detail)
 
 
 def _definitions_section(definitions: Any) -> str:
@@ -212,7 +225,7 @@ def _definitions_section(definitions: Any) -> str:
     )
     if not isinstance(definitions, dict) or not definitions:
         return notes + "<p>Definitions from metrics.json:</p>" + NOT_AVAILABLE
-    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in definitions.items())
+    items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in definitions.items())
     return f"{notes}\n<dl>{items}</dl>"
 
 
@@ -228,7 +241,7 @@ def _lossless_section(metrics: dict) -> str:
         for d in DRAFTS
         if isinstance(metrics.get(d), dict) and isinstance(metrics[d].get("lossless_greedy"), bool)
     ]
-    detail = f"<p>{_esc(', '.join(per_draft))}</p>" if per_draft else ""
+    detail = f"<p>{esc(', '.join(per_draft))}</p>" if per_draft else ""
     return f"<p>{badge}</p>{detail}"
 
 
@@ -236,7 +249,7 @@ def _acceptance_section(metrics: dict) -> str:
     rows = _task_rows(metrics)
     if not rows:
         return NOT_AVAILABLE
-    figures = [_figure(_plot_alpha_per_task(rows), "α per task for each draft")]
+    figures = [figure(_plot_alpha_per_task(rows), "α per task for each draft")]
     curves = {
         d: metrics[d]
         for d in DRAFTS
@@ -244,7 +257,7 @@ def _acceptance_section(metrics: dict) -> str:
     }
     if curves:
         caption = "Acceptance at each draft position (solid: sampled, dashed: greedy)"
-        figures.append(_figure(_plot_per_position(curves), caption))
+        figures.append(figure(_plot_per_position(curves), caption))
     else:
         figures.append("<p>Per-position acceptance:</p>" + NOT_AVAILABLE)
     return '<div class="plots">' + "".join(figures) + "</div>"
@@ -266,11 +279,11 @@ def _training_section(training: Any) -> str:
         if not points:
             continue
         _require_keys(points, ("step", "loss"), f"training.{stage}")
-        figures.append(_figure(_plot_loss(stage, points), f"{stage}: training loss"))
+        figures.append(figure(_plot_loss(stage, points), f"{stage}: training loss"))
     if training.get("distil_alpha"):
         _require_keys(training["distil_alpha"], ("step", "alpha"), "training.distil_alpha")
         caption = "distil: α on the held-out split over training steps"
-        figures.append(_figure(_plot_alpha_over_steps(training["distil_alpha"]), caption))
+        figures.append(figure(_plot_alpha_over_steps(training["distil_alpha"]), caption))
     if not figures:
         return NOT_AVAILABLE
     return '<div class="plots">' + "".join(figures) + "</div>"
@@ -288,7 +301,7 @@ def _selection_section(selection: Any) -> str:
         )
     threshold, k = selection.get("threshold"), selection.get("k")
     caption = f"ΔL per token; threshold {_fmt(threshold, 4)}, kept fraction k = {_fmt(k, 3)}"
-    return _figure(_plot_histogram(edges, counts, threshold), caption)
+    return figure(_plot_histogram(edges, counts, threshold), caption)
 
 
 def _examples_section(examples: Any) -> str:
@@ -310,8 +323,8 @@ def _examples_section(examples: Any) -> str:
         for j, token in enumerate(tokens):
             cls = "" if kept is None else (' class="kept"' if kept[j] else ' class="dropped"')
             tip = "" if delta is None else f' title="ΔL = {_fmt(delta[j], 4)}"'
-            spans.append(f"<span{cls}{tip}>{_esc(token)}</span>")
-        parts.append(f"<h3>{_esc(ex.get('task', 'example'))}</h3>")
+            spans.append(f"<span{cls}{tip}>{esc(token)}</span>")
+        parts.append(f"<h3>{esc(ex.get('task', 'example'))}</h3>")
         parts.append(f'<div class="tokens">{"".join(spans)}</div>')
     if len(examples) > MAX_EXAMPLES:
         parts.append(f"<p>Showing {MAX_EXAMPLES} of {len(examples)} examples.</p>")
@@ -329,11 +342,11 @@ def _stages_section(stages: Any) -> str:
         total += seconds if _is_number(seconds) else 0.0
         reused = {True: "yes", False: "no"}.get(stage.get("reused"), "n/a")
         body.append(
-            f'<tr><td>{_esc(stage.get("name", "?"))}</td><td title="{_esc(key)}">'
-            f"<code>{_esc(key[:12])}</code></td><td>{_fmt(seconds, 1)}</td><td>{reused}</td></tr>"
+            f'<tr><td>{esc(stage.get("name", "?"))}</td><td title="{esc(key)}">'
+            f"<code>{esc(key[:12])}</code></td><td>{_fmt(seconds, 1)}</td><td>{reused}</td></tr>"
         )
     body.append(f"<tr><th>total</th><th></th><th>{_fmt(total, 1)}</th><th></th></tr>")
-    return _table(head, body)
+    return table(head, body)
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -414,22 +427,6 @@ def _plot_histogram(edges: list[float], counts: list[int], threshold: Any) -> Fi
     return fig
 
 
-def _figure(fig: Figure, caption: str) -> str:
-    """Encode `fig` as an inline PNG <figure> and free it."""
-    try:
-        FigureCanvasAgg(fig)  # Agg for this figure only; pyplot's global backend is untouched
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        fig.clear()
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
-    )
-
-
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -495,18 +492,3 @@ def _delta_cell(before: Any, after: Any, digits: int) -> str:
     change = round(after - before, digits)
     cls = "up" if change > 0 else ("down" if change < 0 else "flat")
     return f'<td class="{cls}">{text}</td>'
-
-
-def _table(head: str, rows: list[str]) -> str:
-    body = "\n".join(rows)
-    return f'<div class="table-wrap"><table>\n<thead>{head}</thead>\n<tbody>\n{body}\n</tbody></table></div>'
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _md(value: Any) -> str:
-    """`value` as Markdown text: Markdown renderers pass raw HTML through, so <, > and & are
-    escaped like in the HTML report, and | and newlines would break a table row."""
-    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")

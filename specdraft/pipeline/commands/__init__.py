@@ -1,1 +1,1 @@
-"""Command drivers that are not stages: `specdraft eval` and `specdraft compare`."""
+"""Command drivers that are not stages: `specdraft eval`, `compare`, `serve-check` and `report`."""

@@ -2,7 +2,7 @@
 
 Any pair (HF ids or local directories, e.g. the `model/` directories of a specdraft run store) and
 any prompt set (a data source `load_user_data` reads, or `builtin`, the toy eval split). The metrics
-are the evaluate stage's, computed by its functions, for a single draft.
+are the evaluate stage's, computed by the same functions (pipeline/evaluation.py), for a single draft.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class EvalRequest:
     chat_template: bool = False
     dtype: str = "float32"
     device: str = "auto"
-    trust_remote_code: bool = False
+    # whose model code may run: True/"both" (the one flag), "target", "draft" (drafts.pair.ModelTrust)
+    trust_remote_code: bool | str = False
     seed: int = 0
 
 
@@ -173,10 +174,12 @@ def run_eval(req: EvalRequest) -> dict:
     device = resolve_device(req.device)
     context = check_models(req)
     from specdraft.drafts.models import load_tokenizer
+    from specdraft.drafts.pair import ModelTrust
 
-    tokenizer = load_tokenizer(req.target, trust_remote_code=req.trust_remote_code)
+    trust = ModelTrust.of(req.trust_remote_code)  # per model, as in the pair check
+    tokenizer = load_tokenizer(req.target, trust_remote_code=trust.target)
     rows = load_prompts(req)
-    from specdraft.pipeline.training import prompt_token_ids
+    from specdraft.pipeline.batches import prompt_token_ids
 
     try:
         for row in rows:
@@ -188,23 +191,23 @@ def run_eval(req: EvalRequest) -> dict:
     check_lengths(rows, context, req.max_new_tokens)
 
     from specdraft.drafts.models import load_causal_lm
-    from specdraft.pipeline.stages.evaluate import (
+    from specdraft.pipeline.evaluation import (
         DEFINITIONS,
         evaluate_draft,
         prompt_sets,
         task_indices,
     )
 
-    load = dict(dtype=req.dtype, trust_remote_code=req.trust_remote_code, device=device)
-    target = load_causal_lm(req.target, **load)
-    draft = load_causal_lm(req.draft, **load)
+    load = dict(dtype=req.dtype, device=device)
+    target = load_causal_lm(req.target, trust_remote_code=trust.target, **load)
+    draft = load_causal_lm(req.draft, trust_remote_code=trust.draft, **load)
     cfg = EvaluateConfig(
         gamma=req.gamma,
         temperature=req.temperature,
         max_new_tokens=req.max_new_tokens,
         batch_size=req.batch_size,
     )
-    # The evaluate stage's own functions, every prompt decoded speculatively: a pair evaluated
+    # The evaluate stage's functions, every prompt decoded speculatively: a pair evaluated
     # here and in a run's evaluate stage on the same prompts and seed gets the same numbers.
     sets = prompt_sets(
         target, tokenizer, rows, task_indices(rows), cfg, seed=req.seed, spec_prompts=len(rows)

@@ -121,6 +121,7 @@ def serve(req: dict) -> dict:
         skip_tokenizer_init=True,
         disable_log_stats=False,
         seed=req.get("seed", 0),
+        trust_remote_code=req.get("trust_remote_code", False),
         **kwargs,
     )
     import vllm.v1.sample.rejection_sampler as rs

@@ -1,13 +1,20 @@
-"""Stage `distil`: selective-token KD (AdaSPEC). Tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_ref);
-the top-k fraction per micro-batch is kept and the draft (LoRA adapters by default) is trained with
-the configured divergence on those tokens only. Adapters are merged for the saved model.
-With a `target_outputs` input (distil.stored_target_outputs) the target is not loaded: its stored
-hidden states and head are, for the loss, ΔL and the held-out alpha.
+"""Stage `distil`: knowledge distillation of the draft init towards the target on the generate
+stage's sequences. By default every response token counts (selection=all) and the loss is the LK
+hybrid λ·KL + (1 − λ)·TV with one λ per optimizer step, from the step's mean acceptance
+(divergence=lk, lk_alpha=batch); all of the draft's weights train. selection=top/bottom is
+AdaSPEC's selective KD: tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_ref) against the
+`reference` model and only the top (or bottom) k fraction counts (k fixed, or chosen by k_search).
+With lora.enabled LoRA adapters train instead, merged into the saved model. With eval_every > 0
+the weights with the best held-out alpha are kept. With a `target_outputs` input
+(distil.stored_target_outputs) the target model is not loaded: its stored hidden states and head
+are, for the loss, ΔL and the held-out alpha.
 
-Reads: `data`, `target` (or `target_outputs`), `draft_init`, `reference`, `generate`
-Writes: `model/` (adapters merged), `adapter/`, `history.json`, `alpha_history.json`,
-`selection.json`, `k_search.json` (distil.k_search); info `model`, `adapter`, `best_alpha`,
-`best_step`, `kept_fraction`, `k` and `k_search` (the k trained with, each trial's alpha)
+Reads: `data`, `target` (its tokenizer; its model unless `target_outputs` is an input),
+`draft_init`, `reference` (its model with selection top/bottom), `generate`
+Writes: `model/` (adapters merged), `adapter/` (LoRA), `history.json`, `alpha_history.json`
+(eval_every), `selection.json` (top/bottom), `k_search.json` (distil.k_search); info `model`,
+`adapter`, `best_alpha`, `best_step`, `kept_fraction`, `k` and `k_search` (the k trained with,
+each trial's alpha)
 """
 
 from __future__ import annotations
@@ -22,27 +29,23 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
+from specdraft.drafts.hidden_states import hidden_and_head, real_rows
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
 from specdraft.kernels import token_acceptance
+from specdraft.pipeline.batches import Collator, response_positions
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
     load_model_artifact,
     load_tokenizer_artifact,
-)
-from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
-from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.training import (
-    Collator,
-    KDOptions,
-    StoredTargetOutputs,
-    hidden_and_head,
-    real_rows,
-    response_positions,
-    train_kd,
     write_json,
 )
+from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.objectives import KDOptions
+from specdraft.pipeline.sequences import load_sequences
+from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs
+from specdraft.pipeline.trainer import train_kd
 
 
 def with_lora(model, lora_cfg):
@@ -178,7 +181,7 @@ def run(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
 
 
 def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
-    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust
     if cfg.divergence == "tvd":
         warnings.warn(
             "distil.divergence=tvd from a cold start: TV has a vanishing gradient and can leave the "
@@ -190,19 +193,20 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         )
     set_seed(seed)  # LoRA's initial adapters come from the global RNG: same seed, same draft
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     stored = teacher = None
     if "target_outputs" in inputs:
         stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
     else:
-        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
+        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
     selective = cfg.selection != "all"
     reference = (
-        load_model_artifact(inputs["reference"], device, trust_remote_code=trust)
+        load_model_artifact(inputs["reference"], device, trust_remote_code=trust.draft)
         if selective
         else None
     )
-    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
+    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust.draft)
+    model = model.train()
     check_vocabularies(
         stored.head if stored is not None else teacher, model, reference, vocab=len(tokenizer)
     )

@@ -43,7 +43,7 @@ def run(cfg: DraftConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
 def layer_draft(cfg: DraftConfig, target: Path, ctx: StageContext) -> dict:
     """The target's embeddings, first `from_target_layers` decoder layers, final norm and LM head,
     saved in `model/` as a plain model of its architecture, with the target's tokenizer files."""
-    model = load_model_artifact(target, trust_remote_code=ctx.trust_remote_code)
+    model = load_model_artifact(target, trust_remote_code=ctx.trust.target)
     depth = model.config.get_text_config().num_hidden_layers
     draft = first_layers_model(model, cfg.from_target_layers).to(DTYPES[cfg.dtype])
     draft.save_pretrained(ctx.out / "model", safe_serialization=True)

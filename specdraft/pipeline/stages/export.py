@@ -4,6 +4,11 @@ model card saying how to serve it. The LoRA adapter is kept beside it in `adapte
 
 Reads: `data`, `target`, `draft_init`, `distil`, `evaluate`
 Writes: `draft/` (the servable directory); info `draft`, `adapter`, `dtype`
+
+Model code shipped with a checkpoint runs per model, as in every stage: the draft's (a custom-code
+draft is saved with its modules) when the job trusts the draft, the target's config and tokenizer
+code when it trusts the target. `specdraft export` (commands/export_run.py) calls export_draft with
+the run's own settings.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
+from specdraft.drafts.pair import UNTRUSTED, ModelTrust
 from specdraft.pipeline.config import ExportConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -63,7 +69,7 @@ included, from real speculative decoding at temperature {metrics.get("temperatur
 
 def run(cfg: ExportConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     draft_dir = ctx.out / "draft"
-    export_draft(inputs, draft_dir, cfg.dtype)
+    export_draft(inputs, draft_dir, cfg.dtype, trust=ctx.trust)
     adapter = inputs["distil"] / "adapter"
     return {
         "draft": "draft",
@@ -72,12 +78,19 @@ def run(cfg: ExportConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     }
 
 
-def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
-    """Write the servable draft directory from a run's distil, target, evaluate and data artifacts."""
-    model = load_causal_lm(model_location(inputs["distil"]), dtype=dtype)
+def export_draft(
+    inputs: dict[str, Path], draft_dir: Path, dtype: str, *, trust: ModelTrust = UNTRUSTED
+) -> None:
+    """Write the servable draft directory from a run's distil, target, evaluate and data artifacts;
+    model code runs per model as `trust` (the job's settings) allows."""
+    model = load_causal_lm(
+        model_location(inputs["distil"]), dtype=dtype, trust_remote_code=trust.draft
+    )
     draft_dir.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(model_location(inputs["target"]), draft_dir)
-    match_target_vocab_size(model, target_vocab_size(model_location(inputs["target"])), draft_dir)
+    target = model_location(inputs["target"])
+    copy_tokenizer_files(target, draft_dir)
+    rows = target_vocab_size(target, trust_remote_code=trust.target)
+    match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
     model.save_pretrained(draft_dir, safe_serialization=True)
     adapter = inputs["distil"] / "adapter"
     if adapter.exists():  # kept beside the merged weights for users who want the adapter itself
@@ -103,14 +116,17 @@ def export_draft(inputs: dict[str, Path], draft_dir: Path, dtype: str) -> None:
     readable_like_other_files(draft_dir)
 
 
-def target_vocab_size(target: str) -> int:
+def target_vocab_size(target: str, *, trust_remote_code: bool = False) -> int:
     """The target's embedding rows (config vocab_size, padding included)."""
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(target).get_text_config().vocab_size)
+    config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    return int(config.get_text_config().vocab_size)
 
 
-def match_target_vocab_size(model, rows: int, tokenizer_dir: Path) -> None:
+def match_target_vocab_size(
+    model, rows: int, tokenizer_dir: Path, *, trust_remote_code: bool = False
+) -> None:
     """Give the draft the target's `rows` embedding and LM-head rows: vLLM's draft_model refuses a
     vocab_size that differs from the target's, while target and draft may be padded to different
     sizes past their one tokenizer (Qwen2.5-7B 152 064 rows, Qwen2.5-0.5B 151 936).
@@ -126,7 +142,9 @@ def match_target_vocab_size(model, rows: int, tokenizer_dir: Path) -> None:
     old = model.get_input_embeddings().weight.shape[0]
     if rows == old:
         return
-    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    vocab = len(
+        AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+    )
     if rows < vocab:
         raise ValueError(
             f"the target has {rows} embedding rows, fewer than its tokenizer's {vocab} tokens"

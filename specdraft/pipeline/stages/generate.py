@@ -16,6 +16,7 @@ from pathlib import Path
 
 from specdraft.drafts.models import device_for
 from specdraft.errors import InputError
+from specdraft.pipeline.batches import prompt_token_ids
 from specdraft.pipeline.config import GenerateConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -30,7 +31,6 @@ from specdraft.pipeline.sequences import (
     max_length_of,
     sample_responses,
 )
-from specdraft.pipeline.training import prompt_token_ids
 
 
 def sample_shard(
@@ -41,15 +41,17 @@ def sample_shard(
     cfg: GenerateConfig,
     seed: int,
     desc: str,
-    trust_remote_code: bool,
+    model_trusted: bool,
+    tokenizer_trusted: bool,
 ) -> tuple[list[list[int]], list[int]]:
     """One worker's responses to `prompts` (prompts[first_index:...] of the whole list), and the
-    GPUs it ran on."""
+    GPUs it ran on. Model code runs per model: the sampling model's when `model_trusted`, the
+    tokenizer's (the target's) when `tokenizer_trusted`."""
     device = device_for(cfg.resources.gpus)
-    model = load_model_artifact(Path(model_dir), device, trust_remote_code=trust_remote_code)
+    model = load_model_artifact(Path(model_dir), device, trust_remote_code=model_trusted)
     responses = sample_responses(
         model,
-        load_tokenizer_artifact(Path(tokenizer_dir), trust_remote_code=trust_remote_code),
+        load_tokenizer_artifact(Path(tokenizer_dir), trust_remote_code=tokenizer_trusted),
         prompts,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -64,8 +66,8 @@ def sample_shard(
 def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
     from datasets import Dataset
 
-    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
-    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     chat = chat_template_of(inputs["data"])
     max_length = max_length_of(inputs["data"])
     train = load_splits(inputs["data"])["train"]
@@ -85,7 +87,8 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     for source, part in parts:
         if not part:
             continue
-        model_dir = str(inputs["draft_init" if source == "draft" else "target"])
+        model_input = "draft_init" if source == "draft" else "target"
+        model_dir = str(inputs[model_input])
         prompts = [prompt_token_ids(tokenizer, r["prompt"], chat) for r in part]
         shards = [
             (
@@ -96,7 +99,8 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
                 cfg,
                 seed,
                 f"generate ({source})",
-                trust,
+                trust.of_input(model_input),
+                trust.target,
             )
             for a, b in shard_bounds(len(prompts), cfg.resources.workers, cfg.batch_size)
         ]

@@ -16,10 +16,13 @@ from specdraft.pipeline.engine.artifacts import (
     StageContext,
     load_model_artifact,
     load_tokenizer_artifact,
+    write_json,
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
+from specdraft.pipeline.objectives import KDOptions
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.training import KDOptions, StoredTargetOutputs, train_kd, write_json
+from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs
+from specdraft.pipeline.trainer import train_kd
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
@@ -27,16 +30,17 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
 
 
 def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
-    out, seed, trust = ctx.out, ctx.seed, ctx.trust_remote_code
+    out, seed, trust = ctx.out, ctx.seed, ctx.trust
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     stored = None
     teacher = None
     if "target_outputs" in inputs:
         stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
     else:
-        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust)
-    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust).train()
+        teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
+    model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust.draft)
+    model = model.train()
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     if stored is not None:  # each sequence's index in what was stored
         sequences = sequences.add_column("row", list(range(len(sequences))))

@@ -1,7 +1,7 @@
 """Stage `target_outputs`: the frozen target's final hidden states (after its last norm, before the
 LM head) for one generate stage's sequences, computed once and stored as sharded safetensors
 beside its LM head, so that `reference`, every `distil` round and every recipe of a comparison
-read them instead of running the target at each step (training.StoredTargetOutputs).
+read them instead of running the target at each step (pipeline/stored_target_outputs.py).
 
 Only the positions the KD loss uses are kept: those whose next token is a response token, in the
 order the trainer takes them. Stored in bf16 when every stage reading them trains in bf16.
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from specdraft.drafts.hidden_states import hidden_and_head
 from specdraft.drafts.models import device_for
 from specdraft.drafts.pair import refuse_logit_transforms
+from specdraft.pipeline.batches import Collator, response_positions
 from specdraft.pipeline.config import TargetOutputsConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -26,16 +28,11 @@ from specdraft.pipeline.engine.artifacts import (
     load_tokenizer_artifact,
 )
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.training import (
-    Collator,
-    hidden_and_head,
-    response_positions,
-    write_target_outputs,
-)
+from specdraft.pipeline.stored_target_outputs import write_target_outputs
 
 
 def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
-    trust = ctx.trust_remote_code
+    trust = ctx.trust.target  # only the target is loaded
     device = device_for(cfg.resources.gpus)
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
     target = load_model_artifact(inputs["target"], device, trust_remote_code=trust).eval()

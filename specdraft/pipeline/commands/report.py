@@ -5,9 +5,9 @@ metrics are appended to the history store when --history is given. The history i
 the store (or, without --history, the given runs alone), and the report goes to --out (default
 `runs/report/`, beside the run directories and ignored by git):
 
-- `index.html`: the newest given run's report (specdraft/reports/render.py, metrics only) plus a history
-  section: per (job, target, task) trend lines of the final draft's alpha and tau as inline PNGs,
-  regressions marked, and the skipped history rows;
+- `index.html`: the newest given run's report (specdraft/reports/render.py, from its metrics.json
+  and serving.json) plus a history section: per (job, target, task) trend lines of the final
+  draft's alpha and tau as inline PNGs, regressions marked, and the skipped history rows;
 - `summary.md`: the run summary plus the regressions and problems, in a few lines;
 - `summary.json`: `runs` (per run and task, baseline → final alpha and tau), `regressions`,
   `problems`.
@@ -19,9 +19,9 @@ same run twice records it twice: give each run directory to `--history` once.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,13 +38,15 @@ from specdraft.reports.history import (
     metrics_to_rows,
     run_series,
 )
-from specdraft.reports.render import _esc, _figure, _md, render_report
+from specdraft.reports.page import esc, figure, md
+from specdraft.reports.render import render_report, served_summary
 
 DEFAULT_OUT = Path("runs") / "report"
 
 
-def read_run(run_dir: Path) -> tuple[dict, str]:
-    """A run directory's metrics.json dict and its finish time (ISO 8601, UTC)."""
+def read_run(run_dir: Path) -> tuple[dict, str, dict | None]:
+    """A run directory's metrics.json dict (with `served`, served_summary's numbers, when it has a
+    serving.json), its finish time (ISO 8601, UTC) and its serving.json (None without one)."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise InputError(f"{run_dir} has no metrics.json; give the --out of a finished run")
@@ -55,58 +57,28 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
     if not isinstance(metrics, dict):
         raise InputError(f"{path} is not a metrics object; re-run the job")
     finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    served = served_summary(Path(run_dir))
-    if served is not None:
-        metrics["served"] = served
-    return metrics, finished.isoformat(timespec="seconds")
+    serving = read_serving(Path(run_dir))
+    if serving is not None:
+        metrics["served"] = served_summary(serving)
+    return metrics, finished.isoformat(timespec="seconds"), serving
 
 
-def served_summary(run_dir: Path) -> dict | None:
-    """The engine's T = 0 numbers from `specdraft serve-check`'s serving.json, if the run has one
-    (a damaged file is reported and left out)."""
+def read_serving(run_dir: Path) -> dict | None:
+    """`specdraft serve-check`'s serving.json, if the run has one (a damaged file is reported and
+    left out)."""
     path = run_dir / "serving.json"
     if not path.is_file():
         return None
     try:
         serving = json.loads(path.read_text())
-        engine = serving["temperature_0"]["engine"]
-        return {
-            "engine": f"{serving['engine']} {serving['engine_version']}",
-            "gamma": serving["gamma"],
-            "prompts": serving["prompts"],
-            "accept_rate": engine["accept_rate"],
-            "tokens_per_step": engine["tokens_per_step"],
-            "per_position": engine["per_pos_of_drafts"],
-            "speedup": engine["speedup"],
-            "sampled": _sampled_summary(serving.get("temperature")),
-        }
+        served_summary(serving)  # holds the numbers the report and the history take from it
+        return serving
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(
             f"specdraft: {path} is damaged ({err}); its served numbers are left out",
             file=sys.stderr,
         )
         return None
-
-
-def _sampled_summary(sampled: dict | None) -> dict | None:
-    """serve-check's run at the run's temperature: the engine's rate as shipped, with a known
-    defect fixed, and what its acceptance rule expects on the contexts it visited (the replay of
-    the run the check judged: the fixed one when there is one). None for a T = 0 check or a file
-    from before the replay."""
-    if not sampled or "runs" not in sampled:
-        return None
-    runs = sampled["runs"]
-    checked = next((r for r in runs if r["engine_fix"]), runs[0])
-    replay = checked.get("replay") or {}
-    return {
-        "temperature": sampled["temperature"],
-        "as_shipped": sampled["engine_accept_rate"],
-        "fixed": sampled.get("engine_fixed_accept_rate"),
-        "expected": replay.get("accept_rate_expected"),
-        "z": replay.get("z"),
-        "follows_rule": checked.get("follows_rule"),
-        "defects": [d["upstream"] for d in sampled.get("engine_defects", [])],
-    }
 
 
 def check_history_dir(history_dir: Path) -> None:
@@ -132,6 +104,18 @@ def check_history_dir(history_dir: Path) -> None:
             )
 
 
+def check_regression_rule(threshold: float, window: int) -> None:
+    """--threshold must be finite and >= 0 (NaN or inf would flag no drop: the gate would be off)
+    and --window >= 1: InputError before anything is read or appended otherwise."""
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise InputError(
+            f"--threshold {threshold}: must be finite and >= 0 (the drop that counts as a "
+            "regression: absolute for alpha, relative for tau; e.g. 0.02)"
+        )
+    if window < 1:
+        raise InputError(f"--window {window}: must be >= 1 (the runs the newest is held to)")
+
+
 def build_report(
     run_dirs: list[Path],
     *,
@@ -142,6 +126,7 @@ def build_report(
     code_version: str = "",
 ) -> dict:
     """Append the runs to the history, write the report files to `out_dir`; return summary.json."""
+    check_regression_rule(threshold, window)
     if not run_dirs and history_dir is None:
         raise InputError("nothing to report: give RUN_DIR(s), --history DIR, or both")
     if history_dir is not None:
@@ -151,7 +136,7 @@ def build_report(
     runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]  # read all before appending any
     rows: list[dict] = []
     problems: list[str] = []
-    for _, metrics, finished in runs:
+    for _, metrics, finished, _ in runs:
         if history_dir is not None:
             try:
                 append_run(history_dir, metrics, timestamp=finished, code_version=code_version)
@@ -170,21 +155,18 @@ def build_report(
         "history": str(history_dir) if history_dir is not None else None,
         "threshold": threshold,
         "window": window,
-        "runs": [_run_summary(d, m, t) for d, m, t in runs],
+        "runs": [_run_summary(d, m, t) for d, m, t, _ in runs],
         "regressions": regressions,
         "problems": problems,
     }
-    newest = runs[-1][1] if runs else {}
-    with tempfile.TemporaryDirectory() as tmp:  # render_report's files, extended below
-        render_report({"metrics": newest}, Path(tmp))
-        page = (Path(tmp) / "index.html").read_text(encoding="utf-8")
-        markdown = (Path(tmp) / "summary.md").read_text(encoding="utf-8")
+    newest, serving = (runs[-1][1], runs[-1][3]) if runs else ({}, None)
+    report = render_report({"metrics": newest}, serving)
     section = _history_section(rows, regressions, problems, threshold, window)
-    page = page.replace("</body>", f"{section}\n</body>", 1)
+    page = report.html.replace("</body>", f"{section}\n</body>", 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(
-        out_dir / "summary.md", f"{markdown}\n{_history_markdown(summary, len(rows))}"
+        out_dir / "summary.md", f"{report.markdown}\n{_history_markdown(summary, len(rows))}"
     )
     atomic_write_text(out_dir / "index.html", page)
     return summary
@@ -213,7 +195,6 @@ def _run_summary(run_dir: Path, metrics: dict, finished: str) -> dict:
 def _history_section(
     rows: list[dict], regressions: list[dict], problems: list[str], threshold: float, window: int
 ) -> str:
-    esc = _esc
     runs = len({r["run_id"] for r in rows})
     parts = [
         f"<p>{runs} run(s) in the history. A regression is the newest run's final-draft alpha "
@@ -268,7 +249,7 @@ def _trend_figure(key: tuple[str, str, str], points: list[dict], flagged: set) -
         ax.set_xticks(x[::step], labels[::step], rotation=30, fontsize=7)
         ax.grid(alpha=0.3)
     caption = f"{job} · {task} · target {target}"
-    return _figure(fig, caption)
+    return figure(fig, caption)
 
 
 def _history_markdown(summary: dict, num_rows: int) -> str:
@@ -278,7 +259,7 @@ def _history_markdown(summary: dict, num_rows: int) -> str:
         lines.append("No regressions.")
     for r in regressions:
         lines.append(
-            f"- REGRESSION {_md(r['job'])} / {_md(r['task'])}: {r['metric']} {r['previous']:.3f} "
+            f"- REGRESSION {md(r['job'])} / {md(r['task'])}: {r['metric']} {r['previous']:.3f} "
             f"(median {r['median']:.3f}) → {r['current']:.3f}, drop {_drop_text(r)}"
         )
     if summary["problems"]:

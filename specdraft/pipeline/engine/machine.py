@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, recorded beside its numbers."""
+"""The machine a run or a benchmark ran on, recorded beside its numbers (run.json's `machine`,
+the results of benchmarks/)."""
 
 from __future__ import annotations
 
