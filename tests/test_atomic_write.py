@@ -38,11 +38,24 @@ def test_text_is_utf8_and_the_mode_follows_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == mode
 
 
-def test_reports_and_training_histories_use_it():
-    """No second writer: render, compare_render, report_cli and training.write_json go through it."""
-    from specdraft.pipeline import training
-    from specdraft.reports import compare_render, render, report_cli
+def test_reports_and_training_histories_use_it(tmp_path, monkeypatch):
+    """No second writer: the renderers write nothing, the report and comparison stages and
+    `specdraft report` write their pages with it, and the training stages' histories with
+    artifacts.write_json, which goes through it."""
+    from specdraft.pipeline import toy_training
+    from specdraft.pipeline.commands import report as report_command
+    from specdraft.pipeline.engine import artifacts
+    from specdraft.pipeline.stages import comparison, distil, reference, report
+    from specdraft.reports import compare_render, render
 
-    for module in (render, compare_render, report_cli, training):
+    for module in (report, comparison, report_command):
         assert module.atomic_write_text is atomic_write_text
+    for module in (render, compare_render):
+        assert not hasattr(module, "atomic_write_text")
+    for module in (distil, reference, toy_training):
+        assert module.write_json is artifacts.write_json
     assert not hasattr(render, "write_atomic")
+    written = []
+    monkeypatch.setattr(artifacts, "atomic_write_text", lambda *args: written.append(args))
+    artifacts.write_json(tmp_path / "history.json", [{"step": 1}])
+    assert written == [(tmp_path / "history.json", '[\n  {\n    "step": 1\n  }\n]')]

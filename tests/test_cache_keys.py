@@ -124,14 +124,18 @@ def test_the_sampler_reruns_generation_and_what_reads_it(tmp_path, monkeypatch):
     assert not changed & {"data", "target", "draft_init"}
 
 
-def test_the_report_renderer_reruns_the_report_only(tmp_path, monkeypatch):
-    source = cv.module_source("specdraft.reports.render")
-    line = next(ln for ln in source.splitlines() if "<title>" in ln)
-    assert _changed(tmp_path, monkeypatch, "specdraft.reports.render", line, line + "  ") == set()
-    changed = _changed(
-        tmp_path, monkeypatch, "specdraft.reports.render", "<title>", "<title>specdraft: "
-    )
-    assert changed == {"report"}
+@pytest.mark.parametrize(
+    ("module", "old", "new"),
+    [
+        ("specdraft.reports.render", "specdraft run report: ", "specdraft run report - "),
+        ("specdraft.reports.page", "<title>", "<title>specdraft: "),  # the pages' primitives
+    ],
+)
+def test_the_report_renderer_reruns_the_report_only(tmp_path, monkeypatch, module, old, new):
+    source = cv.module_source(module)
+    line = next(ln for ln in source.splitlines() if old in ln)
+    assert _changed(tmp_path, monkeypatch, module, line, line + "  ") == set()
+    assert _changed(tmp_path, monkeypatch, module, old, new) == {"report"}
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from specdraft.cli import main
+from specdraft.drafts.pair import ModelTrust
 from specdraft.pipeline.config import load_job
-from specdraft.pipeline.engine import artifacts, fingerprint
+from specdraft.pipeline.engine import fingerprint
 from specdraft.pipeline.engine.artifacts import (
     MANIFEST,
     atomic_write_text,
@@ -93,16 +94,15 @@ def test_bytes_changed_in_place_fail_the_hash(tmp_path, calls, capsys):
 def test_a_big_artifact_is_hashed_where_a_file_was_written_since(
     tmp_path, calls, capsys, monkeypatch
 ):
-    """Over HASH_ON_REUSE_BYTES reuse checks sizes, and hashes the files whose mtime moved since
-    publication; verify-store hashes everything."""
-    monkeypatch.setattr(artifacts, "HASH_ON_REUSE_BYTES", 0)  # every artifact counts as big
+    """Over $SPECDRAFT_VERIFY_HASH_BYTES reuse hashes small files (here all of them) and the
+    files whose mtime moved since publication whole; verify-store hashes everything."""
+    monkeypatch.setenv("SPECDRAFT_VERIFY_HASH_BYTES", "0")  # every artifact counts as big
     store = tmp_path / "store"
     first = run(chain(), store)
     changed = first["a"].path / "value.json"
     stat = changed.stat()
-    changed.write_text("7")  # same size, old mtime put back: only a full hash can tell
+    changed.write_text("7")  # same size, old mtime put back: a small file is hashed all the same
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert run(chain(), store)["a"].reused
     assert main(["verify-store", "--store", str(store)]) == 1
     assert f"damaged   {first['a'].path}: value.json does not match" in capsys.readouterr().out
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # written since
@@ -110,18 +110,21 @@ def test_a_big_artifact_is_hashed_where_a_file_was_written_since(
     assert not again["a"].reused and value(again["a"].path) == 1
 
 
-def test_a_manifest_without_a_file_list_is_used_unchecked(tmp_path, calls, capsys):
-    """Artifacts made before manifests listed their files stay usable (and are not re-made)."""
+def test_a_manifest_without_a_file_list_is_made_again(tmp_path, calls, capsys):
+    """A manifest without a file list cannot be checked (made before manifests listed their
+    files, or edited to drop it): its artifact counts as damaged rather than used unchecked."""
     store = tmp_path / "store"
     first = run(chain(), store)
-    for result in first.values():
-        manifest = json.loads((result.path / MANIFEST).read_text())
-        del manifest["files"]
-        (result.path / MANIFEST).write_text(json.dumps(manifest))
-    assert all(r.reused for r in run(chain(), store).values())
-    assert capsys.readouterr().err == ""
-    assert main(["verify-store", "--store", str(store)]) == 0
-    assert "0 artifacts intact, 0 damaged, 3 without a file list" in capsys.readouterr().out
+    manifest = json.loads((first["b"].path / MANIFEST).read_text())
+    del manifest["files"]
+    (first["b"].path / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["verify-store", "--store", str(store)]) == 1
+    assert "manifest.json has no file list" in capsys.readouterr().out
+    again = run(chain(), store)
+    assert calls() == ["a", "b", "c", "b"] and not again["b"].reused
+    assert (
+        "has no file list, so its files cannot be checked; moved aside" in capsys.readouterr().err
+    )
 
 
 def test_verify_store_reports_damage_and_repair_sets_it_aside(tmp_path, calls, capsys):
@@ -318,10 +321,12 @@ def test_a_manifest_cannot_grant_trust_remote_code(tmp_path, monkeypatch):
 
 
 def test_stages_trust_remote_code_only_when_the_job_does(tmp_path, calls):
+    """Per model: trusting the target lets a stage run the target's code and not the draft's."""
     stages = [Stage("a", MODULE, {"name": "a", "add": 1, "report_trust": True})]
-    assert run(stages, tmp_path / "s1")["a"].manifest["info"]["trust_remote_code"] is False
-    trusted = run(stages, tmp_path / "s2", trust_remote_code=True)
-    assert trusted["a"].manifest["info"]["trust_remote_code"] is True
+    untrusted = run(stages, tmp_path / "s1")["a"].manifest["info"]["trust_remote_code"]
+    assert untrusted == {"target": False, "draft": False}
+    trusted = run(stages, tmp_path / "s2", trust=ModelTrust(target=True))
+    assert trusted["a"].manifest["info"]["trust_remote_code"] == {"target": True, "draft": False}
 
 
 # Fencing: a holder whose lock was taken over never publishes.

@@ -118,3 +118,46 @@ def test_a_run_waits_for_a_live_lock_and_runs_once_it_is_released(tmp_path, call
     worker.join(timeout=30)
     assert calls() == ["a"]
     assert json.loads((path / "value.json").read_text()) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "null",
+        "[]",
+        '"soon"',
+        '{"owner": "x", "generation": 1, "host": "h", "pid": 1, "expires": "soon"}',
+        '{"owner": "x", "generation": "1", "host": "h", "pid": "abc", "expires": 1e18}',
+    ],
+    ids=["null", "list", "string", "expires-soon", "pid-abc"],
+)
+def test_a_corrupt_lock_record_is_stale_at_once(any_store, text):
+    """JSON that is no lock record (not a write in progress) is taken over: `null` recursed
+    forever, `[]` and `"expires": "soon"` raised."""
+    any_store.write_text(".lock-x", text)
+    lock = StageLock(any_store, ".lock-x", "new", lease=30)
+    assert lock.try_acquire() and lock.generation == 1
+    lock.check()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"pid": 0}, {"pid": -1}, {"expires": 1e12}, {"expires": 1e12, "lease": 1e12}],
+    ids=["pid-0", "pid-negative", "far-future", "far-future-claiming-a-long-lease"],
+)
+def test_a_lock_is_never_waited_on_past_the_lease_it_may_claim(any_store, change):
+    """pid 0 (a process group: always "alive") and an expiry past twice the lease a record may
+    claim would have been waited on forever."""
+    holder = StageLock(any_store, ".lock-x", "old", lease=30)
+    assert holder.try_acquire()
+    record = json.loads(any_store.read_text(".lock-x"))
+    any_store.write_text(".lock-x", json.dumps({**record, **change, "host": "elsewhere"}))
+    assert StageLock(any_store, ".lock-x", "new", lease=30).try_acquire()
+
+
+def test_a_live_lock_within_its_lease_is_respected(any_store):
+    holder = StageLock(any_store, ".lock-x", "old", lease=3600)
+    assert holder.try_acquire()
+    record = json.loads(any_store.read_text(".lock-x"))
+    any_store.write_text(".lock-x", json.dumps({**record, "host": "elsewhere"}))
+    assert not StageLock(any_store, ".lock-x", "new", lease=30).try_acquire()  # its lease: 3600

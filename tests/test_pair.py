@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,10 @@ def save_model(
     vocab_size: int = 512,
     max_positions: int = 256,
 ):
-    """A model directory: a fast tokenizer and a tiny Llama config, no weights."""
+    """A model directory: a fast tokenizer, a tiny Llama config and a safetensors file whose
+    embedding has the config's rows (the pair check reads its header, never the tensors)."""
+    import torch
+    from safetensors.torch import save_file
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -67,6 +71,8 @@ def save_model(
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
     ).save_pretrained(path)
+    weights = {"model.embed_tokens.weight": torch.randn(vocab_size, 16), "x": torch.ones(3)}
+    save_file(weights, str(Path(path) / "model.safetensors"))
     return str(path)
 
 
@@ -210,3 +216,149 @@ def test_pre_tokenizer_differs(tmp_path, bpe):
     assert report.problems == [
         "pre_tokenizer differs at 'add_prefix_space': target false, draft true"
     ]
+
+
+# --------------------------------------------------------------------------- weights (headers)
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _zero_all(file: Path) -> None:
+    file.write_bytes(bytes(file.stat().st_size))
+
+
+def _zero_tensors(file: Path) -> None:
+    """Keep the header, zero every tensor's bytes."""
+    data = file.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    file.write_bytes(data[:start] + bytes(len(data) - start))
+
+
+def _delete(file: Path) -> None:
+    file.unlink()
+
+
+def _index_names_a_missing_shard(file: Path) -> None:
+    index = {"weight_map": {"x": file.name, "y": "model-00002-of-00002.safetensors"}}
+    (file.parent / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _rows_differ_from_config(file: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.randn(100, 16)}, str(file))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_truncate, "model.safetensors is truncated"),
+        (_zero_all, "model.safetensors has no valid header"),
+        (_zero_tensors, "its weights were zeroed"),
+        (_delete, "has no weight files (*.safetensors)"),
+        (_index_names_a_missing_shard, "index.json is missing ('model-00002-of-00002.safe"),
+        (_rows_differ_from_config, "with 100 rows, but config.json says vocab_size 512"),
+    ],
+)
+def test_damaged_or_missing_weights_are_a_problem_of_the_pair(tmp_path, bpe, damage, message):
+    target = save_model(tmp_path / "target", bpe)
+    draft = save_model(tmp_path / "draft", bpe)
+    assert check_pair(target, draft).ok
+    damage(Path(draft) / "model.safetensors")
+    report = check_pair(target, draft)
+    assert len(report.problems) == 1 and message in report.problems[0], report.problems
+    assert report.problems[0].startswith(draft) and "restore the model" in report.problems[0]
+
+
+def test_a_run_and_check_pair_stop_at_damaged_weights(tmp_path, bpe, capsys):
+    from specdraft.cli import main
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import check_models
+
+    target = save_model(tmp_path / "target", bpe)
+    draft = save_model(tmp_path / "draft", bpe)
+    _truncate(Path(target) / "model.safetensors")
+    with pytest.raises(PairError, match="model.safetensors is truncated"):
+        check_models(load_job(None, [f"target={target}", f"draft={draft}"]))
+    with pytest.raises(PairError, match="cannot be distilled: .* is truncated"):
+        check_models(load_job(None, [f"target={target}", "draft.from_target_layers=1"]))
+    assert main(["check-pair", target, draft]) == 2
+    assert "model.safetensors is truncated" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- trust, per model
+
+PLANTED = """
+import os
+from pathlib import Path
+
+Path(os.environ["SPECDRAFT_PLANTED_RAN"]).write_text("ran")
+
+from transformers import LlamaConfig
+
+
+class PlantedConfig(LlamaConfig):
+    model_type = "planted"
+"""
+
+
+def _planted_draft(tmp_path, bpe) -> str:
+    """A draft folder whose config names a model type transformers lacks and an auto_map to a
+    module beside it that leaves a marker file when imported."""
+    draft = save_model(tmp_path / "draft", bpe)
+    config = json.loads((Path(draft) / "config.json").read_text())
+    config["model_type"] = "planted"
+    config["auto_map"] = {"AutoConfig": "planted.PlantedConfig"}
+    (Path(draft) / "config.json").write_text(json.dumps(config))
+    (Path(draft) / "planted.py").write_text(PLANTED)
+    return draft
+
+
+@pytest.mark.parametrize("draft_trusted", [False, True])
+def test_trusting_the_target_never_runs_the_drafts_code(tmp_path, bpe, monkeypatch, draft_trusted):
+    import transformers.dynamic_module_utils as dynamic
+
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import check_models
+
+    marker = tmp_path / "planted-code-ran"
+    monkeypatch.setenv("SPECDRAFT_PLANTED_RAN", str(marker))
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    target = save_model(tmp_path / "target", bpe)
+    draft = _planted_draft(tmp_path, bpe)
+    overrides = [f"target={target}", f"draft={draft}", "target.trust_remote_code=true"]
+    job = load_job(None, overrides + [f"draft.trust_remote_code={str(draft_trusted).lower()}"])
+    if draft_trusted:  # the draft's own setting runs it: the marker shows the test can fail
+        check_models(job)
+        assert marker.read_text() == "ran"
+        return
+    with pytest.raises(PairError) as info:
+        check_models(job)
+    message = str(info.value)
+    assert not marker.exists()
+    assert message.startswith(f"cannot load the config of {draft!r}: it ships its own code")
+    assert "(planted.py)" in message and "draft.trust_remote_code=true" in message
+    assert "\n" not in message
+
+
+def test_model_trust_is_per_model():
+    from specdraft.drafts.pair import ModelTrust
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import job_trust
+
+    given = ["target=/m/t", "draft=/m/d", "target.trust_remote_code=true"]
+    assert job_trust(load_job(None, given)) == ModelTrust(target=True, draft=False)
+    both = given + ["draft.trust_remote_code=true"]
+    assert job_trust(load_job(None, both)) == ModelTrust(target=True, draft=True)
+    # a draft cut from the target's layers is the target's code: trusted as the target is
+    layers = ["target=/m/t", "draft.from_target_layers=1"]
+    assert job_trust(load_job(None, layers)) == ModelTrust()
+    trusted = layers + ["target.trust_remote_code=true"]
+    assert job_trust(load_job(None, trusted)) == ModelTrust(target=True, draft=True)
+    assert ModelTrust.of(True) == ModelTrust.of("both") == ModelTrust(True, True)
+    assert ModelTrust.of("draft") == ModelTrust(draft=True) and ModelTrust.of(False) == ModelTrust()
+    assert ModelTrust(True, False).of_input("target") and not ModelTrust(True).of_input("distil")

@@ -50,15 +50,49 @@ def test_files_and_the_working_directory_are_refused_even_with_overwrite(tmp_pat
             check_destination(path, overwrite=True)
 
 
+# run.json as specdraft wrote it before the marker (012c9ba: the job's name and its stages)
+LEGACY_RUN = {"job": "demo", "stages": [
+    {"name": "data", "key": "9ae511cbfbc7fbed", "path": "/s/data-9ae511cbfbc7fbed", "reused": False,
+     "seconds": 2.77},
+]}  # fmt: skip
+
+
 def test_a_legacy_run_directory_is_ours(tmp_path):
     old = tmp_path / "runs" / "demo"
     (old / "draft").mkdir(parents=True)
-    for name in ("run.json", "metrics.json", "job.yaml"):
+    for name in ("metrics.json", "job.yaml"):
         (old / name).write_text("{}")
+    (old / "run.json").write_text(json.dumps(LEGACY_RUN))
     check_destination(old, overwrite=False)
     (old / "notes.txt").write_text("mine")
     with pytest.raises(InputError):
         check_destination(old, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "run_json",
+    [
+        '{"my": "log"}',
+        "{}",
+        '{"job": "demo", "stages": []}',
+        '{"job": "demo", "stages": [{"name": "data", "key": "k", "reused": false, "seconds": 1}]}',
+        json.dumps(LEGACY_RUN | {"accuracy": 0.91}),
+        "not json",
+    ],
+)
+def test_a_users_folder_holding_a_run_json_is_not_replaced(tmp_path, run_json):
+    """Issue 28.1: a folder counted as specdraft's for holding a run.json and metrics.json."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "run.json").write_text(run_json)
+    (results / "metrics.json").write_text('{"acc": 0.91}')
+    with pytest.raises(InputError, match="specdraft did not write it"):
+        check_destination(results, overwrite=False)
+    with pytest.raises(InputError, match="specdraft did not write it"):
+        with building(results, overwrite=False, flag="--to"):
+            pass
+    assert (results / "run.json").read_text() == run_json
+    assert (results / "metrics.json").read_text() == '{"acc": 0.91}'
 
 
 def test_a_failed_write_leaves_the_old_directory_and_no_scratch(tmp_path):
@@ -303,3 +337,111 @@ def test_exported_files_are_readable_like_other_files(tmp_path):
     for path in (draft / "model.safetensors", draft / "adapter" / "adapter_model.safetensors"):
         assert os.stat(path).st_mode & 0o777 == 0o644
     assert os.stat(draft / "adapter").st_mode & 0o777 == 0o755
+
+
+def _no_stage(*args, **kwargs):
+    raise AssertionError("a stage ran")
+
+
+def test_a_run_refuses_an_out_that_holds_or_lies_inside_its_store(tmp_path, monkeypatch):
+    """Issue 28.2: `--out R` with the store at R/store deleted every artifact of the store."""
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine import job as job_module
+
+    monkeypatch.setattr(job_module, "execute_logged", _no_stage)
+    run_dir = tmp_path / "R"
+    artifact = run_dir / "store" / "data-0123456789abcdef"
+    artifact.mkdir(parents=True)
+    (artifact / "manifest.json").write_text("{}")
+    (run_dir / MARKER).write_text("")  # a run directory of specdraft: replaced without a word
+    monkeypatch.setenv("SPECDRAFT_STORE", str(run_dir / "store"))
+    for out, message in (
+        (run_dir, f"--out {run_dir} holds the store {run_dir / 'store'}"),
+        (run_dir / "store", "is the store|did not write it"),
+        (run_dir / "store" / "runs" / "t", "lies inside the store"),
+    ):
+        for overwrite in (False, True):  # not even --overwrite deletes the store
+            with pytest.raises(InputError, match=message):
+                job_module.run_job(load_job(None, ["name=t"]), out, overwrite=overwrite)
+    assert (artifact / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "store"]
+    assert [p.name for p in (run_dir / "store").iterdir()] == [artifact.name]
+
+
+def test_an_out_apart_from_what_the_run_reads(tmp_path):
+    """Issue 28.2: the job's local models and data are kept apart from --out as the store is."""
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import read_places, resolve_local_paths
+    from specdraft.pipeline.engine.rundir import check_apart
+
+    for folder in ("models/target", "models/draft", "data"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    job = load_job(
+        None,
+        [
+            f"target={tmp_path / 'models' / 'target'}",
+            f"draft={tmp_path / 'models' / 'draft'}",
+            f"data.source={tmp_path / 'data' / 'train.jsonl'}",
+            f"store={tmp_path / 'store'}",
+        ],
+    )
+    resolve_local_paths(job)
+    places = read_places(job)
+    assert set(places) == {"the store", "the data", "the target model", "the draft model"}
+    for out, message in (
+        (tmp_path / "models", "holds the target model"),
+        (tmp_path / "models" / "draft", "is the draft model"),
+        (tmp_path / "models" / "target" / "run", "lies inside the target model"),
+        (tmp_path / "data", "holds the data"),
+        (tmp_path, "holds the store"),
+    ):
+        with pytest.raises(InputError, match=message):
+            check_apart(out, places)
+    check_apart(tmp_path / "runs" / "t", places)  # apart from all of it
+
+
+def test_a_dangling_out_symlink_is_refused(tmp_path):
+    """Issue 28.11: every stage ran, then the final rename failed on the link."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="a symlink to .*nowhere, which does not exist"):
+        check_destination(link, overwrite=True)
+
+
+def test_an_out_symlink_is_written_where_it_points_and_leaves_no_trash(tmp_path):
+    real = tmp_path / "disk" / "results"
+    with building(real, overwrite=False) as tmp:
+        (tmp / "old").write_text("x")
+    link = tmp_path / "results"
+    link.symlink_to(real)
+    with building(link, overwrite=False) as tmp:
+        (tmp / "new").write_text("y")
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.iterdir()) == [MARKER, "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "results"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["results"]
+
+
+def test_a_trash_symlink_an_older_commit_left_is_removed(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("x")
+    trash = tmp_path / ".trash-out-0123abcd"
+    trash.symlink_to(tmp_path / "elsewhere")
+    assert clean_stale_scratch(tmp_path / "out") == [trash]
+    assert not trash.is_symlink() and (tmp_path / "elsewhere" / "keep").read_text() == "x"
+
+
+def test_a_run_directory_and_an_exported_draft_do_not_replace_each_other(tmp_path):
+    run_dir, draft = tmp_path / "run", tmp_path / "draft"
+    with building(run_dir, overwrite=False) as tmp:
+        (tmp / "run.json").write_text(json.dumps(LEGACY_RUN))
+    with building(draft, overwrite=False, flag="--to", kind="draft") as tmp:
+        (tmp / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="run directory of specdraft, .* an exported draft"):
+        check_destination(run_dir, overwrite=False, flag="--to", kind="draft")
+    with pytest.raises(InputError, match="exported draft of specdraft, .* a run directory"):
+        check_destination(draft, overwrite=False)
+    check_destination(run_dir, overwrite=False)  # each is replaced by its own kind
+    check_destination(draft, overwrite=False, flag="--to", kind="draft")
+    check_destination(run_dir, overwrite=True, flag="--to", kind="draft")

@@ -303,6 +303,7 @@ VLLM_ENV = sc.engine_dir()
 
 
 @pytest.mark.integration
+@pytest.mark.ray
 @pytest.mark.skipif(
     not (VLLM_ENV / sc.READY).exists(),
     reason=f"no vLLM environment at {VLLM_ENV} (`specdraft serve-check --setup`; CI makes it)",
@@ -332,36 +333,93 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
     assert os.access(out / "serving.json", os.R_OK)
 
 
-def _serving_json(run_dir: Path) -> None:
+def _serving_result() -> dict:
     served, replays = _served_with_defect()
     result = sc.compare(_spec(), served, _target_only(), temperature=1.0, replays=replays)
     result.update(engine="vllm", engine_version="0.32.0", gamma=4, prompts=1)
-    (run_dir / "serving.json").write_text(json.dumps(result))
+    return result
 
 
-def test_served_numbers_reach_the_history_and_the_report(tmp_path):
-    from specdraft.reports.history import load_history
-    from specdraft.reports.report_cli import build_report
+def _published_run(tmp_path: Path) -> Path:
+    """A run directory as `specdraft run` leaves it: run.json naming each stage's artifact in the
+    store, metrics.json, and the report stage's page, drawn from the stage's inputs (metrics,
+    training histories, the selection) in the store. The last distil round is `distil_r2`, passed
+    to the report as `distil`."""
+    from specdraft.pipeline.config import ReportConfig
+    from specdraft.pipeline.engine.artifacts import StageContext
+    from specdraft.pipeline.stages import report
 
-    run_dir = tmp_path / "run"
-    (run_dir / "report").mkdir(parents=True)
+    store, run_dir = tmp_path / "store", tmp_path / "run"
     role = {"alpha": 0.5, "alpha_greedy": 0.5, "spec_alpha": 0.4, "tau": 2.0, "tasks": {}}
     metrics = {
-        "job": "j",
         "gamma": 4,
         "temperature": 1.0,
         "lossless_greedy": True,
         **{r: dict(role) for r in ("baseline", "reference", "final")},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    (run_dir / "report" / "index.html").write_text(
-        '<html><body><section id="acceptance">a</section></body></html>'
-    )
-    _serving_json(run_dir)
-    sc.add_served_section(run_dir)
-    sc.add_served_section(run_dir)  # again: replaced, not repeated
+    losses = [{"step": s, "loss": 3.0 / s} for s in (1, 2, 3)]
+    files = {
+        "target": {"history.json": losses},
+        "draft_init": {"history.json": losses},
+        "reference": {"history.json": losses},
+        "distil_r2": {
+            "history.json": losses,
+            "alpha_history.json": [{"step": s, "alpha": 0.4 + s / 100} for s in (1, 2, 3)],
+            "selection.json": {
+                "delta_histogram": {"edges": [0.0, 0.5, 1.0], "counts": [3, 1]},
+                "threshold": 0.5,
+                "k": 0.3,
+            },
+        },
+        "evaluate": {"metrics.json": metrics},
+    }
+    stages = []
+    for name, contents in files.items():
+        path = store / f"{name}-0123abcd"
+        path.mkdir(parents=True)
+        for file, data in {**contents, "manifest.json": {}}.items():
+            (path / file).write_text(json.dumps(data))
+        stages.append({"name": name, "path": str(path), "inputs": {}})
+    inputs = {s["name"].removesuffix("_r2"): Path(s["path"]) for s in stages}
+    made = store / "report-4567cdef"
+    made.mkdir()
+    report.run(ReportConfig(title="j"), inputs, StageContext(out=made, seed=0))
+    manifest = {"config": {"title": "j"}, "inputs": {k: str(v) for k, v in inputs.items()}}
+    (made / "manifest.json").write_text(json.dumps(manifest))
+    stages.append({"name": "report", "path": str(made), "inputs": manifest["inputs"]})
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"kind": "run", "stages": stages}))
+    (run_dir / "metrics.json").write_text(json.dumps({"job": "j", **metrics}))
+    (run_dir / "report").mkdir()
+    for file in ("index.html", "summary.md"):
+        (run_dir / "report" / file).write_bytes((made / "report" / file).read_bytes())
+    return run_dir
+
+
+def test_served_numbers_reach_the_history_and_the_report(tmp_path):
+    """serve-check draws the run's page again, through the report stage's own functions: the
+    stage's page (plots included) plus the Served section, however often it runs."""
+    import re
+
+    from specdraft.pipeline.commands.report import build_report
+    from specdraft.pipeline.engine.rundir import read_run
+    from specdraft.reports.history import load_history
+
+    run_dir = _published_run(tmp_path)
+    stage_page = (run_dir / "report" / "index.html").read_text()
+    stage_summary = (run_dir / "report" / "summary.md").read_text()
+    assert stage_page.count("data:image/png;base64,") == 7  # 4 losses, alpha, histogram, tasks
+    result = _serving_result()
+    for _ in range(2):  # again: replaced, not repeated
+        sc.write_serving(run_dir, sc.report_page_input(read_run(run_dir)), result)
+    assert json.loads((run_dir / "serving.json").read_text()) == result
     page = (run_dir / "report" / "index.html").read_text()
     assert page.count('<section id="served">') == 1 and "0.750" in page
+    served = re.search(r'<section id="served">.*?</section>\n', page, re.S)
+    assert page.index('<section id="lossless">') < served.start()
+    assert served.end() == page.index('<section id="acceptance">')
+    assert page.replace(served.group(0), "") == stage_page
+    assert (run_dir / "report" / "summary.md").read_text() == stage_summary
     # the sampled run: as shipped, fixed, and the rule's expectation (replay of the fixed run)
     assert "as shipped accepts 0.025" in page and "accepts 0.500" in page
     assert "expects 0.512" in page and "it follows the rule" in page
@@ -375,3 +433,12 @@ def test_served_numbers_reach_the_history_and_the_report(tmp_path):
     assert served[0]["spec_alpha"] == 0.75 and served[0]["tau"] == 40 / 11
     assert served[0]["per_position"] == [0.9, 0.8, 0.7, 0.6]
     assert '<section id="served">' in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_a_run_whose_report_inputs_left_the_store_is_refused_before_any_work(tmp_path):
+    from specdraft.pipeline.engine.rundir import read_run
+
+    run_dir = _published_run(tmp_path)
+    (tmp_path / "store" / "distil_r2-0123abcd" / "manifest.json").unlink()
+    with pytest.raises(sc.InputError, match="distil_r2 artifact .* is gone from the store"):
+        sc.report_page_input(read_run(run_dir))

@@ -78,6 +78,7 @@ def test_a_forced_rerun_replaces_the_artifact_and_stale_mirrors_fetch_it_again(
     assert json.loads((fetched / "manifest.json").read_text()) == forced.manifest
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 def test_ray_tasks_read_and_write_a_remote_store(ray_cluster, s3_store, tmp_path):
     log = tmp_path / "calls.txt"
@@ -87,6 +88,7 @@ def test_ray_tasks_read_and_write_a_remote_store(ray_cluster, s3_store, tmp_path
     assert json.loads((results["c"].path / "value.json").read_text()) == 7  # fetched here
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 def test_workers_on_another_machine_fetch_the_stage_inputs(ray_cluster, s3_store, tmp_path, calls):
     """The stages run here (mirror tmp_path/mirror); their shard tasks and DDP workers run in the
@@ -138,6 +140,7 @@ def test_local_paths_and_file_urls_are_the_same_local_store(tmp_path):
     assert not Store(f"file://{tmp_path}").remote
 
 
+@pytest.mark.integration
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_tiny_job_runs_on_a_remote_store(ray_cluster, s3_store, tmp_path, monkeypatch):

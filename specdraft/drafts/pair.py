@@ -5,7 +5,12 @@ draft and its logits back to the target, so the two must share one tokenizer (sa
 enough). Embedding sizes may differ in padding past the tokenizer's ids (Qwen2.5-7B has 152 064
 rows, Qwen2.5-0.5B 151 936 over one 151 665-token tokenizer): specdraft compares logits over the
 tokenizer's ids only, and the export pads the draft to the target's vocab_size, which vLLM
-requires. Only configs and tokenizers are loaded, never weights.
+requires. Configs and tokenizers are loaded; of a local model's weights only the safetensors
+headers and a few bytes per tensor are read (every file its index names there, holding what its
+header says, the embedding's rows fitting the config, not zeroed), never the tensors.
+
+Model code shipped in a checkpoint (`auto_map`) runs per model (ModelTrust): trusting the target
+never runs code that came with the draft.
 """
 
 from __future__ import annotations
@@ -26,6 +31,45 @@ class PairError(InputError):
     """A target or draft that cannot be loaded; the message is one line naming it and the fix."""
 
 
+@dataclass(frozen=True)
+class ModelTrust:
+    """Whose model code (a checkpoint's `auto_map` modules) may run: the target's (its tokenizer is
+    the pair's) and the draft's (the draft folder, and every draft trained from it). Each model's
+    own setting; never an artifact's record of it (a manifest is writable by anyone who can write
+    the store)."""
+
+    target: bool = False
+    draft: bool = False
+
+    @classmethod
+    def of(cls, value: bool | str | ModelTrust) -> ModelTrust:
+        """A command line's setting: True or "both" (one flag for the two models named on it),
+        "target" or "draft" (that one only), False or "none"."""
+        if isinstance(value, ModelTrust):
+            return value
+        if value in (True, "both"):
+            return cls(True, True)
+        if value in (False, None, "", "none"):
+            return cls()
+        if value in ("target", "draft"):
+            return cls(target=value == "target", draft=value == "draft")
+        raise InputError(f"--trust-remote-code {value!r}: give target, draft or both")
+
+    @classmethod
+    def for_job(cls, target: bool, draft: bool, from_target_layers: int = 0) -> ModelTrust:
+        """A job's `target.trust_remote_code` and `draft.trust_remote_code`. A draft cut from the
+        target's layers is the target's code and nothing else, so it is trusted as the target is."""
+        return cls(target, target if from_target_layers else draft)
+
+    def of_input(self, name: str) -> bool:
+        """The setting for a stage's model input `name`: the target's for `target`, the draft's
+        for the drafts (draft_init, reference, distil)."""
+        return self.target if name == "target" else self.draft
+
+
+UNTRUSTED = ModelTrust()  # no model's code runs: the default everywhere
+
+
 @dataclass
 class PairReport:
     problems: list[str] = field(default_factory=list)  # what differs, concretely; empty when ok
@@ -43,16 +87,20 @@ def check_pair(
     draft: str,
     *,
     context_length: int | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | str | ModelTrust = False,
 ) -> PairReport:
-    """Compare the tokenizers and configs of `target` and `draft` (HF ids or local directories)."""
-    target_tok = _load(target, "tokenizer", trust_remote_code)
-    target_cfg = _load(target, "config", trust_remote_code)
-    draft_tok = _load(draft, "tokenizer", trust_remote_code)
-    draft_cfg = _load(draft, "config", trust_remote_code)
+    """Compare the tokenizers and configs of `target` and `draft` (HF ids or local directories),
+    and check the weights of a local directory. Model code runs only for the model whose
+    `trust_remote_code` (ModelTrust.of: one flag for both, or per model) allows it."""
+    trust = ModelTrust.of(trust_remote_code)
+    target_tok = _load(target, "tokenizer", trust.target, "target")
+    target_cfg = _load(target, "config", trust.target, "target")
+    draft_tok = _load(draft, "tokenizer", trust.draft, "draft")
+    draft_cfg = _load(draft, "config", trust.draft, "draft")
 
     report = PairReport()
     report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
+    report.problems += weight_problems(target, target_cfg) + weight_problems(draft, draft_cfg)
     report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
     _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
     for side, name, config in (("target", target, target_cfg), ("draft", draft, draft_cfg)):
@@ -65,7 +113,7 @@ def require_pair(
     draft: str,
     *,
     context_length: int | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | str | ModelTrust = False,
 ) -> PairReport:
     """The pair check `specdraft run`, `compare` and `eval` stop at: check_pair, and PairError
     listing every problem when the draft cannot serve the target."""
@@ -84,9 +132,11 @@ def check_layer_draft(target: str, layers: int, *, trust_remote_code: bool = Fal
     """A draft cut from the target's first `layers` decoder layers needs 1 <= layers < depth;
     PairError otherwise. The target's tokenizer is loaded too, so that a target whose tokenizer
     cannot be read stops here rather than in a stage."""
-    config = _text_config(_load(target, "config", trust_remote_code))
-    _load(target, "tokenizer", trust_remote_code)
-    problems = _transform_problems("target", logit_transforms(config, _head_bias(target)))
+    full_config = _load(target, "config", trust_remote_code, "target")
+    config = _text_config(full_config)
+    _load(target, "tokenizer", trust_remote_code, "target")
+    problems = [p for p in [_pickle_only(target)] if p] + weight_problems(target, full_config)
+    problems += _transform_problems("target", logit_transforms(config, _head_bias(target)))
     if problems:
         raise PairError(f"target {target} cannot be distilled: {problems[0]}")
     depth = getattr(config, "num_hidden_layers", None)
@@ -199,7 +249,112 @@ def _pickle_only(name: str) -> str | None:
     )
 
 
-def _load(name: str, what: str, trust_remote_code: bool):
+# Bytes per element of the safetensors dtypes whose size is whole bytes (others are not sized).
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+                        "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                        "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+ZERO_SAMPLE_BYTES = 16  # read at the start of every tensor to tell zeroed weights
+
+
+def weight_problems(name: str, config=None) -> list[str]:
+    """What is wrong with the weights of a local model directory, read from the safetensors
+    headers only (the tensors are not loaded): no weight files, a shard its index names missing,
+    a file truncated or zeroed, a header that does not parse, an embedding or LM head whose rows
+    differ from `config`'s vocab_size. A hub id or a GGUF file is not looked into here (loading
+    it checks it), nor a directory of pickles only (_pickle_only says so)."""
+    from specdraft.drafts.gguf import is_gguf
+
+    path = Path(name).expanduser()
+    if not path.is_dir() or is_gguf(name):
+        return []
+    files = sorted(path.glob("*.safetensors"))
+    problems = []
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [f"{name}: {SAFETENSORS_INDEX} is damaged (no weight_map); restore the model"]
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            problems.append(
+                f"{name}: {_count(missing, 'weight file')} named in {SAFETENSORS_INDEX} "
+                f"{'is' if len(missing) == 1 else 'are'} missing ({_examples(missing)}); "
+                "restore the model"
+            )
+        files = sorted({*files, *(path / s for s in shards if (path / s).is_file())})
+    if not files:
+        if not any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+            problems.append(f"{name} has no weight files (*.safetensors); restore the model")
+        return problems
+    vocab = getattr(_text_config(config), "vocab_size", None) if config is not None else None
+    for file in files:
+        problem = _safetensors_problem(file, vocab)
+        if problem:
+            problems.append(f"{name}: {file.name} {problem}; restore the model")
+    return problems
+
+
+def _safetensors_problem(file: Path, vocab_size: int | None) -> str | None:
+    """What is wrong with one safetensors file, from its header and a few bytes of each tensor."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if length == 0 or length > size - 8:
+                what = "is empty" if size == 0 else "has no valid header"
+                return f"{what} ({size} bytes): truncated or zeroed"
+            header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError(header)
+            data = size - 8 - length
+            samples = []
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                problem = _tensor_problem(key, entry, data, vocab_size)
+                if problem:
+                    return problem
+                begin, end = entry["data_offsets"]
+                f.seek(8 + length + begin)
+                samples.append(f.read(min(end - begin, ZERO_SAMPLE_BYTES)))
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    except (UnicodeDecodeError, ValueError):
+        return "has a header that is not a safetensors header (damaged)"
+    if not samples:
+        return "holds no tensors"
+    if not any(any(sample) for sample in samples):
+        return "has zero bytes at the start of every tensor: its weights were zeroed"
+    return None
+
+
+def _tensor_problem(key: str, entry, data: int, vocab_size: int | None) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        ok = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) and begin <= end
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        return f"has a damaged entry for tensor {key!r}"
+    if end > data:
+        return f"is truncated: tensor {key!r} ends at byte {end} of its data, the file holds {data}"
+    itemsize = SAFETENSORS_ITEMSIZE.get(dtype)
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        return f"has a damaged entry for tensor {key!r}: {dtype} {shape} in {end - begin} bytes"
+    embedding = key.endswith(("embed_tokens.weight", "lm_head.weight"))
+    if embedding and vocab_size is not None and shape and shape[0] != vocab_size:
+        return (
+            f"holds {key} with {shape[0]} rows, but config.json says vocab_size {vocab_size}: the "
+            "weights are not this config's"
+        )
+    return None
+
+
+def _load(name: str, what: str, trust_remote_code: bool, role: str = "model"):
     from transformers import AutoConfig, AutoTokenizer
 
     from specdraft.drafts.gguf import gguf_config, gguf_tokenizer, is_gguf
@@ -211,13 +366,43 @@ def _load(name: str, what: str, trust_remote_code: bool):
         return loader.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
         # One line, no traceback: the cause is rephrased into what to do.
-        raise PairError(f"cannot load the {what} of {name!r}: {_why(name, what, err)}") from None
+        why = _why(name, what, err, trust_remote_code, role)
+        raise PairError(f"cannot load the {what} of {name!r}: {why}") from None
 
 
-def _why(name: str, what: str, err: Exception) -> str:
+def shipped_code(name: str) -> list[str]:
+    """The modules a local model directory names in an `auto_map` (config.json,
+    tokenizer_config.json): code that loading it runs when its model is trusted."""
+    modules = set()
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(name).expanduser() / file).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        refs = auto_map.values() if isinstance(auto_map, dict) else []
+        for ref in refs:
+            for one in ref if isinstance(ref, list) else [ref]:
+                if isinstance(one, str) and "." in one:
+                    modules.add(one.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(modules)
+
+
+def untrusted_code_message(role: str, modules: list[str]) -> str:
+    return (
+        f"it ships its own code ({', '.join(modules)}), and specdraft runs a model's code only "
+        f"when that model is trusted: {role}.trust_remote_code=true in the job (--trust-remote-code "
+        f"for check-pair and eval) if you trust that code; trusting one model never runs the "
+        "other's."
+    )
+
+
+def _why(name: str, what: str, err: Exception, trusted: bool = False, role: str = "model") -> str:
     path = Path(name).expanduser()
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if path.is_dir():
+        modules = [] if trusted else shipped_code(name)
+        if modules:
+            return untrusted_code_message(role, modules)
         if what == "config" and not (path / "config.json").exists():
             return "the directory has no config.json."
         tokenizer_files = (

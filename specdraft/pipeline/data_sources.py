@@ -7,6 +7,7 @@ and `eval` and the string columns `prompt`, `response` and `task`. Every bad inp
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import random
@@ -21,6 +22,7 @@ from specdraft.pipeline.config import DataConfig
 
 # File suffix -> the `datasets` packaged loader that reads it.
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_LOADERS = {"json", "csv"}  # their files must be UTF-8 text
 COLUMNS = ("prompt", "response", "task")
 DEFAULT_TASK = "default"
 # Metadata a hub snapshot may carry beside its data files; never rows.
@@ -153,6 +155,35 @@ def _empty_saved_splits(path: Path) -> list[str]:
     return empty
 
 
+def _check_utf8(path: Path) -> None:
+    """DataError naming the line and byte where text file `path` stops being UTF-8 (the loaders
+    would fail later, or keep undecodable bytes that break the data stage)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            pending = decoder.getstate()[0]  # a character cut by the previous chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                data = pending + chunk  # what err.start counts in
+                line += data[len(pending) : max(err.start, len(pending))].count(b"\n")
+                raise DataError(
+                    f"data file {str(path)!r} is not UTF-8 text (line {line}, byte "
+                    f"{offset - len(pending) + err.start}: 0x{data[err.start]:02x}); save it "
+                    "as UTF-8"
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(
+                f"data file {str(path)!r} is not UTF-8 text (it ends inside a character); save it "
+                "as UTF-8"
+            ) from None
+
+
 def _load(src: _Source, subset: str = "") -> datasets.DatasetDict:
     if src.kind == "saved":
         try:
@@ -180,6 +211,10 @@ def _load(src: _Source, subset: str = "") -> datasets.DatasetDict:
     else:
         if all(Path(f).stat().st_size == 0 for files in src.files.values() for f in files):
             raise DataError(f"data.source {src.name!r} has no rows (its files are empty)")
+        if src.loader in TEXT_LOADERS:
+            for files in src.files.values():
+                for file in files:
+                    _check_utf8(Path(file))
         try:
             # The default cache (~/.cache/huggingface/datasets) holds the Arrow copy; nothing is
             # written next to the user's files.

@@ -36,11 +36,13 @@ from specdraft.pipeline.engine.job import (
     check_store,
     evaluate_deps,
     execute_logged,
+    read_places,
     recipe_stages,
     resolve_local_paths,
     section_stage,
 )
-from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
+from specdraft.pipeline.engine.rundir import check_apart, check_destination, write_run_dir
+from specdraft.pipeline.preflight import check_inputs
 
 SHARED = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
 RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
@@ -201,9 +203,14 @@ def run_comparison(
     out = Path(out).expanduser().absolute()
     check_destination(out, overwrite=overwrite)
     base = comp.base
-    check_store(base, create=True)
     resolve_comparison_paths(comp)
+    check_apart(out, read_places(base))  # before the store is made: it may be inside `out`
+    check_store(base, create=True)
     check_models(base)
+    # the prompts are the base job's; the recipe generating the most tokens needs the most room
+    check_inputs(
+        max([base, *(r.job for r in comp.recipes)], key=lambda j: j.generate.max_new_tokens)
+    )
     results = execute_logged(build_comparison_stages(comp), base, force=force, use_ray=use_ray)
     made = results["comparison"].path
     job = dataclasses.asdict(base) | {

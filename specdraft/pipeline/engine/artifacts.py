@@ -1,5 +1,16 @@
 """Artifact directories: the manifest a finished stage leaves (with every file's size and sha256),
-their integrity checks, atomic writes, and the context a running stage is given."""
+their integrity checks, atomic writes, and the context a running stage is given.
+
+What reuse guarantees (artifact_problem, on every reuse, export and fetch): every file the manifest
+lists is there with its recorded size; an artifact of at most $SPECDRAFT_VERIFY_HASH_BYTES (64 MiB)
+is hashed whole, and so is any file of at most 1 MiB, any file written since publication (its
+mtime moved) and any file whose manifest predates sampled hashes; every other file must match its
+sampled sha256 (16 blocks of 64 KiB at offsets fixed by its size: 1 MiB read per file). So a file
+replaced by other content of the same size (another model's weights, a re-trained checkpoint)
+is refused even with its mtime put back, unless the two agree on all 16 blocks; a few flipped bytes
+outside the blocks (bit rot) are found only by `specdraft verify-store`, which hashes every file
+whole. A manifest without a file list cannot be checked and counts as damaged.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from specdraft.drafts.pair import UNTRUSTED, ModelTrust
+from specdraft.pipeline.engine.environment import hash_on_reuse_bytes
+from specdraft.pipeline.engine.fingerprint import (
+    SAMPLE_BLOCK,
+    SAMPLE_BLOCKS,
+    sampled_sha256,
+    sha256_file,
+)
+
 if TYPE_CHECKING:
     from specdraft.pipeline.engine.store import RemoteCheckpoints, Store
 
 MANIFEST = "manifest.json"
-# Reuse hashes an artifact's files in full when they hold at most this many bytes together; a
-# bigger artifact is checked by size, and a file of it written since publication (its mtime moved)
-# is hashed too. `specdraft verify-store` hashes everything.
-HASH_ON_REUSE_BYTES = int(os.environ.get("SPECDRAFT_VERIFY_HASH_BYTES", 64 * 2**20))
+# Files up to this many bytes are always hashed whole (a sampled hash would read as much).
+SAMPLED_FILE_BYTES = SAMPLE_BLOCK * SAMPLE_BLOCKS
 
 
 def lineage_hash(artifacts) -> str:
@@ -43,9 +61,10 @@ class StageContext:
     # other machines fetch the same inputs first.
     store: Store | None = None
     input_names: tuple[str, ...] = ()
-    # Whether model code shipped in a checkpoint may run: the running job's setting, never an
-    # artifact's (a manifest is writable by anyone who can write the store).
-    trust_remote_code: bool = False
+    # Whose model code shipped in a checkpoint may run, per model (the target's, the drafts'): the
+    # running job's settings, never an artifact's (a manifest is writable by anyone who can write
+    # the store). Load input `name` with trust_remote_code=ctx.trust.of_input(name).
+    trust: ModelTrust = UNTRUSTED
 
 
 def read_manifest(path: Path) -> dict:
@@ -62,18 +81,19 @@ def parse_manifest(data: bytes | str) -> tuple[dict | None, str]:
         return None, f"{MANIFEST} holds a {type(manifest).__name__}, not a manifest"
     files = manifest.get("files")
     if files is not None and not (
-        isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+        isinstance(files, dict) and all(_file_record_ok(v) for v in files.values())
     ):
         return None, f"{MANIFEST} has a malformed file list"
     return manifest, ""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _file_record_ok(record) -> bool:
+    return (
+        isinstance(record, dict)
+        and type(record.get("size")) is int
+        and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("sample", ""), str)
+    )
 
 
 def artifact_files(folder: Path) -> list[Path]:
@@ -83,30 +103,29 @@ def artifact_files(folder: Path) -> list[Path]:
 
 
 def file_records(folder: Path) -> dict[str, dict]:
-    """{relative path: {size, sha256, mtime_ns}} of every file of `folder` but its manifest."""
+    """{relative path: {size, sha256, mtime_ns[, sample]}} of every file of `folder` but its
+    manifest; `sample` (fingerprint.sampled_sha256) for files over SAMPLED_FILE_BYTES."""
     records = {}
     for path in artifact_files(folder):
         stat = path.stat()
-        records[path.relative_to(folder).as_posix()] = {
-            "size": stat.st_size,
-            "sha256": _sha256(path),
-            "mtime_ns": stat.st_mtime_ns,
-        }
+        record = {"size": stat.st_size, "sha256": sha256_file(path), "mtime_ns": stat.st_mtime_ns}
+        if stat.st_size > SAMPLED_FILE_BYTES:
+            record["sample"] = sampled_sha256(path)
+        records[path.relative_to(folder).as_posix()] = record
     return records
 
 
 def artifact_problem(folder: Path, manifest: dict, *, full: bool = False) -> str:
     """What is wrong with the files of artifact `folder` against its manifest's file list; "" when
-    nothing is. Sizes are always checked; hashes when `full`, when the files are small
-    (HASH_ON_REUSE_BYTES), or for a file whose mtime moved since it was recorded.
+    nothing is. Sizes are always checked, then hashes as the module docstring says: in full when
+    `full` (verify-store, a fetch), else whole or sampled.
 
-    A manifest without a file list (written before specdraft recorded one) cannot be checked: such
-    an artifact is used as it is, as it was before (its key does not change, so recomputing it
-    would make every old store cold at once)."""
+    A manifest without a file list (written by specdraft before it recorded one, or edited) cannot
+    be checked, so it is a problem: the artifact is made again rather than trusted unchecked."""
     folder = Path(folder)
     files = manifest.get("files")
     if files is None:
-        return ""
+        return f"its {MANIFEST} has no file list, so its files cannot be checked"
     present = {p.relative_to(folder).as_posix(): p for p in artifact_files(folder)}
     missing = sorted(set(files) - set(present))
     if missing:
@@ -119,10 +138,14 @@ def artifact_problem(folder: Path, manifest: dict, *, full: bool = False) -> str
     for name, record in files.items():
         if stats[name].st_size != record.get("size"):
             return f"{name} has {stats[name].st_size} bytes, its manifest says {record.get('size')}"
-    small = sum(s.st_size for s in stats.values()) <= HASH_ON_REUSE_BYTES
+    whole = full or sum(s.st_size for s in stats.values()) <= hash_on_reuse_bytes()
     for name, record in files.items():
         moved = record.get("mtime_ns") not in (None, stats[name].st_mtime_ns)
-        if (full or small or moved) and _sha256(present[name]) != record.get("sha256"):
+        sampled = not (whole or moved) and "sample" in record
+        if sampled and stats[name].st_size > SAMPLED_FILE_BYTES:
+            if sampled_sha256(present[name]) != record["sample"]:
+                return f"{name} does not match its sampled sha256 in the manifest"
+        elif sha256_file(present[name]) != record["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return ""
 
@@ -180,6 +203,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def write_json(path: Path, data) -> None:
+    """`data` as indented JSON, written atomically (atomic_write_text)."""
+    atomic_write_text(path, json.dumps(data, indent=2))
+
+
 def commit_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory `tmp` to `final`, replacing an existing one by rename; its
     contents are flushed to disk first."""
@@ -224,8 +252,9 @@ def model_location(artifact: Path) -> str:
 
 def load_model_artifact(artifact: Path, device="cpu", *, trust_remote_code: bool = False):
     """Load the causal LM a model stage produced, with the settings it recorded (dtype, attention).
-    Model code shipped with it runs only when the running job allows it (`trust_remote_code`, from
-    the StageContext): the artifact's own record of that setting is not trusted."""
+    Model code shipped with it runs only when the running job allows it for this model
+    (`trust_remote_code`: the StageContext's trust.of_input(name) of the input it was given as):
+    the artifact's own record of that setting is not trusted."""
     from specdraft.drafts.models import load_causal_lm
 
     info = read_manifest(artifact)["info"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specdraft.drafts.pair import UNTRUSTED, ModelTrust
 from specdraft.pipeline.config import Resources
 from specdraft.pipeline.engine.artifacts import (
     MANIFEST,
@@ -31,7 +32,8 @@ from specdraft.pipeline.engine.artifacts import (
     read_manifest,
 )
 from specdraft.pipeline.engine.code_version import code_version
-from specdraft.pipeline.engine.lock import LockLost, StageLock, StoreLocks
+from specdraft.pipeline.engine.environment import check_environment, check_ray_address
+from specdraft.pipeline.engine.lock import LockLost, StageLock, StoreLocks, describe_holder
 from specdraft.pipeline.engine.parallel import use_cpus
 from specdraft.pipeline.engine.store import RemoteCheckpoints, Store, as_store
 
@@ -128,7 +130,7 @@ def run_stage(
     seed: int,
     meta: dict,
     *,
-    trust_remote_code: bool = False,
+    trust: ModelTrust = UNTRUSTED,
     fence: StageLock | None = None,
     replace: bool = False,
     cpus: float = 0,
@@ -151,7 +153,7 @@ def run_stage(
         checkpoint_mirror=RemoteCheckpoints(store, name) if store.remote else None,
         store=store,
         input_names=tuple(inputs.values()),
-        trust_remote_code=trust_remote_code,
+        trust=trust,
     )
     start = time.time()
     try:
@@ -215,14 +217,21 @@ def execute(
     use_ray: bool = True,
     ray_address: str = "",
     say: Callable[[str], None] = _say,
-    trust_remote_code: bool = False,
+    trust: ModelTrust = UNTRUSTED,
 ) -> dict[str, StageResult]:
     """Run what is not cached, in dependency order; return every stage's result (its artifact on
     this machine: with a remote store, fetched into the mirror). Stages may run model code shipped
-    in checkpoints only with `trust_remote_code` (the job's setting, given to each StageContext).
-    A cached artifact is checked first (store.committed_path): a damaged one is made again."""
+    in a checkpoint only where `trust` allows it for that model (the job's per-model settings,
+    given to each StageContext).
+    A cached artifact is checked first (store.committed_path): a damaged one is made again.
+    The environment is checked before anything (environment.check_environment), and what killed
+    runs left in the store is removed (upkeep.clean_store)."""
+    from specdraft.pipeline.engine.upkeep import clean_store
+
+    check_environment()
     store = as_store(store)
     store.local.mkdir(parents=True, exist_ok=True)
+    clean_store(store, say)
     unknown = set(force) - {s.name for s in stages}
     if unknown:
         raise StageError(f"--force names unknown stages: {', '.join(sorted(unknown))}")
@@ -243,7 +252,7 @@ def execute(
     runner = _RayRunner(ray_address, todo) if use_ray else None
     locks = StoreLocks(store)
     try:
-        _run_todo(todo, results, store, runner, locks, set(rerun), say, trust_remote_code)
+        _run_todo(todo, results, store, runner, locks, set(rerun), say, trust)
     finally:
         locks.release_all()
     return results
@@ -253,7 +262,7 @@ POLL_SECONDS = 2.0  # how often a stage locked by another run is looked at again
 
 
 def _run_todo(
-    todo, results, store: Store, runner, locks: StoreLocks, rerun: set[str], say, trust: bool
+    todo, results, store: Store, runner, locks: StoreLocks, rerun: set[str], say, trust: ModelTrust
 ) -> None:
     """Run `todo` in dependency order: each stage under its store lock, or reused when another run
     sharing the store made it meanwhile (unless this run was asked to re-run it). A stage whose
@@ -267,11 +276,8 @@ def _run_todo(
         for stage, key, path in ready:
             if not locks.acquire(path):
                 if stage.name not in waiting:
-                    holder = locks.holder(path) or {}
-                    say(
-                        f"{stage.name:<10} waiting  (another run is making it: "
-                        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
-                    )
+                    holder = describe_holder(locks.holder(path))
+                    say(f"{stage.name:<10} waiting  (another run is making it: {holder})")
                     waiting.add(stage.name)
                 continue
             pending.remove((stage, key, path))
@@ -292,7 +298,7 @@ def _run_todo(
             )
             start = time.time()
             options = {
-                "trust_remote_code": trust,
+                "trust": trust,
                 "fence": locks.held_lock(path),
                 "replace": stage.name in rerun,
             }
@@ -378,9 +384,12 @@ class _RayRunner:
             # cluster's GCS and every stage would fail to start). Ray 2.60 binds its gRPC ports on every
             # interface whatever node IP it is given (it turns 127.0.0.1 into the host's address),
             # so what keeps other hosts out is its token authentication, on by default for a new
-            # instance (RAY_AUTH_MODE=token; README, "Promises").
+            # instance (RAY_AUTH_MODE=token; docs/promises.md).
+            source = "--address or ray.address" if address else "$RAY_ADDRESS"
+            address = address or os.environ.get("RAY_ADDRESS", "")
+            check_ray_address(address, source)  # Ray retries a dead address for minutes
             kwargs: dict[str, Any] = {
-                "address": address or os.environ.get("RAY_ADDRESS") or "local",
+                "address": address or "local",
                 "include_dashboard": False,
                 "logging_level": "warning",
             }

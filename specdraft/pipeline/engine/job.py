@@ -10,13 +10,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from specdraft.drafts.pair import ModelTrust
 from specdraft.errors import InputError
 from specdraft.pipeline.config import JobConfig, Resources, TargetOutputsConfig
 from specdraft.pipeline.engine.artifacts import lineage_hash
 from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
 from specdraft.pipeline.engine.fingerprint import input_fingerprint
-from specdraft.pipeline.engine.rundir import check_destination, write_run_dir
+from specdraft.pipeline.engine.rundir import check_apart, check_destination, write_run_dir
 from specdraft.pipeline.engine.store import Store, default_location
+from specdraft.pipeline.preflight import check_inputs
 
 # name: (job section, input stages). The one table of the DAG's wiring: `specdraft run` builds it
 # whole (build_stages), `specdraft compare` takes its shared part and a chain per recipe
@@ -309,24 +311,47 @@ def resolve_local_paths(job: JobConfig) -> None:
             setattr(cfg, key, str(Path(value).expanduser().resolve()))
 
 
+def job_trust(job: JobConfig) -> ModelTrust:
+    """Whose model code the job's stages may run: each model's own trust_remote_code (a layer
+    draft is the target's code, trusted as the target is)."""
+    return ModelTrust.for_job(
+        job.target.trust_remote_code, job.draft.trust_remote_code, job.draft.from_target_layers
+    )
+
+
+def read_places(job: JobConfig) -> dict[str, Path]:
+    """What a run of `job` reads or writes on this machine besides its --out (after
+    resolve_local_paths): the store (or a remote store's mirror), and the local models and data."""
+    store = store_for(job)
+    places = {"the store" if not store.remote else "the store's mirror": store.local}
+    for what, value in (
+        ("the data", job.data.source),
+        ("the target model", job.target.model),
+        ("the draft model", job.draft.model),
+    ):
+        if value != "builtin" and Path(value).is_absolute() and Path(value).exists():
+            places[what] = Path(value)
+    return places
+
+
 def check_models(job: JobConfig) -> None:
-    """The pair check, before anything trains: a mismatch raises PairError saying what differs."""
+    """The pair check, before anything trains: a mismatch raises PairError saying what differs.
+    Model code runs per model (job_trust): trusting the target never runs the draft's."""
     if job.target.model == "builtin":
         return  # the toy pair shares the data stage's tokenizer by construction
     from specdraft.drafts.pair import check_layer_draft, require_pair
 
+    trust = job_trust(job)
     if job.draft.from_target_layers:  # the draft shares the target's tokenizer by construction
         check_layer_draft(
-            job.target.model,
-            job.draft.from_target_layers,
-            trust_remote_code=job.target.trust_remote_code,
+            job.target.model, job.draft.from_target_layers, trust_remote_code=trust.target
         )
         return
     require_pair(
         job.target.model,
         job.draft.model,
         context_length=job.data.max_length,
-        trust_remote_code=job.target.trust_remote_code or job.draft.trust_remote_code,
+        trust_remote_code=trust,
     )
 
 
@@ -357,8 +382,8 @@ def execute_logged(
             use_ray=job.ray.enabled if use_ray is None else use_ray,
             ray_address=job.ray.address,
             say=log,
-            # the job's own setting: what an artifact's manifest says is never trusted
-            trust_remote_code=job.target.trust_remote_code or job.draft.trust_remote_code,
+            # the job's own settings, per model: what an artifact's manifest says is never trusted
+            trust=job_trust(job),
         )
     except StageError as err:
         log(f"FAILED: {err}")
@@ -375,13 +400,16 @@ def run_job(
     command: str = "",
 ) -> dict[str, StageResult]:
     """Execute the job's DAG (cached stages are reused) and publish the run directory `out` whole
-    (rundir.write_run_dir). `out` and the store are checked before any stage runs."""
+    (rundir.write_run_dir). `out` (apart from what the run reads), the store and the models are
+    checked before any stage runs."""
     started = time.time()
     out = Path(out).expanduser().absolute()
     check_destination(out, overwrite=overwrite)
-    check_store(job, create=True)
     resolve_local_paths(job)
+    check_apart(out, read_places(job))  # before the store is made: it may be inside `out`
+    check_store(job, create=True)
     check_models(job)
+    check_inputs(job)
     results = execute_logged(build_stages(job), job, force=force, use_ray=use_ray)
     metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
     export_inputs = [Path(p) for p in results["export"].manifest["inputs"].values()]

@@ -17,11 +17,18 @@ and was taken over finds another owner or a later generation there and discards 
 publication that is not a forced re-run never replaces an artifact that exists (store.publish), so
 even a holder stalled between that check and its publication cannot remove an artifact another run
 may be reading.
+
+A lock file is trusted only as far as it is well formed. One that is not JSON yet may be being
+written: it counts as stale once it has sat there longer than a lease. One that is JSON but not a
+record (`null`, `[]`, an expiry that is no number, pid 0) is stale at once. And no record may claim
+more than twice the lease it states (at most MAX_LEASE_SECONDS), so a far-future expiry is never
+waited on for longer than that.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -29,17 +36,20 @@ import time
 import uuid
 from pathlib import Path
 
-from specdraft.pipeline.engine.store import Store, as_store
+from specdraft.pipeline.engine.environment import MAX_LEASE_SECONDS, lock_lease
+from specdraft.pipeline.engine.store import Store, _say, as_store
 
-DEFAULT_LEASE_SECONDS = 60.0
 SETTLE_SECONDS = 0.2  # between a takeover's rename and its read-back
+ACQUIRE_ATTEMPTS = 3  # a lock released between our create and our read: create again this often
 
 
 def lease_seconds() -> float:
-    return float(os.environ.get("SPECDRAFT_LOCK_LEASE", DEFAULT_LEASE_SECONDS))
+    return lock_lease()
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid < 1:
+        return False  # 0 and negative pids name process groups, never a holder
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,8 +59,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def valid_record(record) -> bool:
+    """Whether `record` (a lock file's parsed JSON) is a lock record this module could write."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("owner"), str)
+        and _is_int(record.get("generation"))
+        and record["generation"] >= 1
+        and isinstance(record.get("host"), str)
+        and _is_int(record.get("pid"))
+        and record["pid"] >= 1
+        and _is_number(record.get("expires"))
+        and (record.get("lease") is None or _is_number(record["lease"]))
+    )
+
+
 class LockLost(RuntimeError):
     """This run's lock on a stage was taken over by another run: its result must not be published."""
+
+
+# What a lock file holds, as StageLock.read sees it.
+MISSING, PARTIAL, CORRUPT, VALID = "missing", "partial", "corrupt", "valid"
 
 
 class StageLock:
@@ -68,49 +105,70 @@ class StageLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "expires": time.time() + self.lease,
+            "lease": self.lease,
         }
         return json.dumps(record)
 
     def _ours(self, record: dict | None) -> bool:
-        record = record or {}
-        return record.get("owner") == self.owner and record.get("generation") == self.generation
+        return (
+            valid_record(record)
+            and record["owner"] == self.owner
+            and record["generation"] == self.generation
+        )
 
-    def holder(self) -> dict | None:
-        """The lock's record; {} when it exists but cannot be read yet (being written)."""
+    def read(self) -> tuple[str, dict]:
+        """(MISSING | PARTIAL | CORRUPT | VALID, the record when VALID else {}). PARTIAL: not JSON
+        (being written, or garbage); CORRUPT: JSON that is no lock record."""
         try:
             text = self.store.read_text(self.name)
-        except OSError:
-            return {}
+        except (OSError, UnicodeDecodeError):
+            return PARTIAL, {}
         if text is None:
-            return None
+            return MISSING, {}
         try:
-            return json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError:
-            return {}
+            return PARTIAL, {}
+        return (VALID, record) if valid_record(record) else (CORRUPT, {})
 
-    def _stale(self, record: dict) -> bool:
-        if not record:  # unreadable: stale only once it has sat there longer than a lease
+    def holder(self) -> dict | None:
+        """The lock's record; None when there is no lock, {} when it holds no valid record."""
+        state, record = self.read()
+        return None if state == MISSING else record
+
+    def stale(self, state: str, record: dict) -> bool:
+        """Whether a lock found as (`state`, `record`) may be taken over or removed."""
+        if state == MISSING or state == CORRUPT:
+            return True
+        if state == PARTIAL:  # perhaps being written: stale once it sat there longer than a lease
             age = self.store.age(self.name)
             return age is None or age > self.lease
-        if record.get("expires", 0) < time.time():
-            return True
-        same_host = record.get("host") == socket.gethostname()
-        return same_host and not _pid_alive(int(record.get("pid", 0)))
+        now = time.time()
+        stated = record.get("lease")
+        claim = min(stated if stated and stated > 0 else self.lease, MAX_LEASE_SECONDS)
+        if record["expires"] < now or record["expires"] > now + 2 * claim:
+            return True  # run out, or claiming more than any holder renews to
+        same_host = record["host"] == socket.gethostname()
+        return same_host and not _pid_alive(record["pid"])
 
     def try_acquire(self) -> bool:
         self.generation = 1
-        if self.store.create_exclusive(self.name, self._record()):
-            return True
-        record = self.holder()
-        if record is None:
-            return self.try_acquire()  # released meanwhile
-        if record.get("owner") == self.owner:
-            self.generation = record.get("generation", 0)
-            return True
-        if not self._stale(record):
+        for _ in range(ACQUIRE_ATTEMPTS):
+            if self.store.create_exclusive(self.name, self._record()):
+                return True
+            state, record = self.read()
+            if state != MISSING:
+                break
+        else:  # created and released by others faster than we look: try at the next poll
             self.generation = 0
             return False
-        self.generation = int(record.get("generation") or 0) + 1
+        if state == VALID and record["owner"] == self.owner:
+            self.generation = record["generation"]
+            return True
+        if not self.stale(state, record):
+            self.generation = 0
+            return False
+        self.generation = (record["generation"] if state == VALID else 0) + 1
         self.store.write_text(self.name, self._record())
         time.sleep(SETTLE_SECONDS)
         if self._ours(self.holder()):
@@ -121,12 +179,12 @@ class StageLock:
     def check(self) -> None:
         """Raise LockLost unless the lock still names this run and this acquisition (called right
         before a stage publishes: the fencing token's check)."""
-        record = self.holder()
-        if record == {}:  # being rewritten this instant: read it once more
+        state, record = self.read()
+        if state == PARTIAL:  # being rewritten this instant: read it once more
             time.sleep(SETTLE_SECONDS)
-            record = self.holder()
+            state, record = self.read()
         if not self._ours(record):
-            found = "gone" if record is None else f"held by {_describe(record)}"
+            found = "gone" if state == MISSING else f"held by {_describe(record)}"
             raise LockLost(
                 f"this run's lock {self.name} (generation {self.generation}) was taken over while "
                 f"the stage ran (the run stalled past its lease of {self.lease:g}s?): now {found}"
@@ -140,14 +198,28 @@ class StageLock:
         if self._ours(self.holder()):
             self.store.remove(self.name)
 
+    def remove_if_stale(self) -> bool:
+        """Remove the lock when it is stale (a leftover of a killed run); whether it was removed.
+        A takeover landing between the look and the removal loses its lock: its read-back or its
+        fence check finds that, and it waits again (no artifact is published twice)."""
+        state, record = self.read()
+        if state == MISSING or not self.stale(state, record):
+            return False
+        if self.read() != (state, record):
+            return False  # rewritten meanwhile
+        self.store.remove(self.name)
+        return True
+
 
 def _describe(record: dict) -> str:
     if not record:
         return "an unreadable record"
-    return (
-        f"pid {record.get('pid', '?')} on {record.get('host', '?')}, "
-        f"generation {record.get('generation', '?')}"
-    )
+    return f"pid {record['pid']} on {record['host']}, generation {record['generation']}"
+
+
+def describe_holder(record: dict | None) -> str:
+    """A lock's holder for a log line: `pid 12 on host`, or what is wrong with the lock."""
+    return "released this instant" if record is None else _describe(record)
 
 
 class StoreLocks:
@@ -198,8 +270,16 @@ class StoreLocks:
             lock.release()
 
     def _heartbeat(self) -> None:
+        failing = False
         while not self._stop.wait(self.lease / 3):
             with self._guard:
                 locks = list(self.held.values())
             for lock in locks:
-                lock.renew()
+                try:
+                    lock.renew()
+                except Exception as err:  # a store hiccup: say it once, keep renewing
+                    if not failing:
+                        _say(f"cannot renew the lock {lock.name} ({err}); trying again")
+                    failing = True
+                else:
+                    failing = False

@@ -31,6 +31,7 @@ from typing import Any
 
 from specdraft.errors import InputError
 from specdraft.pipeline.engine.artifacts import StageContext
+from specdraft.pipeline.engine.environment import placement_timeout
 
 
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:
@@ -75,10 +76,6 @@ def map_shards(
             ]
             return ray.get(refs)
     return [fn(*shard) for shard in shards]
-
-
-def placement_timeout() -> float:
-    return float(os.environ.get("SPECDRAFT_PLACEMENT_TIMEOUT", 600))
 
 
 @contextlib.contextmanager

@@ -7,8 +7,12 @@ beside old metrics, and a write that fails (a full disk) leaves the old one as i
 by a killed process of this machine is removed by the next write to the same destination.
 
 Every output directory holds MARKER. A destination that exists, is not empty and lacks it belongs
-to someone else: it is refused unless the user says `--overwrite`. The working directory and the
-directories above it are refused always (replacing them would delete what the user stands in).
+to someone else: it is refused unless the user says `--overwrite`. So is one of specdraft's of
+another kind (a run directory where a draft is exported, an exported draft where a run writes). The
+working directory and the directories above it are refused always (replacing them would delete
+what the user stands in), and so is a destination that is, holds or lies inside something the
+command reads (check_apart: the store, the job's models and data, the run directory exported).
+A destination that is a symlink to a directory is written where it points (the link stays).
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ from specdraft.pipeline.engine.artifacts import commit_dir
 MARKER = ".specdraft-output"
 RUN_FILE = "run.json"
 KINDS = ("run", "comparison")
-# What a run directory of specdraft before MARKER held: such a directory is ours too.
+# What a run directory of specdraft before MARKER held: such a directory is ours too when its
+# run.json is one specdraft wrote (_legacy_run_json), never for the name alone.
 LEGACY_ENTRIES = {"draft", "report", "metrics.json", "job.yaml", RUN_FILE, "results.json",
                   "results.md"}  # fmt: skip
+# Every key a run.json of specdraft before MARKER had at its top level.
+LEGACY_RUN_KEYS = {"job", "stages", "kind", "command", "wall_seconds", "wall_note", "stages_run",
+                   "stages_reused", "made_seconds_total", "machine", "code"}  # fmt: skip
 
 
 class PublishError(RuntimeError):
@@ -41,22 +49,64 @@ class PublishError(RuntimeError):
 
 
 def _is_ours(path: Path) -> bool:
+    """Whether specdraft wrote the directory `path`: it holds MARKER, or it is a run directory of
+    specdraft before MARKER (only LEGACY_ENTRIES, and a run.json specdraft wrote)."""
     if (path / MARKER).is_file():
         return True
     names = {p.name for p in path.iterdir() if not p.name.startswith((".tmp-", ".trash-"))}
-    return (path / RUN_FILE).is_file() and names <= LEGACY_ENTRIES
+    return names <= LEGACY_ENTRIES and _legacy_run_json(path / RUN_FILE)
 
 
-def check_destination(path: Path, *, overwrite: bool, flag: str = "--out") -> None:
-    """Refuse `path` as an output directory (InputError, nothing touched) when it is a file, the
-    working directory or above it, unwritable, or a non-empty directory specdraft did not write
-    (unless `overwrite`)."""
+def _legacy_run_json(run_file: Path) -> bool:
+    """Whether `run_file` is a run.json as every specdraft before MARKER wrote it: an object of
+    LEGACY_RUN_KEYS with the job's name and a non-empty list of stages, each with its name, its
+    hex cache key, whether it was reused and its seconds. A user's own run.json is not that."""
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(run, dict) or not set(run) <= LEGACY_RUN_KEYS:
+        return False
+    stages = run.get("stages")
+    if not isinstance(run.get("job"), str) or not isinstance(stages, list) or not stages:
+        return False
+    return all(
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and isinstance(s.get("key"), str)
+        and s["key"] != ""
+        and all(c in "0123456789abcdef" for c in s["key"])
+        and isinstance(s.get("reused"), bool)
+        and isinstance(s.get("seconds"), int | float)
+        for s in stages
+    )
+
+
+def _kind_of(path: Path) -> str | None:
+    """What one of specdraft's output directories holds: a run ("run", a comparison too: both
+    have run.json), an exported draft ("draft": a model's config.json), or None when neither."""
+    if (path / RUN_FILE).is_file():
+        return "run"
+    return "draft" if (path / "config.json").is_file() else None
+
+
+def check_destination(
+    path: Path, *, overwrite: bool, flag: str = "--out", kind: str = "run"
+) -> None:
+    """Refuse `path` as an output directory (InputError, nothing touched) when it is a file, a
+    dangling symlink, the working directory or above it, unwritable, or a non-empty directory
+    specdraft did not write or wrote as another `kind` ("run" or "draft"; unless `overwrite`)."""
     path = Path(path).expanduser().absolute()
     real, cwd = path.resolve(), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise InputError(
             f"{flag} {path}: that is the working directory or holds it, which specdraft never "
             "replaces; give a new directory"
+        )
+    if path.is_symlink() and not path.exists():
+        raise InputError(
+            f"{flag} {path}: a symlink to {os.readlink(path)}, which does not exist; make that "
+            "directory, remove the link, or give another directory"
         )
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path}: a file is there; give a directory")
@@ -67,7 +117,9 @@ def check_destination(path: Path, *, overwrite: bool, flag: str = "--out") -> No
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: {parent} is not writable")
     try:
-        foreign = path.is_dir() and any(path.iterdir()) and not _is_ours(path)
+        occupied = path.is_dir() and any(path.iterdir())
+        foreign = occupied and not _is_ours(path)
+        other_kind = occupied and not foreign and _kind_of(path) not in (None, kind)
     except OSError as err:
         raise InputError(f"{flag} {path}: cannot be read ({err.strerror})") from None
     if foreign and not overwrite:
@@ -75,6 +127,38 @@ def check_destination(path: Path, *, overwrite: bool, flag: str = "--out") -> No
             f"{flag} {path}: the directory is not empty and specdraft did not write it (no "
             f"{MARKER}); give a new or empty directory, or add --overwrite to replace it whole"
         )
+    if other_kind and not overwrite:
+        held = {"run": "a run directory", "draft": "an exported draft"}
+        raise InputError(
+            f"{flag} {path}: that is {held[_kind_of(path)]} of specdraft, and this would replace "
+            f"it with {held[kind]}; give another directory, or add --overwrite to replace it whole"
+        )
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_apart(path: Path, read: dict[str, Path], *, flag: str = "--out") -> None:
+    """Refuse `path` as an output directory (InputError) when it is, holds or lies inside one of
+    `read` (what it is -> where): what the command reads or writes besides its output (the store,
+    the job's local models and data). Publishing replaces `path` whole, so a store inside it
+    would be deleted with it; an output inside a model folder changes the model. Links are
+    followed: the places are compared where they really are."""
+    real = Path(path).expanduser().absolute().resolve()
+    for what, where in read.items():
+        where = Path(where).expanduser().absolute().resolve()
+        if _contains(real, where):
+            held = "is" if real == where else "holds"
+            raise InputError(
+                f"{flag} {path} {held} {what} {where}, which this command reads; replacing "
+                f"{path} would delete it: give {flag} a directory outside it"
+            )
+        if _contains(where, real):
+            raise InputError(
+                f"{flag} {path} lies inside {what} {where}, which this command reads; give "
+                f"{flag} a directory outside it"
+            )
 
 
 def _scratch_prefix(final: Path) -> str:
@@ -104,19 +188,27 @@ def clean_stale_scratch(final: Path) -> list[Path]:
         if name.startswith(prefix):
             pid = name[len(prefix) :].split("-", 1)[0]
             stale = pid.isdigit() and not _alive(int(pid))
-        if stale and entry.is_dir() and not entry.is_symlink():
+        if stale and entry.is_symlink():  # a link set aside by a commit of older specdraft
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif stale and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
 @contextlib.contextmanager
-def building(final: Path, *, overwrite: bool, flag: str = "--out") -> Iterator[Path]:
+def building(
+    final: Path, *, overwrite: bool, flag: str = "--out", kind: str = "run"
+) -> Iterator[Path]:
     """Yield a fresh scratch directory beside `final`; when the block ends without an error, mark
     it as specdraft's and publish it as `final` in one rename (replacing the old directory). On an
-    error the scratch is removed and `final` is untouched; an OSError becomes a PublishError."""
+    error the scratch is removed and `final` is untouched; an OSError becomes a PublishError.
+    A `final` that is a symlink to a directory is published where it points; the link stays."""
     final = Path(final).expanduser().absolute()
-    check_destination(final, overwrite=overwrite, flag=flag)
+    check_destination(final, overwrite=overwrite, flag=flag, kind=kind)
+    if final.is_symlink():
+        final = final.resolve()  # rename the scratch over the directory, never over the link
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_scratch(final)
@@ -127,7 +219,8 @@ def building(final: Path, *, overwrite: bool, flag: str = "--out") -> Iterator[P
     try:
         yield tmp
         (tmp / MARKER).write_text("written by specdraft; replaced whole by its next write here\n")
-        check_destination(final, overwrite=overwrite, flag=flag)  # nothing appeared meanwhile
+        # nothing appeared meanwhile
+        check_destination(final, overwrite=overwrite, flag=flag, kind=kind)
         commit_dir(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,7 +268,7 @@ def write_run_dir(
 ) -> None:
     """Publish the run directory `out` whole: `copies` (name -> directory or file to copy),
     `texts` (name -> content), `job.yaml` and `run.json` (one shape for every kind)."""
-    from specdraft.reports.machine import describe_machine
+    from specdraft.pipeline.engine.machine import describe_machine
 
     assert kind in KINDS, kind
     with building(out, overwrite=overwrite) as tmp:
@@ -226,3 +319,91 @@ def read_run(run_dir: Path) -> dict:
     if run["kind"] not in KINDS:
         raise InputError(f"{damaged} (kind {run['kind']!r} is not one of {', '.join(KINDS)})")
     return run
+
+
+def read_run_job(run_dir: Path) -> dict:
+    """The job a run directory records (job.yaml, as the run resolved it); {} when it has none
+    (a run of specdraft before job.yaml) or it does not parse: nothing is then taken from it."""
+    try:
+        job = yaml.safe_load((Path(run_dir) / "job.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+def run_trust(job: dict):
+    """Whose model code a command on a run may run (drafts.pair.ModelTrust): the run's own
+    per-model settings, from its job."""
+    from specdraft.drafts.pair import ModelTrust
+
+    def section(name: str) -> dict:
+        value = job.get(name)
+        return value if isinstance(value, dict) else {}
+
+    target, draft = section("target"), section("draft")
+    return ModelTrust.for_job(
+        target.get("trust_remote_code") is True,
+        draft.get("trust_remote_code") is True,
+        draft.get("from_target_layers") or 0,
+    )
+
+
+def run_store(job: dict, given: str | None = None):
+    """The store a command on a finished run reads, and where that choice came from: `given`
+    (the command's), else $SPECDRAFT_STORE, else the store the run's job named, else the default.
+    The run's artifacts are looked up in it by name (stored_artifact), so a store that was moved
+    or copied since is read where it is now."""
+    from specdraft.pipeline.engine.store import Store, default_location
+
+    if given:
+        return Store(given), "the store given"
+    if os.environ.get("SPECDRAFT_STORE"):
+        return Store(os.environ["SPECDRAFT_STORE"]), "$SPECDRAFT_STORE"
+    if isinstance(job.get("store"), str) and job["store"]:
+        return Store(job["store"]), "the store the run's job names"
+    return Store(default_location()), "the default store"
+
+
+def recorded_inputs(run: dict, run_dir: Path, stage: str, required: tuple[str, ...]) -> dict:
+    """{input: recorded location} of `stage` in run.json; InputError when run.json lacks the
+    stage, its inputs, or one of `required`."""
+    recorded = {s["name"]: s for s in run["stages"]}.get(stage, {}).get("inputs")
+    damaged = f"{Path(run_dir) / RUN_FILE} is damaged"
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise InputError(f"{damaged} (no {stage} stage with its inputs); re-run the job")
+    missing = [name for name in required if name not in recorded]
+    if missing:
+        raise InputError(
+            f"{damaged} (the {stage} stage's inputs lack {', '.join(missing)}); re-run the job"
+        )
+    return recorded
+
+
+def artifact_name(location: str) -> str | None:
+    """The artifact's name (`<stage>-<key>`) in a location a manifest or run.json recorded (a
+    directory, or `<store URL>/<name>`); None when it names none."""
+    name = location.rstrip("/").rpartition("/")[2]
+    if not name or not name[0].isalnum() or "/" in name or "\\" in name:
+        return None
+    return name
+
+
+def stored_artifacts(store, recorded: dict[str, str], source: str) -> dict[str, Path]:
+    """{input: the artifact on this machine} of `recorded` ({input: location}), each found by its
+    name in `store` (run_store; `source` says where that store came from), never at the recorded
+    path. InputError naming what the store lacks and how to point at the right one."""
+    found, missing = {}, []
+    for key, location in recorded.items():
+        name = artifact_name(location)
+        path = store.committed_path(name) if name else None
+        if path is None:
+            missing.append(name or location)
+        found[key] = path
+    if missing:
+        recorded_root = next(iter(recorded.values())).rstrip("/").rpartition("/")[0]
+        raise InputError(
+            f"the run's artifacts {', '.join(missing)} are not in {source} {store.url}: point "
+            f"SPECDRAFT_STORE at the store the run used (it was {recorded_root} then), or re-run "
+            "the job there to make them again"
+        )
+    return found

@@ -19,13 +19,16 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 
 from specdraft.errors import InputError
+from specdraft.pipeline.engine import environment
 from specdraft.pipeline.engine.artifacts import (
     MANIFEST,
     artifact_problem,
@@ -42,12 +45,24 @@ PROGRESS_BYTES = 64 * 2**20  # transfers larger than this show a progress bar
 
 
 def default_location() -> str:
-    return os.environ.get("SPECDRAFT_STORE") or str(Path.home() / ".cache" / "specdraft" / "store")
+    return environment.store_location()
 
 
 def mirror_root() -> Path:
-    env = os.environ.get("SPECDRAFT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specdraft" / "mirror"
+    return environment.mirror_root()
+
+
+def host_tag() -> str:
+    """This machine, in 8 hex digits (scratch directory names carry it with the maker's pid)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+# `.tmp-<artifact>-<8 hex>` (specdraft before it named the maker) or
+# `.tmp-<artifact>-<8 hex>.<pid>.<host tag>`: scratch an artifact is made or fetched in.
+SCRATCH = re.compile(
+    r"^\.tmp-(?P<name>.+)-[0-9a-f]{8}"  # the artifact, a random tag
+    r"(?:\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8}))?$"  # the maker's pid and host_tag()
+)
 
 
 def _protocol(location: str) -> str:
@@ -213,6 +228,12 @@ class Store:
                 os.replace(self.path(name), aside)
             except FileNotFoundError:
                 return  # another run set it aside first
+            except OSError as err:  # a read-only store: say so, once, instead of a traceback
+                raise InputError(
+                    f"damaged artifact {self.path(name)}: {problem}; it cannot be set aside "
+                    f"({err.strerror}): the store {self.local} is not writable here. Repair it as "
+                    "a user who can write it (specdraft verify-store --repair)"
+                ) from None
             where = f"moved aside to {aside}"
         else:
             if self._remote_manifest(name) != data:
@@ -238,9 +259,32 @@ class Store:
         ]
         return sorted(n for n in names if n and n[0] != ".")
 
+    def state(self, name: str) -> tuple[str, str]:
+        """What a run would find of artifact `name`, changing nothing (`run --plan`): ("cached",
+        ""), ("damaged", what: a run sets it aside and makes it again) or ("missing", ""). A
+        remote artifact is judged by its manifest and, when this machine's mirror holds that
+        manifest's copy, by the mirror's files; its files in the store are checked when fetched."""
+        if self.remote:
+            data = self._remote_manifest(name)
+        else:
+            try:
+                data = (self.path(name) / MANIFEST).read_bytes()
+            except FileNotFoundError:
+                data = None
+        if data is None:
+            return "missing", ""
+        manifest, problem = parse_manifest(data)
+        local = self.path(name)
+        mirrored = not self.remote or (
+            (local / MANIFEST).is_file() and (local / MANIFEST).read_bytes() == data
+        )
+        if manifest is not None and mirrored:
+            problem = _problem_or_vanished(local, manifest)
+        return ("damaged", problem) if problem else ("cached", "")
+
     def verify(self, name: str, *, repair: bool = False) -> tuple[str, str] | None:
-        """Hash every file of artifact `name`: ("ok" | "damaged" | "unchecked", what), or None
-        when it has no manifest (never published); `repair` sets a damaged one aside."""
+        """Hash every file of artifact `name`: ("ok" | "damaged", what), or None when it has no
+        manifest (never published); `repair` sets a damaged one aside."""
         if not self.remote:
             try:
                 data = (self.path(name) / MANIFEST).read_bytes()
@@ -251,8 +295,6 @@ class Store:
             if data is None:
                 return None
         manifest, problem = parse_manifest(data)
-        if manifest is not None and manifest.get("files") is None:
-            return "unchecked", f"its {MANIFEST} predates file lists"
         if manifest is not None and self.remote:
             problem = self._remote_problem(name, manifest)
         elif manifest is not None:
@@ -272,8 +314,10 @@ class Store:
             return artifact_problem(Path(tmp), manifest, full=True)
 
     def scratch(self, name: str) -> Path:
-        """A fresh local directory to make artifact `name` in (publish it when complete)."""
-        tmp = self.local / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        """A fresh local directory to make artifact `name` in (publish it when complete). Its
+        name carries this process's pid and host, so that scratch a killed process left is told
+        from one still in use (upkeep.find_leftovers)."""
+        tmp = self.local / f".tmp-{name}-{uuid.uuid4().hex[:8]}.{os.getpid()}.{host_tag()}"
         tmp.mkdir(parents=True)
         return tmp
 
