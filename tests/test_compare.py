@@ -160,3 +160,80 @@ def test_validate_and_run_point_at_the_comparison(capsys):
     assert "6 recipes x 3 seeds" in capsys.readouterr().out
     assert main(["run", str(REPO / "specdraft" / "jobs" / "compare.yaml")]) == 2
     assert "specdraft compare" in capsys.readouterr().err
+
+
+def _fake_evaluation(folder, alphas: list[float], shift: float):
+    """An evaluation dir as `evaluate` writes it: per-prompt alpha (two tasks) and spec rows."""
+    folder.mkdir(parents=True)
+    rows = [
+        {"prompt": i, "task": "a" if i % 2 else "b", "alpha": x + shift, "alpha_greedy": x}
+        for i, x in enumerate(alphas)
+    ]
+    spec = [
+        {"prompt": i, "task": r["task"], "tau": 2.0 + shift, "tau_greedy": 2.0}
+        for i, r in enumerate(rows)
+    ]
+    mean = sum(r["alpha"] for r in rows) / len(rows)
+    values = {"alpha_greedy": 0.5, "tau": 2.0 + shift, "tau_greedy": 2.0}
+    tasks = {
+        t: {"alpha": sum(r["alpha"] for r in rows if r["task"] == t) / 3, **values} for t in "ab"
+    }
+    final = {"alpha": mean, **values, "tasks": tasks}
+    (folder / "metrics.json").write_text(json.dumps({"final": final}))
+    (folder / "per_prompt.json").write_text(json.dumps({"final": {"alpha": rows, "spec": spec}}))
+
+
+def test_results_carry_seed_level_tests_holm_and_per_prompt_values(tmp_path):
+    from specdraft.pipeline.stages.comparison import compare_runs
+    from specdraft.pipeline.statistics import holm, seed_test
+
+    alphas = [0.2, 0.4, 0.3, 0.5, 0.6, 0.1]
+    shifts = {"base": [0.0, 0.01, -0.01], "up": [0.03, 0.05, 0.02], "down": [-0.04, -0.02, -0.05]}
+    inputs = {"shared": tmp_path / "shared"}
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "metrics.json").write_text(json.dumps({"gamma": 4}))
+    for recipe, per_seed in shifts.items():
+        for seed, shift in zip((0, 1, 2), per_seed, strict=True):
+            inputs[f"{recipe}.s{seed}"] = tmp_path / f"{recipe}.s{seed}"
+            _fake_evaluation(inputs[f"{recipe}.s{seed}"], alphas, shift)
+    config = {
+        "title": "t",
+        "recipes": {r: {"help": r} for r in shifts},
+        "seeds": [0, 1, 2],
+        "baseline": "base",
+    }
+    results = compare_runs(config, inputs)["results"]
+
+    up, down = results["up"]["all"]["alpha"], results["down"]["all"]["alpha"]
+    diffs_up = [u - b for u, b in zip(shifts["up"], shifts["base"], strict=True)]
+    assert up["per_seed"] == pytest.approx([sum(alphas) / 6 + s for s in shifts["up"]])
+    assert up["p_seed"] == pytest.approx(seed_test(diffs_up)["p_seed"])
+    assert up["ci95"][0] > 0 and down["ci95"][1] < 0  # the sign of each effect is caught
+    assert up["per_prompt"]["s1"] == pytest.approx([x + 0.05 for x in alphas])
+    assert results["up"]["a"]["alpha"]["per_prompt"]["s0"] == pytest.approx([0.43, 0.53, 0.13])
+    # Holm over every seed-level test of the file, the adjusted never below the raw
+    cells = [results[r][t][m] for r in ("up", "down") for t in results[r] for m in results[r][t]]
+    tested = [c for c in cells if "p_holm" in c]
+    assert [c["p_holm"] for c in tested] == holm([c["p_seed"] for c in tested])
+    assert all(c["p_holm"] >= c["p_seed"] for c in tested if c["p_seed"] is not None)
+    # three prompts per task: a prompt-level sign-flip test cannot reject there, so no p
+    assert results["up"]["a"]["alpha"]["p"] is None
+    assert results["up"]["all"]["alpha"]["p"] is not None  # six prompts can
+    assert "p_seed" not in results["base"]["all"]["alpha"]
+
+
+def test_a_cell_is_starred_by_its_holm_adjusted_seed_test_not_by_prompts():
+    from specdraft.reports.compare_render import cell_text
+
+    cell = {"mean": 0.283, "std": 0.003, "diff": 0.011, "p": 0.0001, "ci95": [0.005, 0.017]}
+    weak = cell_text({**cell, "p_seed": 0.017, "p_holm": 0.6}, 3)
+    assert weak == (
+        "0.283 ± 0.003 (+0.011 [+0.005, +0.017], seeds p=0.017, Holm p=0.600, prompts p<0.001)"
+    )
+    assert "*" in cell_text({**cell, "p_seed": 0.001, "p_holm": 0.04}, 3)
+    assert "prompts p=n/a" in cell_text({**cell, "p": None, "p_seed": 0.5, "p_holm": 1.0}, 3)
+    # a file made before the seed-level test: starred by its prompt-level p, as it was
+    assert (
+        cell_text({"mean": 0.3, "std": None, "diff": -0.02, "p": 0.01}, 3)
+        == "0.300 (-0.020*, p=0.010)"
+    )

@@ -1,14 +1,12 @@
-"""Render a comparison (specdraft/pipeline/stages/comparison.py's results) as Markdown tables and a self-contained
-HTML page with plots, in the style of the run report (specdraft/reports/render.py)."""
+"""Render a comparison (specdraft/pipeline/stages/comparison.py's results) as Markdown tables and a
+self-contained HTML page with plots, in the style of the run report (render.py). A renderer only:
+it returns text, and the comparison stage writes it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from matplotlib.figure import Figure
 
-from specdraft.pipeline.engine.artifacts import atomic_write_text
-from specdraft.reports.render import CSS, _esc, _figure, _md, _table
+from specdraft.reports.page import document, esc, figure, md, table
 
 LABELS = {
     "alpha": "alpha (T=1)",
@@ -23,21 +21,58 @@ def _num(value, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _p(value) -> str:
+    return "=n/a" if value is None else "<0.001" if value < 0.001 else f"={value:.3f}"
+
+
 def cell_text(cell: dict, digits: int) -> str:
-    """`mean ± std (diff, p)`; the difference is starred when p < 0.05."""
+    """`mean ± std (diff [95 % interval], p over seeds, Holm-adjusted p; p over prompts)`. The
+    difference is starred when the Holm-adjusted seed-level p < 0.05 (in a file made before the
+    seed-level test, when the prompt-level p is)."""
     text = _num(cell.get("mean"), digits)
     if cell.get("std") is not None:
         text += f" ± {cell['std']:.{digits}f}"
-    if "diff" in cell:
-        p = cell.get("p")
-        star = "*" if p is not None and p < 0.05 else ""
-        shown = "p<0.001" if p is not None and p < 0.001 else f"p={_num(p, 3)}"
-        text += f" ({cell['diff']:+.{digits}f}{star}, {shown})"
-    return text
+    if "diff" not in cell:
+        return text
+    decisive = cell["p_holm"] if "p_holm" in cell else cell.get("p")
+    star = "*" if decisive is not None and decisive < 0.05 else ""
+    parts = [f"{cell['diff']:+.{digits}f}{star}"]
+    if cell.get("ci95"):
+        low, high = cell["ci95"]
+        parts[0] += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+    if "p_holm" in cell:
+        parts.append(f"seeds p{_p(cell.get('p_seed'))}, Holm p{_p(cell['p_holm'])}")
+    parts.append(f"prompts p{_p(cell.get('p'))}" if "p_holm" in cell else f"p{_p(cell.get('p'))}")
+    return text + " (" + ", ".join(parts) + ")"
 
 
 def _digits(metric: str) -> int:
     return 2 if metric.startswith("tau") else 3
+
+
+def _tests_line(results: dict) -> str:
+    prompts = (
+        f"{results['num_prompts']['alpha']} alpha prompts / {results['num_prompts']['spec']} "
+        "speculative-decoding prompts"
+    )
+    if not _has_seed_tests(results):
+        return f"p from a paired permutation test over {prompts}; * marks p < 0.05."
+    return (
+        "Beside each difference: its 95 % interval and p from a paired t-test over the "
+        f"{len(results['seeds'])} training seeds, that p Holm-adjusted over every test in this "
+        f"file, and p from a paired permutation test over {prompts} with seeds averaged (the "
+        "seed's variance does not enter it; n/a where it cannot reach 0.05); * marks a "
+        "Holm-adjusted p < 0.05."
+    )
+
+
+def _has_seed_tests(results: dict) -> bool:
+    return any(
+        "p_holm" in cell
+        for by_task in results["results"].values()
+        for cells in by_task.values()
+        for cell in cells.values()
+    )
 
 
 def results_markdown(results: dict) -> str:
@@ -45,16 +80,14 @@ def results_markdown(results: dict) -> str:
         f"# {results['title']}: {len(results['recipes'])} recipes × {len(results['seeds'])} seeds",
         "",
         f"gamma = {results['gamma']}; seeds {results['seeds']}; differences are to "
-        f"`{results['baseline']}`, p from a paired permutation test over "
-        f"{results['num_prompts']['alpha']} alpha prompts / {results['num_prompts']['spec']} "
-        "speculative-decoding prompts; * marks p < 0.05.",
+        f"`{results['baseline']}`. " + _tests_line(results),
         "",
         "| recipe | what it is |",
         "|---|---|",
-        *(f"| {name} | {_md(r['help'])} |" for name, r in results["recipes"].items()),
+        *(f"| {name} | {md(r['help'])} |" for name, r in results["recipes"].items()),
     ]
     for task in results["tasks"]:
-        lines += ["", f"## {_md(task)}", "", "| recipe | " + " | ".join(LABELS.values()) + " |"]
+        lines += ["", f"## {md(task)}", "", "| recipe | " + " | ".join(LABELS.values()) + " |"]
         lines.append("|---" * (len(LABELS) + 1) + "|")
         for recipe, by_task in results["results"].items():
             cells = [cell_text(by_task[task][m], _digits(m)) for m in LABELS]
@@ -90,32 +123,31 @@ def _plot_metric(results: dict, metric: str) -> Figure:
     return fig
 
 
-def render_comparison(results: dict, out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def render_comparison(results: dict) -> str:
+    """The comparison's HTML page (its index.html)."""
     recipe_rows = [
-        f"<tr><td>{_esc(name)}</td><td>{_esc(r['help'])}</td>"
-        f"<td><code>{_esc(', '.join(f'{k}={v}' for k, v in r['set'].items()))}</code></td></tr>"
+        f"<tr><td>{esc(name)}</td><td>{esc(r['help'])}</td>"
+        f"<td><code>{esc(', '.join(f'{k}={v}' for k, v in r['set'].items()))}</code></td></tr>"
         for name, r in results["recipes"].items()
     ]
     parts = [
         "<h2>Recipes</h2>",
-        _table("<tr><th>recipe</th><th>what it is</th><th>settings</th></tr>", recipe_rows),
+        table("<tr><th>recipe</th><th>what it is</th><th>settings</th></tr>", recipe_rows),
     ]
-    head = "<tr><th>recipe</th>" + "".join(f"<th>{_esc(v)}</th>" for v in LABELS.values()) + "</tr>"
+    head = "<tr><th>recipe</th>" + "".join(f"<th>{esc(v)}</th>" for v in LABELS.values()) + "</tr>"
     for task in results["tasks"]:
         rows = []
         for recipe, by_task in results["results"].items():
             cells = "".join(
-                f"<td>{_esc(cell_text(by_task[task][m], _digits(m)))}</td>" for m in LABELS
+                f"<td>{esc(cell_text(by_task[task][m], _digits(m)))}</td>" for m in LABELS
             )
-            rows.append(f"<tr><td>{_esc(recipe)}</td>{cells}</tr>")
+            rows.append(f"<tr><td>{esc(recipe)}</td>{cells}</tr>")
         for name, by_task in results["shared"].items():
             cells = "".join(f"<td>{_num(by_task[task][m], _digits(m))}</td>" for m in LABELS)
-            rows.append(f"<tr><td><em>{_esc(SHARED_LABELS[name])}</em></td>{cells}</tr>")
-        parts += [f"<h2>Task: {_esc(task)}</h2>", _table(head, rows)]
+            rows.append(f"<tr><td><em>{esc(SHARED_LABELS[name])}</em></td>{cells}</tr>")
+        parts += [f"<h2>Task: {esc(task)}</h2>", table(head, rows)]
     plots = [
-        _figure(
+        figure(
             _plot_metric(results, m),
             f"{LABELS[m]} per task, mean ± std over seeds (the axis spans the bars, not from 0)",
         )
@@ -128,22 +160,13 @@ def render_comparison(results: dict, out_dir: Path) -> Path:
     ]
     parts.append(
         "<dl>"
-        + "".join(
-            f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in results["definitions"].items()
-        )
+        + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in results["definitions"].items())
         + "</dl>"
     )
     title = f"specdraft comparison: {results['title']}"
     meta = (
-        f'<p class="meta">seeds {_esc(results["seeds"])} · γ = {_esc(results["gamma"])} · '
-        f"differences to <b>{_esc(results['baseline'])}</b> · * p &lt; 0.05</p>"
+        f'<p class="meta">seeds {esc(results["seeds"])} · γ = {esc(results["gamma"])} · '
+        f"differences to <b>{esc(results['baseline'])}</b></p>\n"
+        f'<p class="meta">{esc(_tests_line(results))}</p>'
     )
-    page = (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{_esc(title)}</h1>\n{meta}\n" + "\n".join(parts) + "\n</body>\n</html>\n"
-    )
-    index = out_dir / "index.html"
-    atomic_write_text(index, page)
-    return index
+    return document(title, title, f"{meta}\n" + "\n".join(parts))

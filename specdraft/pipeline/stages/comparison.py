@@ -4,9 +4,15 @@ to the baseline recipe and its significance, paired over prompts.
 Inputs: `shared` (the evaluation of the draft init and the reference) and `<recipe>.s<seed>` (the
 evaluation of that run's final draft). Every evaluation saw the same prompts and target
 continuations (specdraft/pipeline/commands/compare_recipes.py gives them one seed), so prompt i is the same trial for every
-recipe: the test takes, per prompt, each recipe's value averaged over its seeds, and flips the signs
-of the per-prompt differences to the baseline at random (a paired permutation test; exact when
-there are few prompts). Means and std are of the per-seed metrics as `evaluate` reports them.
+recipe. Two tests per recipe and metric against the baseline recipe:
+- over training seeds (the unit of replication: a claim about the recipe is a claim about the
+  next training run): a paired t-test of the per-seed differences, its 95 % interval and effect
+  size, and Holm's adjustment across every such test of the file (specdraft/pipeline/statistics.py);
+- over prompts: per prompt, each recipe's value averaged over its seeds, the signs of the
+  per-prompt differences flipped at random (a paired permutation test; exact when there are few
+  prompts), reported only where it can reject at 0.05.
+Means and std are of the per-seed metrics as `evaluate` reports them; per-seed and per-prompt
+values are written beside them so every p-value can be re-derived from `results.json`.
 
 Reads: `shared` and every `<recipe>.s<seed>` evaluation
 Writes: `results.json`, `results.md`, `report/`
@@ -21,7 +27,8 @@ import random
 from pathlib import Path
 
 from specdraft.errors import InputError
-from specdraft.pipeline.engine.artifacts import StageContext
+from specdraft.pipeline.engine.artifacts import StageContext, atomic_write_text
+from specdraft.pipeline.statistics import can_reject, holm, seed_test
 from specdraft.reports.compare_render import render_comparison, results_markdown
 
 # metric -> (per-prompt table of evaluate's per_prompt.json, field there)
@@ -43,7 +50,16 @@ DEFINITIONS = {
     "diff": "mean of the recipe minus mean of the baseline recipe",
     "p": "two-sided paired permutation test over prompts: per prompt, each recipe's value averaged "
     "over seeds; the signs of the differences flipped at random (exact below "
-    f"{EXACT_UP_TO} prompts, else {PERMUTATIONS} draws)",
+    f"{EXACT_UP_TO} prompts, else {PERMUTATIONS} draws); null where the test cannot reach "
+    "p < 0.05 (fewer than 5 prompts). It treats prompts as the trials: the training seed's "
+    "variance does not enter it",
+    "per_seed": "the recipe's metric on each seed, in the order of `seeds`",
+    "per_prompt": "per seed (s<seed>), the recipe's value on each prompt, in evaluation order",
+    "p_seed": "two-sided paired t-test over training seeds of the per-seed differences to the "
+    "baseline recipe (the seed is the unit of replication); null below two seeds",
+    "ci95": "95 % confidence interval of the mean per-seed difference (Student's t, seeds - 1 df)",
+    "effect_size": "d_z: mean per-seed difference / its standard deviation",
+    "p_holm": "p_seed adjusted by Holm's step-down method over every test in this file",
 }
 
 
@@ -105,6 +121,34 @@ def _check_same_prompts(per_prompt: dict[str, dict]) -> None:
                 )
 
 
+def add_seed_tests(results: dict, baseline: str) -> None:
+    """Per recipe, task and metric beside the baseline recipe: the seed-level test of the per-seed
+    differences (`p_seed`, `ci95`, `effect_size`), then `p_holm` over every test of the file.
+    Reads only the per-seed `values` of `results` (recipe -> task -> metric -> cell), so a results
+    file written before these keys existed can be brought up to date from its own numbers."""
+    tested = []
+    for recipe, tasks in results.items():
+        if recipe == baseline:
+            continue
+        for task, cells in tasks.items():
+            for metric, cell in cells.items():
+                base = results[baseline][task][metric]["values"]
+                diffs = [
+                    a - b
+                    for a, b in zip(cell["values"], base, strict=True)
+                    if a is not None and b is not None
+                ]
+                if len(diffs) != len(cell["values"]):
+                    continue  # a metric some seed lacks (no spec prompts in a task) is not tested
+                test = seed_test(diffs)
+                cell.update(
+                    p_seed=test["p_seed"], ci95=test["ci95"], effect_size=test["effect_size"]
+                )
+                tested.append(cell)
+    for cell, adjusted in zip(tested, holm([c["p_seed"] for c in tested]), strict=True):
+        cell["p_holm"] = adjusted
+
+
 def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
     """The results: per recipe, per task (and `all`), per metric mean/std/values/diff/p."""
     recipes, seeds, baseline = list(config["recipes"]), config["seeds"], config["baseline"]
@@ -126,6 +170,12 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
         rows = [i for i, row in enumerate(first[table]) if task == "all" or row["task"] == task]
         return [_mean([per_prompt[(recipe, s)][table][i][field] for s in seeds]) for i in rows]
 
+    def prompt_values(recipe: str, seed: int, metric: str, task: str) -> list[float | None]:
+        """Per prompt of `task`, the value of one recipe's run on one seed."""
+        table, field = METRICS[metric]
+        rows = per_prompt[(recipe, seed)][table]
+        return [row[field] for row in rows if task == "all" or row["task"] == task]
+
     results: dict = {}
     for recipe in recipes:
         results[recipe] = {}
@@ -135,7 +185,13 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
                 values = [_metric(metrics[(recipe, s)], task, metric) for s in seeds]
                 base_values = [_metric(metrics[(baseline, s)], task, metric) for s in seeds]
                 mean, base_mean = _mean(values), _mean(base_values)
-                cell = {"mean": mean, "std": _std(values), "values": values}
+                cell = {
+                    "mean": mean,
+                    "std": _std(values),
+                    "values": values,
+                    "per_seed": values,
+                    "per_prompt": {f"s{s}": prompt_values(recipe, s, metric, task) for s in seeds},
+                }
                 if recipe != baseline and mean is not None and base_mean is not None:
                     mine, theirs = (prompt_means(r, metric, task) for r in (recipe, baseline))
                     diffs = [
@@ -144,10 +200,12 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
                         if a is not None and b is not None
                     ]
                     cell["diff"] = mean - base_mean
-                    cell["p"] = paired_permutation_p(diffs)
+                    # over prompts (seeds averaged): printed only where such a test can reject
+                    cell["p"] = paired_permutation_p(diffs) if can_reject(len(diffs)) else None
                     cell["pairs"] = len(diffs)
                 cells[metric] = cell
             results[recipe][task] = cells
+    add_seed_tests(results, baseline)
     shared = _read(inputs["shared"], "metrics.json")
     untrained = {
         name: {task: {m: _metric(shared[name], task, m) for m in METRICS} for task in tasks}
@@ -177,6 +235,7 @@ def run(config: dict, inputs: dict[str, Path], ctx: StageContext) -> dict:
     results = compare_runs(config, inputs)
     (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (out / "results.md").write_text(results_markdown(results))
-    render_comparison(results, out / "report")
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report" / "index.html", render_comparison(results))
     best = max(results["results"], key=lambda r: results["results"][r]["all"]["alpha"]["mean"])
     return {"best_alpha": best, "recipes": len(results["recipes"]), "seeds": len(results["seeds"])}
