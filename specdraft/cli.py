@@ -73,12 +73,23 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_metrics(metrics: dict) -> None:
-    print(f"\n{'draft':<10} {'alpha':>7} {'alpha_greedy':>13} {'spec_alpha':>11} {'tau':>6}")
+    served = metrics["final"].get("served") or {}
+    print(
+        f"\nserved: {served.get('drafting', 'n/a')} drafting at T = {served.get('temperature')} "
+        "(evaluate.drafting, evaluate.temperature)"
+    )
+    print(
+        f"{'draft':<10} {'served':>7} {'length':>7} {'alpha':>7} {'alpha_greedy':>13} "
+        f"{'spec_alpha':>11} {'tau':>6}"
+    )
     for name in ("baseline", "reference", "final"):
         m = metrics[name]
+        s = m.get("served") or {}
         print(
-            f"{name:<10} {_fmt(m['alpha'], '>7.3f')} {_fmt(m['alpha_greedy'], '>13.3f')} "
-            f"{_fmt(m['spec_alpha'], '>11.3f')} {_fmt(m['tau'], '>6.2f')}"
+            f"{name:<10} {_fmt(s.get('acceptance'), '>7.3f')} "
+            f"{_fmt(s.get('acceptance_length'), '>7.2f')} {_fmt(m['alpha'], '>7.3f')} "
+            f"{_fmt(m['alpha_greedy'], '>13.3f')} {_fmt(m['spec_alpha'], '>11.3f')} "
+            f"{_fmt(m['tau'], '>6.2f')}"
         )
     print(f"\nlossless greedy check: {'passed' if metrics['lossless_greedy'] else 'FAILED'}")
 
@@ -320,6 +331,13 @@ def add_eval_arguments(parser) -> None:
         default=d.temperature,
         help="temperature of alpha and of sampled speculative decoding (greedy always runs too)",
     )
+    parser.add_argument(
+        "--drafting",
+        default=d.drafting,
+        choices=["greedy", "probabilistic"],
+        help="how the serving engine drafts (greedy: vLLM's default): the rule of the `served` "
+        "acceptance",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument(
         "--num-prompts", type=int, default=d.num_prompts, help="prompts used, round-robin by task"
@@ -423,6 +441,7 @@ def cmd_serve_check(args) -> int:
         gamma=args.gamma,
         temperature=args.temperature,
         n_prompts=args.prompts,
+        drafting=args.drafting,
     )
     print(sc.format_result(result))
     print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
@@ -437,6 +456,13 @@ def add_serve_check_arguments(parser) -> None:
         "--temperature", type=float, help="sampling temperature besides T = 0 (default: the run's)"
     )
     parser.add_argument("--prompts", type=int, help="use this many of the run's spec prompts")
+    parser.add_argument(
+        "--drafting",
+        default="both",
+        choices=["greedy", "probabilistic", "both"],
+        help="the engine's drafting rule at T > 0 (draft_sample_method; T = 0 is the same under "
+        "both): each one served is put beside specdraft's prediction for it (default: both)",
+    )
     parser.add_argument(
         "--setup",
         action="store_true",

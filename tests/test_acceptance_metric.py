@@ -74,7 +74,7 @@ def test_matches_the_evaluate_stage(metric, temperature):
         mask = [0] * n_prompt + [1] * n_response
         sequences.append({"input_ids": ids, "response_mask": mask})
     batch = Collator(PAD)(sequences)
-    beta, agree = position_acceptance(target, draft, batch, temperature)  # (N,), (N,)
+    beta, greedy, agree = position_acceptance(target, draft, batch, temperature)  # (N,) each
 
     counted = batch["labels"][:, 1:] != -100
     with torch.no_grad():

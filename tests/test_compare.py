@@ -166,7 +166,13 @@ def _fake_evaluation(folder, alphas: list[float], shift: float):
     """An evaluation dir as `evaluate` writes it: per-prompt alpha (two tasks) and spec rows."""
     folder.mkdir(parents=True)
     rows = [
-        {"prompt": i, "task": "a" if i % 2 else "b", "alpha": x + shift, "alpha_greedy": x}
+        {
+            "prompt": i,
+            "task": "a" if i % 2 else "b",
+            "alpha": x + shift,
+            "alpha_greedy": x,
+            "greedy_drafting": x / 2 + shift,
+        }
         for i, x in enumerate(alphas)
     ]
     spec = [
@@ -178,7 +184,8 @@ def _fake_evaluation(folder, alphas: list[float], shift: float):
     tasks = {
         t: {"alpha": sum(r["alpha"] for r in rows if r["task"] == t) / 3, **values} for t in "ab"
     }
-    final = {"alpha": mean, **values, "tasks": tasks}
+    by_rule = {"greedy_drafting": {"acceptance": mean / 2}}
+    final = {"alpha": mean, **values, "acceptance_by_rule": by_rule, "tasks": tasks}
     (folder / "metrics.json").write_text(json.dumps({"final": final}))
     (folder / "per_prompt.json").write_text(json.dumps({"final": {"alpha": rows, "spec": spec}}))
 
@@ -220,6 +227,10 @@ def test_results_carry_seed_level_tests_holm_and_per_prompt_values(tmp_path):
     assert results["up"]["a"]["alpha"]["p"] is None
     assert results["up"]["all"]["alpha"]["p"] is not None  # six prompts can
     assert "p_seed" not in results["base"]["all"]["alpha"]
+    # greedy drafting's acceptance, read from acceptance_by_rule and the per-prompt rows
+    greedy = results["up"]["all"]["greedy_drafting"]
+    assert greedy["per_seed"] == pytest.approx([sum(alphas) / 12 + s / 2 for s in shifts["up"]])
+    assert greedy["per_prompt"]["s0"] == pytest.approx([x / 2 + 0.03 for x in alphas])
 
 
 def test_a_cell_is_starred_by_its_holm_adjusted_seed_test_not_by_prompts():

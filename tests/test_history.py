@@ -301,3 +301,35 @@ def test_report_cli_flags_the_same_drop_with_a_finite_threshold(tmp_path, capsys
     overall = [r for r in regressions if (r["task"], r["metric"]) == ("all", "alpha")]
     assert len(overall) == 1
     assert (overall[0]["previous"], overall[0]["current"]) == (0.945, 0.1)
+
+
+def test_a_served_acceptance_drop_is_flagged_and_old_histories_gain_the_column(tmp_path):
+    # a history written before the served column existed: rows without it
+    conn = sqlite3.connect(tmp_path / HISTORY_FILE)
+    conn.execute(
+        "CREATE TABLE acceptance (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
+        "job TEXT, job_hash TEXT, target TEXT, draft TEXT, draft_role TEXT, task TEXT, "
+        "gamma INTEGER, temperature REAL, alpha REAL, alpha_greedy REAL, spec_alpha REAL, "
+        "tau REAL, per_position TEXT, timestamp TEXT, code_version TEXT)"
+    )
+    conn.execute(
+        "INSERT INTO acceptance (run_id, job, target, draft_role, task, alpha, tau, timestamp) "
+        "VALUES ('old', 'nightly', '/store/target', 'final', 'all', 0.6, 2.2, "
+        "'2026-10-01T02:00:00+00:00')"
+    )
+    conn.commit()
+    conn.close()
+    for day, served in enumerate([0.30, 0.31, 0.30, 0.24], start=1):
+        metrics = fake_metrics()  # alpha and tau the same every night
+        metrics["final"]["served"] = {
+            "drafting": "greedy",
+            "temperature": 1.0,
+            "acceptance": served,
+        }
+        append_run(tmp_path, metrics, timestamp=f"2026-11-{day:02d}T02:00:00+00:00")
+    rows, problems = load_history(tmp_path)
+    assert problems == [] and rows[0]["served"] is None  # the old row: kept, without the metric
+    regressions = find_regressions(rows)
+    assert [(r["task"], r["metric"]) for r in regressions] == [("all", "served")]
+    assert regressions[0]["previous"] == 0.30 and regressions[0]["current"] == 0.24
+    assert regressions[0]["drop"] == pytest.approx(0.06)

@@ -320,3 +320,29 @@ def test_the_report_stage_is_titled_with_the_job_name():
     assert stages["report"].config.title == "my-job"
     titled = {s.name: s for s in build_stages(load_job(None, ["report.title=Mine"]))}
     assert titled["report"].config.title == "Mine"
+
+
+def test_the_served_rule_is_the_headline(tmp_path):
+    """A run's summary opens with the acceptance of the rule it serves with, baseline -> final."""
+    from specdraft.reports.render import render_report
+
+    def draft(acceptance, length):
+        served = {"drafting": "greedy", "temperature": 1.0, "acceptance": acceptance}
+        by_rule = {"greedy_drafting": {"acceptance": acceptance, "acceptance_length": length}}
+        return {
+            "alpha": 0.5,
+            "tau": 2.0,
+            "served": {**served, "acceptance_length": length},
+            "acceptance_by_rule": by_rule,
+        }
+
+    metrics = {"job": "j", "gamma": 4, "baseline": draft(0.1, 1.2), "final": draft(0.35, 2.05)}
+    page = render_report({"metrics": metrics})
+    headline = (
+        "Served as the job serves it (greedy drafting, T = 1.00, γ = 4): acceptance 0.100 → "
+        "0.350 (+0.250), acceptance length 1.20 → 2.05 (+0.85), baseline → final"
+    )
+    assert f"**{headline}**" in page.markdown and headline in page.html
+    assert "<tr><td>greedy_drafting acceptance length</td><td>1.20</td>" in page.html
+    old = render_report({"metrics": {"job": "j", "final": {"alpha": 0.5}}})
+    assert "Served as" not in old.markdown  # metrics made before the rule was recorded

@@ -194,6 +194,52 @@ def test_the_engines_cpu_sampler_defect_is_named_and_the_fixed_run_is_the_one_ch
     assert "as shipped" in lines and "cpu_expand_batch_to_tokens fixed" in lines
 
 
+def test_probabilistic_drafting_is_put_beside_its_prediction():
+    served, replays = _served_with_defect()
+    runs = [
+        {"engine_fix": None, "num_drafts": 10, "num_draft_tokens": 40, "num_accepted_tokens": 2},
+        {
+            "engine_fix": "cpu_expand_batch_to_tokens",
+            "num_drafts": 8,
+            "num_draft_tokens": 32,
+            "num_accepted_tokens": 12,
+        },
+    ]
+    served["probabilistic_runs"] = runs
+    spec = {**_spec(), "alpha_sampled_drafts": 0.4, "acceptance_length_sampled_drafts": 2.0}
+    result = sc.compare(spec, served, _target_only(), 1.0, replays=replays)
+    pr = result["probabilistic"]
+    assert pr["engine_fix"] == "cpu_expand_batch_to_tokens"  # the fixed run is the one compared
+    assert pr["engine_acceptance_length"] == 1 + 12 / 8 and pr["engine_accept_rate"] == 12 / 32
+    assert pr["acceptance_length_ratio"] == (1 + 12 / 8) / 2.0
+    assert [r["acceptance_length"] for r in pr["runs"]] == [1.2, 2.5]
+    assert result["temperature_0"]["engine"]["acceptance_length"] == 1 + 30 / 10
+    text = sc.format_result(
+        {
+            **result,
+            "engine": "vllm",
+            "engine_version": "0.32.0",
+            "prompts": 1,
+            "gamma": 4,
+            "max_new_tokens": 8,
+        }
+    )
+    assert "probabilistic drafting with cpu_expand_batch_to_tokens fixed" in text
+    assert "acceptance length 2.50; specdraft predicts 2.00" in text
+    without = sc.compare(_spec(), _served(), _target_only(), 1.0)
+    assert "probabilistic" not in without
+
+
+def test_a_bad_drafting_rule_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve-check", str(tmp_path), "--drafting", "sometimes"])
+    assert exit_.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err
+    from specdraft.errors import InputError
+
+    with pytest.raises(InputError, match="--drafting sometimes: one of greedy, probabilistic"):
+        sc.serve_check(tmp_path, drafting="sometimes")
+
+
 class _Fixed:
     """A causal LM stub whose next-token distribution depends only on the position: row t of
     `table` is the logits that follow the first t + 1 tokens."""
@@ -328,6 +374,9 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
     sampled = result["temperature"]["runs"][-1]  # the fixed run when the engine needs the fix
     assert sampled["steps_match"] and sampled["follows_rule"], result["temperature"]
     assert sampled["replay"]["steps"] > 5, sampled  # enough steps for the check to mean something
+    probabilistic = result["probabilistic"]  # the engine sampling its drafts, as alpha assumes
+    assert 1 <= probabilistic["engine_acceptance_length"] <= 1 + 4, probabilistic
+    assert 1 <= probabilistic["specdraft_predicted_acceptance_length"] <= 1 + 4, probabilistic
     assert {p for p in out.rglob("*")} == before | {out / "serving.json"}
     assert json.loads((out / "serving.json").read_text())["engine"] == "vllm"
     assert os.access(out / "serving.json", os.R_OK)

@@ -18,6 +18,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from specdraft.kernels import greedy_drafting_acceptance, token_acceptance
+from specdraft.pipeline.batches import Collator
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.decoding import (
     SpecStats,
@@ -30,11 +32,14 @@ from specdraft.pipeline.decoding import (
 from specdraft.pipeline.evaluation import (
     DraftRuns,
     PromptSet,
+    acceptance_length,
     analytic_acceptance,
     continuation_sequences,
     draft_metrics,
     evaluate_draft,
+    expected_rounds,
     judge_draft,
+    position_acceptance,
     prompt_sets,
     spec_prompt_rows,
     task_indices,
@@ -1038,3 +1043,87 @@ def test_a_clear_mismatch_still_raises():
         tie_run(delta=3.0, tolerance=0.02)  # 3.0 apart at a top logit of 10: no tie
     with pytest.raises(LosslessError, match="1 prompt"):
         tie_run(delta=1e-3, tolerance=0.0)  # tolerance 0: every difference fails
+
+
+# --- acceptance under each drafting rule and the acceptance length an engine reports ----------
+
+
+@pytest.mark.parametrize(
+    ("acceptance", "gamma", "expected"),
+    [
+        ([1.0] * 9, 4, (7.0, 2.0)),  # rounds at 1 (accepts 1-4) and 6 (accepts 6-8)
+        ([0.0] * 5, 4, (0.0, 4.0)),  # a round per position after the first
+        # deterministic pattern, gamma 3: at 1 accept 1-2, at 4 accept 4-6, at 8 accept 8
+        ([0.0, 1, 1, 0, 1, 1, 1, 1, 1, 0], 3, (6.0, 3.0)),
+        # by hand: at 2, E[acc] = 0.5 in 1 round; at 1, 0.5 * (0 + 0.5) + 0.5 * 1 in 1.5 rounds
+        ([0.0, 0.5, 0.5], 1, (0.75, 1.5)),
+        ([1.0], 4, (0.0, 0.0)),  # the prefill's token alone: no round
+    ],
+)
+def test_expected_rounds_by_hand(acceptance, gamma, expected):
+    accepted, rounds = expected_rounds(acceptance, gamma)
+    assert (accepted, rounds) == pytest.approx(expected)
+
+
+def test_acceptance_length_is_vllm_pooled_definition():
+    # an engine trace: four rounds accepting 2, 0, 3 and 1 drafts -> 1 + 6 / 4
+    assert acceptance_length(6, 4) == 2.5 and acceptance_length(0, 0) is None
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_predicted_rounds_equal_greedy_decoding(llamas, gamma, seed):
+    """At T = 0 the prediction from per-position agreement is exact: specdraft's decoder (rounds
+    from position 0, the last position never drafted) accepts and calls the target as predicted."""
+    target, drafts = llamas
+    ids = prompt_of(5, seed=seed)
+    n = 24
+    out, stats = speculative_generate(target, drafts["near"], ids, gamma=gamma, max_new_tokens=n)
+    prompt = ids[0].tolist()
+    sequence = {"input_ids": prompt + out.tolist(), "response_mask": [0] * 5 + [1] * n}
+    agree = position_acceptance(target, drafts["near"], Collator(PAD)([sequence]), 0.0).agreement
+    assert 0 < agree.mean() < 1  # the test means something only when some drafts are rejected
+    accepted, rounds = expected_rounds(agree.tolist()[: n - 1] + [0.0], gamma, first=0)
+    assert (accepted, rounds) == (stats.accepted, stats.target_calls)
+
+
+def test_greedy_drafting_acceptance_on_hand_written_distributions():
+    # identity heads: the hidden states are the logits
+    eye = torch.eye(3)
+    target = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))
+    draft = torch.log(torch.tensor([[0.2, 0.7, 0.1], [0.2, 0.7, 0.1]]))
+    greedy = greedy_drafting_acceptance(draft, eye, target, eye, temperature=1.0)
+    assert greedy.tolist() == pytest.approx([0.3, 0.6])  # p(argmax q) = p(1)
+    sampled = token_acceptance(draft, eye, target, eye, temperature=1.0)
+    assert sampled.tolist() == pytest.approx([0.2 + 0.3 + 0.1, 0.1 + 0.6 + 0.1])
+    # at T = 0.5 the target sharpens: p_T(1) = 0.3^2 / (0.25 + 0.09 + 0.04)
+    half = greedy_drafting_acceptance(draft, eye, target, eye, temperature=0.5)
+    assert half[0] == pytest.approx(0.09 / 0.38)
+    assert greedy_drafting_acceptance(draft, eye, target, eye, 0).tolist() == [0.0, 1.0]
+
+
+def test_served_rule_is_the_jobs(llamas):
+    target, drafts = llamas
+    rows = eval_rows(4)
+    continuations = [list(range(1, 9)) for _ in rows]
+    sequences = continuation_sequences(rows, continuations)
+    greedy = analytic_acceptance(target, drafts["near"], sequences, PAD, 1.0, drafting="greedy")
+    sampled = analytic_acceptance(
+        target, drafts["near"], sequences, PAD, 1.0, drafting="probabilistic"
+    )
+    by_rule = greedy["acceptance_by_rule"]
+    assert by_rule == sampled["acceptance_by_rule"]
+    assert by_rule["probabilistic"]["acceptance"] == pytest.approx(greedy["alpha"])
+    assert by_rule["agreement_t0"]["acceptance"] == pytest.approx(greedy["alpha_greedy"])
+    assert greedy["served"] == {
+        "drafting": "greedy",
+        "temperature": 1.0,
+        **by_rule["greedy_drafting"],
+    }
+    assert sampled["served"]["acceptance"] == by_rule["probabilistic"]["acceptance"]
+    assert by_rule["greedy_drafting"]["acceptance"] != by_rule["probabilistic"]["acceptance"]
+    cold = analytic_acceptance(
+        target, drafts["near"], sequences, PAD, 0.0, drafting="probabilistic"
+    )
+    assert cold["served"]["acceptance"] == cold["alpha_greedy"]  # T = 0: agreement, any rule
+    assert greedy["tasks"]["a"]["served"]["drafting"] == "greedy"

@@ -393,6 +393,14 @@ class EvaluateConfig:
     temperature: float = opt(
         1.0, "Temperature of alpha and of sampled speculative decoding (greedy is run too).", lo=0
     )
+    drafting: str = opt(
+        "greedy",
+        "How the serving engine drafts: `greedy` (the draft's argmax, vLLM's and SGLang's default and "
+        "the only rule for mapped vocabularies) or `probabilistic` (a token sampled from the draft; "
+        "vLLM's draft_sample_method=probabilistic). The metrics' `served` entry, the headline of "
+        "reports and the history, is this rule's acceptance at `temperature`.",
+        choices=["greedy", "probabilistic"],
+    )
     max_new_tokens: int = opt(48, "Tokens generated per eval prompt.", lo=1)
     prompts_per_task: int = opt(16, "Eval prompts per task for alpha.", lo=1)
     spec_prompts_per_task: int = opt(

@@ -7,6 +7,12 @@ replays the same speculative-decoding prompts (spec_prompt_rows) in a serving en
   response positions of target-generated continuations of eval prompts (DistillSpec's definition);
   also per task and per position bucket (`early` / `late` half of each continuation).
 - `alpha_greedy`: top-1 agreement of draft and target at the same positions.
+- `acceptance_by_rule`: the acceptance of a drafted token at the same positions under each drafting
+  rule (kernels/acceptance.py): `probabilistic` (= alpha), `greedy_drafting` (E[p_T(argmax q)],
+  what vLLM's and SGLang's draft models deliver by default) and `agreement_t0` (= alpha_greedy);
+  beside each, the acceptance length a serving engine would report (expected_rounds).
+- `served`: the rule the job serves with (evaluate.drafting, evaluate.temperature): its acceptance
+  and acceptance length, the headline of reports and the history.
 - `spec_alpha` / `tau`: accepted / drafted tokens and tokens per target call (bonus included) from
   real speculative decoding with `gamma` drafted tokens at the evaluation temperature, in batches
   of `batch_size` prompts whose rows accept independently.
@@ -22,11 +28,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from specdraft.drafts.hidden_states import hidden_and_head
-from specdraft.kernels import token_acceptance
+from specdraft.kernels import greedy_drafting_acceptance, token_acceptance
 from specdraft.pipeline.batches import Collator
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.sequences import sample_responses
@@ -60,16 +67,42 @@ DEFINITIONS = {
     "lossless_greedy": "greedy speculative output equals target-only greedy output token for "
     "token, or leaves it only at a near tie (both tokens' target logits within tie_tolerance * "
     "max(1, |top logit|) of the top logit)",
+    "acceptance_by_rule": "acceptance of a drafted token at alpha's positions under each drafting "
+    "rule: probabilistic = sum_v min(p_v, q_v) (= alpha), greedy_drafting = p_T(argmax q) (the "
+    "draft proposes its argmax; rejection sampling at temperature T accepts it with probability "
+    "p_T), agreement_t0 = [argmax q == argmax p] (= alpha_greedy; both rules at T = 0)",
+    "acceptance_length": "expected tokens per verification round as vLLM reports it (pooled: 1 + "
+    "accepted / rounds over all continuations), predicted from the per-position acceptance: "
+    "rounds of gamma drafted tokens start after the first generated token (the engine's prefill "
+    "makes it), a round accepts a prefix of its drafts position by position and restarts after "
+    "the first rejection",
+    "served": "the acceptance and acceptance_length of the rule the job serves with "
+    "(evaluate.drafting at evaluate.temperature; agreement at T = 0): the headline",
     "lossless_near_tie_mismatches": "spec prompts whose greedy output left the target-only one at "
     "a near tie (bf16 rounding breaks exact ties either way); lossless_near_tie_rate: their share",
+}
+
+
+class PositionAcceptance(NamedTuple):
+    """A drafted token's acceptance at every counted position (N,) under each drafting rule."""
+
+    probabilistic: torch.Tensor  # β = Σ min(p, q) at the temperature
+    greedy_drafting: torch.Tensor  # p_T(argmax q)
+    agreement: torch.Tensor  # [argmax q == argmax p]
+
+
+RULES = {  # acceptance_by_rule key -> PositionAcceptance field
+    "probabilistic": "probabilistic",
+    "greedy_drafting": "greedy_drafting",
+    "agreement_t0": "agreement",
 }
 
 
 @torch.no_grad()
 def position_acceptance(
     target, draft, batch: dict, temperature: float, vocab: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """β (N,) and top-1 agreement (N,) at every response position of a padded batch, over the
+) -> PositionAcceptance:
+    """The acceptance at every response position of a padded batch under each rule, over the
     first `vocab` (the tokenizer's length) logits of both heads."""
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     counted = labels[:, 1:] != -100
@@ -78,8 +111,37 @@ def position_acceptance(
     t_hidden, d_hidden = t_hidden[:, :-1][counted], d_hidden[:, :-1][counted]  # (N, H)
     agree = token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature=0)  # (N,)
     if temperature == 0:
-        return agree, agree
-    return token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature), agree
+        return PositionAcceptance(agree, agree, agree)
+    return PositionAcceptance(
+        token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature),
+        greedy_drafting_acceptance(d_hidden, d_head, t_hidden, t_head, temperature),
+        agree,
+    )
+
+
+def expected_rounds(acceptance: list[float], gamma: int, first: int = 1) -> tuple[float, float]:
+    """(expected accepted drafts, expected rounds) of speculative decoding along one continuation
+    whose drafted token at position j is accepted with probability acceptance[j], independently
+    given the context: each round drafts `gamma` tokens, accepts the longest prefix the verifier
+    accepts and emits one token more; rounds start at position `first` (1: the engine's prefill
+    emits position 0) and go on while positions remain. Positions past the end accept nothing."""
+    n = len(acceptance)
+    acc, rounds = [0.0] * (n + gamma + 2), [0.0] * (n + gamma + 2)
+    for t in range(n - 1, first - 1, -1):
+        reach, e_acc, e_rounds = 1.0, 0.0, 1.0  # reach: P(the first k drafts were accepted)
+        for k in range(gamma + 1):
+            a = acceptance[t + k] if k < gamma and t + k < n else 0.0
+            stop = reach * (1.0 - a)  # P(exactly k accepted)
+            e_acc += stop * (k + acc[t + k + 1])
+            e_rounds += stop * rounds[t + k + 1]
+            reach *= a
+        acc[t], rounds[t] = e_acc, e_rounds
+    return (acc[first], rounds[first]) if first < n else (0.0, 0.0)
+
+
+def acceptance_length(accepted: float, rounds: float) -> float | None:
+    """vLLM's mean acceptance length, pooled: 1 + accepted / rounds (None without a round)."""
+    return 1.0 + accepted / rounds if rounds else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -91,74 +153,130 @@ def position_bucket(j: int, n: int) -> str:
     return "early" if 2 * j < n else "late"
 
 
-def _acceptance_summary(beta: list[float], agree: list[float]) -> dict:
-    return {"alpha": _mean(beta), "alpha_greedy": _mean(agree), "num_positions": len(beta)}
+def _acceptance_summary(cell: dict[str, list[float]]) -> dict:
+    return {
+        "alpha": _mean(cell["probabilistic"]),
+        "alpha_greedy": _mean(cell["agreement_t0"]),
+        "num_positions": len(cell["probabilistic"]),
+    }
 
 
 def analytic_values(
-    target, draft, sequences: list[dict], pad_id: int, temperature: float, vocab=None
+    target, draft, sequences: list[dict], pad_id: int, temperature: float, vocab=None, gamma=4
 ) -> tuple[dict, list[dict]]:
-    """β and agreement at every response position, by (task, position bucket), and per sequence
-    their means (the rows paired comparisons read)."""
+    """The acceptance under each rule at every response position, by (task, position bucket), and
+    per sequence their means and expected rounds under each rule (the rows paired comparisons
+    read)."""
     collate = Collator(pad_id)
-    # (task, bucket) -> lists of β and agreement at the positions there
+    # (task, bucket) -> rule -> the acceptances at the positions there
     values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(
-        lambda: {"beta": [], "agree": []}
+        lambda: {rule: [] for rule in RULES}
     )
     per_prompt = []
     for start in range(0, len(sequences), 16):
         chunk = sequences[start : start + 16]
         batch = collate(chunk)
-        beta, agree = position_acceptance(target, draft, batch, temperature, vocab)
+        measured = position_acceptance(target, draft, batch, temperature, vocab)
+        by_rule = {rule: getattr(measured, name).tolist() for rule, name in RULES.items()}
         counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-        beta, agree = beta.tolist(), agree.tolist()
         offset = 0
         for row, n in zip(chunk, counts, strict=True):
+            mine = {rule: v[offset : offset + n] for rule, v in by_rule.items()}
             for j in range(n):
                 cell = values[(row["task"], position_bucket(j, n))]
-                cell["beta"].append(beta[offset + j])
-                cell["agree"].append(agree[offset + j])
+                for rule in RULES:
+                    cell[rule].append(mine[rule][j])
             per_prompt.append(
                 {
                     "prompt": row.get("prompt", ""),
                     "task": row["task"],
-                    "alpha": _mean(beta[offset : offset + n]),
-                    "alpha_greedy": _mean(agree[offset : offset + n]),
+                    "alpha": _mean(mine["probabilistic"]),
+                    "alpha_greedy": _mean(mine["agreement_t0"]),
+                    "greedy_drafting": _mean(mine["greedy_drafting"]),
+                    # expected (accepted, rounds) per rule: pooled into acceptance lengths
+                    "rounds": {rule: expected_rounds(v, gamma) for rule, v in mine.items()},
                 }
             )
             offset += n
     return dict(values), per_prompt
 
 
-def summarize_analytic(values: dict, per_prompt: list[dict]) -> dict:
-    """alpha and alpha_greedy overall, per task and per position bucket."""
+def rule_summary(cells: list[dict], rows: list[dict]) -> dict:
+    """acceptance_by_rule over the positions of `cells` and the rounds of `rows`."""
+    summary = {}
+    for rule in RULES:
+        accepted = sum(r["rounds"][rule][0] for r in rows)
+        rounds = sum(r["rounds"][rule][1] for r in rows)
+        summary[rule] = {
+            "acceptance": _mean([x for c in cells for x in c[rule]]),
+            "acceptance_length": acceptance_length(accepted, rounds),
+        }
+    return summary
 
-    def summary(task: str | None = None, bucket: str | None = None) -> dict:
-        cells = [
+
+DRAFTING = {"greedy": "greedy_drafting", "probabilistic": "probabilistic"}  # evaluate.drafting
+
+
+def served_rule(drafting: str, temperature: float) -> str:
+    """The acceptance_by_rule key a job serving with `drafting` (evaluate.drafting) at
+    `temperature` is judged by: agreement at T = 0, whatever the drafting rule."""
+    return "agreement_t0" if temperature == 0 else DRAFTING[drafting]
+
+
+def summarize_analytic(
+    values: dict, per_prompt: list[dict], drafting: str = "greedy", temperature=1.0
+) -> dict:
+    """alpha and alpha_greedy overall, per task and per position bucket; the acceptance under each
+    rule and the served rule's (`drafting` at `temperature`) overall and per task."""
+    rule = served_rule(drafting, temperature)
+
+    def cells(task: str | None = None, bucket: str | None = None) -> list[dict]:
+        return [
             v
             for (t, b), v in values.items()
             if (task is None or t == task) and (bucket is None or b == bucket)
         ]
-        return _acceptance_summary(
-            [x for c in cells for x in c["beta"]], [x for c in cells for x in c["agree"]]
-        )
 
-    def with_buckets(task: str | None) -> dict:
+    def summary(task: str | None = None, bucket: str | None = None) -> dict:
+        chosen = cells(task, bucket)
+        return _acceptance_summary({r: [x for c in chosen for x in c[r]] for r in RULES})
+
+    def with_rules(task: str | None) -> dict:
+        rows = [r for r in per_prompt if task is None or r["task"] == task]
+        by_rule = rule_summary(cells(task), rows)
         buckets = {b: summary(task, b) for b in ("early", "late")}
-        return {**summary(task), "position_buckets": buckets}
+        return {
+            **summary(task),
+            "served": {
+                "drafting": drafting,
+                "temperature": temperature,
+                **by_rule[rule],
+            },
+            "acceptance_by_rule": by_rule,
+            "position_buckets": buckets,
+        }
 
     return {
-        **with_buckets(None),
-        "tasks": {task: with_buckets(task) for task in sorted({t for t, _ in values})},
+        **with_rules(None),
+        "tasks": {task: with_rules(task) for task in sorted({t for t, _ in values})},
         "per_prompt": per_prompt,
     }
 
 
 def analytic_acceptance(
-    target, draft, sequences: list[dict], pad_id: int, temperature: float
+    target,
+    draft,
+    sequences: list[dict],
+    pad_id: int,
+    temperature: float,
+    *,
+    gamma: int = 4,
+    drafting: str = "greedy",
 ) -> dict:
-    """alpha and alpha_greedy overall, per task and per position bucket over tokenised sequences."""
-    return summarize_analytic(*analytic_values(target, draft, sequences, pad_id, temperature))
+    """alpha and alpha_greedy overall, per task and per position bucket over tokenised sequences,
+    with the acceptance under each rule."""
+    values, per_prompt = analytic_values(target, draft, sequences, pad_id, temperature, None, gamma)
+    return summarize_analytic(values, per_prompt, drafting, temperature)
 
 
 def merge_metrics(analytic: dict, spec: dict) -> dict:
@@ -293,7 +411,7 @@ def judge_draft(
     runs = DraftRuns()
     for s in sets:
         values, alpha_rows = analytic_values(
-            target, draft, s.sequences, pad_id, cfg.temperature, s.vocab
+            target, draft, s.sequences, pad_id, cfg.temperature, s.vocab, cfg.gamma
         )
         spec = spec_runs(
             target,
@@ -314,7 +432,7 @@ def judge_draft(
 def draft_metrics(runs: DraftRuns, cfg: EvaluateConfig, target_only_seconds: float) -> dict:
     """Every metric of one draft from its (merged) runs; LosslessError if a greedy output differed."""
     return merge_metrics(
-        summarize_analytic(runs.values, runs.alpha_rows),
+        summarize_analytic(runs.values, runs.alpha_rows, cfg.drafting, cfg.temperature),
         summarize_spec(runs.spec, cfg, target_only_seconds),
     )
 

@@ -11,6 +11,7 @@ from specdraft.reports.page import document, esc, figure, md, table
 LABELS = {
     "alpha": "alpha (T=1)",
     "alpha_greedy": "alpha_greedy",
+    "greedy_drafting": "greedy drafting",
     "tau": "tau (T=1)",
     "tau_greedy": "tau (greedy)",
 }

@@ -26,8 +26,11 @@ from specdraft.errors import InputError
 HISTORY_FILE = "history.sqlite"
 ROLES = ("baseline", "reference", "final")
 OVERALL = "all"  # the task name of a draft's overall row
-METRICS = ("alpha", "alpha_greedy", "spec_alpha", "tau")
-REQUIRED = ("alpha", "tau")  # the series the regression rule follows
+METRICS = ("served", "alpha", "alpha_greedy", "spec_alpha", "tau")
+REQUIRED = ("alpha", "tau")  # every row has them; the regression rule follows them and `served`
+# the served rule's acceptance (metrics.json's served.acceptance): the headline, absent from rows
+# written before the serving rule was recorded
+OPTIONAL = ("served",)
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another one's transaction
 
 COLUMNS = (
@@ -51,7 +54,7 @@ CREATE TABLE IF NOT EXISTS acceptance (
     run_id TEXT NOT NULL,
     job TEXT, job_hash TEXT, target TEXT, draft TEXT, draft_role TEXT, task TEXT,
     gamma INTEGER, temperature REAL,
-    alpha REAL, alpha_greedy REAL, spec_alpha REAL, tau REAL,
+    served REAL, alpha REAL, alpha_greedy REAL, spec_alpha REAL, tau REAL,
     per_position TEXT,
     timestamp TEXT,
     code_version TEXT
@@ -63,8 +66,20 @@ def _connect(history_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(Path(history_dir) / HISTORY_FILE, timeout=BUSY_TIMEOUT_S)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(acceptance)")}
+    for column in OPTIONAL:  # a history made before the column existed gains it, empty
+        if column not in have:
+            conn.execute(f"ALTER TABLE acceptance ADD COLUMN {column} REAL")
     conn.execute("CREATE INDEX IF NOT EXISTS acceptance_run ON acceptance (run_id)")
     return conn
+
+
+def _metric(entry: dict, name: str):
+    """Metric `name` of one draft's (or task's) metrics.json entry."""
+    if name == "served":
+        served = entry.get("served")
+        return served.get("acceptance") if isinstance(served, dict) else None
+    return entry.get(name)
 
 
 def _number(value: Any) -> float | None:
@@ -112,7 +127,7 @@ def metrics_to_rows(
                 "task": str(task),
                 "gamma": metrics.get("gamma"),
                 "temperature": _number(metrics.get("temperature")),
-                **{m: _number(entry.get(m)) for m in METRICS},
+                **{m: _number(_metric(entry, m)) for m in METRICS},
                 "per_position": json.dumps(entry.get("per_position")),
                 "timestamp": timestamp,
                 "code_version": code_version,
@@ -127,6 +142,7 @@ def metrics_to_rows(
                 "task": OVERALL,
                 "gamma": served.get("gamma"),
                 "temperature": 0.0,
+                "served": _number(served.get("accept_rate")),
                 "alpha": _number(served.get("accept_rate")),
                 "alpha_greedy": _number(served.get("accept_rate")),
                 "spec_alpha": _number(served.get("accept_rate")),
@@ -229,10 +245,11 @@ def find_regressions(
 ) -> list[dict]:
     """Regressions of the newest run of each (job, target, task) series of the `final` draft.
 
-    The newest alpha (or tau) regresses when it drops by more than `threshold` below both the
-    previous run's value and the median of the `window` runs before it. For alpha the drop is
-    absolute (0.02 = two points of acceptance); for tau it is relative (0.02 = 2 % fewer tokens per
-    target pass), since tau's scale grows with gamma. `drop` is the smaller of the two drops.
+    The newest served acceptance, alpha or tau regresses when it drops by more than `threshold`
+    below both the previous run's value and the median of the `window` runs before it (served:
+    over the runs that recorded it). For acceptances the drop is absolute (0.02 = two points of
+    acceptance); for tau it is relative (0.02 = 2 % fewer tokens per target pass), since tau's
+    scale grows with gamma. `drop` is the smaller of the two drops.
     """
     if not (math.isfinite(threshold) and threshold >= 0) or window < 1:  # NaN would flag nothing
         raise InputError(
@@ -243,9 +260,12 @@ def find_regressions(
         if len(points) < 2:
             continue
         newest, before = points[-1], points[-1 - window : -1]
-        for metric in REQUIRED:
-            current, previous = newest[metric], before[-1][metric]
-            median = statistics.median(p[metric] for p in before)
+        for metric in (*OPTIONAL, *REQUIRED):
+            earlier = [p for p in before if p.get(metric) is not None]
+            if newest.get(metric) is None or not earlier:
+                continue  # a series from before the metric was recorded
+            current, previous = newest[metric], earlier[-1][metric]
+            median = statistics.median(p[metric] for p in earlier)
             drop = min(_drop(metric, previous, current), _drop(metric, median, current))
             if drop > threshold:
                 found.append(

@@ -105,13 +105,35 @@ def _sampled_summary(sampled: dict | None) -> dict | None:
     }
 
 
+def served_headline(metrics: dict) -> str | None:
+    """The headline sentence: the served rule's acceptance and acceptance length, baseline →
+    final (None for metrics made before the serving rule was recorded)."""
+    base, final = metrics.get("baseline") or {}, metrics.get("final") or {}
+    b, f = base.get("served"), final.get("served")
+    if not isinstance(f, dict):
+        return None
+    b = b if isinstance(b, dict) else {}
+    a0, a1 = b.get("acceptance"), f.get("acceptance")
+    l0, l1 = b.get("acceptance_length"), f.get("acceptance_length")
+    return (
+        f"Served as the job serves it ({f.get('drafting')} drafting, T = "
+        f"{_fmt(f.get('temperature'), 2)}, γ = {metrics.get('gamma', 'n/a')}): acceptance "
+        f"{_fmt(a0, 3)} → {_fmt(a1, 3)} ({_delta(a0, a1, 3)}), acceptance length "
+        f"{_fmt(l0, 2)} → {_fmt(l1, 2)} ({_delta(l0, l1, 2)}), baseline → final"
+    )
+
+
 def render_summary_markdown(metrics: dict) -> str:
-    """A short Markdown summary (per-task α and τ, baseline → final, and the lossless check)."""
+    """A short Markdown summary (the served headline, per-task α and τ, baseline → final, and the
+    lossless check)."""
     job = metrics.get("job") or "unknown job"
     lines = [f"# specdraft run: {md(job)}", ""]
     facts = [f"{k} {md(metrics[k])}" for k in ("job_hash", "gamma", "temperature") if k in metrics]
     if facts:
         lines += [", ".join(facts), ""]
+    headline = served_headline(metrics)
+    if headline:
+        lines += [f"**{md(headline)}**", ""]
     rows = _task_rows(metrics)
     if rows:
         lines += [
@@ -203,9 +225,23 @@ def _summary_section(metrics: dict) -> str:
             f"{_delta_cell(t0, t1, 2)}<td>{_fmt(ref.get('alpha'), 3)}</td>"
             f"<td>{_fmt(ref.get('tau'), 2)}</td></tr>"
         )
-    summary = table(head, body)
+    headline = served_headline(metrics)
+    summary = (f"<p><b>{esc(headline)}</b></p>\n" if headline else "") + table(head, body)
     # Every overall number per draft, for readers who want the greedy and counting columns too.
     present = [d for d in DRAFTS if isinstance(metrics.get(d), dict)]
+    rule_rows = []
+    for rule in ("probabilistic", "greedy_drafting", "agreement_t0"):
+        for key, digits in (("acceptance", 3), ("acceptance_length", 2)):
+            cells = "".join(
+                "<td>"
+                + _fmt(
+                    ((metrics[d].get("acceptance_by_rule") or {}).get(rule) or {}).get(key), digits
+                )
+                + "</td>"
+                for d in present
+            )
+            if any(isinstance(metrics[d].get("acceptance_by_rule"), dict) for d in present):
+                rule_rows.append(f"<tr><td>{rule} {key.replace('_', ' ')}</td>{cells}</tr>")
     keys = ("alpha", "alpha_greedy", "spec_alpha", "spec_alpha_greedy", "tau", "tau_greedy")
     keys += ("num_positions", "num_prompts")
     detail_head = "<tr><th>overall</th>" + "".join(f"<th>{d}</th>" for d in present) + "</tr>"
@@ -214,6 +250,7 @@ def _summary_section(metrics: dict) -> str:
         digits = 0 if key.startswith("num_") else (2 if key.startswith("tau") else 3)
         cells = "".join(f"<td>{_fmt(metrics[d].get(key), digits)}</td>" for d in present)
         detail.append(f"<tr><td>{key}</td>{cells}</tr>")
+    detail += rule_rows
     return summary + "\n<h3>All overall metrics</h3>\n" + table(detail_head, detail)
 
 

@@ -39,6 +39,7 @@ class EvalRequest:
     data: str
     gamma: int = 4
     temperature: float = 0.0
+    drafting: str = "greedy"  # the serving engine's drafting rule: the `served` entry's
     max_new_tokens: int = 48
     num_prompts: int = 48
     batch_size: int = 8
@@ -68,6 +69,8 @@ def check_request(req: EvalRequest) -> None:
             )
     if not req.temperature >= 0:
         problems.append(f"--temperature must be >= 0, got {req.temperature}")
+    if req.drafting not in ("greedy", "probabilistic"):
+        problems.append(f"--drafting must be greedy or probabilistic, got {req.drafting!r}")
     if req.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"--dtype must be float32, bfloat16 or float16, got {req.dtype!r}")
     if problems:
@@ -204,6 +207,7 @@ def run_eval(req: EvalRequest) -> dict:
     cfg = EvaluateConfig(
         gamma=req.gamma,
         temperature=req.temperature,
+        drafting=req.drafting,
         max_new_tokens=req.max_new_tokens,
         batch_size=req.batch_size,
     )
@@ -242,7 +246,13 @@ def format_table(metrics: dict) -> str:
         return format(value, spec) if isinstance(value, int | float) else "n/a"
 
     head = f"{'task':<14} {'alpha':>6} {'alpha_greedy':>12} {'spec_alpha':>10} {'tau':>5} {'tau_greedy':>10}"
-    lines = [head]
+    served = metrics.get("served") or {}
+    lines = [
+        f"served ({served.get('drafting')} drafting, T = {fmt(served.get('temperature'), 'g')}): "
+        f"acceptance {fmt(served.get('acceptance'), '.3f')}, acceptance length "
+        f"{fmt(served.get('acceptance_length'), '.2f')}",
+        head,
+    ]
     rows = [("overall", metrics), *sorted(metrics["tasks"].items())]
     for name, m in rows:
         lines.append(

@@ -240,11 +240,20 @@ def _trend_figure(key: tuple[str, str, str], points: list[dict], flagged: set) -
     for i, metric in enumerate(("alpha", "tau")):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.plot(x, [p[metric] for p in points], marker="o", color="#e66101", label="final")
-        if (job, target, task, metric) in flagged:
-            ax.plot([x[-1]], [points[-1][metric]], "x", color="#cf222e", markersize=14, mew=3)
-            ax.set_title(f"{metric}: REGRESSION", color="#cf222e")
+        shown = [metric]
+        if metric == "alpha" and any(p.get("served") is not None for p in points):
+            # the served rule's acceptance (the headline) on the same axis, where recorded
+            served = [math.nan if p.get("served") is None else p["served"] for p in points]
+            ax.plot(x, served, marker="s", color="#5e3c99", label="served")
+            ax.legend(fontsize=7)
+            shown.append("served")
+        bad = [m for m in shown if (job, target, task, m) in flagged]
+        for m in bad:
+            ax.plot([x[-1]], [points[-1][m]], "x", color="#cf222e", markersize=14, mew=3)
+        if bad:
+            ax.set_title(f"{' and '.join(shown)}: REGRESSION", color="#cf222e")
         else:
-            ax.set_title(metric)
+            ax.set_title(" and ".join(shown))
         step = max(1, len(x) // 6)
         ax.set_xticks(x[::step], labels[::step], rotation=30, fontsize=7)
         ax.grid(alpha=0.3)

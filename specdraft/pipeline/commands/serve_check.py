@@ -44,6 +44,7 @@ Z_LIMIT = 4.0  # |z| of a sampled run's replay within which the engine follows i
 # rebuilt steps vs the engine's count: near-ties in the draft's argmax break differently under the
 # engine's kernels now and then (on the real pair at T = 0 too: 588 vs 586 drafted tokens)
 STEP_SLACK = 0.02
+DRAFTING_CHOICES = ("greedy", "probabilistic", "both")  # the rules serve-check serves at T > 0
 
 
 def engine_dir() -> Path:
@@ -328,6 +329,7 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
         "drafted": drafted,
         "accept_rate": accepted / drafted if drafted else None,
         "drafts": drafts,
+        "acceptance_length": 1 + accepted / drafts if drafts else None,
         "accepted_per_pos": at_pos,
         "per_pos_of_drafts": [a / drafts if drafts else None for a in at_pos],
         "generated_tokens": generated,
@@ -336,15 +338,18 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
 
 
 def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: float) -> dict:
-    """At T > 0 over the target's greedy continuations: E[Σ min(p, q)] (specdraft's rejection
-    sampling with sampled drafts) and E[p(argmax q)] (the engine's greedy drafts, accepted with
-    probability p(x))."""
+    """At T > 0 over the target's greedy continuations, under each drafting rule: the acceptance
+    of a drafted token, E[Σ min(p, q)] (probabilistic drafting, as specdraft's decoder drafts) and
+    E[p(argmax q)] (greedy drafting, vLLM's default), and the acceptance length an engine would
+    report (pipeline/evaluation.expected_rounds: rounds after the prefill's token)."""
     import torch
 
     from specdraft.drafts.hidden_states import hidden_and_head
-    from specdraft.kernels.acceptance import token_acceptance
+    from specdraft.kernels.acceptance import greedy_drafting_acceptance, token_acceptance
+    from specdraft.pipeline.evaluation import acceptance_length, expected_rounds
 
-    beta, greedy = [], []
+    values = {"sampled": [], "greedy": []}
+    rounds = {"sampled": [0.0, 0.0], "greedy": [0.0, 0.0]}
     with torch.no_grad():
         for row, cont in zip(p.rows, continuations, strict=True):
             if not cont:
@@ -354,13 +359,22 @@ def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: fl
             ht, wt = hidden_and_head(target, ids)
             hd, wd = hidden_and_head(draft, ids)
             ht, hd = ht[0, span], hd[0, span]
-            beta += token_acceptance(hd, wd, ht, wt, temperature).tolist()
-            pt = torch.softmax((ht @ wt.T) / temperature, -1)
-            drafted = (hd @ wd.T).argmax(-1, keepdim=True)
-            greedy += pt.gather(-1, drafted).squeeze(-1).tolist()
+            mine = {
+                "sampled": token_acceptance(hd, wd, ht, wt, temperature).tolist(),
+                "greedy": greedy_drafting_acceptance(hd, wd, ht, wt, temperature).tolist(),
+            }
+            for rule, acceptance in mine.items():
+                values[rule] += acceptance
+                accepted, n_rounds = expected_rounds(acceptance, p.gamma)
+                rounds[rule][0] += accepted
+                rounds[rule][1] += n_rounds
+    mean = {rule: sum(v) / len(v) if v else None for rule, v in values.items()}
+    length = {rule: acceptance_length(*rounds[rule]) for rule in rounds}
     return {
-        "alpha_sampled_drafts": sum(beta) / len(beta) if beta else None,
-        "alpha_greedy_drafts": sum(greedy) / len(greedy) if greedy else None,
+        "alpha_sampled_drafts": mean["sampled"],
+        "alpha_greedy_drafts": mean["greedy"],
+        "acceptance_length_sampled_drafts": length["sampled"],
+        "acceptance_length_greedy_drafts": length["greedy"],
     }
 
 
@@ -428,10 +442,13 @@ def engine_side(
     temperatures: list[float],
     *,
     trust_remote_code: bool = False,
+    drafting: str = "greedy",
 ) -> dict:
-    """One engine process: the target (with the draft when given) at each temperature; model
-    code runs in it only with `trust_remote_code` (vLLM has one setting for both models)."""
+    """One engine process: the target (with the draft when given, drafting by `drafting`: vLLM's
+    draft_sample_method) at each temperature; model code runs in it only with
+    `trust_remote_code` (vLLM has one setting for both models)."""
     request = {
+        "draft_sample_method": drafting,
         "trust_remote_code": trust_remote_code,
         "target": str(target),
         "draft": str(draft) if draft else None,
@@ -455,7 +472,7 @@ def engine_side(
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(json.dumps(request))
         worker = Path(__file__).with_name("vllm_worker.py")
-        what = "target + draft" if draft else "target only"
+        what = f"target + draft ({drafting} drafting)" if draft else "target only"
         print(f"[specdraft] serving {what} in vLLM ({len(p.rows)} prompts)", file=sys.stderr)
         proc = subprocess.run(
             [str(engine_python()), str(worker), str(req), str(resp)],
@@ -505,6 +522,7 @@ def compare(
         if greedy["num_draft_tokens"]
         else None,
         "drafts": drafts,
+        "acceptance_length": _acceptance_length(greedy),
         "per_pos_of_drafts": [a / drafts if drafts else None for a in greedy["accepted_per_pos"]],
         "generated_tokens": greedy["generated_tokens"],
         # every request's prefill is a target step too (it emits the first token)
@@ -541,7 +559,47 @@ def compare(
             spec, sampled, replays, served.get("defects", []), served["version"], temperature
         )
         result["explanations"] += result["temperature"].pop("explanations")
+    if temperature > 0 and served.get("probabilistic_runs"):
+        result["probabilistic"] = probabilistic_comparison(
+            spec, served["probabilistic_runs"], temperature
+        )
     return result
+
+
+def _acceptance_length(run: dict) -> float | None:
+    """vLLM's mean acceptance length of one engine run: 1 + accepted / drafts."""
+    return 1 + run["num_accepted_tokens"] / run["num_drafts"] if run["num_drafts"] else None
+
+
+def probabilistic_comparison(spec: dict, runs: list[dict], temperature: float) -> dict:
+    """The engine drafting by sampling from the draft (draft_sample_method=probabilistic: accepted
+    with min(1, p/q), the rule specdraft's alpha describes) beside specdraft's prediction. When the
+    engine has its CPU sampler defect, the run with it fixed is the one compared."""
+    run = next((r for r in runs if r.get("engine_fix")), runs[0])
+    drafted = run["num_draft_tokens"]
+    engine_length = _acceptance_length(run)
+    predicted = spec.get("acceptance_length_sampled_drafts")
+    return {
+        "temperature": temperature,
+        "engine_fix": run.get("engine_fix"),
+        "engine_accept_rate": run["num_accepted_tokens"] / drafted if drafted else None,
+        "engine_acceptance_length": engine_length,
+        "specdraft_alpha_sampled_drafts": spec.get("alpha_sampled_drafts"),
+        "specdraft_predicted_acceptance_length": predicted,
+        "acceptance_length_ratio": engine_length / predicted
+        if engine_length is not None and predicted
+        else None,
+        "runs": [
+            {
+                "engine_fix": r.get("engine_fix"),
+                "num_drafts": r["num_drafts"],
+                "num_draft_tokens": r["num_draft_tokens"],
+                "num_accepted_tokens": r["num_accepted_tokens"],
+                "acceptance_length": _acceptance_length(r),
+            }
+            for r in runs
+        ],
+    }
 
 
 def sampled_comparison(
@@ -563,6 +621,7 @@ def sampled_comparison(
             "engine_fix": run.get("engine_fix"),
             "engine_accept_rate": run["num_accepted_tokens"] / drafted if drafted else None,
             "engine_drafts": run["num_drafts"],
+            "engine_acceptance_length": _acceptance_length(run),
             "engine_tokens_per_step": run["generated_tokens"]
             / (run["num_drafts"] + len(run["outputs"]))
             if run["num_drafts"]
@@ -626,6 +685,7 @@ def sampled_comparison(
         "engine_defects": defects,
         "runs": entries,
         "specdraft_predicted_for_greedy_drafts": predicted,
+        "specdraft_predicted_acceptance_length": spec.get("acceptance_length_greedy_drafts"),
         "specdraft_alpha_sampled_drafts": spec.get("alpha_sampled_drafts"),
         "explanations": notes,
     }
@@ -701,7 +761,12 @@ def serve_check(
     gamma: int | None = None,
     temperature: float | None = None,
     n_prompts: int | None = None,
+    drafting: str = "both",
 ) -> dict:
+    """Serve the run's target with its exported draft and beside it specdraft's numbers on the same
+    prompts: at T = 0, and at `temperature` (default: the run's) when it is above 0 with each
+    drafting rule `drafting` names (`greedy`, `probabilistic` or `both`); writes serving.json into
+    the run directory and returns its contents."""
     from specdraft.drafts.pair import shipped_code
     from specdraft.pipeline.engine.rundir import read_run, read_run_job, run_store, run_trust
 
@@ -713,6 +778,8 @@ def serve_check(
         raise InputError(f"--temperature {temperature}: must be finite and >= 0")
     if n_prompts is not None and n_prompts < 1:
         raise InputError(f"--prompts {n_prompts}: must be >= 1")
+    if drafting not in DRAFTING_CHOICES:
+        raise InputError(f"--drafting {drafting}: one of {', '.join(DRAFTING_CHOICES)}")
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if run["kind"] != "run":
@@ -741,7 +808,22 @@ def serve_check(
         p.temperature = temperature
     temps = [0.0] + ([p.temperature] if p.temperature > 0 else [])
     start = time.time()
+    # T = 0 is the same under both rules: the greedy engine serves it
     served = engine_side(target, draft, p, temps, trust_remote_code=engine_trust)
+    if p.temperature > 0 and drafting in ("probabilistic", "both"):
+        probabilistic = engine_side(
+            target,
+            draft,
+            p,
+            [p.temperature],
+            trust_remote_code=engine_trust,
+            drafting="probabilistic",
+        )
+        served["probabilistic_runs"] = probabilistic["runs"]
+    if (
+        p.temperature > 0 and drafting == "probabilistic"
+    ):  # the greedy engine's T > 0 run: not asked
+        served["runs"] = [r for r in served["runs"] if r["temperature"] == 0]
     target_only = engine_side(target, None, p, [0.0], trust_remote_code=engine_trust)
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
     from specdraft.drafts.models import load_causal_lm
@@ -813,6 +895,8 @@ def format_result(result: dict) -> str:
         f"{'drafted tokens':<26}{e['drafted']:>10}{s['drafted']:>12}",
         f"{'tokens per target step':<26}{f(e['tokens_per_step'], '.2f'):>10}"
         f"{f(s['tokens_per_step'], '.2f'):>12}",
+        f"{'acceptance length':<26}{f(e['acceptance_length'], '.2f'):>10}"
+        f"{f(s.get('acceptance_length'), '.2f'):>12}",
     ]
     for i, (a, b) in enumerate(zip(e["per_pos_of_drafts"], s["per_pos_of_drafts"], strict=True)):
         lines.append(f"{'  position ' + str(i + 1):<26}{f(a):>10}{f(b):>12}")
@@ -844,7 +928,20 @@ def format_result(result: dict) -> str:
             )
         lines.append(
             f"specdraft's alpha with sampled drafts: {f(t['specdraft_alpha_sampled_drafts'])}; "
-            f"E[p(argmax q)] along greedy text: {f(t['specdraft_predicted_for_greedy_drafts'])}"
+            f"E[p(argmax q)] along greedy text: {f(t['specdraft_predicted_for_greedy_drafts'])}; "
+            f"greedy drafting's acceptance length: vLLM "
+            f"{f(t['runs'][-1]['engine_acceptance_length'], '.2f')}, predicted "
+            f"{f(t['specdraft_predicted_acceptance_length'], '.2f')}"
+        )
+    if "probabilistic" in result:
+        pr = result["probabilistic"]
+        how = f"with {pr['engine_fix']} fixed" if pr["engine_fix"] else "as shipped"
+        lines.append(
+            f"T = {pr['temperature']:g}, vLLM probabilistic drafting {how}: accepted / drafted "
+            f"{f(pr['engine_accept_rate'])}, acceptance length "
+            f"{f(pr['engine_acceptance_length'], '.2f')}; specdraft predicts "
+            f"{f(pr['specdraft_predicted_acceptance_length'], '.2f')} (alpha "
+            f"{f(pr['specdraft_alpha_sampled_drafts'])})"
         )
     lines += ["", *("- " + n for n in result["explanations"])]
     return "\n".join(lines)

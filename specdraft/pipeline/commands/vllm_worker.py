@@ -4,6 +4,7 @@ specdraft, and speaks JSON through two files.
     python vllm_worker.py REQUEST.json RESPONSE.json
 
 REQUEST: {"target": dir, "draft": dir or null, "gamma": int, "prompts": [[token id, ...], ...],
+          "draft_sample_method": "greedy" | "probabilistic" (optional, default greedy),
           "max_new_tokens": int, "stop_token_ids": [int], "temperatures": [float], "seed": int,
           "dtype": str, "max_model_len": int, "memory_fraction": float}
 RESPONSE: {"engine": "vllm", "version": str, "defects": [{"name", "upstream", "expected", "got"}],
@@ -110,6 +111,7 @@ def serve(req: dict) -> dict:
             "method": "draft_model",
             "model": req["draft"],
             "num_speculative_tokens": req["gamma"],
+            "draft_sample_method": req.get("draft_sample_method", "greedy"),
         }
     llm = LLM(
         model=req["target"],

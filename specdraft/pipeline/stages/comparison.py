@@ -35,15 +35,19 @@ from specdraft.reports.compare_render import render_comparison, results_markdown
 METRICS = {
     "alpha": ("alpha", "alpha"),
     "alpha_greedy": ("alpha", "alpha_greedy"),
+    "greedy_drafting": ("alpha", "greedy_drafting"),
     "tau": ("spec", "tau"),
     "tau_greedy": ("spec", "tau_greedy"),
 }
+RULE_METRICS = {"greedy_drafting"}  # read from metrics.json's acceptance_by_rule
 EXACT_UP_TO = 14  # prompts: below this every sign pattern is enumerated
 PERMUTATIONS = 20_000
 
 DEFINITIONS = {
     "alpha": "expected acceptance sum_v min(p_v, q_v) at T = 1 over target continuations",
     "alpha_greedy": "top-1 agreement of draft and target at the same positions",
+    "greedy_drafting": "acceptance of the draft's argmax, p_T(argmax q) at the evaluation "
+    "temperature, at alpha's positions: what an engine drafting greedily (vLLM's default) accepts",
     "tau": "tokens per target call (bonus included) in real speculative decoding at T = 1",
     "tau_greedy": "tokens per target call in greedy speculative decoding",
     "mean ± std": "over seeds (sample std), of each seed's metric as `evaluate` reports it",
@@ -99,7 +103,9 @@ def _std(values: list[float]) -> float | None:
 
 def _metric(metrics: dict, task: str, name: str):
     entry = metrics if task == "all" else metrics.get("tasks", {}).get(task, {})
-    return entry.get(name)
+    if name in entry or name not in RULE_METRICS:
+        return entry.get(name)
+    return entry.get("acceptance_by_rule", {}).get(name, {}).get("acceptance")
 
 
 def _read(path: Path, name: str):
@@ -168,13 +174,13 @@ def compare_runs(config: dict, inputs: dict[str, Path]) -> dict:
         """Per prompt of `task`, the recipe's value averaged over seeds."""
         table, field = METRICS[metric]
         rows = [i for i, row in enumerate(first[table]) if task == "all" or row["task"] == task]
-        return [_mean([per_prompt[(recipe, s)][table][i][field] for s in seeds]) for i in rows]
+        return [_mean([per_prompt[(recipe, s)][table][i].get(field) for s in seeds]) for i in rows]
 
     def prompt_values(recipe: str, seed: int, metric: str, task: str) -> list[float | None]:
         """Per prompt of `task`, the value of one recipe's run on one seed."""
         table, field = METRICS[metric]
         rows = per_prompt[(recipe, seed)][table]
-        return [row[field] for row in rows if task == "all" or row["task"] == task]
+        return [row.get(field) for row in rows if task == "all" or row["task"] == task]
 
     results: dict = {}
     for recipe in recipes:

@@ -93,6 +93,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     metrics: dict = {
         "gamma": cfg.gamma,
         "temperature": cfg.temperature,
+        "drafting": cfg.drafting,
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size,
         "workers": len(parts),
@@ -108,12 +109,22 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
         per_prompt[name] = result.pop("per_prompt")
         result["model"] = model_location(inputs[DRAFTS[name]])
         metrics[name] = result
+        served = result["served"]
         print(
-            f"evaluate {name:<9} alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
+            f"evaluate {name:<9} served ({served['drafting']} drafting, T={served['temperature']:g}): "
+            f"acceptance={served['acceptance']:.3f} length={served['acceptance_length'] or math.nan:.2f}; "
+            f"alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
             f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f} "
             f"speedup={result['speedup'] or math.nan:.2f}"
         )
     metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in per_prompt)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     (out / "per_prompt.json").write_text(json.dumps(per_prompt, allow_nan=False))
-    return {n: {"alpha": metrics[n]["alpha"], "tau": metrics[n]["tau"]} for n in per_prompt}
+    return {
+        n: {
+            "served": metrics[n]["served"]["acceptance"],
+            "alpha": metrics[n]["alpha"],
+            "tau": metrics[n]["tau"],
+        }
+        for n in per_prompt
+    }
