@@ -131,12 +131,13 @@ def test_a_tiny_comparison_end_to_end(tmp_path):
     assert list(results["results"]) == ["fkl", "fkl_again", "adaspec"]
     for recipe, by_task in results["results"].items():
         for task in results["tasks"]:
-            for metric in ("alpha", "alpha_greedy", "tau", "tau_greedy"):
+            for metric in ("alpha", "alpha_greedy", "greedy_drafting", "tau", "tau_greedy"):
                 cell = by_task[task][metric]
-                assert len(cell["values"]) == 2
+                assert len(cell["per_seed"]) == 2 and len(cell["per_prompt"]) == 2
                 assert ("diff" in cell) == (recipe != "fkl")
-                if "p" in cell:
-                    assert 0 < cell["p"] <= 1
+                assert ("p_seed" in cell) == ("p_holm" in cell) == (recipe != "fkl")
+                if "p" in cell:  # printed only where a sign-flip test over its prompts can reject
+                    assert (cell["p"] is None) == (cell["pairs"] < 5), cell
     same = results["results"]["fkl_again"]["all"]["alpha"]
     assert same["diff"] == pytest.approx(0, abs=1e-9) and same["p"] == 1.0
     assert set(results["shared"]) == {"baseline", "reference"}

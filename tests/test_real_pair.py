@@ -191,7 +191,7 @@ def test_mismatched_tokenizer_stops_the_run_with_exit_2(real_pair, tmp_path):
 @pytest.mark.parametrize(
     "data,expected", [("missing.jsonl", "does not exist"), ("data.jsonl", "prompt")]
 )
-def test_bad_data_gets_one_message_and_leaves_only_the_log(real_pair, tmp_path, data, expected):
+def test_bad_data_gets_one_message_before_any_stage(real_pair, tmp_path, data, expected):
     store = tmp_path / "store"
     overrides = (
         [o for o in SMALL if not o.startswith("data.prompt_field")] + ["data.prompt_field=nope"]
@@ -212,5 +212,5 @@ def test_bad_data_gets_one_message_and_leaves_only_the_log(real_pair, tmp_path, 
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
-    assert [p.name for p in store.iterdir()] == ["logs"]
-    assert "FAILED" in (store / "logs" / "byo.log").read_text()
+    assert list(store.iterdir()) == []  # refused by the checks before any stage: no log, no artifact
+    assert not (tmp_path / "out").exists()
