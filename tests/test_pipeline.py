@@ -53,6 +53,17 @@ def test_metrics_have_every_draft_and_task(tiny_run):
         assert set(m["tasks"]) == {"arithmetic", "instruction", "code", "summary"}
         for task in m["tasks"].values():
             assert {"alpha", "alpha_greedy", "spec_alpha", "tau"} <= set(task)
+        # the serving rule's headline, each rule's acceptance, and the target's free text
+        by_rule = m["acceptance_by_rule"]
+        assert by_rule["probabilistic"]["acceptance"] == m["alpha"]
+        assert by_rule["agreement_t0"]["acceptance"] == m["alpha_greedy"]
+        assert m["served"] == {
+            "drafting": job.evaluate.drafting,
+            "temperature": job.evaluate.temperature,
+            **by_rule["greedy_drafting" if job.evaluate.drafting == "greedy" else "probabilistic"],
+        }
+        free = m["off_distribution"]["free_text"]
+        assert free["num_sequences"] == job.evaluate.free_text_prompts and free["num_positions"]
 
 
 def test_exported_draft_is_a_plain_hf_directory(tiny_run):

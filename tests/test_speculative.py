@@ -1127,3 +1127,28 @@ def test_served_rule_is_the_jobs(llamas):
     )
     assert cold["served"]["acceptance"] == cold["alpha_greedy"]  # T = 0: agreement, any rule
     assert greedy["tasks"]["a"]["served"]["drafting"] == "greedy"
+
+
+def test_free_text_is_the_targets_own_writing_judged_like_the_prompts(llamas):
+    """off_distribution: continuations the target samples from bos alone, judged by every rule."""
+    from specdraft.pipeline.evaluation import free_text_sequences, off_distribution_acceptance
+
+    target, drafts = llamas
+    tok = type(
+        "Tok",
+        (),
+        {"bos_token_id": 1, "eos_token_id": None, "pad_token_id": PAD, "__len__": lambda _: V},
+    )()
+    sequences = free_text_sequences(target, tok, 5, max_new_tokens=6, seed=0)
+    assert len(sequences) == 5 and all(s["input_ids"][0] == 1 for s in sequences)
+    assert all(s["response_mask"] == [0] + [1] * (len(s["input_ids"]) - 1) for s in sequences)
+    assert len({tuple(s["input_ids"]) for s in sequences}) > 1  # sampled, not one greedy text
+    again = free_text_sequences(target, tok, 5, max_new_tokens=6, seed=0)
+    assert again == sequences  # seeded
+    cfg = EvaluateConfig(gamma=3, temperature=1.0)
+    near = off_distribution_acceptance(target, drafts["near"], sequences, PAD, cfg)
+    far = off_distribution_acceptance(target, drafts["far"], sequences, PAD, cfg)
+    direct = analytic_acceptance(target, drafts["near"], sequences, PAD, 1.0, gamma=3)
+    assert near["served"] == direct["served"] and near["alpha"] == direct["alpha"]
+    assert near["num_sequences"] == 5 and near["num_positions"] == direct["num_positions"]
+    assert near["served"]["acceptance"] > far["served"]["acceptance"]

@@ -406,6 +406,13 @@ class EvaluateConfig:
     spec_prompts_per_task: int = opt(
         6, "Eval prompts per task for real speculative decoding.", lo=1
     )
+    free_text_prompts: int = opt(
+        16,
+        "Continuations the target samples from its bos token alone, where every draft's acceptance "
+        "is measured too (metrics' off_distribution.free_text): traffic unlike the job's prompts. "
+        "0 = off.",
+        lo=0,
+    )
     batch_size: int = opt(
         8,
         "Prompts per batch of real speculative decoding and of its target-only baseline; rows "

@@ -11,6 +11,9 @@ replays the same speculative-decoding prompts (spec_prompt_rows) in a serving en
   rule (kernels/acceptance.py): `probabilistic` (= alpha), `greedy_drafting` (E[p_T(argmax q)],
   what vLLM's and SGLang's draft models deliver by default) and `agreement_t0` (= alpha_greedy);
   beside each, the acceptance length a serving engine would report (expected_rounds).
+- `off_distribution.free_text`: the same acceptance on text the target writes freely from its bos
+  token alone (sampled at T = 1): traffic unlike the job's prompts, where a draft narrowed to one
+  prompt format shows the drop.
 - `served`: the rule the job serves with (evaluate.drafting, evaluate.temperature): its acceptance
   and acceptance length, the headline of reports and the history.
 - `spec_alpha` / `tau`: accepted / drafted tokens and tokens per target call (bonus included) from
@@ -76,6 +79,9 @@ DEFINITIONS = {
     "rounds of gamma drafted tokens start after the first generated token (the engine's prefill "
     "makes it), a round accepts a prefix of its drafts position by position and restarts after "
     "the first rejection",
+    "off_distribution": "free_text: the acceptance on evaluate.free_text_prompts continuations "
+    "the target samples at T = 1 from its bos token alone (no prompt): text unlike the job's "
+    "prompts",
     "served": "the acceptance and acceptance_length of the rule the job serves with "
     "(evaluate.drafting at evaluate.temperature; agreement at T = 0): the headline",
     "lossless_near_tie_mismatches": "spec prompts whose greedy output left the target-only one at "
@@ -305,6 +311,41 @@ def continuation_sequences(rows: list[dict], continuations: list[list[int]]) -> 
 
 
 TASK_SEED_STRIDE = 1_000_003  # task i's sampling is seeded apart from every other task's
+FREE_TEXT = "free_text"  # off_distribution's prompt set: the target writing from its bos token
+FREE_TEXT_FIRST_INDEX = 7 * TASK_SEED_STRIDE  # its sampling seeded apart from every task's
+
+
+def free_text_sequences(target, tokenizer, n: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """`n` continuations the target samples (T = 1) from its bos token alone (eos where it has
+    none), as the sequences analytic_values reads: text unlike the job's prompts."""
+    start = tokenizer.bos_token_id
+    start = tokenizer.eos_token_id if start is None else start
+    rows = [{"prompt": "", "prompt_ids": [start], "task": FREE_TEXT} for _ in range(n)]
+    continuations = sample_responses(
+        target,
+        tokenizer,
+        [r["prompt_ids"] for r in rows],
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        batch_size=32,
+        seed=seed,
+        desc="target free text",
+        first_index=FREE_TEXT_FIRST_INDEX,
+    )
+    return continuation_sequences(rows, continuations)
+
+
+def off_distribution_acceptance(
+    target, draft, sequences: list[dict], pad_id: int, cfg: EvaluateConfig, vocab=None
+) -> dict:
+    """alpha, alpha_greedy, served and acceptance_by_rule of `draft` on `sequences` (e.g.
+    free_text_sequences), without per-task or per-prompt detail."""
+    values, rows = analytic_values(
+        target, draft, sequences, pad_id, cfg.temperature, vocab, cfg.gamma
+    )
+    summary = summarize_analytic(values, rows, cfg.drafting, cfg.temperature)
+    keep = ("alpha", "alpha_greedy", "num_positions", "served", "acceptance_by_rule")
+    return {k: summary[k] for k in keep} | {"num_sequences": len(sequences)}
 
 
 def task_indices(rows: list[dict]) -> list[tuple[int, str]]:

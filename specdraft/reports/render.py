@@ -251,6 +251,21 @@ def _summary_section(metrics: dict) -> str:
         cells = "".join(f"<td>{_fmt(metrics[d].get(key), digits)}</td>" for d in present)
         detail.append(f"<tr><td>{key}</td>{cells}</tr>")
     detail += rule_rows
+    off = {d: (metrics[d].get("off_distribution") or {}).get("free_text") for d in present}
+    if any(isinstance(v, dict) for v in off.values()):
+        for label, pick, digits in (
+            (
+                "free text: served acceptance",
+                lambda v: (v.get("served") or {}).get("acceptance"),
+                3,
+            ),
+            ("free text: alpha", lambda v: v.get("alpha"), 3),
+        ):
+            cells = "".join(
+                f"<td>{_fmt(pick(off[d]) if isinstance(off[d], dict) else None, digits)}</td>"
+                for d in present
+            )
+            detail.append(f"<tr><td>{label}</td>{cells}</tr>")
     return summary + "\n<h3>All overall metrics</h3>\n" + table(detail_head, detail)
 
 

@@ -26,9 +26,12 @@ from specdraft.pipeline.engine.artifacts import (
 from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
 from specdraft.pipeline.evaluation import (
     DEFINITIONS,
+    FREE_TEXT,
     DraftRuns,
     draft_metrics,
+    free_text_sequences,
     judge_draft,
+    off_distribution_acceptance,
     prompt_sets,
     task_indices,
 )
@@ -44,8 +47,10 @@ def evaluate_tasks(
     tasks: list[tuple[int, str]],
     seed: int,
     trust: ModelTrust,
+    free_text: bool = False,
 ) -> dict:
-    """One worker's share: every draft's DraftRuns on the eval rows of `tasks`."""
+    """One worker's share: every draft's DraftRuns on the eval rows of `tasks`, and with
+    `free_text` its acceptance on the target's free text (evaluate.free_text_prompts)."""
     inputs = {k: Path(v) for k, v in inputs.items()}
     device = device_for(cfg.resources.gpus)
     # the running job's settings, per model
@@ -55,6 +60,12 @@ def evaluate_tasks(
         target, tokenizer, rows, tasks, cfg, seed=seed, spec_prompts=cfg.spec_prompts_per_task
     )
     result: dict = {"target_only_seconds": sum(s.target_only_seconds for s in sets), "drafts": {}}
+    free = []
+    if free_text and cfg.free_text_prompts:
+        free = free_text_sequences(
+            target, tokenizer, cfg.free_text_prompts, cfg.max_new_tokens, seed
+        )
+        result["free_text"] = {}
     for name, stage in DRAFTS.items():
         if stage not in inputs:
             continue
@@ -69,6 +80,10 @@ def evaluate_tasks(
             seed=seed,
             desc=f"speculative ({name})",
         )
+        if free:
+            result["free_text"][name] = off_distribution_acceptance(
+                target, draft, free, tokenizer.pad_token_id, cfg, len(tokenizer)
+            )
         del draft
     return result
 
@@ -87,7 +102,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     for a, b in shard_bounds(len(tasks), cfg.resources.workers, 1):
         names = {task for _, task in tasks[a:b]}
         chosen = [r for r in eval_rows if r["task"] in names]
-        shards.append((paths, cfg, chosen, tasks[a:b], seed, trust))
+        shards.append((paths, cfg, chosen, tasks[a:b], seed, trust, not shards))
     parts = map_shards(evaluate_tasks, shards, cfg.resources, ctx)
     target_only_seconds = sum(part["target_only_seconds"] for part in parts)
     metrics: dict = {
@@ -108,6 +123,8 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
         result = draft_metrics(runs, cfg, target_only_seconds)
         per_prompt[name] = result.pop("per_prompt")
         result["model"] = model_location(inputs[DRAFTS[name]])
+        if "free_text" in parts[0]:
+            result["off_distribution"] = {FREE_TEXT: parts[0]["free_text"][name]}
         metrics[name] = result
         served = result["served"]
         print(
@@ -116,6 +133,12 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
             f"alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
             f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f} "
             f"speedup={result['speedup'] or math.nan:.2f}"
+            + (
+                f"; free text: served acceptance "
+                f"{result['off_distribution'][FREE_TEXT]['served']['acceptance']:.3f}"
+                if "off_distribution" in result
+                else ""
+            )
         )
     metrics["lossless_greedy"] = all(metrics[n]["lossless_greedy"] for n in per_prompt)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
