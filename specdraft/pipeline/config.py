@@ -162,6 +162,17 @@ class DraftConfig(ModelConfig):
         "below the target's depth; draft.model is then not used. 0 = off.",
         lo=0,
     )
+    keep_vocab: int = opt(
+        0,
+        "Trim the draft's vocabulary (VocabTrim) to the K target token ids most frequent in the "
+        "target-written training responses, plus bos/eos/pad/unk: its embedding and LM head keep "
+        "those rows only (the `vocab_trim` stage, after `generate`), its tokenizer is a WordLevel "
+        "vocabulary of exactly those token strings, and a serving engine maps it to the target by "
+        "token string (vLLM: use_heterogeneous_vocab). Context tokens outside the set reach the "
+        "draft as its unk; distillation compares the target's distribution over the kept ids. "
+        "Below the target's vocabulary size; 0 = off (the draft keeps the target's vocabulary).",
+        lo=0,
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 
@@ -370,6 +381,15 @@ class DistilConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
+
+
+@dataclass
+class VocabTrimConfig:
+    """The vocab_trim stage's config, derived from the job (draft.keep_vocab): no section of
+    its own."""
+
+    keep_vocab: int = opt(0, "Rows the trimmed draft keeps (draft.keep_vocab).", lo=0)
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
 
 
 @dataclass
@@ -644,6 +664,7 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"draft.from_target_layers: {layers} must be below the toy target's depth "
             f"(target.arch.num_layers = {cfg.target.arch.num_layers})"
         )
+    _keep_vocab_checks(cfg, problems)
     if cfg.data.chat_template and cfg.target.model == "builtin":
         problems.append(
             "data.chat_template: the builtin toy target's tokenizer has no chat template; "
@@ -710,6 +731,34 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"name: {cfg.name!r} must be a plain directory name (printable, no / or \\, not "
             "starting with a dot, at most 100 characters)"
         )
+
+
+def _keep_vocab_checks(cfg: JobConfig, problems: list[str]) -> None:
+    """A trimmed draft (draft.keep_vocab) against what it cannot do yet; its size against the
+    target's vocabulary is checked with the models, before any stage runs (job.check_models)."""
+    keep = cfg.draft.keep_vocab
+    if not keep:
+        return
+    if cfg.target.model == "builtin" and keep >= cfg.data.vocab_size:
+        problems.append(
+            f"draft.keep_vocab={keep}: the toy tokenizer has at most data.vocab_size "
+            f"({cfg.data.vocab_size}) tokens, so nothing would be trimmed; give a smaller count, "
+            "or 0 to keep the whole vocabulary"
+        )
+    if cfg.generate.draft_fraction or cfg.distil.later_rounds == "draft":
+        problems.append(
+            f"draft.keep_vocab={keep} with the draft writing training sequences "
+            f"(generate.draft_fraction={cfg.generate.draft_fraction}, distil.later_rounds="
+            f"{cfg.distil.later_rounds}): a trimmed draft is made from the target's sequences "
+            "and does not sample them; set draft_fraction=0 and later_rounds=same, or keep_vocab=0"
+        )
+    for section in ("distil", "reference"):
+        divergence = getattr(getattr(cfg, section), "divergence", None)
+        if divergence == "ce":
+            problems.append(
+                f"{section}.divergence=ce with draft.keep_vocab={keep}: cross-entropy on the data's "
+                "tokens needs a draft row for every token; use a KD divergence (fkl, lk, ...)"
+            )
 
 
 def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:

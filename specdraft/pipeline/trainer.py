@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.drafts.hidden_states import hidden_and_head, real_rows
+from specdraft.drafts.vocab_map import VocabularyMap
 from specdraft.kernels import fused_kd_loss, token_acceptance
 from specdraft.pipeline.batches import Collator, packs_sequences, response_positions
 from specdraft.pipeline.engine.artifacts import StageContext
@@ -176,6 +177,10 @@ class KDTrainer(Trainer):
     the stored ones (batches carry `rows`) and its head from them too; `teacher` may be None.
     `vocab` (the tokenizer's length; train_kd passes it) keeps every head's first `vocab` rows,
     so heads padded to different sizes past the tokenizer are compared over its ids only.
+    With a `vocab_map` (a draft whose vocabulary differs: vocabulary-trimmed) the draft and the
+    reference read the batch mapped as a server maps it (target ids outside the intersection are
+    their unk) and every divergence is taken over the intersection's rows of both heads: the
+    target's distribution restricted to the ids the draft can propose, renormalised.
     """
 
     def __init__(
@@ -186,10 +191,13 @@ class KDTrainer(Trainer):
         options: KDOptions | None = None,
         target_outputs: StoredTargetOutputs | None = None,
         vocab: int | None = None,
+        vocab_map: VocabularyMap | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.vocab = vocab  # the tokenizer's length: heads are compared over their first rows
+        self.vocab_map = vocab_map
+        self._rows = None if vocab_map is None else vocab_map.intersection_rows()  # (I,), (I,)
         if teacher is None and target_outputs is None:
             raise ValueError("KD needs the teacher or its stored outputs")
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
@@ -208,27 +216,37 @@ class KDTrainer(Trainer):
         self._kept_in_window: int | None = None  # kept tokens of the window on all workers
         self._window_alpha: float | None = None  # mean β of the window (lk_alpha="batch")
 
-    def _response_hidden(self, model, inputs, grad: bool):
+    def _response_hidden(self, model, inputs, grad: bool, draft: bool = True):
+        """(N, H) response hidden states and (V, H) head of `model`: the draft or the reference
+        (`draft`, read through vocab_map when there is one), or the teacher."""
         counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
+        input_ids = inputs["input_ids"]
+        if draft and self.vocab_map is not None:
+            input_ids = self.vocab_map.to_draft(input_ids)  # (B, T) as the server feeds the draft
         # hidden_and_head calls the decoder directly, past the autocast accelerate wraps around
         # the model's forward: bf16 has to be asked for here, for all three models.
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             hidden, head = hidden_and_head(
                 model,
-                inputs["input_ids"],
+                input_ids,
                 inputs.get("attention_mask"),
                 inputs.get("position_ids"),
                 vocab=self.vocab,
             )
+        if self._rows is not None:
+            head = head[self._rows[0 if draft else 1].to(head.device)]  # (I, H)
         return hidden[:, :-1][counted], head  # (N, H), (V, H)
 
     def _target_hidden(self, inputs):
         """The teacher's (N, H) response hidden states and (V, H) head: stored, or run now."""
         if self.target_outputs is None:
-            return self._response_hidden(self.teacher, inputs, grad=False)
+            return self._response_hidden(self.teacher, inputs, grad=False, draft=False)
         counted = response_positions(inputs)
         stored = self.target_outputs
-        return stored.response_hidden(inputs["rows"], counted), real_rows(stored.head, self.vocab)
+        head = real_rows(stored.head, self.vocab)
+        if self._rows is not None:
+            head = head[self._rows[1].to(head.device)]  # (I, H): the intersection's target rows
+        return stored.response_hidden(inputs["rows"], counted), head
 
     @torch.no_grad()
     def loss_gap(
@@ -361,10 +379,11 @@ def train_kd(
     callbacks=(),
     ctx: StageContext | None = None,
     target_outputs: StoredTargetOutputs | None = None,
+    vocab_map: VocabularyMap | None = None,
 ):
     """KD training of `model` on `teacher`, or on the teacher's `target_outputs` (then the
     sequences carry a `row` column: their index in what was stored); `ctx` as in
-    train_cross_entropy."""
+    train_cross_entropy; `vocab_map` as in KDTrainer."""
     history = LossHistory()
     cached = model.config.use_cache  # Trainer turns the KV cache off (packing needs that too)
     with warnings.catch_warnings():
@@ -382,6 +401,7 @@ def train_kd(
             options=options,
             target_outputs=target_outputs,
             vocab=len(tokenizer),
+            vocab_map=vocab_map,
         )
         _train(trainer, train_cfg, out, ctx)
     model.config.use_cache = cached  # the saved model generates with its cache

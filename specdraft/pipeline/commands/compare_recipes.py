@@ -34,6 +34,7 @@ from specdraft.pipeline.engine.job import (
     build_stages,
     check_models,
     check_store,
+    draft_input,
     evaluate_deps,
     execute_logged,
     read_places,
@@ -44,7 +45,7 @@ from specdraft.pipeline.engine.job import (
 from specdraft.pipeline.engine.rundir import check_apart, check_destination, write_run_dir
 from specdraft.pipeline.preflight import check_inputs
 
-SHARED = ("data", "target", "draft_init", "generate", "target_outputs", "reference")
+SHARED = ("data", "target", "draft_init", "generate", "target_outputs", "vocab_trim", "reference")
 RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -142,7 +143,15 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     stages = [s for s in build_stages(base) if s.name in SHARED]
     # the shared evaluation judges the drafts every recipe starts from or is compared with
     stages.append(
-        section_stage(base, "evaluate", base.seed, deps=evaluate_deps(("draft_init", "reference")))
+        section_stage(
+            base,
+            "evaluate",
+            base.seed,
+            deps=tuple(
+                draft_input(base) if d == "draft_init" else d
+                for d in evaluate_deps(("draft_init", "reference"))
+            ),
+        )
     )
     finals = {"shared": "evaluate"}
     generations = {

@@ -12,7 +12,12 @@ from pathlib import Path
 
 from specdraft.drafts.pair import ModelTrust
 from specdraft.errors import InputError
-from specdraft.pipeline.config import JobConfig, Resources, TargetOutputsConfig
+from specdraft.pipeline.config import (
+    JobConfig,
+    Resources,
+    TargetOutputsConfig,
+    VocabTrimConfig,
+)
 from specdraft.pipeline.engine.artifacts import lineage_hash
 from specdraft.pipeline.engine.dag import Stage, StageError, StageResult, execute
 from specdraft.pipeline.engine.fingerprint import input_fingerprint
@@ -25,7 +30,9 @@ from specdraft.pipeline.preflight import check_inputs
 # (recipe_stages); both go through section_stage, so a stage is made the same way in each.
 # `target_outputs` (the target's hidden states for generate's sequences, made once) has no section:
 # its config is derived (target_outputs_stage); without distil.stored_target_outputs it is left
-# out, and reference and distil run the target themselves.
+# out, and reference and distil run the target themselves. `vocab_trim` (draft.keep_vocab > 0)
+# trims the draft init's vocabulary to the tokens frequent in generate's sequences; the stages
+# after it read its draft under the name `draft_init` (draft_input). Its config is derived too.
 STAGES = {
     "data": ("data", ()),
     "target": ("target", ("data",)),
@@ -33,6 +40,7 @@ STAGES = {
     # generate reads draft_init only with draft_fraction > 0 (section_stage drops it otherwise)
     "generate": ("generate", ("data", "target", "draft_init")),
     "target_outputs": ("distil", ("data", "target", "generate")),
+    "vocab_trim": ("draft", ("target", "draft_init", "generate")),
     "reference": ("reference", ("data", "target", "draft_init", "generate", "target_outputs")),
     "distil": (
         "distil",
@@ -44,6 +52,18 @@ STAGES = {
 }
 # The drafts the evaluate stage judges, by the input names it reads them under (evaluate.DRAFTS).
 EVALUATED = ("draft_init", "reference", "distil")
+
+
+def draft_input(job: JobConfig) -> str:
+    """The dependency entry under which the stages after generate read the draft init: the
+    trimmed draft (`draft_init=vocab_trim`) when draft.keep_vocab is set."""
+    return _alias("draft_init", "vocab_trim") if job.draft.keep_vocab else "draft_init"
+
+
+def vocab_trim_stage(job: JobConfig) -> Stage:
+    """The draft init trimmed to draft.keep_vocab rows, by frequency on generate's sequences."""
+    config = VocabTrimConfig(keep_vocab=job.draft.keep_vocab)
+    return section_stage(job, "vocab_trim", job.seed, config=config)
 
 
 def final_distil(job: JobConfig) -> str:
@@ -97,6 +117,12 @@ def build_stages(job: JobConfig) -> list[Stage]:
         if name == "distil":
             stages.extend(distil_chain(job, job.seed)[0])
             continue
+        if name == "vocab_trim":
+            if job.draft.keep_vocab:
+                stages.append(vocab_trim_stage(job))
+            continue
+        if name in ("reference", "evaluate", "export", "report"):
+            deps = tuple(draft_input(job) if d == "draft_init" else d for d in deps)
         if name == "target_outputs":
             if stored:  # read by the reference and the first distil round
                 readers = (job.reference.train, job.distil.train)
@@ -109,7 +135,11 @@ def build_stages(job: JobConfig) -> list[Stage]:
             deps = tuple(_alias("distil", last) if d == "distil" else d for d in deps)
         if name == "draft_init" and job.draft.from_target_layers:
             deps = ("data", "target")  # the draft is cut from the target's first layers
-        stage = section_stage(job, name, job.seed, deps=deps)
+        config = None
+        if name == "draft_init" and job.draft.keep_vocab:
+            # the draft init is the same for any K: trimming is vocab_trim's, keyed there
+            config = dataclasses.replace(job.draft, keep_vocab=0)
+        stage = section_stage(job, name, job.seed, deps=deps, config=config)
         if name in ("target", "draft_init") and (
             stage.config.model != "builtin" or getattr(stage.config, "from_target_layers", 0)
         ):
@@ -188,7 +218,7 @@ def distil_chain(
             deps=(
                 "data",
                 "target",
-                "draft_init",
+                draft_input(job),
                 "reference",
                 _alias("generate", generate),
                 *_stored_input(job, generate),
@@ -299,14 +329,16 @@ def input_fingerprints(job: JobConfig) -> dict[str, str]:
 
 def resolve_local_paths(job: JobConfig) -> None:
     """Make local model and data paths absolute, so Ray workers and cache keys agree on them; a
-    `pkg:<package>/<file>` model becomes the path of that file in the installed package."""
+    `pkg:<package>/<file>` model becomes the path of that file in the installed package (or, for
+    a file the package ships in parts, of the file assembled once into `<store>/.packages/`)."""
     from specdraft.drafts.models import PACKAGE_PREFIX, package_file
 
+    assembled = store_for(job).local / ".packages"
     for section, key in (("target", "model"), ("draft", "model"), ("data", "source")):
         cfg = getattr(job, section)
         value = getattr(cfg, key)
         if section != "data" and value.startswith(PACKAGE_PREFIX):
-            setattr(cfg, key, package_file(value))
+            setattr(cfg, key, package_file(value, assembled))
         elif value != "builtin" and Path(value).expanduser().exists():
             setattr(cfg, key, str(Path(value).expanduser().resolve()))
 
@@ -335,13 +367,20 @@ def read_places(job: JobConfig) -> dict[str, Path]:
 
 
 def check_models(job: JobConfig) -> None:
-    """The pair check, before anything trains: a mismatch raises PairError saying what differs.
-    Model code runs per model (job_trust): trusting the target never runs the draft's."""
+    """The pair check, before anything trains: a mismatch raises PairError saying what differs,
+    a draft.keep_vocab the target's vocabulary cannot hold an InputError. Model code runs per
+    model (job_trust): trusting the target never runs the draft's."""
     if job.target.model == "builtin":
         return  # the toy pair shares the data stage's tokenizer by construction
     from specdraft.drafts.pair import check_layer_draft, require_pair
 
     trust = job_trust(job)
+    if job.draft.keep_vocab:  # a trimmed draft is valid for its target: its rows must fit
+        from specdraft.drafts.models import load_tokenizer
+        from specdraft.drafts.vocab_trim import check_keep_vocab
+
+        tokenizer = load_tokenizer(job.target.model, trust_remote_code=trust.target)
+        check_keep_vocab(job.draft.keep_vocab, tokenizer)
     if job.draft.from_target_layers:  # the draft shares the target's tokenizer by construction
         check_layer_draft(
             job.target.model, job.draft.from_target_layers, trust_remote_code=trust.target

@@ -7,7 +7,10 @@ AdaSPEC's selective KD: tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_
 With lora.enabled LoRA adapters train instead, merged into the saved model. With eval_every > 0
 the weights with the best held-out alpha are kept. With a `target_outputs` input
 (distil.stored_target_outputs) the target model is not loaded: its stored hidden states and head
-are, for the loss, ΔL and the held-out alpha.
+are, for the loss, ΔL and the held-out alpha. A vocabulary-trimmed draft init (the `vocab_trim`
+stage's, read as `draft_init`) reads its inputs mapped as a server maps them (target ids outside
+its kept set become its unk) and every divergence and alpha is taken over its kept ids: the
+target's distribution restricted to them and renormalised (trainer.KDTrainer).
 
 Reads: `data`, `target` (its tokenizer; its model unless `target_outputs` is an input),
 `draft_init`, `reference` (its model with selection top/bottom), `generate`
@@ -31,6 +34,8 @@ from transformers import TrainerCallback, set_seed
 
 from specdraft.drafts.hidden_states import hidden_and_head, real_rows
 from specdraft.drafts.models import device_for
+from specdraft.drafts.vocab_map import VocabularyMap
+from specdraft.drafts.vocab_trim import save_draft_vocabulary, trimmed_draft_map
 from specdraft.errors import InputError
 from specdraft.kernels import token_acceptance
 from specdraft.pipeline.batches import Collator, response_positions
@@ -39,6 +44,7 @@ from specdraft.pipeline.engine.artifacts import (
     StageContext,
     load_model_artifact,
     load_tokenizer_artifact,
+    model_location,
     write_json,
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
@@ -98,8 +104,11 @@ class BestAlphaCheckpoint(TrainerCallback):
         temperature: float,
         target_outputs: StoredTargetOutputs | None = None,
         vocab: int | None = None,
+        vocab_map: VocabularyMap | None = None,
     ):
         self.vocab = vocab  # the tokenizer's length: heads compared over their first rows
+        self.vocab_map = vocab_map  # a trimmed draft: inputs mapped, heads over the intersection
+        self.rows = None if vocab_map is None else vocab_map.intersection_rows()
         self.teacher, self.held_out, self.every, self.temperature = (
             teacher,
             held_out,
@@ -126,9 +135,15 @@ class BestAlphaCheckpoint(TrainerCallback):
             else:
                 t_hidden = self.target_outputs.response_hidden(batch["rows"], counted)
                 t_head = real_rows(self.target_outputs.head, self.vocab)
+            draft_ids = batch["input_ids"]
+            if self.vocab_map is not None:
+                draft_ids = self.vocab_map.to_draft(draft_ids)
+                t_head = t_head[self.rows[1].to(t_head.device)]  # (I, H)
             s_hidden, s_head = hidden_and_head(
-                model, batch["input_ids"], batch["attention_mask"], vocab=self.vocab
+                model, draft_ids, batch["attention_mask"], vocab=self.vocab
             )
+            if self.vocab_map is not None:
+                s_head = s_head[self.rows[0].to(s_head.device)]  # (I, H)
             beta = token_acceptance(
                 s_hidden[:, :-1][counted], s_head, t_hidden, t_head, self.temperature
             )  # (N,)
@@ -207,9 +222,11 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
     )
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust.draft)
     model = model.train()
-    check_vocabularies(
-        stored.head if stored is not None else teacher, model, reference, vocab=len(tokenizer)
-    )
+    draft_dir = model_location(inputs["draft_init"])
+    target_head = stored.head if stored is not None else teacher
+    vocab_map = trimmed_draft_map(draft_dir, tokenizer, target_head)
+    if vocab_map is None:  # a trimmed draft has its own vocabulary, mapped by token string
+        check_vocabularies(target_head, model, reference, vocab=len(tokenizer))
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -231,6 +248,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             cfg.temperature,
             target_outputs=stored,
             vocab=len(tokenizer),
+            vocab_map=vocab_map,
         )
         callbacks.append(checkpoint)
     options = KDOptions(
@@ -263,6 +281,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             out / "k_search",
             seed,
             stored,
+            vocab_map,
         )
         write_json(out / "k_search.json", {"k": options.k, "trials": trials})
     history, selection = train_kd(
@@ -278,6 +297,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         callbacks=callbacks,
         ctx=ctx,
         target_outputs=stored,
+        vocab_map=vocab_map,
     )
     info: dict = {"k": options.k, "k_search": trials} if selective else {}
     if cfg.eval_every:
@@ -291,7 +311,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    save_draft_vocabulary(draft_dir, tokenizer, out / "model")
     info.update(replica_checksum(model))
     deltas = selection["deltas"]
     write_json(out / "history.json", history)
@@ -331,6 +351,7 @@ def search_k(
     folder: Path,
     seed: int,
     stored: StoredTargetOutputs | None = None,
+    vocab_map: VocabularyMap | None = None,
 ) -> tuple[KDOptions, list[dict]]:
     """AdaSPEC's k chosen by held-out alpha: for each k of `grid`, a copy of the initial `model`
     trains ceil(fraction · steps) steps (its own schedule, no checkpoints) and `judge(model)`
@@ -352,6 +373,7 @@ def search_k(
             reference=reference,
             options=dataclasses.replace(options, k=k),
             target_outputs=stored,
+            vocab_map=vocab_map,
         )
         trial.eval()
         trials.append({"k": k, "steps": steps, "alpha": judge(trial)})

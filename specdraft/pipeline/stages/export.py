@@ -1,6 +1,8 @@
 """Stage `export`: the distilled draft as a plain HF causal-LM directory that serving stacks load:
 merged safetensors weights, config.json, generation_config.json, the target's tokenizer files and a
-model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`.
+model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`. A
+vocabulary-trimmed draft keeps its own vocabulary (its WordLevel tokenizer and kept_ids.json, not
+padded to the target's rows), and its card says how vLLM serves it (use_heterogeneous_vocab).
 
 Reads: `data`, `target`, `draft_init`, `distil`, `evaluate`
 Writes: `draft/` (the servable directory); info `draft`, `adapter`, `dtype`
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
 from specdraft.drafts.pair import UNTRUSTED, ModelTrust
+from specdraft.drafts.vocab_trim import copy_draft_vocabulary, is_trimmed
 from specdraft.pipeline.config import ExportConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -30,7 +33,14 @@ from specdraft.pipeline.engine.artifacts import (
 
 
 def model_card(
-    metrics: dict, base: str, target: str, data: str, gamma: int, method: str, job_hash: str
+    metrics: dict,
+    base: str,
+    target: str,
+    data: str,
+    gamma: int,
+    method: str,
+    job_hash: str,
+    trimmed: dict | None = None,
 ) -> str:
     final = metrics.get("final", {})
     rows = "\n".join(
@@ -49,7 +59,7 @@ specdraft_job_hash: {job_hash}
 # Draft model for `{target}`
 
 Distilled by specdraft ({method}) on `{data}` to agree with the target in speculative decoding.
-It shares the target's tokenizer and vocabulary size.
+{"It shares the target's tokenizer and vocabulary size." if trimmed is None else trimmed_note(trimmed)}
 
 | task | alpha | alpha_greedy | tau (gamma={gamma}) |
 |---|---|---|---|
@@ -59,7 +69,44 @@ It shares the target's tokenizer and vocabulary size.
 alpha = mean Σ min(p, q) over target-generated continuations; tau = tokens per target call, bonus
 included, from real speculative decoding at temperature {metrics.get("temperature")}.
 
-## Serve it
+{serve_trimmed(target, gamma, trimmed["hybrid"]) if trimmed is not None else SERVE_SAME.format(target=target, gamma=gamma)}"""
+
+
+def trimmed_note(trimmed: dict) -> str:
+    return (
+        f"Its vocabulary is trimmed (VocabTrim) to {trimmed['rows']} of the target's "
+        f"{trimmed['target_rows']} tokens, the most frequent in the target's own responses: its "
+        "embedding and LM head hold those rows only, and its tokenizer (a WordLevel vocabulary of "
+        "exactly those token strings; `kept_ids.json` gives each one's target id) is read by "
+        "token string, never used to segment text."
+    )
+
+
+def serve_trimmed(target: str, gamma: int, hybrid: bool) -> str:
+    """How to serve a vocabulary-trimmed draft: only vLLM maps a draft's vocabulary to the
+    target's (by token string); SGLang and TensorRT-LLM refuse any difference. A target with
+    sliding-window and full-attention layers (`hybrid`: Gemma-3) needs vLLM's hybrid KV-cache
+    manager off: vLLM 0.32 refuses any draft_model for it otherwise."""
+    engine = ""
+    if hybrid:
+        engine = (
+            "\n  The target mixes sliding-window and full-attention layers: start the engine with "
+            "`--disable-hybrid-kv-cache-manager` (`LLM(..., disable_hybrid_kv_cache_manager=True)`); "
+            "vLLM 0.32 refuses any draft_model for such a target otherwise."
+        )
+    return f"""## Serve it
+Only vLLM serves a draft whose vocabulary differs from the target's: it maps ids by token string,
+feeds the draft the target's context (tokens outside the kept set as the draft's unk), masks the
+draft's logits to the kept set and drafts greedily; the target verifies every token, so the
+output is the target's.
+- vLLM (≥ 0.32): `vllm serve {target} --speculative-config '{{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}, "use_heterogeneous_vocab": true}}'`;
+  in Python, `LLM(model="{target}", speculative_config={{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}, "use_heterogeneous_vocab": True}})`.{engine}
+- SGLang, TensorRT-LLM, transformers' assisted generation: not servable (they need the target's
+  tokenizer, or re-tokenise text, which the draft's WordLevel tokenizer does not segment).
+"""
+
+
+SERVE_SAME = """## Serve it
 - vLLM: `vllm serve {target} --speculative-config '{{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}}}'`
 - SGLang: `python -m sglang.launch_server --model-path {target} --speculative-algorithm STANDALONE --speculative-draft-model-path <this dir> --speculative-num-draft-tokens {gamma}`
 - TensorRT-LLM: a `DraftTarget` speculative config with `speculative_model_dir=<this dir>` and `max_draft_len={gamma}`
@@ -88,9 +135,18 @@ def export_draft(
     )
     draft_dir.mkdir(parents=True, exist_ok=True)
     target = model_location(inputs["target"])
-    copy_tokenizer_files(target, draft_dir)
     rows = target_vocab_size(target, trust_remote_code=trust.target)
-    match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
+    trimmed = None
+    if is_trimmed(model_location(inputs["distil"])):  # its own vocabulary, mapped by vLLM
+        copy_draft_vocabulary(model_location(inputs["distil"]), draft_dir)
+        trimmed = {
+            "rows": model.get_input_embeddings().weight.shape[0],
+            "target_rows": rows,
+            "hybrid": hybrid_attention(target, trust_remote_code=trust.target),
+        }
+    else:
+        copy_tokenizer_files(target, draft_dir)
+        match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
     model.save_pretrained(draft_dir, safe_serialization=True)
     adapter = inputs["distil"] / "adapter"
     if adapter.exists():  # kept beside the merged weights for users who want the adapter itself
@@ -111,6 +167,7 @@ def export_draft(
             gamma,
             method,
             lineage_hash(inputs.values()),
+            trimmed,
         )
     )
     readable_like_other_files(draft_dir)
@@ -122,6 +179,14 @@ def target_vocab_size(target: str, *, trust_remote_code: bool = False) -> int:
 
     config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
     return int(config.get_text_config().vocab_size)
+
+
+def hybrid_attention(target: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether the target's layers are of several attention kinds (sliding-window and full)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    return len(set(getattr(config.get_text_config(), "layer_types", None) or [])) > 1
 
 
 def match_target_vocab_size(

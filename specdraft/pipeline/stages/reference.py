@@ -1,6 +1,9 @@
 """Stage `reference`: AdaSPEC's reference model, the draft init distilled towards the target with
 forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline.
-With a `target_outputs` input the target is not loaded: its stored hidden states and head are.
+With a `target_outputs` input the target is not loaded: its stored hidden states and head are (or
+its stored top-k log-probabilities, target_outputs.format=topk).
+A vocabulary-trimmed draft init (the `vocab_trim` stage's, read as `draft_init`) reads its
+inputs mapped as a server maps them and is distilled over its kept ids (trainer.KDTrainer).
 
 Reads: `data`, `target` (or `target_outputs`), `draft_init`, `generate`
 Writes: `model/`, `history.json`; info `model`, `final_loss`
@@ -11,17 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdraft.drafts.models import device_for
+from specdraft.drafts.vocab_trim import save_draft_vocabulary, trimmed_draft_map
 from specdraft.pipeline.config import ReferenceConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
     load_model_artifact,
     load_tokenizer_artifact,
+    model_location,
     write_json,
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
 from specdraft.pipeline.objectives import KDOptions
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs
+from specdraft.pipeline.stored_target_outputs import load_target_outputs
 from specdraft.pipeline.trainer import train_kd
 
 
@@ -36,11 +41,17 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
     stored = None
     teacher = None
     if "target_outputs" in inputs:
-        stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
+        # hidden states, or the top-k at the temperature the reference distils at
+        stored = load_target_outputs(
+            inputs["target_outputs"], device, temperature=KDOptions().temperature
+        )
     else:
         teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust.draft)
     model = model.train()
+    draft_dir = model_location(inputs["draft_init"])
+    target_head = stored.head if stored is not None else teacher
+    vocab_map = trimmed_draft_map(draft_dir, tokenizer, target_head)
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     if stored is not None:  # each sequence's index in what was stored
         sequences = sequences.add_column("row", list(range(len(sequences))))
@@ -55,9 +66,10 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
         options=KDOptions(),
         ctx=ctx,
         target_outputs=stored,
+        vocab_map=vocab_map,
     )
     model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    save_draft_vocabulary(draft_dir, tokenizer, out / "model")
     write_json(out / "history.json", history)
     return {
         "model": "model",

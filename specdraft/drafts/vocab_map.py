@@ -1,0 +1,135 @@
+"""Target and draft ids mapped through their tokenizers' common token strings, as vLLM serves a
+draft whose vocabulary differs from the target's (`speculative_config.use_heterogeneous_vocab`,
+vLLM 0.32's `vllm/v1/spec_decode/vocab_mapping.py`):
+
+- each tokenizer's space marker is probed from its encoding of " a" (the first token's string
+  without its final "a", when that is longer than one character and starts with neither a space
+  nor a tab); a tokenizer that gives nothing usable normalises both `Ġ` (U+0120, byte-level BPE)
+  and `▁` (U+2581, SentencePiece);
+- a token string that starts with its tokenizer's marker is normalised to " " + the rest; of two
+  strings that normalise alike the first in `get_vocab()` order keeps the id;
+- the intersection is the normalised strings both vocabularies hold, with ids below each model's
+  vocab_size; a target token outside it reaches the draft as the draft's unk (its eos when it has
+  no unk), a draft token outside it maps to the target's unk (or eos);
+- the draft's logits are masked to the intersection (-inf elsewhere) and it drafts greedily.
+
+specdraft trains a draft with another vocabulary on what it will see when served (its context
+mapped by `to_draft`) and measures its acceptance through the same mapping and mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdraft.errors import InputError
+
+SPACE_MARKERS = ("\u0120", "\u2581")  # Ġ (byte-level BPE), ▁ (SentencePiece)
+
+
+def space_prefixes(tokenizer) -> tuple[str, ...]:
+    """The space marker(s) `tokenizer`'s strings start a word with, probed as vLLM does."""
+    try:
+        ids = tokenizer.encode(" a", add_special_tokens=False)
+        if ids:
+            token = tokenizer.convert_ids_to_tokens(ids[0])
+            if (
+                isinstance(token, str)
+                and len(token) > 1
+                and token.endswith("a")
+                and token[0] not in (" ", "\t")
+            ):
+                return (token[:-1],)
+    except Exception:  # vLLM falls back on any failure of the probe, and so must we
+        pass
+    return SPACE_MARKERS
+
+
+def normalize_token(token: str, prefixes: tuple[str, ...]) -> str:
+    """`token` with a leading space marker (the first of `prefixes` it starts with) made " "."""
+    for prefix in prefixes:
+        if token.startswith(prefix):
+            return " " + token[len(prefix) :]
+    return token
+
+
+def normalized_vocabulary(tokenizer) -> dict[str, int]:
+    """{normalised token string: id}, the first id in `get_vocab()` order keeping a string."""
+    prefixes = space_prefixes(tokenizer)
+    normalized: dict[str, int] = {}
+    for token, token_id in tokenizer.get_vocab().items():
+        normalized.setdefault(normalize_token(token, prefixes), token_id)
+    return normalized
+
+
+def fallback_id(tokenizer, role: str) -> int:
+    """The id an unmapped token becomes on `role`'s side: its unk, else its eos."""
+    for name in ("unk_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            return int(token_id)
+    raise InputError(
+        f"the {role} tokenizer has neither an unk nor an eos token: a mapped vocabulary needs one "
+        "for the tokens outside the intersection"
+    )
+
+
+@dataclass
+class VocabularyMap:
+    """The served view of a (target, draft) pair whose vocabularies differ. Ids outside the
+    intersection are -1 in the tables and become the other side's fallback id when mapped."""
+
+    target_to_draft: torch.Tensor  # (V_t,) long, -1 outside the intersection
+    draft_to_target: torch.Tensor  # (V_d,) long, -1 outside the intersection
+    target_fallback_id: int  # the target's unk (or eos)
+    draft_fallback_id: int  # the draft's unk (or eos)
+
+    @property
+    def draft_mask(self) -> torch.Tensor:
+        """(V_d,) bool: the draft ids in the intersection (the logits vLLM keeps)."""
+        return self.draft_to_target >= 0
+
+    @property
+    def intersection(self) -> int:
+        return int(self.draft_mask.sum())
+
+    def intersection_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft ids, target ids) of the intersection, (I,) each, in draft-id order: the head
+        rows distillation compares."""
+        draft_ids = torch.nonzero(self.draft_mask).view(-1)
+        return draft_ids, self.draft_to_target[draft_ids]
+
+    def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids (any shape) as the draft sees them: outside the intersection its unk."""
+        mapped = self.target_to_draft.to(target_ids.device)[target_ids]
+        return torch.where(mapped >= 0, mapped, self.draft_fallback_id).to(target_ids.dtype)
+
+    def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids (any shape) as target ids: outside the intersection the target's unk."""
+        mapped = self.draft_to_target.to(draft_ids.device)[draft_ids]
+        return torch.where(mapped >= 0, mapped, self.target_fallback_id).to(draft_ids.dtype)
+
+    def mask_draft_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V_d) draft logits with every id outside the intersection at -inf."""
+        return logits.masked_fill(~self.draft_mask.to(logits.device), float("-inf"))
+
+
+def served_vocabulary_map(
+    target_tokenizer, draft_tokenizer, target_vocab_size: int, draft_vocab_size: int
+) -> VocabularyMap:
+    """The id mapping vLLM 0.32 builds for `use_heterogeneous_vocab` (module docstring) between
+    tokenizers of models with `target_vocab_size` and `draft_vocab_size` embedding rows (their
+    config's vocab_size: ids at or past them are left out, as vLLM leaves them)."""
+    target_fallback = fallback_id(target_tokenizer, "target")
+    draft_fallback = fallback_id(draft_tokenizer, "draft")
+    target = normalized_vocabulary(target_tokenizer)
+    draft = normalized_vocabulary(draft_tokenizer)
+    target_to_draft = torch.full((target_vocab_size,), -1, dtype=torch.long)
+    draft_to_target = torch.full((draft_vocab_size,), -1, dtype=torch.long)
+    for token in target.keys() & draft.keys():
+        t_id, d_id = target[token], draft[token]
+        if t_id < target_vocab_size and d_id < draft_vocab_size:
+            target_to_draft[t_id] = d_id
+            draft_to_target[d_id] = t_id
+    return VocabularyMap(target_to_draft, draft_to_target, target_fallback, draft_fallback)

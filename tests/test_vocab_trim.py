@@ -1,0 +1,406 @@
+"""Vocabulary-trimmed drafts (VocabTrim) and the served view's id mapping (vLLM's
+use_heterogeneous_vocab rule), on tiny Gemma-3-shaped and Llama models and hand-made tokenizers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from specdraft.drafts.models import first_layers_model, load_causal_lm
+from specdraft.drafts.pair import check_pair
+from specdraft.drafts.vocab_map import served_vocabulary_map
+from specdraft.drafts.vocab_trim import (
+    ADDED_UNK,
+    KEPT_IDS_FILE,
+    check_keep_vocab,
+    count_tokens,
+    most_frequent_ids,
+    served_map_for,
+    special_token_ids,
+    write_trimmed_draft,
+)
+from specdraft.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gguf_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+# --------------------------------------------------------------------------- hand-made vocabularies
+
+
+def wordlevel(vocab: dict[str, int], pre_tokenizer=None, **specials) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over `vocab`, with a pre-tokenizer that decides what " a" becomes
+    (the probe vLLM detects the space marker with)."""
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials.get("unk_token", "<unk>")))
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+
+
+BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+METASPACE = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+
+# A byte-level target (" a" -> "Ġa") and a SentencePiece draft (" a" -> "▁a").
+TARGET_VOCAB = {
+    "<unk>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "\u0120a": 3,  # Ġa
+    "a": 4,
+    "\u0120cat": 5,
+    "dog": 6,
+    "\u0120": 7,
+    "x": 8,
+}
+DRAFT_VOCAB = {
+    "<s>": 0,
+    "</s>": 1,
+    "\u2581a": 2,  # ▁a
+    "\u2581cat": 3,
+    "dog": 4,
+    "a": 5,
+    "<unk>": 6,
+    "\u2581": 7,
+    "y": 8,
+}
+
+
+def hand_made_pair():
+    target = wordlevel(TARGET_VOCAB, BYTE_LEVEL, unk_token="<unk>", eos_token="<eos>")
+    draft = wordlevel(DRAFT_VOCAB, METASPACE, unk_token="<unk>", eos_token="</s>")
+    return target, draft
+
+
+def test_the_mapping_is_vllms_rule_on_hand_made_vocabularies():
+    """Space markers normalised per tokenizer (Ġ on one side, ▁ on the other), specials matched
+    by string, everything else outside; unmapped ids become the other side's unk."""
+    target, draft = hand_made_pair()
+    m = served_vocabulary_map(target, draft, len(TARGET_VOCAB), len(DRAFT_VOCAB))
+    # <unk> 0<->6, " a" 3<->2, "a" 4<->5, " cat" 5<->3, "dog" 6<->4, " " 7<->7
+    assert m.target_to_draft.tolist() == [6, -1, -1, 2, 5, 3, 4, 7, -1]
+    assert m.draft_to_target.tolist() == [-1, -1, 3, 5, 6, 4, 0, 7, -1]
+    assert m.intersection == 6
+    assert m.to_draft(torch.tensor([[1, 3, 8, 6]])).tolist() == [[6, 2, 6, 4]]
+    assert m.to_target(torch.tensor([0, 2, 8, 3])).tolist() == [0, 3, 0, 5]
+    logits = m.mask_draft_logits(torch.arange(9.0))
+    assert torch.isinf(logits[[0, 1, 8]]).all() and logits[[2, 3, 4, 5, 6, 7]].tolist() == [
+        2.0,
+        3.0,
+        4.0,
+        5.0,
+        6.0,
+        7.0,
+    ]
+    drafts, targets = m.intersection_rows()
+    assert drafts.tolist() == [2, 3, 4, 5, 6, 7] and targets.tolist() == [3, 5, 6, 4, 0, 7]
+
+
+def test_ids_past_vocab_size_stay_out_and_a_failed_probe_normalises_both_markers():
+    target, _ = hand_made_pair()
+    # no pre-tokenizer: " a" is one unknown word, so the probe fails and both Ġ and ▁ normalise
+    draft = wordlevel({"\u0120cat": 0, "\u2581a": 1, "<unk>": 2, " ": 3}, unk_token="<unk>")
+    m = served_vocabulary_map(target, draft, 7, 4)  # the target's ids 7 and 8 are past its rows
+    assert m.draft_to_target.tolist() == [5, 3, 0, -1]  # " " is the target's id 7: out
+    assert m.target_to_draft.tolist() == [2, -1, -1, 1, -1, 0, -1]
+
+
+def test_a_draft_without_unk_falls_back_to_its_eos_and_neither_is_refused():
+    target, _ = hand_made_pair()
+    draft = wordlevel({"dog": 0, "</s>": 1}, eos_token="</s>", unk_token=None)
+    draft.unk_token = None
+    m = served_vocabulary_map(target, draft, 9, 2)
+    assert m.draft_fallback_id == 1 and m.to_draft(torch.tensor([3])).tolist() == [1]
+    draft.eos_token = None
+    with pytest.raises(InputError, match="neither an unk nor an eos"):
+        served_vocabulary_map(target, draft, 9, 2)
+
+
+VLLM_ENV = Path.home() / ".cache" / "specdraft" / "vllm-env"
+VLLM_SCRIPT = """
+import json, sys
+from transformers import AutoTokenizer
+from vllm.v1.spec_decode.vocab_mapping import VocabMapping
+t = AutoTokenizer.from_pretrained(sys.argv[1]); d = AutoTokenizer.from_pretrained(sys.argv[2])
+m = VocabMapping(t, d, int(sys.argv[3]), int(sys.argv[4]), "cpu")
+print(json.dumps([m.target_to_draft_ids.tolist(), m.draft_to_target_ids.tolist()]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not (VLLM_ENV / "bin" / "python").exists(), reason=f"no vLLM environment at {VLLM_ENV}"
+)
+def test_the_mapping_equals_vllms_own_on_saved_tokenizers(tmp_path):
+    """vLLM's VocabMapping (the installed engine's) and ours give the same tables."""
+    target, draft = hand_made_pair()
+    target.save_pretrained(tmp_path / "t")
+    draft.save_pretrained(tmp_path / "d")
+    out = subprocess.run(
+        [
+            str(VLLM_ENV / "bin" / "python"),
+            "-c",
+            VLLM_SCRIPT,
+            tmp_path / "t",
+            tmp_path / "d",
+            "9",
+            "9",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = served_vocabulary_map(
+        AutoTokenizer.from_pretrained(tmp_path / "t"),
+        AutoTokenizer.from_pretrained(tmp_path / "d"),
+        9,
+        9,
+    )
+    assert theirs == [ours.target_to_draft.tolist(), ours.draft_to_target.tolist()]
+
+
+# --------------------------------------------------------------------------- trimmed drafts
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "park", "sun", "rain"]
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style vocabulary laid out as Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3."""
+    strings = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581"]
+    strings += [f"\u2581{w}" for w in WORDS] + WORDS + list("abcdefghij")
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(strings)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_gemma3(vocab: int, layers: int = 3):
+    """A Gemma-3-shaped causal LM: tied, scaled embeddings, sliding-window and full layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"][:layers],
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def sequences_of(tokenizer, texts: list[str], prompt_tokens: int = 2) -> list[dict]:
+    rows = []
+    for text in texts:
+        ids = tokenizer(text).input_ids
+        rows.append(
+            {"input_ids": ids, "response_mask": [i >= prompt_tokens for i in range(len(ids))]}
+        )
+    return rows
+
+
+def test_kept_ids_are_specials_then_the_most_frequent_responses_then_prompts_then_ids():
+    response = torch.tensor([0, 0, 5, 1, 5, 0, 0, 2])
+    prompt = torch.tensor([0, 0, 0, 9, 1, 3, 3, 0])
+    # specials 0, 1; then 4 (5, 1) before 2 (5, 0); then 7 (2); then 3 (1, 9); then 5 and 6 tie: id 5
+    assert most_frequent_ids(response, prompt, 6, [0, 1]) == [0, 1, 2, 3, 4, 7]
+    assert most_frequent_ids(response, prompt, 7, [0, 1]) == [0, 1, 2, 3, 4, 5, 7]
+    rows = [{"input_ids": [2, 4, 4, 7], "response_mask": [False, False, True, True]}]
+    r, p = count_tokens(rows, 8)
+    assert r.tolist() == [0, 0, 0, 0, 1, 0, 0, 1] and p.tolist() == [0, 0, 1, 0, 1, 0, 0, 0]
+
+
+def trimmed_gemma(tmp_path, keep: int = 14):
+    """A tiny Gemma-3 target, its first 2 layers as the draft, trimmed to `keep` ids by frequency
+    on two sentences."""
+    tok = gemma_tokenizer()
+    target = tiny_gemma3(len(tok))
+    target.save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    draft = first_layers_model(target, 2)
+    rows = sequences_of(tok, ["the cat sat on a mat", "the dog ran to the park"])
+    response, prompt = count_tokens(rows, len(tok))
+    kept = most_frequent_ids(response, prompt, keep, special_token_ids(tok))
+    info = write_trimmed_draft(draft, tok, kept, tmp_path / "trimmed")
+    return tok, draft, kept, info
+
+
+def test_a_trimmed_drafts_logits_over_its_kept_set_are_the_full_drafts_rows(tmp_path):
+    """Gemma-3 shape (tied, scaled embeddings): on context inside the kept set the trimmed draft's
+    logits are the full draft's at the kept ids, so its distribution is the full one restricted
+    to them and renormalised."""
+    tok, draft, kept, info = trimmed_gemma(tmp_path)
+    assert info["draft_vocab"] == 14 and not info["added_unk"]
+    trimmed = load_causal_lm(tmp_path / "trimmed")
+    assert trimmed.get_input_embeddings().weight.shape[0] == 14
+    m = served_map_for(tok, len(tok), tmp_path / "trimmed")
+    assert m.intersection == 14
+    ids = torch.tensor([tok("the cat sat on the mat").input_ids])
+    assert (m.to_draft(ids) != m.draft_fallback_id).all()  # every context token is kept
+    with torch.no_grad():
+        full = draft(ids).logits[0]  # (T, V)
+        small = trimmed(m.to_draft(ids)).logits[0]  # (T, K)
+    drafts, targets = m.intersection_rows()
+    torch.testing.assert_close(small[:, drafts], full[:, targets], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        small.softmax(-1), full[:, targets].softmax(-1), rtol=0, atol=1e-6
+    )  # restricted and renormalised
+    # a context token outside the set reaches the draft as its unk
+    outside = [i for i in range(len(tok)) if i not in kept][0]
+    assert m.to_draft(torch.tensor([outside])).tolist() == [tok.unk_token_id]
+
+
+def test_the_exported_tokenizer_holds_exactly_the_kept_strings(tmp_path):
+    tok, _, kept, _ = trimmed_gemma(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "trimmed")
+    strings = tok.convert_ids_to_tokens(kept)
+    assert saved.get_vocab() == {s: i for i, s in enumerate(strings)}
+    assert saved.unk_token == "<unk>" and saved.convert_ids_to_tokens(saved.unk_token_id) == "<unk>"
+    assert (saved.bos_token, saved.eos_token, saved.pad_token) == ("<bos>", "<eos>", "<pad>")
+    config = json.loads((tmp_path / "trimmed" / "config.json").read_text())
+    assert config["vocab_size"] == 14
+    assert config["eos_token_id"] == strings.index("<eos>")
+    assert json.loads((tmp_path / "trimmed" / KEPT_IDS_FILE).read_text())["kept_ids"] == kept
+
+
+def test_a_target_without_unk_gets_one_added_to_the_draft(tmp_path):
+    """Byte-level BPE (SmolLM2-like, no unk): the draft's last id is an added <unk>, outside the
+    intersection, and the target's context outside the kept set becomes it."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), layers=2)
+    rows = sequences_of(tok, ["the cat sat on a mat", "what is two plus two? four."])
+    response, prompt = count_tokens(rows, len(tok))
+    kept = most_frequent_ids(response, prompt, 19, special_token_ids(tok))
+    info = write_trimmed_draft(first_layers_model(model, 1), tok, kept, tmp_path / "d")
+    assert info["added_unk"] and info["draft_vocab"] == 20
+    saved = AutoTokenizer.from_pretrained(tmp_path / "d")
+    assert saved.unk_token == ADDED_UNK and saved.unk_token_id == 19
+    m = served_map_for(tok, len(tok), tmp_path / "d")
+    assert m.intersection == 19 and not m.draft_mask[19]
+    outside = [i for i in range(len(tok)) if i not in kept][0]
+    assert m.to_draft(torch.tensor([outside])).tolist() == [19]
+
+
+def test_a_trimmed_draft_is_a_pair_with_its_target_only(tmp_path):
+    trimmed_gemma(tmp_path)
+    report = check_pair(str(tmp_path / "target"), str(tmp_path / "trimmed"))
+    assert report.ok, report.problems
+    # the same draft against a target whose strings differ at the kept ids
+    other = wordlevel({f"w{i}": i for i in range(40)} | {"<unk>": 40}, unk_token="<unk>")
+    tiny_gemma3(len(other)).save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    report = check_pair(str(tmp_path / "other"), str(tmp_path / "trimmed"))
+    assert not report.ok and "trimmed from another target" in report.problems[0]
+
+
+@pytest.mark.parametrize(
+    "keep,message",
+    [
+        (len(WORDS) * 2 + 15, "trims nothing"),
+        (4, "too small"),
+    ],
+)
+def test_a_bad_keep_vocab_is_refused(keep, message):
+    with pytest.raises(InputError, match=message):
+        check_keep_vocab(keep, gemma_tokenizer())  # 39 tokens, 4 specials
+
+
+def test_a_bad_keep_vocab_exits_2_before_any_stage_runs(tmp_path):
+    tok = gemma_tokenizer()
+    tiny_gemma3(len(tok)).save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    store = tmp_path / "store"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdraft",
+            "run",
+            f"target={tmp_path / 'target'}",
+            "draft.from_target_layers=1",
+            "draft.keep_vocab=100000",
+            f"store={store}",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "draft.keep_vocab=100000" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in store.glob("*") if p.name != "logs"]  # no artifact
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_target(tmp_path):
+    """KD of a trimmed draft: the first step's loss is KL(p‖q) over the kept ids, p the target's
+    distribution restricted to them and renormalised, q the draft's on the target's context mapped
+    as the server maps it (an id outside the set as its unk); training lowers it and moves the
+    draft's weights."""
+    from datasets import Dataset
+
+    from specdraft.pipeline.config import TrainConfig
+    from specdraft.pipeline.objectives import KDOptions
+    from specdraft.pipeline.trainer import train_kd
+
+    tok, _, kept, _ = trimmed_gemma(tmp_path, keep=10)
+    target = load_causal_lm(tmp_path / "target")
+    draft = load_causal_lm(tmp_path / "trimmed").train()
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the target it was cut from: something to learn
+        for weight in draft.parameters():
+            weight.add_(0.3 * torch.randn_like(weight))
+    m = served_map_for(tok, len(tok), tmp_path / "trimmed")
+    rows = sequences_of(tok, ["the cat sat on a mat", "the dog ran to the park"])
+    assert any(i not in kept for row in rows for i in row["input_ids"])  # some context maps to unk
+    ids = torch.tensor([r["input_ids"][:6] for r in rows])  # both have 6 tokens
+    mask = torch.tensor([r["response_mask"][:6] for r in rows])
+    drafts, targets = m.intersection_rows()
+    with torch.no_grad():
+        p = target(ids).logits[:, :-1][:, :, targets].log_softmax(-1)  # (B, T-1, I)
+        q = draft(m.to_draft(ids)).logits[:, :-1][:, :, drafts].log_softmax(-1)
+    counted = mask[:, 1:]  # positions that predict a response token
+    expected = (p.exp() * (p - q)).sum(-1)[counted].mean().item()
+    before = {n: w.detach().clone() for n, w in draft.named_parameters()}
+
+    data = Dataset.from_list(
+        [{"input_ids": r["input_ids"], "response_mask": r["response_mask"]} for r in rows]
+    )
+    train_cfg = TrainConfig(steps=8, batch_size=2, lr=1e-2, log_every=1, packing="padded")
+    history, _ = train_kd(
+        draft,
+        target,
+        data,
+        tok,
+        train_cfg,
+        tmp_path / "train",
+        0,
+        options=KDOptions(divergence="fkl"),
+        vocab_map=m,
+    )
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert any(not torch.equal(before[n], w) for n, w in draft.named_parameters())
