@@ -68,6 +68,16 @@ def _command(args) -> str:
     return "specdraft " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def _int_list(text: str) -> list[int]:
+    """`1,2,4` as [1, 2, 4] (argparse reports anything else as a usage error, exit 2)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+
+
 def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, int | float) else "n/a"
 
@@ -442,6 +452,7 @@ def cmd_serve_check(args) -> int:
         temperature=args.temperature,
         n_prompts=args.prompts,
         drafting=args.drafting,
+        speed=sc.SpeedPlan(args.gammas, args.concurrency, args.repeats) if args.speed else None,
     )
     print(sc.format_result(result))
     print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
@@ -463,6 +474,25 @@ def add_serve_check_arguments(parser) -> None:
         help="the engine's drafting rule at T > 0 (draft_sample_method; T = 0 is the same under "
         "both): each one served is put beside specdraft's prediction for it (default: both)",
     )
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="also measure tokens/s at T = 0 as users are served: target-only and with the draft, "
+        "for each of --gammas and --concurrency, --repeats times (median); serving.json's `speed`",
+    )
+    parser.add_argument(
+        "--gammas",
+        type=_int_list,
+        default=[1, 2, 3, 4],
+        help="γ values of --speed (default 1,2,3,4)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[1, 4],
+        help="requests in flight at once for --speed (default 1,4)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each --speed point")
     parser.add_argument(
         "--setup",
         action="store_true",

@@ -491,3 +491,77 @@ def test_a_run_whose_report_inputs_left_the_store_is_refused_before_any_work(tmp
     (tmp_path / "store" / "distil_r2-0123abcd" / "manifest.json").unlink()
     with pytest.raises(sc.InputError, match="distil_r2 artifact .* is gone from the store"):
         sc.report_page_input(read_run(run_dir))
+
+
+def _speed(concurrency, seconds, tokens=64, drafts=0, accepted=0):
+    return {
+        "concurrency": concurrency,
+        "repeat": 0,
+        "seconds": seconds,
+        "generated_tokens": tokens,
+        "num_drafts": drafts,
+        "num_draft_tokens": 3 * drafts,
+        "num_accepted_tokens": accepted,
+    }
+
+
+def test_speed_points_take_medians_and_name_the_best_gamma():
+    alone = [_speed(1, 8.0), _speed(1, 6.0), _speed(1, 4.0), _speed(4, 2.0)]  # 8, 16 (med 10.67)
+    drafted = {
+        2: [_speed(1, 4.0, drafts=20, accepted=20), _speed(1, 16.0, drafts=20, accepted=20)],
+        3: [_speed(1, 2.0, drafts=16, accepted=32), _speed(4, 4.0, drafts=16, accepted=32)],
+    }
+    points = sc.speed_points(drafted, alone, {2: 2.0, 3: 3.2}, cost_ratio=0.1, repeats=2)
+    assert [(p["gamma"], p["concurrency"]) for p in points] == [(2, 1), (3, 1), (3, 4)]
+    g2 = points[0]
+    assert g2["target_only_tokens_per_second"] == pytest.approx(64 / 6.0)  # median of 8, 10.7, 16
+    assert g2["tokens_per_second"] == pytest.approx((16 + 4) / 2)  # median of two repeats
+    assert g2["speedup"] == pytest.approx(10 / (64 / 6.0))
+    assert g2["acceptance_length"] == 1 + 40 / 40 and g2["predicted_acceptance_length"] == 2.0
+    assert g2["predicted_speedup"] == pytest.approx(2.0 / (2 * 0.1 + 1))
+    # the engine's c from its own numbers: tokens/s = L / (t_target (1 + γ c))
+    assert g2["engine_cost_ratio"] == pytest.approx((2.0 / g2["speedup"] - 1) / 2)
+    assert points[2]["speedup"] == pytest.approx((64 / 4.0) / (64 / 2.0))
+    assert sc.best_gamma(points) == 3  # at concurrency 1: 32 tok/s against 10
+    assert sc.best_gamma([]) is None
+    none = sc.speed_points(drafted, alone, {}, cost_ratio=None, repeats=2)
+    assert none[0]["predicted_speedup"] is None
+
+
+def test_a_bad_speed_plan_is_one_message(tmp_path):
+    from specdraft.errors import InputError
+
+    for plan in (sc.SpeedPlan([0], [1]), sc.SpeedPlan([2], []), sc.SpeedPlan([2], [1], repeats=0)):
+        with pytest.raises(InputError, match="--gammas and --concurrency take positive integers"):
+            sc.serve_check(tmp_path, speed=plan)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve-check", str(tmp_path), "--speed", "--gammas", "1,x"])
+    assert exit_.value.code == 2
+
+
+def test_vocabulary_kinds_and_the_hybrid_attention_flag(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    def save(folder: Path, vocab: dict) -> Path:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+        return folder
+
+    target = save(tmp_path / "t", {"<unk>": 0, "a": 1, "b": 2, "c": 3})
+    same = save(tmp_path / "s", {"<unk>": 0, "a": 1, "b": 2, "c": 3})
+    trimmed = save(tmp_path / "tr", {"<unk>": 0, "b": 1})
+    foreign = save(tmp_path / "f", {"<unk>": 0, "b": 1, "z": 2})
+    assert sc.vocabulary(target, same)["kind"] == "same"
+    assert sc.vocabulary(target, trimmed) == {
+        "kind": "trimmed",
+        "draft_tokens": 2,
+        "target_tokens": 4,
+        "intersection": 2,
+    }
+    assert sc.vocabulary(target, foreign)["kind"] == "intersection"
+    config = {"sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]}
+    (target / "config.json").write_text(json.dumps({"text_config": config}))
+    assert sc._hybrid_attention(target)
+    (target / "config.json").write_text(json.dumps({"sliding_window": None}))
+    assert not sc._hybrid_attention(target)

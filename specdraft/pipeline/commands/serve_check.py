@@ -22,6 +22,7 @@ continuations, beside its own rejection-sampling alpha = E[Σ min(p, q)].
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -107,6 +108,116 @@ class Prompts:
     pad_id: int
     gamma: int
     temperature: float
+
+
+@dataclass
+class SpeedPlan:
+    """serve-check --speed: tokens/s at T = 0 for every γ of `gammas` (one engine each) and every
+    concurrency, `repeats` times (the median is reported)."""
+
+    gammas: list[int]
+    concurrency: list[int]
+    repeats: int = 3
+
+    def check(self) -> None:
+        bad = [g for g in self.gammas if g < 1] + [c for c in self.concurrency if c < 1]
+        if not self.gammas or not self.concurrency or bad or self.repeats < 1:
+            raise InputError(
+                "--gammas and --concurrency take positive integers and --repeats one >= 1, got "
+                f"{self.gammas}, {self.concurrency} and {self.repeats}"
+            )
+
+
+def _tokenizer_vocab(model_dir: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
+
+
+def vocabulary(target: Path, draft: Path) -> dict:
+    """How the draft's vocabulary meets the target's: `same` (one tokenizer vocabulary), `trimmed`
+    (a subset of the target's token strings) or `intersection` (another tokenizer), with the
+    draft's size and the number of token strings both hold."""
+    t, d = _tokenizer_vocab(target), _tokenizer_vocab(draft)
+    shared = len(t.keys() & d.keys())
+    kind = "same" if t == d else "trimmed" if shared == len(d) else "intersection"
+    return {"kind": kind, "draft_tokens": len(d), "target_tokens": len(t), "intersection": shared}
+
+
+def _hybrid_attention(target: Path) -> bool:
+    """A target whose layers mix sliding-window and full attention (Gemma-3): vLLM's draft_model
+    needs its hybrid KV-cache manager off."""
+    config = json.loads((target / "config.json").read_text())
+    config = config.get("text_config", config)
+    return bool(config.get("sliding_window")) and "full_attention" in (
+        config.get("layer_types") or []
+    )
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
+
+
+def speed_points(
+    drafted: dict[int, list[dict]],
+    target_only: list[dict],
+    predicted_lengths: dict[int, float | None],
+    cost_ratio: float | None,
+    repeats: int,
+) -> list[dict]:
+    """serving.json's `speed`: per γ and concurrency, median tokens/s with and without the draft
+    (the worker's points, `drafted[γ]` and `target_only`), the speedup of the medians, the engine's
+    pooled acceptance length, specdraft's predictions, and the draft's cost per target step c
+    implied by the served numbers (tokens/s = L / (t_target (1 + γ c)))."""
+
+    def tps(points: list[dict], concurrency: int) -> float | None:
+        rates = [
+            p["generated_tokens"] / p["seconds"]
+            for p in points
+            if p["concurrency"] == concurrency and p["seconds"] > 0
+        ]
+        return _median(rates)
+
+    out = []
+    for gamma, points in sorted(drafted.items()):
+        for concurrency in sorted({p["concurrency"] for p in points}):
+            mine = [p for p in points if p["concurrency"] == concurrency]
+            drafts = sum(p["num_drafts"] for p in mine)
+            length = 1 + sum(p["num_accepted_tokens"] for p in mine) / drafts if drafts else None
+            with_draft, alone = tps(points, concurrency), tps(target_only, concurrency)
+            speedup = with_draft / alone if with_draft and alone else None
+            predicted_length = predicted_lengths.get(gamma)
+            out.append(
+                {
+                    "temperature": 0.0,
+                    "concurrency": concurrency,
+                    "gamma": gamma,
+                    "repeats": repeats,
+                    "target_only_tokens_per_second": alone,
+                    "tokens_per_second": with_draft,
+                    "speedup": speedup,
+                    "predicted_speedup": predicted_length / (gamma * cost_ratio + 1)
+                    if predicted_length and cost_ratio is not None
+                    else None,
+                    "acceptance_length": length,
+                    "predicted_acceptance_length": predicted_length,
+                    "engine_cost_ratio": (length / speedup - 1) / gamma
+                    if length and speedup
+                    else None,
+                }
+            )
+    return out
+
+
+def best_gamma(points: list[dict]) -> int | None:
+    """The γ with the highest speedup at the lowest concurrency measured (the latency case)."""
+    if not points:
+        return None
+    lowest = min(p["concurrency"] for p in points)
+    scored = [p for p in points if p["concurrency"] == lowest and p["speedup"] is not None]
+    return max(scored, key=lambda p: p["speedup"])["gamma"] if scored else None
 
 
 def _stage(run: dict, name: str) -> dict:
@@ -435,6 +546,43 @@ def replay_sampled(
     }
 
 
+def predicted_acceptance_lengths(
+    target, draft, p: Prompts, gammas: list[int], model_len: int
+) -> dict[int, float | None]:
+    """Per γ, the acceptance length the engine should report at T = 0: engine_rules along the
+    target's greedy outputs (extended as engine_rules needs for the largest γ)."""
+    import torch
+
+    from specdraft.pipeline.decoding import autoregressive_generate
+
+    extended = [
+        autoregressive_generate(
+            target,
+            torch.tensor([row["prompt_ids"]]),
+            max_new_tokens=p.max_new_tokens + max(gammas) + 1,
+            eos_token_id=None,
+        ).tolist()
+        for row in p.rows
+    ]
+    return {
+        g: engine_rules(draft, dataclasses.replace(p, gamma=g), extended, model_len)[
+            "acceptance_length"
+        ]
+        for g in gammas
+    }
+
+
+def _run_cost_ratio(run_dir: Path) -> float | None:
+    """c of the run's final draft as its evaluate stage measured it (metrics.json: transformers on
+    the machine the run was on), for the predicted speedup."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        value = metrics["final"]["cost_ratio"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def engine_side(
     target: Path,
     draft: Path | None,
@@ -443,12 +591,16 @@ def engine_side(
     *,
     trust_remote_code: bool = False,
     drafting: str = "greedy",
+    speed: SpeedPlan | None = None,
 ) -> dict:
     """One engine process: the target (with the draft when given, drafting by `drafting`: vLLM's
     draft_sample_method) at each temperature; model code runs in it only with
     `trust_remote_code` (vLLM has one setting for both models)."""
     request = {
         "draft_sample_method": drafting,
+        "speed": {"concurrency": speed.concurrency, "repeats": speed.repeats} if speed else None,
+        "heterogeneous_vocab": bool(draft) and vocabulary(target, draft)["kind"] != "same",
+        "disable_hybrid_kv_cache_manager": bool(draft) and _hybrid_attention(target),
         "trust_remote_code": trust_remote_code,
         "target": str(target),
         "draft": str(draft) if draft else None,
@@ -762,6 +914,7 @@ def serve_check(
     temperature: float | None = None,
     n_prompts: int | None = None,
     drafting: str = "both",
+    speed: SpeedPlan | None = None,
 ) -> dict:
     """Serve the run's target with its exported draft and beside it specdraft's numbers on the same
     prompts: at T = 0, and at `temperature` (default: the run's) when it is above 0 with each
@@ -780,6 +933,8 @@ def serve_check(
         raise InputError(f"--prompts {n_prompts}: must be >= 1")
     if drafting not in DRAFTING_CHOICES:
         raise InputError(f"--drafting {drafting}: one of {', '.join(DRAFTING_CHOICES)}")
+    if speed is not None:
+        speed.check()
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if run["kind"] != "run":
@@ -809,7 +964,8 @@ def serve_check(
     temps = [0.0] + ([p.temperature] if p.temperature > 0 else [])
     start = time.time()
     # T = 0 is the same under both rules: the greedy engine serves it
-    served = engine_side(target, draft, p, temps, trust_remote_code=engine_trust)
+    measure = speed if speed is not None and p.gamma in speed.gammas else None
+    served = engine_side(target, draft, p, temps, trust_remote_code=engine_trust, speed=measure)
     if p.temperature > 0 and drafting in ("probabilistic", "both"):
         probabilistic = engine_side(
             target,
@@ -824,7 +980,14 @@ def serve_check(
         p.temperature > 0 and drafting == "probabilistic"
     ):  # the greedy engine's T > 0 run: not asked
         served["runs"] = [r for r in served["runs"] if r["temperature"] == 0]
-    target_only = engine_side(target, None, p, [0.0], trust_remote_code=engine_trust)
+    target_only = engine_side(target, None, p, [0.0], trust_remote_code=engine_trust, speed=speed)
+    drafted_speed = {p.gamma: served["speed"]} if measure else {}
+    for gamma in speed.gammas if speed else []:
+        if gamma not in drafted_speed:  # an engine per γ: vLLM fixes it when it starts
+            other = dataclasses.replace(p, gamma=gamma)
+            drafted_speed[gamma] = engine_side(
+                target, draft, other, [], trust_remote_code=engine_trust, speed=speed
+            )["speed"]
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
     from specdraft.drafts.models import load_causal_lm
 
@@ -833,6 +996,13 @@ def serve_check(
     model_len = _model_len(target, p)
     spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len)
     replays = sampled_side(target_lm, draft_lm, p, served, model_len)
+    speed_result = {}
+    if speed is not None:
+        lengths = predicted_acceptance_lengths(target_lm, draft_lm, p, speed.gammas, model_len)
+        points = speed_points(
+            drafted_speed, target_only["speed"], lengths, _run_cost_ratio(run_dir), speed.repeats
+        )
+        speed_result = {"speed": points, "best_gamma": best_gamma(points)}
     result = {
         "engine": served["engine"],
         "engine_version": served["version"],
@@ -843,7 +1013,9 @@ def serve_check(
         "prompts": len(p.rows),
         "tasks": sorted({r["task"] for r in p.rows}),
         "seconds": round(time.time() - start, 1),
+        "vocabulary": vocabulary(target, draft),
         **compare(spec, served, target_only, p.temperature, replays),
+        **speed_result,
     }
     write_serving(run_dir, report_input, result)
     return result
@@ -943,5 +1115,35 @@ def format_result(result: dict) -> str:
             f"{f(pr['specdraft_predicted_acceptance_length'], '.2f')} (alpha "
             f"{f(pr['specdraft_alpha_sampled_drafts'])})"
         )
+    vocab = result.get("vocabulary")
+    if vocab:
+        lines.append(
+            f"vocabulary: {vocab['kind']} ({vocab['draft_tokens']} draft tokens, "
+            f"{vocab['intersection']} shared with the target's {vocab['target_tokens']})"
+        )
+    if result.get("speed"):
+        lines += ["", format_speed(result["speed"], result.get("best_gamma"))]
     lines += ["", *("- " + n for n in result["explanations"])]
     return "\n".join(lines)
+
+
+def format_speed(points: list[dict], best: int | None) -> str:
+    """The --speed table: one row per γ and concurrency."""
+    f = _f
+    head = (
+        f"{'γ':>3} {'users':>5} {'tok/s target':>12} {'tok/s draft':>11} {'speedup':>8} "
+        f"{'predicted':>9} {'L served':>8} {'L pred.':>7} {'c engine':>8}"
+    )
+    rows = [
+        f"{p['gamma']:>3} {p['concurrency']:>5} {f(p['target_only_tokens_per_second'], '.1f'):>12} "
+        f"{f(p['tokens_per_second'], '.1f'):>11} {f(p['speedup'], '.2f'):>8} "
+        f"{f(p['predicted_speedup'], '.2f'):>9} {f(p['acceptance_length'], '.2f'):>8} "
+        f"{f(p['predicted_acceptance_length'], '.2f'):>7} {f(p['engine_cost_ratio'], '.3f'):>8}"
+        for p in points
+    ]
+    note = (
+        f"T = 0, medians of {points[0]['repeats']} repeats; best γ at the lowest concurrency: "
+        f"{best}; predicted speedup = predicted L / (γ c + 1) with the run's c (metrics.json), "
+        "c engine = the draft's cost per target step the served numbers imply"
+    )
+    return "\n".join([head, *rows, note])

@@ -6,11 +6,15 @@ specdraft, and speaks JSON through two files.
 REQUEST: {"target": dir, "draft": dir or null, "gamma": int, "prompts": [[token id, ...], ...],
           "draft_sample_method": "greedy" | "probabilistic" (optional, default greedy),
           "max_new_tokens": int, "stop_token_ids": [int], "temperatures": [float], "seed": int,
-          "dtype": str, "max_model_len": int, "memory_fraction": float}
+          "dtype": str, "max_model_len": int, "memory_fraction": float,
+          "speed": {"concurrency": [int], "repeats": int} (optional),
+          "heterogeneous_vocab": bool, "disable_hybrid_kv_cache_manager": bool (optional)}
 RESPONSE: {"engine": "vllm", "version": str, "defects": [{"name", "upstream", "expected", "got"}],
            "runs": [{"temperature": float, "engine_fix": str or null, "outputs": [[ids]],
            "seconds": float, "generated_tokens": int, "num_drafts": int, "num_draft_tokens": int,
-           "num_accepted_tokens": int, "accepted_per_pos": [int]}]}
+           "num_accepted_tokens": int, "accepted_per_pos": [int]}],
+           "speed": [{"concurrency": int, "repeat": int, "seconds": float, "generated_tokens": int,
+           "num_drafts": int, "num_draft_tokens": int, "num_accepted_tokens": int}]}
           or {"error": str} (exit code 3) when the engine refuses the models.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that its sampler can be
@@ -18,6 +22,10 @@ probed. A known defect of the engine's CPU build is probed once the engine is up
 present and a request samples (T > 0) with a draft, that temperature is served twice: as shipped
 (`engine_fix` null) and with the one broken function replaced (`engine_fix` its name), so the caller
 can show what the engine delivers and check that the rest of its acceptance rule holds.
+
+With "speed", the prompts are also served at T = 0 `repeats` times per concurrency c: c requests
+at a time (the next c once those are done, a closed loop of c users), timed from the first request
+to the last token, after one untimed warm-up pass.
 
 Sampling is exactly softmax(logits / T): the checkpoints' generation_config is ignored
 (`generation_config="vllm"`), no top-k/top-p/penalties; T = 0 is greedy. Prompts go in as token
@@ -113,6 +121,10 @@ def serve(req: dict) -> dict:
             "num_speculative_tokens": req["gamma"],
             "draft_sample_method": req.get("draft_sample_method", "greedy"),
         }
+        if req.get("heterogeneous_vocab"):  # a trimmed or foreign vocabulary, mapped by string
+            kwargs["speculative_config"]["use_heterogeneous_vocab"] = True
+    if req.get("disable_hybrid_kv_cache_manager"):  # Gemma-3's sliding + full layers
+        kwargs["disable_hybrid_kv_cache_manager"] = True
     llm = LLM(
         model=req["target"],
         dtype=req.get("dtype", "float32"),
@@ -177,7 +189,49 @@ def serve(req: dict) -> dict:
         run["accepted_per_pos"] = [a - b for a, b in zip(pos_after, pos_before, strict=True)]
         runs.append(run)
     rs.expand_batch_to_tokens = shipped
-    return {"engine": "vllm", "version": vllm.__version__, "defects": defects, "runs": runs}
+    speed = measure_speed(llm, prompts, req) if req.get("speed") else []
+    return {
+        "engine": "vllm",
+        "version": vllm.__version__,
+        "defects": defects,
+        "runs": runs,
+        "speed": speed,
+    }
+
+
+def measure_speed(llm, prompts, req: dict) -> list[dict]:
+    """Tokens/s at T = 0 for each concurrency of req["speed"], `repeats` times: the prompts served
+    c at a time, each group's requests submitted together (see the module docstring)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=req["max_new_tokens"],
+        stop_token_ids=req["stop_token_ids"],
+        detokenize=False,
+    )
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: first-call costs untimed
+    points = []
+    for concurrency in req["speed"]["concurrency"]:
+        for repeat in range(req["speed"]["repeats"]):
+            before = llm.get_metrics()
+            generated = 0
+            start = time.perf_counter()
+            for first in range(0, len(prompts), concurrency):
+                outputs = llm.generate(prompts[first : first + concurrency], params, use_tqdm=False)
+                generated += sum(len(o.outputs[0].token_ids) for o in outputs)
+            seconds = time.perf_counter() - start
+            after = llm.get_metrics()
+            point = {
+                "concurrency": concurrency,
+                "repeat": repeat,
+                "seconds": round(seconds, 4),
+                "generated_tokens": generated,
+            }
+            for key, name in SPEC_METRICS.items():
+                point[key] = _counter(after, name) - _counter(before, name)
+            points.append(point)
+    return points
 
 
 def main(argv: list[str]) -> int:
