@@ -15,7 +15,7 @@ def test_defaults_are_the_builtin_demo():
     job = load_job()
     assert job == JobConfig()
     assert (job.target.model, job.draft.model, job.data.source) == ("builtin", "builtin", "builtin")
-    # the recipe that won on the real pair (RESULTS.md): the LK hybrid with one λ per step
+    # the default recipe (its evidence: RESULTS.md): the LK hybrid with one λ per step
     # on all tokens, full fine-tuning, target-written responses
     assert job.distil.selection == "all" and job.distil.divergence == "lk"
     assert job.distil.lk_alpha == "batch"
