@@ -107,3 +107,26 @@ def test_run_refuses_long_prompts_before_any_stage(pair, tmp_path, monkeypatch):
     data = data_file(tmp_path / "d.jsonl", ["the cat sat", long, "the dog ran"])
     with pytest.raises(InputError, match="prompts of data.source"):
         job_module.run_job(job(pair, data, f"store={tmp_path / 'store'}"), tmp_path / "out")
+
+
+def test_an_offset_past_a_tasks_eval_prompts_is_refused_before_any_stage():
+    from specdraft.pipeline.preflight import check_eval_prompts
+    from specdraft.pipeline.sequences import pick_eval_prompts
+
+    rows = [{"task": t, "prompt": f"{t}{i}"} for t in "ab" for i in range(3)] + [
+        {"task": "c", "prompt": "c0"}
+    ]
+    # a confirmation run skips what a screen saw: prompts 1-2 of each task after an offset of 1
+    assert [r["prompt"] for r in pick_eval_prompts(rows, 2, offset=1)] == ["a1", "a2", "b1", "b2"]
+    assert [r["prompt"] for r in pick_eval_prompts(rows, 1)] == ["a0", "b0", "c0"]
+    check_eval_prompts(load_job(overrides=["evaluate.prompt_offset=0"]), rows)
+    with pytest.raises(
+        InputError, match=r"prompt_offset \(1\) skips every eval prompt of task\(s\) c"
+    ):
+        check_eval_prompts(load_job(overrides=["evaluate.prompt_offset=1"]), rows)
+
+
+def test_an_offset_past_the_toy_worlds_eval_prompts_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"evaluate.prompt_offset \(24\) leaves none"):
+        load_job(overrides=["evaluate.prompt_offset=24"])
+    assert load_job(overrides=["evaluate.prompt_offset=8"]).evaluate.prompt_offset == 8

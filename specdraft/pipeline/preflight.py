@@ -24,10 +24,26 @@ def check_inputs(job: JobConfig) -> None:
     from specdraft.pipeline.data_sources import load_user_data
 
     splits = load_user_data(job.data, job.seed)
+    check_eval_prompts(job, splits["eval"])
     if job.target.model == "builtin":
         return  # refused by the config (the toy pair cannot train on user data)
     prompts = [row["prompt"] for split in ("train", "eval") for row in splits[split]]
     check_prompt_lengths(job, prompts)
+
+
+def check_eval_prompts(job: JobConfig, eval_split) -> None:
+    """InputError when evaluate.prompt_offset skips every eval prompt of some task."""
+    offset = job.evaluate.prompt_offset
+    counts: dict[str, int] = {}
+    for row in eval_split:
+        counts[row["task"]] = counts.get(row["task"], 0) + 1
+    empty = sorted(task for task, n in counts.items() if n <= offset)
+    if empty:
+        raise InputError(
+            f"evaluate.prompt_offset ({offset}) skips every eval prompt of task(s) "
+            f"{', '.join(map(str, empty[:5]))} (they have {min(counts[t] for t in empty)} or "
+            "fewer); lower it or give more eval data"
+        )
 
 
 def check_prompt_lengths(job: JobConfig, prompts: list[str]) -> None:

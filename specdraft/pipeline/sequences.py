@@ -135,13 +135,14 @@ def load_sequences(artifact: Path):
     return load_from_disk(str(Path(artifact) / "sequences"))
 
 
-def pick_eval_prompts(eval_split, per_task: int) -> list[dict]:
-    """The first `per_task` rows of each task, in the split's order: the evaluation prompts of the
-    evaluate stage, `specdraft eval` and `specdraft serve-check`."""
+def pick_eval_prompts(eval_split, per_task: int, offset: int = 0) -> list[dict]:
+    """`per_task` rows of each task after its first `offset`, in the split's order: the evaluation
+    prompts of the evaluate stage and `specdraft serve-check` (evaluate.prompt_offset)."""
     counts: dict[str, int] = {}
     chosen = []
     for row in eval_split:
-        if counts.get(row["task"], 0) < per_task:
-            counts[row["task"]] = counts.get(row["task"], 0) + 1
+        seen = counts.get(row["task"], 0)
+        counts[row["task"]] = seen + 1
+        if offset <= seen < offset + per_task:
             chosen.append(row)
     return chosen

@@ -279,7 +279,9 @@ def run_prompts(
     trusted = (trust or UNTRUSTED).target
     tokenizer = load_tokenizer_artifact(target_artifact, trust_remote_code=trusted)
     chat = chat_template_of(data)
-    eval_rows = pick_eval_prompts(load_splits(data)["eval"], cfg["prompts_per_task"])
+    eval_rows = pick_eval_prompts(
+        load_splits(data)["eval"], cfg["prompts_per_task"], cfg.get("prompt_offset", 0)
+    )
     rows = [  # the evaluate stage's spec prompts
         {"task": row["task"], "prompt_ids": prompt_token_ids(tokenizer, row["prompt"], chat)}
         for row in spec_prompt_rows(eval_rows, cfg["spec_prompts_per_task"])

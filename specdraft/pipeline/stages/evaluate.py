@@ -93,7 +93,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
     out, seed, trust = ctx.out, ctx.seed, ctx.trust
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     chat = chat_template_of(inputs["data"])
-    eval_rows = pick_eval_prompts(load_splits(inputs["data"])["eval"], cfg.prompts_per_task)
+    eval_rows = pick_eval_prompts(
+        load_splits(inputs["data"])["eval"], cfg.prompts_per_task, cfg.prompt_offset
+    )
     for row in eval_rows:
         row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"], chat)
     tasks = task_indices(eval_rows)
