@@ -426,6 +426,12 @@ class EvaluateConfig:
     spec_prompts_per_task: int = opt(
         6, "Eval prompts per task for real speculative decoding.", lo=1
     )
+    prompt_offset: int = opt(
+        0,
+        "Skip each task's first N eval prompts: a confirmation run with N = the screen's "
+        "prompts_per_task is judged on prompts the screen never saw.",
+        lo=0,
+    )
     free_text_prompts: int = opt(
         16,
         "Continuations the target samples from its bos token alone, where every draft's acceptance "
@@ -652,6 +658,13 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             problems.append(
                 f"{name}.train.batch_size ({train.batch_size}) must be divisible by {split}"
             )
+    offset = cfg.evaluate.prompt_offset
+    if cfg.data.source == "builtin" and offset >= cfg.data.eval_per_task:
+        problems.append(
+            f"evaluate.prompt_offset ({offset}) leaves none of the toy world's "
+            f"data.eval_per_task ({cfg.data.eval_per_task}) eval prompts per task; raise "
+            "data.eval_per_task"
+        )
     layers = cfg.draft.from_target_layers
     if layers and cfg.draft.model != "builtin":
         problems.append(
