@@ -12,6 +12,10 @@ On CUDA with triton installed, the per-row divergence and gradient come from the
 runs the torch ones); the matmuls stay in torch. The pure-PyTorch full-logits reference lives in
 `tests/kd_reference.py`; the benchmarks are `benchmarks/bench_kd_loss.py` and
 `bench_lk_loss.py`.
+
+`fused_topk_kd_loss` is the same loss against a target stored as its top-k log-probabilities
+(target_outputs.format=topk): the target's side is read, not computed, and the tail outside the
+stored ids is one bucket (`_topk_divergence_rows`); it always runs the torch rows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -123,6 +128,69 @@ def _divergence_rows(
     return loss, grad
 
 
+class TopkTargets(NamedTuple):
+    """The target's next-token distribution at N tokens as target_outputs.format=topk stores it:
+    its k most likely ids, their log-probabilities at the distillation temperature, and the log
+    of the mass outside them (-inf when k = V)."""
+
+    ids: torch.Tensor  # (N, k) int32 or int64
+    logprobs: torch.Tensor  # (N, k) fp16, bf16 or fp32
+    log_rest: torch.Tensor  # (N,)
+
+
+# Floor of the bucket log-probabilities: a bucket of mass 0 (log -inf, e.g. a tail that underflowed
+# in fp16) would make 0 * (-inf - s) = nan; exp(-1e4) is 0 in fp32, so the floor changes nothing else.
+_LOG_FLOOR = -1e4
+
+
+# Top-k targets: the target is known on its k stored ids S and as one bucket r for the rest (mass
+# p_r = exp(log_rest)). Both distributions are compared on the k + 1 outcomes (S, r). The draft's
+# bucket log-probabilities are exactly log_softmax of its bucket logits
+#   ẑ = (z_S, logsumexp_{j∉S} z_j)                 (log q_S and log q_r = log Σ_{j∉S} q_j),
+# the target's are (t_S, log_rest) renormalised (fp16 storage rounds their sum away from 1).
+# Any divergence of _divergence_rows on the buckets gives ĝ = dL/dẑ, and ∂ẑ_r/∂z_j = q_j / q_r for
+# j ∉ S, so over the vocabulary
+#   g_j = ĝ_j (j ∈ S),      g_j = ĝ_r · q_j / q_r (j ∉ S).
+# For fkl that is g = q − p̃ with p̃ the target on S and p_r spread over the tail in the draft's
+# own proportions. Merging outcomes never increases KL or TV (data processing), so each bucketed
+# divergence is at most the full one; at k = V there is no bucket and it is the full one.
+def _topk_divergence_rows(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    log_rest: torch.Tensor,
+    divergence: str,
+    beta: float,
+    need_grad: bool,
+    lk: tuple[float, float | None] = (0.0, None),
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row bucketed divergence (C,) and its gradient (C, V) w.r.t. z_s, or None.
+
+    s: (C, V) fp32 draft log-probabilities, scratch (overwritten in place; it becomes the
+    gradient). ids (C, k), logprobs (C, k), log_rest (C,): the target's stored top-k.
+    """
+    ids = ids.long()
+    vocab, k = s.shape[1], ids.shape[1]
+    s_hat = s.gather(1, ids)  # (C, k)
+    t_hat = logprobs.float()
+    if k < vocab:  # the tail bucket
+        s.scatter_(1, ids, -math.inf)  # s: the tail's log q_j, -inf on S
+        s_rest = torch.logsumexp(s, dim=1, keepdim=True).clamp_(min=_LOG_FLOOR)  # (C, 1) log q_r
+        s_hat = torch.cat([s_hat, s_rest], dim=1)  # (C, k + 1)
+        t_hat = torch.cat([t_hat, log_rest.float().unsqueeze(1)], dim=1)
+    s_hat = s_hat.clamp_(min=_LOG_FLOOR)
+    t_hat = t_hat.clamp(min=_LOG_FLOOR)
+    t_hat = t_hat - torch.logsumexp(t_hat, dim=1, keepdim=True)
+    loss, g_hat = _divergence_rows(s_hat, t_hat, divergence, beta, need_grad, lk)
+    if not need_grad:
+        return loss, None
+    if k < vocab:  # the tail: ĝ_r · q_j / q_r = ĝ_r · exp(s_j − log q_r); 0 on S (s_j = -inf)
+        grad = s.sub_(s_rest).exp_().mul_(g_hat[:, k:])
+    else:
+        grad = s.zero_()
+    return loss, grad.scatter_(1, ids, g_hat[:, :k])
+
+
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk when chunk_size is None: the chunk's fp32 buffers fit CHUNK_BUDGET_BYTES."""
     return max(1, CHUNK_BUDGET_BYTES // (vocab * 4 * _FP32_BUFFERS_PER_CHUNK))
@@ -217,8 +285,7 @@ def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -
 def _chunked_kd(
     sh: torch.Tensor,  # (N, Hs)
     sw: torch.Tensor,  # (V, Hs)
-    th: torch.Tensor,  # (N, Ht)
-    tw: torch.Tensor,  # (V, Ht)
+    teacher: tuple,  # (th (N, Ht), tw (V, Ht)), or a TopkTargets (N rows)
     rows: torch.Tensor | None,  # (K,) indices of kept rows; None keeps all N
     divergence: str,
     beta: float,
@@ -235,7 +302,11 @@ def _chunked_kd(
     """
     n_kept = sh.shape[0] if rows is None else rows.numel()
     need_grad = want_grad_h or want_grad_w
-    use_triton = _use_triton(sh) and divergence != "lk"  # the kernel has no LK rows
+    topk = isinstance(teacher, TopkTargets)
+    # the Triton kernel has no LK rows and reads no stored top-k
+    use_triton = _use_triton(sh) and divergence != "lk" and not topk
+    if not topk:
+        th, tw = teacher
     if use_triton:
         from specdraft.kernels import kd_loss_triton
     loss = torch.empty(n_kept, dtype=torch.float32, device=sh.device)
@@ -244,11 +315,12 @@ def _chunked_kd(
     grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if want_grad_w else None
     for start in range(0, n_kept, chunk_size):
         end = min(start + chunk_size, n_kept)
-        if rows is None:
-            hs, ht = sh[start:end], th[start:end]  # views, no copy
+        if rows is None:  # views, no copy
+            hs, chunk = sh[start:end], [x[start:end] for x in (teacher if topk else (th,))]
         else:
             idx = rows[start:end]
-            hs, ht = sh.index_select(0, idx), th.index_select(0, idx)
+            hs = sh.index_select(0, idx)
+            chunk = [x.index_select(0, idx) for x in (teacher if topk else (th,))]
         # d total / d(h W^T) = g * row_weight / T, with g = d loss_i / d z_s and z_s = h W^T / T.
         if isinstance(row_weight, torch.Tensor):
             scale = row_weight[start:end] / temperature  # (C,)
@@ -256,14 +328,19 @@ def _chunked_kd(
             scale = sh.new_full((end - start,), row_weight / temperature, dtype=torch.float32)
         if use_triton:
             loss[start:end], g = kd_loss_triton.divergence_rows_triton(
-                torch.mm(hs, sw.t()), torch.mm(ht, tw.t()), divergence, beta, temperature,
+                torch.mm(hs, sw.t()), torch.mm(chunk[0], tw.t()), divergence, beta, temperature,
                 scale if need_grad else None,
             )  # fmt: skip
         else:
             s = _log_probs(hs, sw, temperature)  # (C, V)
-            t = _log_probs(ht, tw, temperature)  # (C, V)
-            loss[start:end], g = _divergence_rows(s, t, divergence, beta, need_grad, lk)
-            del s, t
+            if topk:  # the stored log-probabilities are at the temperature already
+                rows_loss, g = _topk_divergence_rows(s, *chunk, divergence, beta, need_grad, lk)
+            else:
+                t = _log_probs(chunk[0], tw, temperature)  # (C, V)
+                rows_loss, g = _divergence_rows(s, t, divergence, beta, need_grad, lk)
+                del t
+            loss[start:end] = rows_loss
+            del s
             if need_grad:
                 g = g.mul_(scale.unsqueeze(1)).to(sw.dtype)  # (C, V), no copy for fp32
         if not need_grad:
@@ -293,21 +370,24 @@ class _FusedKDLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, th, tw, rows, weights, opts, want_grad_h, want_grad_w):
-        divergence, beta, temperature, reduction, chunk_size, lk = opts
+    def forward(ctx, sh, sw, rows, weights, opts, want_grad_h, want_grad_w, *teacher):
+        # teacher: (th, tw), or the three tensors of a TopkTargets (opts[-1] says which)
+        divergence, beta, temperature, reduction, chunk_size, lk, topk = opts
+        teacher = TopkTargets(*teacher) if topk else teacher
         n_kept = sh.shape[0] if rows is None else rows.numel()
         ctx.opts, ctx.rows_none, ctx.weights_none = opts, rows is None, weights is None
         precompute = reduction != "none" and (want_grad_h or want_grad_w)
         scale = 1.0 / max(n_kept, 1) if reduction == "mean" else 1.0
         row_weight = scale if weights is None else weights * scale
         loss, grad_h, grad_w = _chunked_kd(
-            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
+            sh, sw, teacher, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
             want_grad_h and precompute, want_grad_w and precompute,
         )  # fmt: skip
         if weights is not None:
             loss.mul_(weights)
+        ctx.n_teacher = len(teacher)
         if reduction == "none":
-            ctx.save_for_backward(sh, sw, th, tw, rows, weights)
+            ctx.save_for_backward(sh, sw, rows, weights, *teacher)
             ctx.want = (want_grad_h, want_grad_w)
             if rows is None:
                 return loss
@@ -322,7 +402,8 @@ class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        divergence, beta, temperature, reduction, chunk_size, lk = ctx.opts
+        divergence, beta, temperature, reduction, chunk_size, lk, topk = ctx.opts
+        unused = (None,) * (5 + ctx.n_teacher)  # rows, weights, opts, the two flags, teacher
         if reduction != "none":  # grad_output: () scalar
             if ctx.grads is None:
                 raise RuntimeError(
@@ -337,17 +418,18 @@ class _FusedKDLoss(torch.autograd.Function):
                 grad_h.mul_(grad_output.to(grad_h.dtype))
             if grad_w is not None:
                 grad_w.mul_(grad_output.to(grad_w.dtype))
-            return grad_h, grad_w, None, None, None, None, None, None, None
-        sh, sw, th, tw, rows, weights = ctx.saved_tensors  # grad_output: (N,)
+            return grad_h, grad_w, *unused
+        sh, sw, rows, weights, *teacher = ctx.saved_tensors  # grad_output: (N,)
+        teacher = TopkTargets(*teacher) if topk else teacher
         rows = None if ctx.rows_none else rows
         row_weight = grad_output.float() if rows is None else grad_output.float()[rows]
         if not ctx.weights_none:
             row_weight = row_weight * weights
         _, grad_h, grad_w = _chunked_kd(
-            sh, sw, th, tw, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
+            sh, sw, teacher, rows, divergence, beta, temperature, chunk_size, row_weight, lk,
             *ctx.want,
         )  # fmt: skip
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, *unused
 
 
 def _check_inputs(
@@ -426,6 +508,19 @@ def fused_kd_loss(
     _check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, mask, reduction, weights
     )
+    teacher = (teacher_hidden.detach(), teacher_weight.detach())
+    return _apply_fused(
+        student_hidden, student_weight, teacher, False, mask, divergence, beta, temperature,
+        reduction, chunk_size, weights, lk_eta, lk_alpha,
+    )  # fmt: skip
+
+
+def _apply_fused(
+    student_hidden, student_weight, teacher: tuple, topk: bool, mask, divergence, beta,
+    temperature, reduction, chunk_size, weights, lk_eta, lk_alpha,
+) -> torch.Tensor:  # fmt: skip
+    """fused_kd_loss and fused_topk_kd_loss after their checks: the kept rows, the chunk size
+    and the autograd function. `teacher`: (th, tw), or a TopkTargets when `topk`."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
     n_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
@@ -440,18 +535,75 @@ def fused_kd_loss(
     chunk_size = max(1, min(chunk_size, n_kept))
     grad_on = torch.is_grad_enabled()
     lk = (float(lk_eta), None if lk_alpha is None else float(lk_alpha))
-    opts = (divergence, float(beta), float(temperature), reduction, chunk_size, lk)
+    opts = (divergence, float(beta), float(temperature), reduction, chunk_size, lk, topk)
     if weights is not None:
         weights = weights.detach().to(device=student_hidden.device, dtype=torch.float32)
         weights = weights if rows is None else weights[rows]  # (K,) per kept row
     return _FusedKDLoss.apply(
         student_hidden,
         student_weight,
-        teacher_hidden.detach(),
-        teacher_weight.detach(),
         rows,
         weights,
         opts,
         grad_on and student_hidden.requires_grad,
         grad_on and student_weight.requires_grad,
+        *teacher,
     )
+
+
+def fused_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    target: TopkTargets,
+    mask: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
+    lk_eta: float = 3.0,
+    lk_alpha: float | None = None,
+) -> torch.Tensor:
+    """fused_kd_loss against the target's stored top-k (target_outputs.format=topk) instead of
+    its hidden states and head: each divergence over the k stored ids plus one bucket for the
+    rest of the vocabulary (the draft's mass outside the ids vs the target's `log_rest`); exact
+    at k = V. `target`'s log-probabilities are at the distillation temperature already:
+    `temperature` divides the draft's logits only. The draft's logits are chunked as in
+    fused_kd_loss; the target side is (N, k), never (N, V). Other arguments as fused_kd_loss;
+    the LK hybrid's per-row α is the bucketed 1 − TV.
+    """
+    _check_options(divergence, beta, temperature, lk_eta, lk_alpha)
+    ids, logprobs, log_rest = target
+    n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    k = ids.shape[-1] if ids.dim() == 2 else -1
+    if student_hidden.dim() != 2 or student_weight.dim() != 2:
+        raise ValueError(
+            "student_hidden and student_weight must be (N, H) and (V, H), got "
+            f"{tuple(student_hidden.shape)} and {tuple(student_weight.shape)}"
+        )
+    if (
+        ids.shape != (n, k)
+        or logprobs.shape != (n, k)
+        or log_rest.shape != (n,)
+        or not 0 < k <= vocab
+    ):
+        raise ValueError(
+            f"target must hold ids and logprobs (N, k) = ({n}, k) with 0 < k <= V = {vocab} and "
+            f"log_rest (N,); got {tuple(ids.shape)}, {tuple(logprobs.shape)}, "
+            f"{tuple(log_rest.shape)}"
+        )
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"target ids must be integers, got {ids.dtype}")
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"target ids must lie in [0, {vocab}) (the draft head's rows); got "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    _check_inputs(student_hidden, student_weight, student_hidden, student_weight, mask, reduction,
+                  weights)  # fmt: skip
+    teacher = TopkTargets(ids.detach(), logprobs.detach(), log_rest.detach())
+    return _apply_fused(
+        student_hidden, student_weight, teacher, True, mask, divergence, beta, temperature,
+        reduction, chunk_size, weights, lk_eta, lk_alpha,
+    )  # fmt: skip

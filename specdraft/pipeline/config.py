@@ -392,10 +392,38 @@ class VocabTrimConfig:
     resources: Resources = field(default_factory=lambda: Resources(cpus=1))
 
 
+# Default k of target_outputs.format=topk: 128 ids cost 6 * 128 + 2 = 770 bytes a token (int32 ids,
+# fp16 log-probabilities, the fp16 log of the rest), the largest power of two within the 1 KB a
+# token the store aims at; the KD loss's cost hardly depends on k (the draft's logits dominate).
+TOPK_DEFAULT_K = 128
+
+
+@dataclass
+class TargetStoreConfig:
+    """The job section `target_outputs`: what the target_outputs stage stores for KD (used when
+    distil.stored_target_outputs is on)."""
+
+    format: str = opt(
+        "hidden",
+        "What is stored per training token: `hidden`, the target's final hidden states and its "
+        "LM head (exact; H values a token), or `topk`, the target's k most likely token ids "
+        "(int32) and their log-probabilities at distil.temperature (fp16) with the log of the "
+        "rest of its mass (6k + 2 bytes a token, whatever the target's width); the KD losses "
+        "then compare over those ids plus one bucket for the rest, exact at k = V.",
+        choices=["hidden", "topk"],
+    )
+    k: int = opt(
+        TOPK_DEFAULT_K,
+        "Token ids stored per token with format=topk (770 bytes a token at 128); above the "
+        "vocabulary, all of it (exact). Unused with format=hidden.",
+        lo=1,
+    )
+
+
 @dataclass
 class TargetOutputsConfig:
-    """The target_outputs stage's settings: derived from the job by engine/job.py (not a section
-    of the job file), so that its key follows what the stored outputs depend on."""
+    """The target_outputs stage's settings: derived from the job by engine/job.py, so that its key
+    follows what the stored outputs depend on and nothing else."""
 
     precision: str = opt(
         "fp32",
@@ -404,6 +432,16 @@ class TargetOutputsConfig:
         choices=["fp32", "bf16"],
     )
     batch_size: int = opt(16, "Sequences per target forward.", lo=1)
+    format: str = opt(
+        "hidden", "target_outputs.format: `hidden` or `topk`.", choices=["hidden", "topk"]
+    )
+    k: int = opt(0, "target_outputs.k with format=topk; 0 with format=hidden.", lo=0)
+    temperature: float = opt(
+        0.0,
+        "distil.temperature with format=topk (the log-probabilities are at it); 0 with "
+        "format=hidden, which does not depend on it.",
+        lo=0,
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 
@@ -485,6 +523,7 @@ class JobConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     distil: DistilConfig = field(default_factory=DistilConfig)
+    target_outputs: TargetStoreConfig = field(default_factory=TargetStoreConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -729,6 +768,7 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             "with distil.rounds=1 there are none (raise rounds, or leave it at `same`)"
         )
     _objective_checks(cfg.distil, problems)
+    _target_store_checks(cfg, problems)
     if cfg.distil.lora.enabled and not cfg.distil.lora.target_modules:
         problems.append(
             "distil.lora.target_modules: empty; name the modules to adapt or set lora.enabled=false"
@@ -772,6 +812,32 @@ def _keep_vocab_checks(cfg: JobConfig, problems: list[str]) -> None:
                 f"{section}.divergence=ce with draft.keep_vocab={keep}: cross-entropy on the data's "
                 "tokens needs a draft row for every token; use a KD divergence (fkl, lk, ...)"
             )
+
+
+def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
+    """target_outputs.format=topk against the settings that need the target itself."""
+    if cfg.target_outputs.format != "topk":
+        return
+    distil = cfg.distil
+    if not distil.stored_target_outputs:
+        problems.append(
+            "target_outputs.format=topk with distil.stored_target_outputs=false: the top-k is "
+            "what the target_outputs stage stores, and false runs the target live instead; set "
+            "distil.stored_target_outputs=true, or target_outputs.format=hidden"
+        )
+    if not distil.fused_loss:
+        problems.append(
+            "target_outputs.format=topk with distil.fused_loss=false: the plain loss builds the "
+            "target's full logits, which a top-k store does not have; set distil.fused_loss=true "
+            "or target_outputs.format=hidden"
+        )
+    if distil.temperature != 1.0:
+        problems.append(
+            f"target_outputs.format=topk with distil.temperature={distil.temperature}: the "
+            "store holds the target's log-probabilities at one temperature, and the reference "
+            "distils from the same store at temperature 1; set distil.temperature=1 or "
+            "target_outputs.format=hidden"
+        )
 
 
 def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdraft.kernels import acceptance_from_tv, fused_kd_loss, kd_divergence_from_logits
+from specdraft.kernels import acceptance_from_tv, kd_divergence_from_logits, token_acceptance
+from specdraft.kernels.kd_loss import TopkTargets, fused_kd_loss, fused_topk_kd_loss
 
 
 def kept_count(n: int, k: float) -> int:
@@ -101,6 +102,31 @@ def position_weights(
     raise ValueError(f"position weighting must be reach or accept_length, got {mode!r}")
 
 
+# The target of a batch is either (t_hidden (N, H), t_head (V, H)), its hidden states and head
+# (run now, or stored with target_outputs.format=hidden), or (TopkTargets, None), its stored
+# top-k (format=topk). The two functions below take either.
+def target_kd_loss(s_hidden, s_head, t_hidden, t_head, **options) -> torch.Tensor:
+    """fused_kd_loss against the target's hidden states and head, or fused_topk_kd_loss
+    against its stored top-k (t_hidden a TopkTargets, t_head None); `options` as theirs."""
+    if isinstance(t_hidden, TopkTargets):
+        return fused_topk_kd_loss(s_hidden, s_head, t_hidden, **options)
+    return fused_kd_loss(s_hidden, s_head, t_hidden, t_head, **options)
+
+
+def target_acceptance(s_hidden, s_head, t_hidden, t_head, temperature: float) -> torch.Tensor:
+    """β = Σ min(p, q) per position (N,) (kernels.token_acceptance); against a stored top-k,
+    over its ids and the rest as one bucket (an upper bound on β, exact at k = V)."""
+    if not isinstance(t_hidden, TopkTargets):
+        return token_acceptance(s_hidden, s_head, t_hidden, t_head, temperature)
+    if temperature == 0:
+        return (s_hidden @ s_head.T).argmax(-1).eq(t_hidden.ids[:, 0].long()).float()
+    with torch.no_grad():
+        tv = fused_topk_kd_loss(
+            s_hidden, s_head, t_hidden, divergence="tvd", temperature=temperature, reduction="none"
+        )
+    return acceptance_from_tv(tv)
+
+
 def kd_loss_sum(
     s_hidden,
     s_head,
@@ -112,7 +138,8 @@ def kd_loss_sum(
     weights=None,
     batch_alpha=None,
 ) -> torch.Tensor:
-    """Summed divergence over the kept tokens, exact over the vocabulary, without (N, V) logits.
+    """Summed divergence over the kept tokens, exact over the vocabulary, without (N, V) logits;
+    against a stored top-k (t_hidden a TopkTargets, t_head None) over its ids and one bucket.
 
     The LK hybrid per token is λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−η·sg(α)), α = 1 − TV:
     KL pulls from a cold start, TV (the acceptance itself) takes over as α grows.
@@ -137,7 +164,7 @@ def kd_loss_sum(
             raise ValueError("lk_alpha='batch' needs the batch's acceptance (batch_alpha)")
         lk_alpha = float(batch_alpha)
     if opts.fused:  # one pass over the kept rows: loss, weights and both LK terms together
-        return fused_kd_loss(
+        return target_kd_loss(
             s_hidden,
             s_head,
             t_hidden,
@@ -151,6 +178,9 @@ def kd_loss_sum(
             lk_eta=opts.lk_eta,
             lk_alpha=lk_alpha,
         )
+
+    if isinstance(t_hidden, TopkTargets):
+        raise ValueError("the unfused KD loss builds the target's logits; a stored top-k has none")
 
     def rows(divergence: str) -> torch.Tensor:  # (N,), 0 where not kept
         per_row = kd_divergence_from_logits(  # (N, V) logits of both models: the unfused baseline

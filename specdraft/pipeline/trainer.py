@@ -18,7 +18,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from specdraft.drafts.hidden_states import hidden_and_head, real_rows
 from specdraft.drafts.vocab_map import VocabularyMap
-from specdraft.kernels import fused_kd_loss, token_acceptance
 from specdraft.pipeline.batches import Collator, packs_sequences, response_positions
 from specdraft.pipeline.engine.artifacts import StageContext
 from specdraft.pipeline.objectives import (
@@ -28,8 +27,10 @@ from specdraft.pipeline.objectives import (
     position_weights,
     response_block_offsets,
     select_tokens_by_loss_gap,
+    target_acceptance,
+    target_kd_loss,
 )
-from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs
+from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs, StoredTopkOutputs
 
 
 class LossHistory(TrainerCallback):
@@ -174,7 +175,8 @@ class KDTrainer(Trainer):
     The forward passes of all three models run under Trainer's autocast (`precision`), with one
     worker as with many.
     With `target_outputs` the teacher is not run: its hidden states for each batch are read from
-    the stored ones (batches carry `rows`) and its head from them too; `teacher` may be None.
+    the stored ones (batches carry `rows`) and its head from them too, or its stored top-k
+    (every loss, ΔL and β then over the stored ids and one bucket); `teacher` may be None.
     `vocab` (the tokenizer's length; train_kd passes it) keeps every head's first `vocab` rows,
     so heads padded to different sizes past the tokenizer are compared over its ids only.
     With a `vocab_map` (a draft whose vocabulary differs: vocabulary-trimmed) the draft and the
@@ -189,7 +191,7 @@ class KDTrainer(Trainer):
         teacher,
         reference=None,
         options: KDOptions | None = None,
-        target_outputs: StoredTargetOutputs | None = None,
+        target_outputs: StoredTargetOutputs | StoredTopkOutputs | None = None,
         vocab: int | None = None,
         vocab_map: VocabularyMap | None = None,
         **kwargs,
@@ -200,6 +202,11 @@ class KDTrainer(Trainer):
         self._rows = None if vocab_map is None else vocab_map.intersection_rows()  # (I,), (I,)
         if teacher is None and target_outputs is None:
             raise ValueError("KD needs the teacher or its stored outputs")
+        if vocab_map is not None and isinstance(target_outputs, StoredTopkOutputs):
+            raise ValueError(
+                "a vocabulary-mapped draft reads the target's hidden states and head; its stored "
+                "top-k is not mapped yet: use target_outputs.format=hidden"
+            )
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.target_outputs = target_outputs
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
@@ -238,7 +245,12 @@ class KDTrainer(Trainer):
         return hidden[:, :-1][counted], head  # (N, H), (V, H)
 
     def _target_hidden(self, inputs):
-        """The teacher's (N, H) response hidden states and (V, H) head: stored, or run now."""
+        """The teacher of a batch: its (N, H) response hidden states and (V, H) head, stored or
+        run now; or its stored top-k, (TopkTargets, None) (objectives.target_kd_loss)."""
+        if isinstance(self.target_outputs, StoredTopkOutputs):
+            return self.target_outputs.targets(
+                inputs["rows"], response_positions(inputs), self.vocab
+            )
         if self.target_outputs is None:
             return self._response_hidden(self.teacher, inputs, grad=False, draft=False)
         counted = response_positions(inputs)
@@ -259,7 +271,7 @@ class KDTrainer(Trainer):
             t_hidden, t_head = self._target_hidden(inputs)
         r_hidden, r_head = self._response_hidden(self.reference, inputs, grad=False)
         temperature = self.opts.temperature
-        kl_draft = fused_kd_loss(
+        kl_draft = target_kd_loss(
             s_hidden.detach(),
             s_head.detach(),
             t_hidden,
@@ -267,7 +279,7 @@ class KDTrainer(Trainer):
             temperature=temperature,
             reduction="none",
         )
-        kl_ref = fused_kd_loss(
+        kl_ref = target_kd_loss(
             r_hidden, r_head, t_hidden, t_head, temperature=temperature, reduction="none"
         )
         return kl_draft - kl_ref
@@ -314,7 +326,7 @@ class KDTrainer(Trainer):
             inputs = self._prepare_inputs(batch)
             s_hidden, s_head = self._response_hidden(self.model, inputs, grad=False)
             t_hidden, t_head = self._target_hidden(inputs)
-            beta = token_acceptance(s_hidden, s_head, t_hidden, t_head, self.opts.temperature)
+            beta = target_acceptance(s_hidden, s_head, t_hidden, t_head, self.opts.temperature)
             total[0] += beta.double().sum().to(device)
             total[1] += beta.numel()
         total = self.accelerator.gather(total).view(-1, 2).sum(dim=0)
@@ -336,7 +348,7 @@ class KDTrainer(Trainer):
                 self.selection_log["deltas"].extend(delta.float().cpu().tolist())
         weights = None
         if self.opts.position_weighting != "none":
-            beta = token_acceptance(
+            beta = target_acceptance(
                 s_hidden.detach(), s_head.detach(), t_hidden, t_head, self.opts.temperature
             )  # (N,): every response token's, kept or not: the block reaches past them all
             offsets = response_block_offsets(response_positions(inputs), self.opts.block_size)
@@ -378,7 +390,7 @@ def train_kd(
     options: KDOptions | None = None,
     callbacks=(),
     ctx: StageContext | None = None,
-    target_outputs: StoredTargetOutputs | None = None,
+    target_outputs: StoredTargetOutputs | StoredTopkOutputs | None = None,
     vocab_map: VocabularyMap | None = None,
 ):
     """KD training of `model` on `teacher`, or on the teacher's `target_outputs` (then the

@@ -166,13 +166,20 @@ def target_outputs_name(generate: str) -> str:
 
 
 def target_outputs_stage(job: JobConfig, seed: int, generate: str, readers) -> Stage:
-    """The target's hidden states for `generate`'s sequences, stored once: in bf16 when every
-    training section in `readers` (the TrainConfigs of the stages reading them) runs in bf16,
-    on the device distil trains on."""
+    """The target's outputs for `generate`'s sequences, stored once in target_outputs.format:
+    the target forward in bf16 when every training section in `readers` (the TrainConfigs of the
+    stages reading them) runs in bf16, on the device distil trains on. k and the temperature
+    are keyed with format=topk only (the hidden states depend on neither), so jobs and recipes
+    that differ only in them share a hidden-state store; nothing of the draft is keyed, so every
+    draft shape, recipe and seed on one draft-free generation shares either store."""
     bf16 = all(train.precision == "bf16" for train in readers)
     res = job.distil.resources
+    topk = job.target_outputs.format == "topk"
     config = TargetOutputsConfig(
         precision="bf16" if bf16 else "fp32",
+        format=job.target_outputs.format,
+        k=job.target_outputs.k if topk else 0,
+        temperature=job.distil.temperature if topk else 0.0,
         resources=Resources(cpus=res.cpus, gpus=res.gpus),
     )
     return section_stage(

@@ -37,7 +37,6 @@ from specdraft.drafts.models import device_for
 from specdraft.drafts.vocab_map import VocabularyMap
 from specdraft.drafts.vocab_trim import save_draft_vocabulary, trimmed_draft_map
 from specdraft.errors import InputError
-from specdraft.kernels import token_acceptance
 from specdraft.pipeline.batches import Collator, response_positions
 from specdraft.pipeline.config import DistilConfig
 from specdraft.pipeline.engine.artifacts import (
@@ -48,9 +47,13 @@ from specdraft.pipeline.engine.artifacts import (
     write_json,
 )
 from specdraft.pipeline.engine.parallel import replica_checksum, train_data_parallel
-from specdraft.pipeline.objectives import KDOptions
+from specdraft.pipeline.objectives import KDOptions, target_acceptance
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.stored_target_outputs import StoredTargetOutputs
+from specdraft.pipeline.stored_target_outputs import (
+    StoredTargetOutputs,
+    StoredTopkOutputs,
+    load_target_outputs,
+)
 from specdraft.pipeline.trainer import train_kd
 
 
@@ -102,7 +105,7 @@ class BestAlphaCheckpoint(TrainerCallback):
         pad_id: int,
         every: int,
         temperature: float,
-        target_outputs: StoredTargetOutputs | None = None,
+        target_outputs: StoredTargetOutputs | StoredTopkOutputs | None = None,
         vocab: int | None = None,
         vocab_map: VocabularyMap | None = None,
     ):
@@ -127,7 +130,9 @@ class BestAlphaCheckpoint(TrainerCallback):
             batch = self.collate(self.held_out[start : start + 16])
             batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
             counted = response_positions(batch)
-            if self.target_outputs is None:
+            if isinstance(self.target_outputs, StoredTopkOutputs):
+                t_hidden, t_head = self.target_outputs.targets(batch["rows"], counted, self.vocab)
+            elif self.target_outputs is None:
                 t_hidden, t_head = hidden_and_head(
                     self.teacher, batch["input_ids"], batch["attention_mask"], vocab=self.vocab
                 )
@@ -144,7 +149,7 @@ class BestAlphaCheckpoint(TrainerCallback):
             )
             if self.vocab_map is not None:
                 s_head = s_head[self.rows[0].to(s_head.device)]  # (I, H)
-            beta = token_acceptance(
+            beta = target_acceptance(
                 s_hidden[:, :-1][counted], s_head, t_hidden, t_head, self.temperature
             )  # (N,)
             total += float(beta.sum())
@@ -211,7 +216,7 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     stored = teacher = None
     if "target_outputs" in inputs:
-        stored = StoredTargetOutputs.load(inputs["target_outputs"], device)
+        stored = load_target_outputs(inputs["target_outputs"], device, temperature=cfg.temperature)
     else:
         teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
     selective = cfg.selection != "all"
@@ -350,7 +355,7 @@ def search_k(
     judge,
     folder: Path,
     seed: int,
-    stored: StoredTargetOutputs | None = None,
+    stored: StoredTargetOutputs | StoredTopkOutputs | None = None,
     vocab_map: VocabularyMap | None = None,
 ) -> tuple[KDOptions, list[dict]]:
     """AdaSPEC's k chosen by held-out alpha: for each k of `grid`, a copy of the initial `model`

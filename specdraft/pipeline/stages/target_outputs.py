@@ -1,13 +1,21 @@
-"""Stage `target_outputs`: the frozen target's final hidden states (after its last norm, before the
-LM head) for one generate stage's sequences, computed once and stored as sharded safetensors
-beside its LM head, so that `reference`, every `distil` round and every recipe of a comparison
-read them instead of running the target at each step (pipeline/stored_target_outputs.py).
+"""Stage `target_outputs`: what KD needs of the frozen target for one generate stage's sequences,
+computed once and stored as sharded safetensors, so that `reference`, every `distil` round and
+every recipe and draft of a comparison read them instead of running the target at each step
+(pipeline/stored_target_outputs.py). target_outputs.format says what is stored:
+
+- `hidden`: the target's final hidden states (after its last norm, before the LM head) beside
+  its LM head; exact, H values a token. Stored in bf16 when every stage reading them trains in bf16.
+- `topk`: the target's k most likely ids and their log-probabilities at the distillation
+  temperature, and the log of the rest of its mass (6k + 2 bytes a token, whatever the target's
+  width), over the tokenizer's ids.
 
 Only the positions the KD loss uses are kept: those whose next token is a response token, in the
-order the trainer takes them. Stored in bf16 when every stage reading them trains in bf16.
+order the trainer takes them.
 
 Reads: `target` (its model), `generate` (the sequences)
-Writes: sharded safetensors of the target's final hidden states and its LM head
+Writes: sharded safetensors (hidden states and the LM head, or top-k ids and log-probabilities);
+info `format`, `rows`, `tokens`, `bytes_per_token` (and for topk `k`, `vocab`, `temperature`,
+`tail_mass_mean`, `tail_mass_max`)
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ from specdraft.pipeline.engine.artifacts import (
     load_tokenizer_artifact,
 )
 from specdraft.pipeline.sequences import load_sequences
-from specdraft.pipeline.stored_target_outputs import write_target_outputs
+from specdraft.pipeline.stored_target_outputs import (
+    TopkTargets,
+    topk_log_probs,
+    write_target_outputs,
+    write_topk_outputs,
+)
 
 
 def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
@@ -39,6 +52,13 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
     # the stored path multiplies these hidden states by the head weight and nothing else
     refuse_logit_transforms(target, "target")
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    if cfg.format == "topk":
+        vocab = len(tokenizer)  # the ids KD compares over (head rows past them are padding)
+        rows = target_topk_rows(target, sequences, tokenizer.pad_token_id, cfg, vocab=vocab)
+        k = min(cfg.k, vocab)
+        if k < cfg.k:
+            print(f"target_outputs: k={cfg.k} is above the vocabulary's {vocab} ids: storing all")
+        return write_topk_outputs(ctx.out, rows, k=k, vocab=vocab, temperature=cfg.temperature)
     rows, head = target_hidden_rows(
         target, sequences, tokenizer.pad_token_id, cfg.batch_size, cfg.precision
     )
@@ -58,19 +78,43 @@ def target_hidden_rows(
     """Per sequence, the target's final hidden states at its response-predicting positions
     ((n_r, H), bf16 or fp32 by `precision`, on the CPU), and the target's (V, H) LM head. The
     forward runs as the live KD path runs it: padded batches, bf16 autocast when asked."""
+    stored_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows: list[torch.Tensor] = []
+    for batch_rows in _response_hidden_batches(target, sequences, pad_id, batch_size, precision):
+        rows += [hidden.to(stored_dtype).cpu() for hidden in batch_rows]
+    return rows, target.get_output_embeddings().weight.detach()
+
+
+def target_topk_rows(target, sequences, pad_id: int, cfg, *, vocab: int) -> list[TopkTargets]:
+    """Per sequence, the target's top-`cfg.k` (at most `vocab`) ids among the tokenizer's `vocab`
+    ids at its response-predicting positions, their log-probabilities at `cfg.temperature` and
+    the log of the rest (stored_target_outputs.topk_log_probs), on the CPU. The forward runs as
+    target_hidden_rows's; the logits in fp32."""
+    head = target.get_output_embeddings().weight.detach()[:vocab]  # (V, H)
+    k = min(cfg.k, vocab)
+    rows: list[TopkTargets] = []
+    batches = _response_hidden_batches(target, sequences, pad_id, cfg.batch_size, cfg.precision)
+    for batch_rows in batches:
+        lengths = [hidden.shape[0] for hidden in batch_rows]
+        top = topk_log_probs(torch.cat(batch_rows), head, k, cfg.temperature)
+        parts = [t.cpu().split(lengths) for t in top]
+        rows += [TopkTargets(*row) for row in zip(*parts, strict=True)]
+    return rows
+
+
+def _response_hidden_batches(target, sequences, pad_id: int, batch_size: int, precision: str):
+    """Per batch of `batch_size` sequences, a list of each sequence's final hidden states at its
+    response-predicting positions ((n_r, H) on the target's device, in the forward's dtype):
+    padded batches, bf16 autocast when `precision` is bf16."""
     device = next(target.parameters()).device
     collate = Collator(pad_id)
-    bf16 = precision == "bf16"
-    stored_dtype = torch.bfloat16 if bf16 else torch.float32
-    rows: list[torch.Tensor] = []
     for start in tqdm(range(0, len(sequences), batch_size), desc="target outputs"):
         end = min(start + batch_size, len(sequences))
         batch = collate(list(sequences.select(range(start, end))))
         batch = {k: v.to(device) for k, v in batch.items()}
-        counted = response_positions(batch).cpu()  # (B, T-1)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        counted = response_positions(batch)  # (B, T-1)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.no_grad(), autocast:
             hidden, _ = hidden_and_head(target, batch["input_ids"], batch["attention_mask"])
-        hidden = hidden[:, :-1].to(stored_dtype).cpu()  # (B, T-1, H)
-        rows += [hidden[i][counted[i]].clone() for i in range(hidden.shape[0])]
-    return rows, target.get_output_embeddings().weight.detach()
+        hidden = hidden[:, :-1]  # (B, T-1, H)
+        yield [hidden[i][counted[i]].clone() for i in range(hidden.shape[0])]

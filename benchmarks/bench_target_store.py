@@ -1,0 +1,144 @@
+"""What the target-output store costs per token and per distil step, by format (issue 26).
+
+    python benchmarks/bench_target_store.py     # three shapes, ~10 min on 2 cores
+
+Per shape, the distil loss's forward + backward (the fused chunked KD loss, `lk` with one given
+α, the job default's form, summed over N tokens) against the target as each format hands it over:
+
+- `topk`: the target's stored top-k (k = target_outputs.k's default, 128): ids and fp16
+  log-probabilities; the step computes the draft's logits only (fused_topk_kd_loss).
+- `hidden`: the target's stored hidden states; the step multiplies them by the target's LM
+  head again, as the live path does after the target's forward (fused_kd_loss). The live path
+  costs this plus the target's whole forward, which depends on the model and is not run here
+  (benchmarks/bench_target_outputs.py measures it on the demo and a SmolLM2-shaped pair).
+
+Shapes (random weights, logits with a std of about 3): SmolLM2-135M (target and layer-cut draft H
+576, V 49 152), Gemma-3-270M (H 640, V 262 144) and an 8B target (H 4096, V 128 256) with a
+1B-class draft (H 2048). `bytes_per_token` is what the store keeps per training token: 6k + 2
+for topk, 2H for hidden in bf16 (`bytes_per_token_fp32`: 4H, as an fp32-trained job stores).
+The two formats alternate in one process (A B, then B A, ...); `steps_per_second` is 1 / the
+median wall time. Results go to benchmarks/results/target_store_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specdraft.kernels.kd_loss import TopkTargets, fused_kd_loss, fused_topk_kd_loss
+from specdraft.pipeline.config import TOPK_DEFAULT_K
+from specdraft.pipeline.engine.machine import describe_machine
+from specdraft.pipeline.stored_target_outputs import topk_bytes_per_token
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# name: (target H, draft H, V)
+SHAPES = {
+    "smollm2": (576, 576, 49_152),
+    "gemma": (640, 640, 262_144),
+    "8b": (4096, 2048, 128_256),
+}
+LK = {"divergence": "lk", "lk_eta": 3.0, "lk_alpha": 0.5, "reduction": "sum"}
+
+
+def make_inputs(tokens: int, target_h: int, draft_h: int, vocab: int, k: int, seed: int = 0):
+    """The draft's (N, Hd) hidden states and (V, Hd) head, the target's (N, Ht) hidden states and
+    (V, Ht) head, and the target's top-k at them as the store holds it (fp16 values)."""
+    gen = torch.Generator().manual_seed(seed)
+    draft_hidden = torch.randn(tokens, draft_h, generator=gen)
+    draft_head = torch.randn(vocab, draft_h, generator=gen) * (3 / draft_h**0.5)
+    target_hidden = torch.randn(tokens, target_h, generator=gen)
+    target_head = torch.randn(vocab, target_h, generator=gen) * (3 / target_h**0.5)
+    log_p = torch.log_softmax(target_hidden @ target_head.T, dim=-1)  # (N, V), once
+    top = log_p.topk(k, dim=-1)
+    rest = log_p.scatter_(1, top.indices, -torch.inf).logsumexp(dim=-1)
+    topk = TopkTargets(top.indices.int(), top.values.half(), rest.half())
+    return draft_hidden, draft_head, target_hidden, target_head, topk
+
+
+def step(fmt: str, inputs) -> float:
+    """One loss forward + backward; its wall time in seconds."""
+    draft_hidden, draft_head, target_hidden, target_head, topk = inputs
+    sh = draft_hidden.clone().requires_grad_(True)
+    sw = draft_head.clone().requires_grad_(True)
+    start = time.perf_counter()
+    if fmt == "topk":
+        loss = fused_topk_kd_loss(sh, sw, topk, **LK)
+    else:
+        loss = fused_kd_loss(sh, sw, target_hidden, target_head, **LK)
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def measure(name: str, tokens: int, repeats: int, k: int) -> dict:
+    target_h, draft_h, vocab = SHAPES[name]
+    inputs = make_inputs(tokens, target_h, draft_h, vocab, k)
+    order = ["topk", "hidden"]
+    for fmt in order:
+        step(fmt, inputs)  # warm-up
+    seconds = {fmt: [] for fmt in order}
+    for r in range(repeats):
+        for fmt in order if r % 2 == 0 else order[::-1]:
+            seconds[fmt].append(step(fmt, inputs))
+    result = {"target_hidden": target_h, "draft_hidden": draft_h, "vocab": vocab, "tokens": tokens}
+    per_token = {"topk": topk_bytes_per_token(k), "hidden": 2 * target_h}
+    for fmt in order:
+        median = statistics.median(seconds[fmt])
+        result[fmt] = {
+            "bytes_per_token": per_token[fmt],
+            "steps_per_second": round(1 / median, 4),
+            "tokens_per_second": round(tokens / median, 1),
+            "seconds": [round(s, 4) for s in seconds[fmt]],
+        }
+    result["hidden"]["bytes_per_token_fp32"] = 4 * target_h
+    result["topk"]["k"] = k
+    result["topk_speedup_over_hidden"] = round(
+        result["topk"]["steps_per_second"] / result["hidden"]["steps_per_second"], 3
+    )
+    print(
+        f"{name}: topk {result['topk']['steps_per_second']:.3f} steps/s "
+        f"({per_token['topk']} B/token), hidden {result['hidden']['steps_per_second']:.3f} "
+        f"steps/s ({per_token['hidden']} B/token): x{result['topk_speedup_over_hidden']}",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=256, help="training tokens per step (N)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed steps per format")
+    parser.add_argument("--k", type=int, default=TOPK_DEFAULT_K, help="stored ids per token")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--note", default="", help="what else ran on the machine")
+    parser.add_argument("--out", type=Path, default=None, help="result file")
+    args = parser.parse_args()
+    machine = describe_machine()
+    shapes = {name: measure(name, args.tokens, args.repeats, args.k) for name in args.shapes}
+    date = datetime.date.today().isoformat()
+    out = args.out or RESULTS / f"target_store_{date}.json"
+    result = {
+        "what": "distil loss (LK, one given alpha) forward+backward steps/s and stored bytes per "
+        "token, by target_outputs.format; the live path is hidden's cost plus the target forward",
+        "command": "python benchmarks/bench_target_store.py "
+        f"--tokens {args.tokens} --repeats {args.repeats} --k {args.k}",
+        "machine": machine,
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "note": args.note,
+        "shapes": shapes,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)  # atomic: a killed run leaves no half-written result
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

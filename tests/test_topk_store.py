@@ -1,0 +1,360 @@
+"""The target's stored top-k (target_outputs.format=topk): the KD losses over its ids and one tail
+bucket equal the full-distribution losses at k = V (values and gradients) and are worked by hand
+on a small vocabulary below it; training, ΔL and held-out alpha read it; the stage is keyed by
+format and k and shared across drafts; a damaged shard is caught like any artifact."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_target_outputs import stored_outputs, train
+from test_training import Gradients, Tok, sequences, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kd_reference import kd_loss_reference  # noqa: E402
+
+from specdraft.cli import shipped_job  # noqa: E402
+from specdraft.kernels.kd_loss import TopkTargets, fused_topk_kd_loss  # noqa: E402
+from specdraft.pipeline.config import ConfigError, load_job  # noqa: E402
+from specdraft.pipeline.engine.dag import plan  # noqa: E402
+from specdraft.pipeline.engine.job import build_stages  # noqa: E402
+from specdraft.pipeline.objectives import KDOptions  # noqa: E402
+from specdraft.pipeline.stages.distil import BestAlphaCheckpoint  # noqa: E402
+from specdraft.pipeline.stages.target_outputs import target_topk_rows  # noqa: E402
+from specdraft.pipeline.stored_target_outputs import (  # noqa: E402
+    StoredTopkOutputs,
+    load_target_outputs,
+    topk_bytes_per_token,
+    topk_log_probs,
+    write_topk_outputs,
+)
+
+ODD = (37, 1001, 24, 40)  # (N, V, Hs, Ht): odd, non-power-of-two
+DIVERGENCES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3), ("tvd", 0.5), ("lk", 0.5)]
+
+
+def make_inputs(shape=ODD, seed=0):
+    n, v, hs, ht = shape
+    gen = torch.Generator().manual_seed(seed)
+    sh = torch.randn(n, hs, generator=gen)
+    sw = torch.randn(v, hs, generator=gen) * (3 / hs**0.5)
+    th = torch.randn(n, ht, generator=gen)
+    tw = torch.randn(v, ht, generator=gen) * (3 / ht**0.5)
+    mask = torch.rand(n, generator=gen) < 0.7
+    return sh, sw, th, tw, mask
+
+
+def exact_topk(th, tw, k, temperature=1.0) -> TopkTargets:
+    """The target's top-k in fp32 (no storage rounding): what the loss is judged on."""
+    log_p = torch.log_softmax((th @ tw.T).float() / temperature, dim=-1)
+    top = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(1, top.indices, -math.inf).logsumexp(dim=-1)
+    return TopkTargets(top.indices.int(), top.values, rest)
+
+
+def grads(fn, sh, sw, upstream=None):
+    a, b = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+    loss = fn(a, b)
+    (loss if upstream is None else loss * upstream).sum().backward()
+    return loss.detach(), a.grad, b.grad
+
+
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES, ids=[d for d, _ in DIVERGENCES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_at_k_equal_v_the_topk_loss_is_the_full_loss(divergence, beta, reduction, temperature):
+    sh, sw, th, tw, mask = make_inputs()
+    target = exact_topk(th, tw, ODD[1], temperature)
+    weights = torch.rand(ODD[0], generator=torch.Generator().manual_seed(3)) + 0.5
+    upstream = torch.randn(ODD[0]) if reduction == "none" else None
+    opts = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction)
+    got = grads(
+        lambda a, b: fused_topk_kd_loss(
+            a, b, target, mask=mask, weights=weights, chunk_size=8, **opts
+        ),
+        sh,
+        sw,
+        upstream,
+    )
+    want = grads(
+        lambda a, b: kd_loss_reference(a, b, th, tw, mask=mask, weights=weights, **opts),
+        sh,
+        sw,
+        upstream,
+    )
+    assert want[1].abs().max() > 0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lk_alpha", [None, 0.35])
+def test_lk_at_k_equal_v_with_a_batch_alpha(lk_alpha):
+    sh, sw, th, tw, _ = make_inputs((20, 96, 8, 8), seed=1)
+    target = exact_topk(th, tw, 96)
+    opts = dict(divergence="lk", lk_eta=3.0, lk_alpha=lk_alpha, reduction="sum")
+    got = grads(lambda a, b: fused_topk_kd_loss(a, b, target, chunk_size=7, **opts), sh, sw)
+    want = grads(lambda a, b: kd_loss_reference(a, b, th, tw, **opts), sh, sw)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+def _one_hot_draft(q: torch.Tensor):
+    """Draft hidden states log q (N, V) and an identity head: its logits are log q."""
+    return q.log(), torch.eye(q.shape[1])
+
+
+def test_the_tail_bucket_on_hand_made_distributions():
+    """p = (.5, .3, .15, .05), q = (.4, .2, .3, .1), k = 2: buckets p (.5, .3 | .2) and
+    q (.4, .2 | .4). fkl's gradient is q − p̃ with the tail's .2 spread as q's tail is (.75/.25)."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    q = torch.tensor([[0.4, 0.2, 0.3, 0.1]])
+    target = TopkTargets(torch.tensor([[0, 1]]), p[:, :2].log(), torch.tensor([0.2]).log())
+    sh, sw = _one_hot_draft(q)
+    kl = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.4)
+    loss, grad_h, _ = grads(lambda a, b: fused_topk_kd_loss(a, b, target, reduction="sum"), sh, sw)
+    assert float(loss) == pytest.approx(kl, abs=1e-6)
+    expected = torch.tensor([[0.4 - 0.5, 0.2 - 0.3, 0.3 - 0.15, 0.1 - 0.05]])
+    torch.testing.assert_close(grad_h, expected, atol=1e-6, rtol=0)
+    tv = fused_topk_kd_loss(sh, sw, target, divergence="tvd", reduction="sum")
+    assert float(tv) == pytest.approx(0.5 * (0.1 + 0.1 + 0.2), abs=1e-6)
+    # the full distributions: TV 0.5 (.1 + .1 + .15 + .05) = 0.2 as well; KL is larger
+    full_kl = float((p * (p / q).log()).sum())
+    assert full_kl > kl
+
+
+def test_bucketed_divergences_never_exceed_the_full_ones():
+    sh, sw, th, tw, _ = make_inputs((30, 200, 12, 12), seed=2)
+    for divergence in ("fkl", "tvd", "rkl"):
+        full = kd_loss_reference(sh, sw, th, tw, divergence=divergence, reduction="none")
+        previous = torch.zeros_like(full)
+        for k in (1, 8, 64, 199, 200):
+            part = fused_topk_kd_loss(
+                sh, sw, exact_topk(th, tw, k), divergence=divergence, reduction="none"
+            )
+            assert (part <= full + 1e-5).all(), (divergence, k)
+            if divergence != "rkl":  # finer buckets only add (data processing, nested supports)
+                assert (part >= previous - 1e-5).all(), (divergence, k)
+            previous = part
+        torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+
+
+def test_all_masked_gives_zero_loss_and_zero_grads():
+    sh, sw, th, tw, _ = make_inputs((9, 50, 6, 6))
+    target = exact_topk(th, tw, 5)
+    mask = torch.zeros(9, dtype=torch.bool)
+    loss, gh, gw = grads(lambda a, b: fused_topk_kd_loss(a, b, target, mask=mask), sh, sw)
+    assert float(loss) == 0 and not gh.any() and not gw.any()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t._replace(ids=t.ids + 50), r"ids must lie in \[0, 50\)"),
+        (lambda t: t._replace(ids=t.ids.float()), "ids must be integers"),
+        (lambda t: t._replace(log_rest=t.log_rest[:-1]), "log_rest"),
+    ],
+    ids=["out-of-range", "float-ids", "short-rest"],
+)
+def test_bad_targets_are_refused(change, message):
+    sh, sw, th, tw, _ = make_inputs((9, 50, 6, 6))
+    with pytest.raises(ValueError, match=message):
+        fused_topk_kd_loss(sh, sw, change(exact_topk(th, tw, 5)))
+
+
+def test_stored_values_are_fp16_and_the_tail_is_the_rest_of_the_mass():
+    _, _, th, tw, _ = make_inputs((40, 300, 8, 16))
+    stored = topk_log_probs(th, tw, 16, temperature=1.3)
+    exact = exact_topk(th, tw, 16, temperature=1.3)
+    assert stored.ids.dtype == torch.int32 and stored.logprobs.dtype == torch.float16
+    assert torch.equal(stored.ids, exact.ids)
+    mass = stored.logprobs.float().exp().sum(1) + stored.log_rest.float().exp()
+    torch.testing.assert_close(mass, torch.ones(40), atol=2e-3, rtol=0)
+    torch.testing.assert_close(stored.log_rest.float(), exact.log_rest, atol=1e-2, rtol=1e-3)
+    whole = topk_log_probs(th, tw, 300, temperature=1.0)
+    assert torch.isneginf(whole.log_rest).all()  # k = V: nothing left outside
+
+
+def topk_outputs(teacher, data, folder, k, temperature=1.0):
+    class Cfg:
+        batch_size, precision = 5, "fp32"
+
+    Cfg.k, Cfg.temperature = k, temperature
+    rows = target_topk_rows(teacher, data, Tok.pad_token_id, Cfg, vocab=len(Tok()))
+    folder.mkdir(parents=True, exist_ok=True)
+    info = write_topk_outputs(folder, rows, k=min(k, 40), vocab=len(Tok()), temperature=temperature)
+    return StoredTopkOutputs.load(folder), info
+
+
+def test_the_stage_rows_and_manifest(tmp_path):
+    teacher, data = tiny_llama(1, hidden=32, layers=2), sequences(11)
+    stored, info = topk_outputs(teacher, data, tmp_path, k=8)
+    assert info["bytes_per_token"] == topk_bytes_per_token(8) == 50
+    assert info["k"] == 8 and info["vocab"] == 40 and info["rows"] == 11
+    assert 0 < info["tail_mass_mean"] <= info["tail_mass_max"] < 1
+    hidden = stored_outputs(teacher, data, tmp_path / "hidden")
+    r = 6
+    rows = hidden.hidden[hidden.offsets[r] : hidden.offsets[r + 1]]
+    expected = topk_log_probs(rows, hidden.head[:40], 8, 1.0)
+    got = stored.target.ids[stored.offsets[r] : stored.offsets[r + 1]]
+    assert torch.equal(got, expected.ids)
+    assert load_target_outputs(tmp_path, temperature=1.0).k == 8
+    with pytest.raises(ValueError, match="at temperature 1.0, this stage distils at 2.0"):
+        load_target_outputs(tmp_path, temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"divergence": "fkl"}, {"selection": "top", "k": 0.4}, {"divergence": "lk"}],
+    ids=["fkl", "top", "lk"],
+)
+def test_training_on_the_full_topk_follows_training_on_hidden_states(tmp_path, options):
+    """k = V: the stored top-k is the target's whole distribution, rounded to fp16, so training,
+    the selection's ΔL and the LK's λ follow the hidden-state store's within that rounding."""
+    teacher, base, reference = tiny_llama(1, hidden=32, layers=2), tiny_llama(2), tiny_llama(3)
+    data = sequences(16)
+    hidden = stored_outputs(teacher, data, tmp_path / "hidden")
+    stores = {
+        "hidden": hidden,
+        "topk": full_topk_in_fp32(hidden),
+        "topk-fp16": topk_outputs(teacher, data, tmp_path / "topk", k=40)[0],
+    }
+    results = {}
+    for how, stored in stores.items():
+        steps = Gradients()
+        history, selection = train(
+            copy.deepcopy(base),
+            teacher,
+            data,
+            tmp_path / how,
+            stored=stored,
+            reference=reference if options.get("selection") else None,
+            options=KDOptions(**options),
+            callbacks=[steps],
+        )
+        results[how] = (history, selection, steps.steps)
+    (h_hist, h_sel, h_grads), (t_hist, t_sel, t_grads) = results["hidden"], results["topk"]
+    assert [h["loss"] for h in t_hist] == pytest.approx([h["loss"] for h in h_hist], rel=1e-5)
+    assert t_sel["kept"] == h_sel["kept"]
+    for got, want in zip(t_grads, h_grads, strict=True):
+        assert want.norm() > 0
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    # as stored (fp16 log-probabilities): the same losses within fp16's rounding
+    fp16 = [h["loss"] for h in results["topk-fp16"][0]]
+    assert fp16 == pytest.approx([h["loss"] for h in h_hist], rel=2e-3)
+
+
+def full_topk_in_fp32(hidden) -> StoredTopkOutputs:
+    """A hidden-state store's whole distribution (k = V) as a top-k store, without fp16."""
+    head = hidden.head[: len(Tok())]
+    tokens = torch.tensor(hidden.offsets).diff()
+    target = exact_topk(hidden.hidden, head, head.shape[0])
+    return StoredTopkOutputs(target, tokens, vocab=head.shape[0], temperature=1.0, device="cpu")
+
+
+def test_training_on_a_small_k_raises_alpha(tmp_path):
+    teacher, model, data = tiny_llama(1, hidden=32, layers=2), tiny_llama(2), sequences(16)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a peaked target: the untrained draft's alpha is low
+    stored, _ = topk_outputs(teacher, data, tmp_path / "topk", k=4)
+    hidden = stored_outputs(teacher, data, tmp_path / "hidden")
+    rows = list(data.add_column("row", list(range(len(data)))))
+    judge = BestAlphaCheckpoint(None, rows, 0, 1, 1.0, target_outputs=hidden)
+    before = judge.alpha(model)
+    assert before < 0.6
+    train(model, teacher, data, tmp_path / "run", stored=stored, steps=24)
+    assert judge.alpha(model) > before + 0.05
+
+
+def test_held_out_alpha_from_the_full_topk_equals_the_hidden_one(tmp_path):
+    teacher, model, data = tiny_llama(1, hidden=32, layers=2), tiny_llama(2), sequences(9)
+    hidden = stored_outputs(teacher, data, tmp_path / "hidden")
+    topk, _ = topk_outputs(teacher, data, tmp_path / "topk", k=40, temperature=1.5)
+    rows = list(data.add_column("row", list(range(len(data)))))
+    from_hidden = BestAlphaCheckpoint(None, rows, 0, 1, 1.5, target_outputs=hidden).alpha(model)
+    from_topk = BestAlphaCheckpoint(None, rows, 0, 1, 1.5, target_outputs=topk).alpha(model)
+    assert 0 < from_hidden < 1
+    assert from_topk == pytest.approx(from_hidden, abs=2e-3)
+
+
+def _keys(tmp_path, *overrides) -> dict[str, str]:
+    job = load_job(shipped_job("demo.yaml"), ["generate.draft_fraction=0", *overrides])
+    return {stage.name: key for stage, key, _ in plan(build_stages(job), tmp_path)}
+
+
+def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
+    hidden = _keys(tmp_path)
+    topk = _keys(tmp_path, "target_outputs.format=topk")
+    other_k = _keys(tmp_path, "target_outputs.format=topk", "target_outputs.k=32")
+    assert len({hidden["target_outputs"], topk["target_outputs"], other_k["target_outputs"]}) == 3
+    # k means nothing to the hidden states: it does not split their store
+    assert _keys(tmp_path, "target_outputs.k=32")["target_outputs"] == hidden["target_outputs"]
+    # another draft shape, recipe or seed of distil reads the same top-k store
+    for change in ("draft.arch.hidden_size=96", "distil.divergence=fkl", "distil.selection=top"):
+        other = _keys(tmp_path, "target_outputs.format=topk", change)
+        assert other["target_outputs"] == topk["target_outputs"]
+        assert other["distil"] != topk["distil"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distil.stored_target_outputs=false"], "runs the target live instead"),
+        (["distil.fused_loss=false"], "a top-k store does not have"),
+        (["distil.temperature=2"], "reference distils from the same store at temperature 1"),
+    ],
+    ids=["live", "unfused", "temperature"],
+)
+def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(shipped_job("demo.yaml"), ["target_outputs.format=topk", *overrides])
+
+
+@pytest.mark.integration  # tiny jobs' stages, twice, in this process
+def test_two_draft_shapes_read_one_store_and_a_damaged_shard_is_made_again(tmp_path, capsys):
+    """A draft-free generation: the second draft shape reuses data, target, generate and the
+    top-k store and runs its own draft, reference and distil; a truncated shard is then caught on
+    reuse, set aside and made again."""
+    from conftest import TINY
+
+    from specdraft.pipeline.engine.dag import execute
+
+    wanted = ("data", "target", "draft_init", "generate", "target_outputs", "reference", "distil")
+    settings = [
+        *TINY,
+        "distil.rounds=1",
+        "generate.draft_fraction=0",
+        "target_outputs.format=topk",
+        "target_outputs.k=16",
+    ]
+    runs = []
+    for width in (16, 24):
+        job = load_job(shipped_job("demo.yaml"), [*settings, f"draft.arch.hidden_size={width}"])
+        log: list[str] = []
+        stages = [s for s in build_stages(job) if s.name in wanted]
+        runs.append((execute(stages, tmp_path, use_ray=False, say=log.append), log, stages))
+    (first, first_log, _), (second, second_log, stages) = runs
+
+    def made(log):
+        return {line.split()[0] for line in log if " started" in line}
+
+    assert made(first_log) == set(wanted)
+    assert made(second_log) == {"draft_init", "reference", "distil"}
+    store = first["target_outputs"].path
+    assert second["target_outputs"].path == store
+    info = first["target_outputs"].manifest["info"]
+    assert info["format"] == "topk" and info["bytes_per_token"] == topk_bytes_per_token(16)
+    for run in (first, second):
+        assert run["distil"].manifest["inputs"]["target_outputs"] == str(store)
+    shard = next(store.glob("topk-*.safetensors"))
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 7)
+    log = []
+    again = execute(stages, tmp_path, use_ray=False, say=log.append, force=set())
+    assert f"{shard.name} has" in capsys.readouterr().err
+    assert made(log) >= {"target_outputs"}
+    assert StoredTopkOutputs.load(again["target_outputs"].path).k == 16
