@@ -404,3 +404,52 @@ def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_targ
     assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
     assert history[-1]["loss"] < history[0]["loss"]
     assert any(not torch.equal(before[n], w) for n, w in draft.named_parameters())
+
+
+# --------------------------------------------------------------------------- the job's wiring
+
+
+def test_keep_vocab_adds_a_vocab_trim_stage_the_later_stages_read_as_the_draft_init():
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import build_stages
+
+    job = load_job(None, ["target=/m/t", "draft.from_target_layers=2", "draft.keep_vocab=64"])
+    stages = {s.name: s for s in build_stages(job)}
+    assert stages["vocab_trim"].deps == ("target", "draft_init", "generate")
+    assert stages["vocab_trim"].config.keep_vocab == 64
+    for name in ("reference", "distil", "evaluate", "export", "report"):
+        assert "draft_init=vocab_trim" in stages[name].deps, name
+    # the draft init is the same for any K: its config (and so its key) does not hold K
+    assert stages["draft_init"].config.keep_vocab == 0
+    plain = {
+        s.name: s
+        for s in build_stages(load_job(None, ["target=/m/t", "draft.from_target_layers=2"]))
+    }
+    assert "vocab_trim" not in plain and stages["draft_init"].config == plain["draft_init"].config
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("generate.draft_fraction=0.5", "does not sample them"),
+        ("distil.divergence=ce", "distil.divergence=ce with draft.keep_vocab=64"),
+    ],
+)
+def test_what_a_trimmed_draft_cannot_do_is_refused_by_the_config(override, message):
+    from specdraft.pipeline.config import ConfigError, load_job
+
+    with pytest.raises(ConfigError, match=message):
+        load_job(
+            None, ["target=/m/t", "draft.from_target_layers=2", "draft.keep_vocab=64", override]
+        )
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_trimmed_drafts_card_says_how_vllm_serves_it(hybrid):
+    from specdraft.pipeline.stages.export import model_card
+
+    trimmed = {"rows": 32768, "target_rows": 262144, "hybrid": hybrid}
+    card = model_card({"gamma": 3}, "b", "t", "d", 3, "m", "h", trimmed)
+    assert '"use_heterogeneous_vocab": true' in card and "32768 of the target's 262144" in card
+    assert ("disable_hybrid_kv_cache_manager=True" in card) == hybrid
+    assert "STANDALONE" not in card  # SGLang refuses another vocabulary
