@@ -453,3 +453,32 @@ def test_a_trimmed_drafts_card_says_how_vllm_serves_it(hybrid):
     assert '"use_heterogeneous_vocab": true' in card and "32768 of the target's 262144" in card
     assert ("disable_hybrid_kv_cache_manager=True" in card) == hybrid
     assert "STANDALONE" not in card  # SGLang refuses another vocabulary
+
+
+@pytest.mark.integration
+def test_the_toy_pipeline_trains_a_trimmed_draft_up_to_distil(tmp_path):
+    """The tiny toy job with draft.keep_vocab: vocab_trim keeps K rows (an unk added: the toy
+    tokenizer has none), and reference and both distil rounds train it and save it with its own
+    vocabulary. (evaluate, export and report are left out: the served-view evaluation of a
+    trimmed draft is not wired yet.)"""
+    from conftest import TINY
+
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import build_stages, check_store, execute_logged
+
+    job = load_job(
+        None,
+        [*TINY, "generate.draft_fraction=0", "draft.keep_vocab=200", f"store={tmp_path / 's'}"],
+    )
+    check_store(job, create=True)
+    stages = [s for s in build_stages(job) if s.name not in ("evaluate", "export", "report")]
+    results = execute_logged(stages, job, force=set(), use_ray=False)
+    trim = results["vocab_trim"]
+    assert trim.manifest["info"]["draft_vocab"] == 200 and trim.manifest["info"]["added_unk"]
+    kept = json.loads((trim.path / "model" / KEPT_IDS_FILE).read_text())["kept_ids"]
+    assert len(kept) == 199
+    for name in ("reference", "distil", "distil_r2"):
+        model_dir = results[name].path / "model"
+        assert json.loads((model_dir / KEPT_IDS_FILE).read_text())["kept_ids"] == kept, name
+        assert len(AutoTokenizer.from_pretrained(model_dir)) == 200
+        assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 200
