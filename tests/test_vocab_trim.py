@@ -99,6 +99,9 @@ def test_the_mapping_is_vllms_rule_on_hand_made_vocabularies():
     ]
     drafts, targets = m.intersection_rows()
     assert drafts.tolist() == [2, 3, 4, 5, 6, 7] and targets.tolist() == [3, 5, 6, 4, 0, 7]
+    # the draft's best id outside the intersection (8) is never drafted: the best inside (draft
+    # id 2) is, as the target's id 3
+    assert m.greedy_draft(torch.tensor([[0.0, 0, 1, 0, 0, 0, 0, 0, 9]])).tolist() == [3]
 
 
 def test_ids_past_vocab_size_stay_out_and_a_failed_probe_normalises_both_markers():

@@ -114,6 +114,11 @@ class VocabularyMap:
         """(..., V_d) draft logits with every id outside the intersection at -inf."""
         return logits.masked_fill(~self.draft_mask.to(logits.device), float("-inf"))
 
+    def greedy_draft(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target ids a server drafts from (..., V_d) draft logits: the argmax over the
+        intersection, mapped back (vLLM drafts a mapped vocabulary greedily only)."""
+        return self.to_target(self.mask_draft_logits(logits).argmax(dim=-1))
+
 
 def served_vocabulary_map(
     target_tokenizer, draft_tokenizer, target_vocab_size: int, draft_vocab_size: int
