@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_reference import kd_loss_reference  # noqa: E402
 
 from specdraft.cli import shipped_job  # noqa: E402
-from specdraft.kernels.kd_loss import TopkTargets, fused_topk_kd_loss  # noqa: E402
+from specdraft.kernels import token_acceptance  # noqa: E402
+from specdraft.kernels.kd_loss import TopkTargets, fused_topk_kd_loss, topk_overlap  # noqa: E402
 from specdraft.pipeline.config import ConfigError, load_job  # noqa: E402
 from specdraft.pipeline.engine.dag import plan  # noqa: E402
 from specdraft.pipeline.engine.job import build_stages  # noqa: E402
-from specdraft.pipeline.objectives import KDOptions  # noqa: E402
+from specdraft.pipeline.objectives import KDOptions, target_acceptance  # noqa: E402
 from specdraft.pipeline.stages.distil import BestAlphaCheckpoint  # noqa: E402
 from specdraft.pipeline.stages.target_outputs import target_topk_rows  # noqa: E402
 from specdraft.pipeline.stored_target_outputs import (  # noqa: E402
@@ -147,6 +148,43 @@ def test_the_tail_bucket_on_hand_made_distributions():
     # the full distributions: TV 0.5 (.1 + .1 + .15 + .05) = 0.2 as well; KL is larger
     full_kl = float((p * (p / q).log()).sum())
     assert full_kl > kl
+
+
+def test_acceptance_over_the_stored_ids_is_a_lower_bound_exact_at_k_equal_v():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    q = torch.tensor([[0.4, 0.2, 0.3, 0.1]])
+    target = TopkTargets(torch.tensor([[0, 1]]), p[:, :2].log(), torch.tensor([0.2]).log())
+    assert float(topk_overlap(*_one_hot_draft(q), target)) == pytest.approx(0.6, abs=1e-6)
+    sh, sw, th, tw, _ = make_inputs((30, 200, 12, 12), seed=4)
+    full = token_acceptance(sh, sw, th, tw, 1.3)
+    for k in (4, 50):
+        part = target_acceptance(sh, sw, exact_topk(th, tw, k, 1.3), None, 1.3)
+        assert (part <= full + 1e-6).all() and part.mean() > 0
+    whole = target_acceptance(sh, sw, exact_topk(th, tw, 200, 1.3), None, 1.3)
+    torch.testing.assert_close(whole, full, atol=1e-5, rtol=1e-5)
+
+
+def test_lk_per_token_lambda_reads_the_acceptance_over_the_stored_ids():
+    """Below k = V the LK hybrid's λ = exp(−η β_S), β_S = Σ_S min(p, q), on the bucketed terms."""
+    sh, sw, th, tw, _ = make_inputs((25, 120, 8, 8), seed=5)
+    target = exact_topk(th, tw, 10)
+
+    def composed(a, b):
+        kl = fused_topk_kd_loss(a, b, target, divergence="fkl", reduction="none")
+        tv = fused_topk_kd_loss(a, b, target, divergence="tvd", reduction="none")
+        lam = torch.exp(-3.0 * topk_overlap(a, b, target))
+        return lam * kl + (1 - lam) * tv
+
+    upstream = torch.rand(25) + 0.5
+    got = grads(
+        lambda a, b: fused_topk_kd_loss(a, b, target, divergence="lk", reduction="none"),
+        sh,
+        sw,
+        upstream,
+    )
+    want = grads(composed, sh, sw, upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
 def test_bucketed_divergences_never_exceed_the_full_ones():

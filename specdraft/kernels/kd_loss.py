@@ -65,13 +65,14 @@ def _divergence_rows(
     divergence: str,
     beta: float,
     need_grad: bool,
-    lk: tuple[float, float | None] = (0.0, None),
+    lk: tuple[float, float | torch.Tensor | None] = (0.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergence (C,) and its gradient (C, V) w.r.t. z_s, or None without need_grad.
 
     s, t: (C, V) fp32 log-probabilities of student and teacher. They are scratch: overwritten in
     place, so that at most four (C, V) buffers (s and t included) are alive at once.
-    lk: (eta, alpha) of divergence "lk"; alpha None reads each row's own 1 - TV.
+    lk: (eta, alpha) of divergence "lk"; alpha None reads each row's own 1 - TV, a (C,) tensor
+    gives each row's.
     """
     if divergence == "jsd" and beta == 0.0:
         divergence = "fkl"
@@ -115,7 +116,7 @@ def _divergence_rows(
         ps = s.exp_()
         diff = torch.sub(ps, pt, out=t)  # p_s - p_t (t - s is spent)
         tv = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
-        beta_rows = 1.0 - tv if alpha is None else torch.full_like(tv, alpha)
+        beta_rows = 1.0 - tv if alpha is None else torch.as_tensor(alpha).to(tv).expand_as(tv)
         lam = torch.exp(-eta * beta_rows)  # (C,), a constant of the gradient
         loss = lam * kl + (1.0 - lam) * tv
         if need_grad:
@@ -154,6 +155,9 @@ _LOG_FLOOR = -1e4
 # For fkl that is g = q − p̃ with p̃ the target on S and p_r spread over the tail in the draft's
 # own proportions. Merging outcomes never increases KL or TV (data processing), so each bucketed
 # divergence is at most the full one; at k = V there is no bucket and it is the full one.
+# The LK hybrid's per-row α is not the buckets' 1 − TV = Σ_S min(p, q) + min(p_r, q_r), which
+# counts the tail as if the two agreed inside it, but β_S = Σ_S min(p_i, q_i) (topk_overlap):
+# short of β by Σ_{j∉S} min(p_j, q_j) only, which is small where the tail is spread thin.
 def _topk_divergence_rows(
     s: torch.Tensor,
     ids: torch.Tensor,
@@ -181,6 +185,9 @@ def _topk_divergence_rows(
     s_hat = s_hat.clamp_(min=_LOG_FLOOR)
     t_hat = t_hat.clamp(min=_LOG_FLOOR)
     t_hat = t_hat - torch.logsumexp(t_hat, dim=1, keepdim=True)
+    if divergence == "lk" and lk[1] is None:  # α = β_S per row (see above)
+        overlap = torch.minimum(s_hat[:, :k], t_hat[:, :k]).exp_().sum(dim=1)  # (C,)
+        lk = (lk[0], overlap)
     loss, g_hat = _divergence_rows(s_hat, t_hat, divergence, beta, need_grad, lk)
     if not need_grad:
         return loss, None
@@ -607,3 +614,34 @@ def fused_topk_kd_loss(
         student_hidden, student_weight, teacher, True, mask, divergence, beta, temperature,
         reduction, chunk_size, weights, lk_eta, lk_alpha,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def topk_overlap(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    target: TopkTargets,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """β_S = Σ_{i∈S} min(p_i, q_i) per row (N,) over the target's stored ids S: the acceptance β
+    less the tail's overlap Σ_{j∉S} min(p_j, q_j) (exact at k = V). q = softmax(h W^T / T)
+    from (N, H) and (V, H), chunked; the target's log-probabilities are renormalised with their
+    rest as _topk_divergence_rows does."""
+    ids, logprobs, log_rest = target
+    vocab = student_weight.shape[0]
+    chunk = chunk_size or default_chunk_rows(vocab)
+    out = []
+    for start in range(0, student_hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        s = _log_probs(student_hidden[rows], student_weight, temperature)  # (C, V)
+        t = logprobs[rows].float()
+        if ids.shape[1] < vocab:
+            t_all = torch.cat([t, log_rest[rows].float().unsqueeze(1)], dim=1)
+        else:
+            t_all = t
+        t = t - torch.logsumexp(t_all.clamp(min=_LOG_FLOOR), dim=1, keepdim=True)
+        out.append(torch.minimum(s.gather(1, ids[rows].long()), t).exp_().sum(dim=1))
+    if not out:
+        return student_hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)

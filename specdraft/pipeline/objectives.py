@@ -9,7 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from specdraft.kernels import acceptance_from_tv, kd_divergence_from_logits, token_acceptance
-from specdraft.kernels.kd_loss import TopkTargets, fused_kd_loss, fused_topk_kd_loss
+from specdraft.kernels.kd_loss import (
+    TopkTargets,
+    fused_kd_loss,
+    fused_topk_kd_loss,
+    topk_overlap,
+)
 
 
 def kept_count(n: int, k: float) -> int:
@@ -115,16 +120,13 @@ def target_kd_loss(s_hidden, s_head, t_hidden, t_head, **options) -> torch.Tenso
 
 def target_acceptance(s_hidden, s_head, t_hidden, t_head, temperature: float) -> torch.Tensor:
     """β = Σ min(p, q) per position (N,) (kernels.token_acceptance); against a stored top-k,
-    over its ids and the rest as one bucket (an upper bound on β, exact at k = V)."""
+    Σ min(p_i, q_i) over its ids (kernels.kd_loss.topk_overlap: a lower bound on β, exact at
+    k = V; the tail's bucket would count min(p_r, q_r), as if the two agreed inside the tail)."""
     if not isinstance(t_hidden, TopkTargets):
         return token_acceptance(s_hidden, s_head, t_hidden, t_head, temperature)
     if temperature == 0:
         return (s_hidden @ s_head.T).argmax(-1).eq(t_hidden.ids[:, 0].long()).float()
-    with torch.no_grad():
-        tv = fused_topk_kd_loss(
-            s_hidden, s_head, t_hidden, divergence="tvd", temperature=temperature, reduction="none"
-        )
-    return acceptance_from_tv(tv)
+    return topk_overlap(s_hidden.detach(), s_head.detach(), t_hidden, temperature)
 
 
 def kd_loss_sum(
