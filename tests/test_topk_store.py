@@ -267,6 +267,23 @@ def test_the_stage_rows_and_manifest(tmp_path):
         load_target_outputs(tmp_path, temperature=2.0)
 
 
+def test_topk_shards_split_by_size_and_load_whole(tmp_path, monkeypatch):
+    import specdraft.pipeline.stored_target_outputs as stored_target_outputs
+
+    teacher, data = tiny_llama(1, hidden=32), sequences(12)
+    whole, info = topk_outputs(teacher, data, tmp_path / "one", k=8)
+    monkeypatch.setattr(stored_target_outputs, "SHARD_BYTES", info["tokens"] * 50 // 3)
+    sharded, _ = topk_outputs(teacher, data, tmp_path / "many", k=8)
+    files = sorted(p.name for p in (tmp_path / "many").glob("topk-*"))
+    assert len(files) >= 3 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    assert sharded.offsets == whole.offsets
+    for a, b in zip(sharded.target, whole.target, strict=True):
+        assert torch.equal(a, b)
+    (tmp_path / "many" / files[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="topk shards"):
+        StoredTopkOutputs.load(tmp_path / "many")
+
+
 @pytest.mark.parametrize(
     "options",
     [{"divergence": "fkl"}, {"selection": "top", "k": 0.4}, {"divergence": "lk"}],
