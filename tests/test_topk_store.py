@@ -370,8 +370,14 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
     assert len({hidden["target_outputs"], topk["target_outputs"], other_k["target_outputs"]}) == 3
     # k means nothing to the hidden states: it does not split their store
     assert _keys(tmp_path, "target_outputs.k=32")["target_outputs"] == hidden["target_outputs"]
-    # another draft shape, recipe or seed of distil reads the same top-k store
-    for change in ("draft.arch.hidden_size=96", "distil.divergence=fkl", "distil.selection=top"):
+    # other draft shapes, recipes and seeds of distil read the same top-k store
+    for change in (
+        "draft.arch.hidden_size=96",
+        "draft.arch.num_layers=4",
+        "draft.from_target_layers=1",
+        "distil.divergence=fkl",
+        "distil.selection=top",
+    ):
         other = _keys(tmp_path, "target_outputs.format=topk", change)
         assert other["target_outputs"] == topk["target_outputs"]
         assert other["distil"] != topk["distil"]
