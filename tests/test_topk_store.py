@@ -267,6 +267,13 @@ def test_the_stage_rows_and_manifest(tmp_path):
         load_target_outputs(tmp_path, temperature=2.0)
 
 
+def test_a_k_above_the_vocabulary_stores_all_of_it(tmp_path):
+    teacher, data = tiny_llama(1, hidden=32), sequences(5)
+    stored, info = topk_outputs(teacher, data, tmp_path, k=1000)
+    assert stored.k == info["k"] == 40
+    assert torch.isneginf(stored.target.log_rest).all()
+
+
 def test_topk_shards_split_by_size_and_load_whole(tmp_path, monkeypatch):
     import specdraft.pipeline.stored_target_outputs as stored_target_outputs
 
