@@ -7,7 +7,9 @@ AdaSPEC's selective KD: tokens are scored by ΔL = KL(p‖q_draft) − KL(p‖q_
 With lora.enabled LoRA adapters train instead, merged into the saved model. With eval_every > 0
 the weights with the best held-out alpha are kept. With a `target_outputs` input
 (distil.stored_target_outputs) the target model is not loaded: its stored hidden states and head
-are, for the loss, ΔL and the held-out alpha. A vocabulary-trimmed draft init (the `vocab_trim`
+are, for the loss, ΔL and the held-out alpha, or its stored top-k (target_outputs.format=topk:
+every divergence over the stored ids and one bucket for the rest, alpha over the stored ids;
+docs/objectives.md). A vocabulary-trimmed draft init (the `vocab_trim`
 stage's, read as `draft_init`) reads its inputs mapped as a server maps them (target ids outside
 its kept set become its unk) and every divergence and alpha is taken over its kept ids: the
 target's distribution restricted to them and renormalised (trainer.KDTrainer).
