@@ -1152,3 +1152,43 @@ def test_free_text_is_the_targets_own_writing_judged_like_the_prompts(llamas):
     assert near["served"] == direct["served"] and near["alpha"] == direct["alpha"]
     assert near["num_sequences"] == 5 and near["num_positions"] == direct["num_positions"]
     assert near["served"]["acceptance"] > far["served"]["acceptance"]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_sliding_window_targets_roll_back_past_their_window(batched):
+    """Gemma-3's sliding-window layers drop states past the window unless told to record them: a
+    rejected draft must still roll the caches back. A tiny Gemma-3 pair (window 4) decodes exactly
+    the target's greedy text with a draft that is often rejected."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def gemma(seed: int, layers: int):
+        torch.manual_seed(seed)
+        config = Gemma3TextConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"][:layers],
+            pad_token_id=0,
+        )
+        return Gemma3ForCausalLM(config).eval()
+
+    target, draft = gemma(0, 3), gemma(1, 2)
+    ids = torch.tensor([[2, 5, 6]])
+    reference = autoregressive_generate(target, ids, max_new_tokens=14)
+    if batched:  # left-padded with a shorter second row
+        batch = torch.tensor([[2, 5, 6], [0, 2, 7]])
+        outs, all_stats = speculative_generate_batch(
+            target, draft, batch, batch.ne(0).long(), gamma=3, max_new_tokens=14
+        )
+        second = autoregressive_generate(target, torch.tensor([[2, 7]]), max_new_tokens=14)
+        assert outs[1].tolist() == second.tolist()
+        out, stats = outs[0], all_stats[0]
+    else:
+        out, stats = speculative_generate(target, draft, ids, gamma=3, max_new_tokens=14)
+    assert out.tolist() == reference.tolist()
+    assert stats.drafted > stats.accepted  # rejections happened, so rollbacks crossed the window

@@ -485,3 +485,52 @@ def test_the_toy_pipeline_trains_a_trimmed_draft_up_to_distil(tmp_path):
         assert json.loads((model_dir / KEPT_IDS_FILE).read_text())["kept_ids"] == kept, name
         assert len(AutoTokenizer.from_pretrained(model_dir)) == 200
         assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 200
+
+
+def test_a_trimmed_draft_is_judged_and_decoded_in_the_engines_view(tmp_path):
+    """ServedDraft: target ids in, logits over the target's ids out (-inf outside the kept set);
+    greedy speculative decoding with it is lossless, its drafts are the masked argmax mapped back,
+    and the acceptance under each rule is computed over those logits."""
+    from specdraft.drafts.vocab_map import ServedDraft
+    from specdraft.drafts.vocab_trim import served_view
+    from specdraft.pipeline.batches import Collator
+    from specdraft.pipeline.decoding import autoregressive_generate, speculative_generate
+    from specdraft.pipeline.evaluation import position_acceptance
+
+    tok, draft, kept, _ = trimmed_gemma(tmp_path)
+    target = load_causal_lm(tmp_path / "target")
+    trimmed = load_causal_lm(tmp_path / "trimmed")
+    served = served_view(trimmed, tmp_path / "trimmed", tok, target)
+    assert isinstance(served, ServedDraft)
+    assert served_view(draft, tmp_path / "target", tok, target) is draft  # same vocabulary
+    m = served.vmap
+    ids = torch.tensor([tok("the cat sat on the mat").input_ids])
+    with torch.no_grad():
+        logits = served(input_ids=ids).logits[0]  # (T, V_target)
+        small = trimmed(m.to_draft(ids)).logits[0]
+    drafts, targets = m.intersection_rows()
+    assert logits.shape[-1] == target.config.vocab_size
+    torch.testing.assert_close(logits[:, targets], small[:, drafts])
+    outside = torch.ones(logits.shape[-1], dtype=torch.bool)
+    outside[targets] = False
+    assert torch.isinf(logits[:, outside]).all()
+    assert logits.argmax(-1).tolist() == m.greedy_draft(small).tolist()
+
+    prompt = torch.tensor([tok("the cat").input_ids])
+    reference = autoregressive_generate(target, prompt, max_new_tokens=12)
+    out, stats = speculative_generate(target, served, prompt, gamma=3, max_new_tokens=12)
+    assert out.tolist() == reference.tolist() and stats.drafted > 0  # lossless through the map
+
+    sequence = {
+        "input_ids": prompt[0].tolist() + reference.tolist(),
+        "response_mask": [0] * prompt.shape[1] + [1] * len(reference),
+    }
+    batch = Collator(0)([sequence])
+    got = position_acceptance(target, served, batch, 1.0)
+    with torch.no_grad():
+        t = target(batch["input_ids"]).logits[0, prompt.shape[1] - 1 : -1].float()
+        d = served(input_ids=batch["input_ids"]).logits[0, prompt.shape[1] - 1 : -1].float()
+    p, q = t.softmax(-1), d.softmax(-1)
+    torch.testing.assert_close(got.probabilistic, torch.minimum(p, q).sum(-1))
+    torch.testing.assert_close(got.greedy_drafting, p.gather(-1, d.argmax(-1, True)).squeeze(-1))
+    assert got.agreement.tolist() == (d.argmax(-1) == t.argmax(-1)).float().tolist()

@@ -138,3 +138,54 @@ def served_vocabulary_map(
             target_to_draft[t_id] = d_id
             draft_to_target[d_id] = t_id
     return VocabularyMap(target_to_draft, draft_to_target, target_fallback, draft_fallback)
+
+
+class ServedDraft(torch.nn.Module):
+    """A draft with its own vocabulary seen from the target's side, as a serving engine runs it
+    (vLLM's use_heterogeneous_vocab): target ids in, each mapped to the draft's (outside the
+    intersection: the draft's unk), and logits out over the target's `target_vocab` ids, the
+    draft's intersection rows placed at their target ids and -inf everywhere else. So its argmax is
+    the masked argmax mapped back (what the engine drafts), and softmax puts no mass outside the
+    intersection. Speculative decoding, greedy agreement and acceptance then run on it unchanged.
+
+    `forward` takes the cache under either name (`cache`, `past_key_values`) and hands it to the
+    draft under the draft's own; logits_to_keep is passed on when the draft takes it."""
+
+    def __init__(self, draft: torch.nn.Module, vmap: VocabularyMap, target_vocab: int):
+        import inspect
+
+        super().__init__()
+        self.draft, self.vmap, self.target_vocab = draft, vmap, target_vocab
+        draft_ids, target_ids = vmap.intersection_rows()
+        self.register_buffer("draft_ids", draft_ids, persistent=False)
+        self.register_buffer("target_ids", target_ids, persistent=False)
+        parameters = inspect.signature(draft.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in parameters
+
+    @property
+    def config(self):
+        """The draft's config (its KV cache is built from it)."""
+        return self.draft.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache=None,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        given = cache if cache is not None else past_key_values
+        if given is not None:
+            kwargs[self._cache_name] = given
+        if self._keeps_logits and logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self.draft(input_ids=self.vmap.to_draft(input_ids), **kwargs)
+        logits = out.logits
+        if logits_to_keep and not self._keeps_logits:
+            logits = logits[:, -logits_to_keep:]
+        full = logits.new_full((*logits.shape[:-1], self.target_vocab), float("-inf"))
+        full[..., self.target_ids] = logits[..., self.draft_ids]
+        out.logits = full
+        return out

@@ -246,3 +246,15 @@ def save_draft_vocabulary(draft_dir: str | Path, target_tokenizer, dst: Path) ->
         copy_draft_vocabulary(draft_dir, dst)
     else:
         target_tokenizer.save_pretrained(dst)
+
+
+def served_view(draft, draft_dir: str | Path, target_tokenizer, target):
+    """The draft as a serving engine runs it beside `target`: a trimmed draft wrapped in a
+    ServedDraft (target ids in, logits over the target's ids out), any other draft as it is."""
+    from specdraft.drafts.vocab_map import ServedDraft
+
+    vmap = trimmed_draft_map(draft_dir, target_tokenizer, target)
+    if vmap is None:
+        return draft
+    rows = target.get_output_embeddings().weight.shape[0]
+    return ServedDraft(draft, vmap, rows)

@@ -200,12 +200,38 @@ def _cache_len(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+def _record_past(cache: Any) -> None:
+    """Keep every state a rollback may need: a sliding-window layer (Gemma-3) otherwise drops the
+    states past its window at once and cannot be cropped back past them."""
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+
+
+def _recording_cache(model: torch.nn.Module) -> Any:
+    """An empty KV cache for `model` that records its past from the first forward (_record_past),
+    or None (the model makes its own) where transformers has no such cache. The first forward
+    already holds drafted tokens that a rollback may remove, so recording cannot wait for it."""
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    except Exception:  # no config, or a transformers without config-built caches
+        return None
+    if not hasattr(cache, "activate_past_recording"):
+        return None
+    _record_past(cache)
+    return cache
+
+
 def _crop_cache(cache: Any, length: int) -> None:
-    """Roll ``cache`` back to its first ``length`` positions."""
+    """Roll ``cache`` back to its first ``length`` positions (a recording cache, see _record_past,
+    is also trimmed back to the states its next forward needs)."""
     extra = _cache_len(cache) - length
     if extra > 0:
         # A negative argument removes that many positions, in transformers 4.x and 5.x alike.
         cache.crop(-extra)
+    elif hasattr(cache, "activate_past_recording"):  # transformers 5.x: crop(0) trims, not empties
+        cache.crop(0)
 
 
 class _CachedLM:
@@ -214,7 +240,7 @@ class _CachedLM:
     def __init__(self, model: torch.nn.Module, vocab: int | None = None):
         self.model = model
         self.vocab = vocab  # logits kept per position: the tokenizer's ids (None: all)
-        self.cache: Any = None
+        self.cache: Any = _recording_cache(model)
         self.seconds = 0.0
         self.calls = 0
         self._logits_to_keep = _accepts_logits_to_keep(model)
@@ -235,6 +261,7 @@ class _CachedLM:
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.cache = _returned_cache(self.model, out)
+        _record_past(self.cache)
         return logits
 
     def rollback(self, length: int) -> None:
@@ -505,7 +532,7 @@ class _MaskedCachedLM:
     ):
         self.model = model
         self.vocab = vocab  # logits kept per position: the tokenizer's ids (None: all)
-        self.cache: Any = None
+        self.cache: Any = _recording_cache(model)
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, S)
         self._logits_to_keep = _accepts_logits_to_keep(model)
         self._cache_argument = _cache_argument(model)
@@ -545,6 +572,7 @@ class _MaskedCachedLM:
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
         self.cache, self.slot_mask = _returned_cache(self.model, out), attention_mask
+        _record_past(self.cache)
         return logits, seconds
 
     def drop_last(self, row: int, n: int) -> None:

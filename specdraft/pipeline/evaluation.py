@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from specdraft.drafts.hidden_states import hidden_and_head
+from specdraft.drafts.vocab_map import ServedDraft
 from specdraft.kernels import greedy_drafting_acceptance, token_acceptance
 from specdraft.pipeline.batches import Collator
 from specdraft.pipeline.config import EvaluateConfig
@@ -113,6 +114,8 @@ def position_acceptance(
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     counted = labels[:, 1:] != -100
     t_hidden, t_head = hidden_and_head(target, ids, attn, vocab=vocab)
+    if isinstance(draft, ServedDraft):  # another vocabulary: judged in the engine's view
+        return _served_view_acceptance(draft, ids, attn, counted, t_hidden, t_head, temperature)
     d_hidden, d_head = hidden_and_head(draft, ids, attn, vocab=vocab)
     t_hidden, d_hidden = t_hidden[:, :-1][counted], d_hidden[:, :-1][counted]  # (N, H)
     agree = token_acceptance(d_hidden, d_head, t_hidden, t_head, temperature=0)  # (N,)
@@ -123,6 +126,35 @@ def position_acceptance(
         greedy_drafting_acceptance(d_hidden, d_head, t_hidden, t_head, temperature),
         agree,
     )
+
+
+def _served_view_acceptance(
+    draft: ServedDraft, ids, attn, counted, t_hidden, t_head, temperature: float
+) -> PositionAcceptance:
+    """position_acceptance for a draft with another vocabulary: its logits over the target's ids
+    (ServedDraft: -inf outside the intersection) against the target's, ROWS_PER_CHUNK rows at a
+    time. Greedy drafting proposes the masked argmax; a sampled draft token lies in the
+    intersection, so β = Σ over the intersection of min(p, q)."""
+    from specdraft.kernels.acceptance import ROWS_PER_CHUNK
+
+    d_logits = draft(input_ids=ids, attention_mask=attn).logits[:, :-1][counted]  # (N, V)
+    t_hidden = t_hidden[:, :-1][counted]
+    parts: dict[str, list[torch.Tensor]] = {"beta": [], "greedy": [], "agree": []}
+    for a in range(0, d_logits.shape[0], ROWS_PER_CHUNK):
+        d = d_logits[a : a + ROWS_PER_CHUNK].float()[:, : t_head.shape[0]]
+        t = (t_hidden[a : a + ROWS_PER_CHUNK] @ t_head.T).float()
+        drafted = d.argmax(-1, keepdim=True)
+        agree = (drafted.squeeze(-1) == t.argmax(-1)).float()
+        parts["agree"].append(agree)
+        if temperature == 0:
+            continue
+        p, q = torch.softmax(t / temperature, -1), torch.softmax(d / temperature, -1)
+        parts["beta"].append(torch.minimum(p, q).sum(-1))
+        parts["greedy"].append(p.gather(-1, drafted).squeeze(-1))
+    agree = torch.cat(parts["agree"]) if parts["agree"] else d_logits.new_zeros(0)
+    if temperature == 0:
+        return PositionAcceptance(agree, agree, agree)
+    return PositionAcceptance(torch.cat(parts["beta"]), torch.cat(parts["greedy"]), agree)
 
 
 def expected_rounds(acceptance: list[float], gamma: int, first: int = 1) -> tuple[float, float]:

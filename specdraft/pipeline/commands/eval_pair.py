@@ -204,6 +204,10 @@ def run_eval(req: EvalRequest) -> dict:
     load = dict(dtype=req.dtype, device=device)
     target = load_causal_lm(req.target, trust_remote_code=trust.target, **load)
     draft = load_causal_lm(req.draft, trust_remote_code=trust.draft, **load)
+    if Path(req.draft).is_dir():  # a trimmed draft: judged through the vocabulary map
+        from specdraft.drafts.vocab_trim import served_view
+
+        draft = served_view(draft, req.draft, tokenizer, target)
     cfg = EvaluateConfig(
         gamma=req.gamma,
         temperature=req.temperature,

@@ -455,32 +455,33 @@ def _predicted_sampled(target, draft, p: Prompts, continuations, temperature: fl
     of a drafted token, E[Σ min(p, q)] (probabilistic drafting, as specdraft's decoder drafts) and
     E[p(argmax q)] (greedy drafting, vLLM's default), and the acceptance length an engine would
     report (pipeline/evaluation.expected_rounds: rounds after the prefill's token)."""
-    import torch
+    from specdraft.pipeline.batches import Collator
+    from specdraft.pipeline.evaluation import (
+        acceptance_length,
+        expected_rounds,
+        position_acceptance,
+    )
 
-    from specdraft.drafts.hidden_states import hidden_and_head
-    from specdraft.kernels.acceptance import greedy_drafting_acceptance, token_acceptance
-    from specdraft.pipeline.evaluation import acceptance_length, expected_rounds
-
+    collate = Collator(p.pad_id)
     values = {"sampled": [], "greedy": []}
     rounds = {"sampled": [0.0, 0.0], "greedy": [0.0, 0.0]}
-    with torch.no_grad():
-        for row, cont in zip(p.rows, continuations, strict=True):
-            if not cont:
-                continue
-            ids = torch.tensor([row["prompt_ids"] + cont])
-            span = slice(len(row["prompt_ids"]) - 1, -1)  # the positions that predict `cont`
-            ht, wt = hidden_and_head(target, ids)
-            hd, wd = hidden_and_head(draft, ids)
-            ht, hd = ht[0, span], hd[0, span]
-            mine = {
-                "sampled": token_acceptance(hd, wd, ht, wt, temperature).tolist(),
-                "greedy": greedy_drafting_acceptance(hd, wd, ht, wt, temperature).tolist(),
-            }
-            for rule, acceptance in mine.items():
-                values[rule] += acceptance
-                accepted, n_rounds = expected_rounds(acceptance, p.gamma)
-                rounds[rule][0] += accepted
-                rounds[rule][1] += n_rounds
+    for row, cont in zip(p.rows, continuations, strict=True):
+        if not cont:
+            continue
+        prompt = list(row["prompt_ids"])
+        batch = collate(
+            [{"input_ids": prompt + cont, "response_mask": [0] * len(prompt) + [1] * len(cont)}]
+        )
+        measured = position_acceptance(target, draft, batch, temperature)
+        mine = {
+            "sampled": measured.probabilistic.tolist(),
+            "greedy": measured.greedy_drafting.tolist(),
+        }
+        for rule, acceptance in mine.items():
+            values[rule] += acceptance
+            accepted, n_rounds = expected_rounds(acceptance, p.gamma)
+            rounds[rule][0] += accepted
+            rounds[rule][1] += n_rounds
     mean = {rule: sum(v) / len(v) if v else None for rule, v in values.items()}
     length = {rule: acceptance_length(*rounds[rule]) for rule in rounds}
     return {
@@ -995,6 +996,12 @@ def serve_check(
 
     target_lm = load_causal_lm(str(target), trust_remote_code=trust.target)
     draft_lm = load_causal_lm(str(draft), trust_remote_code=trust.draft)
+    from specdraft.drafts.models import load_tokenizer
+    from specdraft.drafts.vocab_trim import served_view
+
+    # a trimmed draft runs as the engine runs it: through the vocabulary map
+    tokenizer = load_tokenizer(str(target), trust_remote_code=trust.target)
+    draft_lm = served_view(draft_lm, draft, tokenizer, target_lm)
     model_len = _model_len(target, p)
     spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len)
     replays = sampled_side(target_lm, draft_lm, p, served, model_len)

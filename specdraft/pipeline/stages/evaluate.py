@@ -15,6 +15,7 @@ from pathlib import Path
 
 from specdraft.drafts.models import device_for
 from specdraft.drafts.pair import ModelTrust
+from specdraft.drafts.vocab_trim import served_view
 from specdraft.pipeline.batches import prompt_token_ids
 from specdraft.pipeline.config import EvaluateConfig
 from specdraft.pipeline.engine.artifacts import (
@@ -70,6 +71,8 @@ def evaluate_tasks(
         if stage not in inputs:
             continue
         draft = load_model_artifact(inputs[stage], device, trust_remote_code=trust.draft)
+        # a trimmed draft is judged as the engine serves it: through the vocabulary map
+        draft = served_view(draft, model_location(inputs[stage]), tokenizer, target)
         result["drafts"][name] = judge_draft(
             target,
             draft,
