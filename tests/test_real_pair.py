@@ -212,5 +212,6 @@ def test_bad_data_gets_one_message_before_any_stage(real_pair, tmp_path, data, e
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
-    assert list(store.iterdir()) == []  # refused by the checks before any stage: no log, no artifact
+    # refused by the checks before any stage: no log, no artifact
+    assert list(store.iterdir()) == []
     assert not (tmp_path / "out").exists()

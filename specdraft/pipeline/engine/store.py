@@ -184,7 +184,8 @@ class Store:
         tmp = self.scratch(name)
         try:
             self.download(name, tmp, manifest=False)
-            problem = artifact_problem(tmp, manifest, full=True)  # hashing is cheaper than a second fetch
+            # hashed whole here: cheaper than a second fetch
+            problem = artifact_problem(tmp, manifest, full=True)
             if problem:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return problem
