@@ -16,10 +16,12 @@ METRIC_KEYS = {"alpha", "alpha_greedy", "spec_alpha", "tau", "tasks"}
 
 def test_every_stage_ran_once_through_ray(tiny_run):
     _, out, results = tiny_run
-    assert set(results) == set(STAGES) | {"generate_r2", "target_outputs_r2", "distil_r2"}
+    # vocab_trim is in the DAG only with draft.keep_vocab, which the tiny job leaves off
+    expected = set(STAGES) - {"vocab_trim"} | {"generate_r2", "target_outputs_r2", "distil_r2"}
+    assert set(results) == expected
     assert not any(r.reused for r in results.values())
     run_info = json.loads((out / "run.json").read_text())
-    assert [s["name"] for s in run_info["stages"]][:6] == list(STAGES)[:6]
+    assert [s["name"] for s in run_info["stages"]][:6] == [s for s in STAGES if s in expected][:6]
 
 
 def test_second_round_is_on_policy_from_the_first(tiny_run):
