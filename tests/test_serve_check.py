@@ -560,6 +560,11 @@ def test_vocabulary_kinds_and_the_hybrid_attention_flag(tmp_path):
         "intersection": 2,
     }
     assert sc.vocabulary(target, foreign)["kind"] == "intersection"
+    from specdraft.errors import InputError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="could not read the tokenizers of"):
+        sc.vocabulary(target, tmp_path / "empty")
     config = {"sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]}
     (target / "config.json").write_text(json.dumps({"text_config": config}))
     assert sc._hybrid_attention(target)

@@ -138,7 +138,13 @@ def vocabulary(target: Path, draft: Path) -> dict:
     """How the draft's vocabulary meets the target's: `same` (one tokenizer vocabulary), `trimmed`
     (a subset of the target's token strings) or `intersection` (another tokenizer), with the
     draft's size and the number of token strings both hold."""
-    t, d = _tokenizer_vocab(target), _tokenizer_vocab(draft)
+    try:
+        t, d = _tokenizer_vocab(target), _tokenizer_vocab(draft)
+    except Exception as err:  # a tokenizer transformers cannot read without its code, or damaged
+        raise InputError(
+            f"could not read the tokenizers of {target} and {draft} to compare their vocabularies "
+            f"({type(err).__name__}: {str(err).strip()[:200]})"
+        ) from None
     shared = len(t.keys() & d.keys())
     kind = "same" if t == d else "trimmed" if shared == len(d) else "intersection"
     return {"kind": kind, "draft_tokens": len(d), "target_tokens": len(t), "intersection": shared}

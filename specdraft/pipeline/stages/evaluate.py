@@ -41,6 +41,11 @@ from specdraft.pipeline.sequences import chat_template_of, load_splits, pick_eva
 DRAFTS = {"baseline": "draft_init", "reference": "reference", "final": "distil"}
 
 
+def _num(value) -> float:
+    """A metric for the log line: NaN where it is None (no position to measure it on)."""
+    return math.nan if value is None else value
+
+
 def evaluate_tasks(
     inputs: dict[str, str],
     cfg: EvaluateConfig,
@@ -134,13 +139,13 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
         served = result["served"]
         print(
             f"evaluate {name:<9} served ({served['drafting']} drafting, T={served['temperature']:g}): "
-            f"acceptance={served['acceptance']:.3f} length={served['acceptance_length'] or math.nan:.2f}; "
+            f"acceptance={_num(served['acceptance']):.3f} length={_num(served['acceptance_length']):.2f}; "
             f"alpha={result['alpha']:.3f} alpha_greedy={result['alpha_greedy']:.3f} "
             f"spec_alpha={result['spec_alpha']:.3f} tau={result['tau']:.2f} "
             f"speedup={result['speedup'] or math.nan:.2f}"
             + (
                 f"; free text: served acceptance "
-                f"{result['off_distribution'][FREE_TEXT]['served']['acceptance']:.3f}"
+                f"{_num(result['off_distribution'][FREE_TEXT]['served']['acceptance']):.3f}"
                 if "off_distribution" in result
                 else ""
             )
