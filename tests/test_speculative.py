@@ -1159,25 +1159,9 @@ def test_sliding_window_targets_roll_back_past_their_window(batched):
     """Gemma-3's sliding-window layers drop states past the window unless told to record them: a
     rejected draft must still roll the caches back. A tiny Gemma-3 pair (window 4) decodes exactly
     the target's greedy text with a draft that is often rejected."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from tiny_gemma import tiny_gemma3
 
-    def gemma(seed: int, layers: int):
-        torch.manual_seed(seed)
-        config = Gemma3TextConfig(
-            vocab_size=40,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=4,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"][:layers],
-            pad_token_id=0,
-        )
-        return Gemma3ForCausalLM(config).eval()
-
-    target, draft = gemma(0, 3), gemma(1, 2)
+    target, draft = tiny_gemma3(40), tiny_gemma3(40, layers=2, seed=1)
     ids = torch.tensor([[2, 5, 6]])
     reference = autoregressive_generate(target, ids, max_new_tokens=14)
     if batched:  # left-padded with a shorter second row

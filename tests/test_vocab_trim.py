@@ -30,6 +30,7 @@ from specdraft.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny_gemma import tiny_gemma3  # noqa: E402
 
 # --------------------------------------------------------------------------- hand-made vocabularies
 
@@ -186,30 +187,6 @@ def gemma_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<bos>",
         unk_token="<unk>",
     )
-
-
-def tiny_gemma3(vocab: int, layers: int = 3):
-    """A Gemma-3-shaped causal LM: tied, scaled embeddings, sliding-window and full layers."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"][:layers],
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    return Gemma3ForCausalLM(config).eval()
 
 
 def sequences_of(tokenizer, texts: list[str], prompt_tokens: int = 2) -> list[dict]:

@@ -177,6 +177,7 @@ def speed_points(
     (the worker's points, `drafted[γ]` and `target_only`), the speedup of the medians, the engine's
     pooled acceptance length, specdraft's predictions, and the draft's cost per target step c
     implied by the served numbers (tokens/s = L / (t_target (1 + γ c)))."""
+    from specdraft.pipeline.evaluation import acceptance_length
 
     def tps(points: list[dict], concurrency: int) -> float | None:
         rates = [
@@ -191,7 +192,7 @@ def speed_points(
         for concurrency in sorted({p["concurrency"] for p in points}):
             mine = [p for p in points if p["concurrency"] == concurrency]
             drafts = sum(p["num_drafts"] for p in mine)
-            length = 1 + sum(p["num_accepted_tokens"] for p in mine) / drafts if drafts else None
+            length = acceptance_length(sum(p["num_accepted_tokens"] for p in mine), drafts)
             with_draft, alone = tps(points, concurrency), tps(target_only, concurrency)
             speedup = with_draft / alone if with_draft and alone else None
             predicted_length = predicted_lengths.get(gamma)
@@ -318,27 +319,43 @@ def _spread(rows: list[dict], n: int) -> list[dict]:
     return chosen
 
 
-def specdraft_side(target, draft, p: Prompts, temperature: float, model_len: int) -> dict:
-    """specdraft's numbers on the same prompts, twice: its own greedy speculative decoder (its
-    counting: drafts shortened near the end, no prefill step), and the same greedy acceptance
-    counted by the engine's rules (`engine_rules`); the target-only greedy output; and at T > 0
-    the acceptance predicted for the engine's greedy drafting."""
+def extended_outputs(target, p: Prompts, gamma: int) -> list[list[int]]:
+    """The target's greedy output of each prompt, `gamma` + 1 tokens past max_new_tokens and on
+    past eos: the engine counts drafts accepted there before it cuts the output (engine_rules).
+    Longer than a smaller γ needs changes no count of engine_rules."""
     import torch
 
-    from specdraft.pipeline.decoding import autoregressive_generate, speculative_generate
+    from specdraft.pipeline.decoding import autoregressive_generate
+
+    return [
+        autoregressive_generate(
+            target,
+            torch.tensor([row["prompt_ids"]]),
+            max_new_tokens=p.max_new_tokens + gamma + 1,
+            eos_token_id=None,
+        ).tolist()
+        for row in p.rows
+    ]
+
+
+def specdraft_side(
+    target, draft, p: Prompts, temperature: float, model_len: int, extended: list[list[int]]
+) -> dict:
+    """specdraft's numbers on the same prompts, twice: its own greedy speculative decoder (its
+    counting: drafts shortened near the end, no prefill step), and the same greedy acceptance
+    counted by the engine's rules (`engine_rules`, along `extended`: extended_outputs); the
+    target-only greedy output; and at T > 0 the acceptance predicted for the engine's greedy
+    drafting."""
+    import torch
+
+    from specdraft.pipeline.decoding import speculative_generate
 
     own = {"accepted": 0, "drafted": 0, "rounds": 0, "target_calls": 0, "generated_tokens": 0}
     own_at = [0] * p.gamma
-    spec_out, reference, extended = [], [], []
-    for row in p.rows:
+    spec_out, reference = [], []
+    for row, ext in zip(p.rows, extended, strict=True):
         ids = torch.tensor([row["prompt_ids"]])
-        # γ + 1 tokens past the limit, and on past eos: the engine counts drafts accepted there
-        # before it cuts the output
-        ext = autoregressive_generate(
-            target, ids, max_new_tokens=p.max_new_tokens + p.gamma + 1, eos_token_id=None
-        ).tolist()
         ref = _cut(ext, p)
-        extended.append(ext)
         out, stats = speculative_generate(
             target,
             draft,
@@ -419,6 +436,8 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
       context limit are left out on both sides: vLLM has no counter for them)."""
     import torch
 
+    from specdraft.pipeline.evaluation import acceptance_length
+
     drafts = drafted = accepted = generated = 0
     at_pos = [0] * p.gamma
     with torch.no_grad():
@@ -448,7 +467,7 @@ def engine_rules(draft, p: Prompts, extended: list[list[int]], model_len: int) -
         "drafted": drafted,
         "accept_rate": accepted / drafted if drafted else None,
         "drafts": drafts,
-        "acceptance_length": 1 + accepted / drafts if drafts else None,
+        "acceptance_length": acceptance_length(accepted, drafts),
         "accepted_per_pos": at_pos,
         "per_pos_of_drafts": [a / drafts if drafts else None for a in at_pos],
         "generated_tokens": generated,
@@ -556,23 +575,10 @@ def replay_sampled(
 
 
 def predicted_acceptance_lengths(
-    target, draft, p: Prompts, gammas: list[int], model_len: int
+    draft, p: Prompts, gammas: list[int], model_len: int, extended: list[list[int]]
 ) -> dict[int, float | None]:
     """Per γ, the acceptance length the engine should report at T = 0: engine_rules along the
-    target's greedy outputs (extended as engine_rules needs for the largest γ)."""
-    import torch
-
-    from specdraft.pipeline.decoding import autoregressive_generate
-
-    extended = [
-        autoregressive_generate(
-            target,
-            torch.tensor([row["prompt_ids"]]),
-            max_new_tokens=p.max_new_tokens + max(gammas) + 1,
-            eos_token_id=None,
-        ).tolist()
-        for row in p.rows
-    ]
+    target's greedy outputs (`extended`: extended_outputs for the largest γ)."""
     return {
         g: engine_rules(draft, dataclasses.replace(p, gamma=g), extended, model_len)[
             "acceptance_length"
@@ -729,7 +735,9 @@ def compare(
 
 def _acceptance_length(run: dict) -> float | None:
     """vLLM's mean acceptance length of one engine run: 1 + accepted / drafts."""
-    return 1 + run["num_accepted_tokens"] / run["num_drafts"] if run["num_drafts"] else None
+    from specdraft.pipeline.evaluation import acceptance_length
+
+    return acceptance_length(run["num_accepted_tokens"], run["num_drafts"])
 
 
 def probabilistic_comparison(spec: dict, runs: list[dict], temperature: float) -> dict:
@@ -1009,11 +1017,13 @@ def serve_check(
     tokenizer = load_tokenizer(str(target), trust_remote_code=trust.target)
     draft_lm = served_view(draft_lm, draft, tokenizer, target_lm)
     model_len = _model_len(target, p)
-    spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len)
+    # the target's greedy outputs, once, long enough for every γ measured
+    extended = extended_outputs(target_lm, p, max([p.gamma, *(speed.gammas if speed else [])]))
+    spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len, extended)
     replays = sampled_side(target_lm, draft_lm, p, served, model_len)
     speed_result = {}
     if speed is not None:
-        lengths = predicted_acceptance_lengths(target_lm, draft_lm, p, speed.gammas, model_len)
+        lengths = predicted_acceptance_lengths(draft_lm, p, speed.gammas, model_len, extended)
         points = speed_points(
             drafted_speed, target_only["speed"], lengths, _run_cost_ratio(run_dir), speed.repeats
         )
