@@ -702,9 +702,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line, with `section.key=value` overrides allowed after options too
+    (`specdraft run job a.b=1 --no-ray c.d=2`): argparse stops a positional list at the first
+    option, so later overrides arrive unrecognised and are folded back in order."""
+    args, rest = parser.parse_known_args(argv)
+    late = [word for word in rest if "=" in word and not word.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        rest = [word for word in rest if word not in late]
+    if rest:
+        parser.parse_args(argv)  # argparse's own message and exit 2 for what is left
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     args.argv = argv
     from specdraft.pipeline.engine.rundir import PublishError
 

@@ -99,3 +99,13 @@ def test_usage_mistakes_exit_2(argv, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert "usage: specdraft" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options():
+    """`specdraft run job a=1 --no-ray b=2`: argparse ends the positional list at the option; the
+    later override is kept, in order, not refused as an unrecognised argument."""
+    args = cli._parse(cli.build_parser(), ["run", "gemma3", "a.b=1", "--no-ray", "c.d=2"])
+    assert (args.job, args.overrides, args.no_ray) == ("gemma3", ["a.b=1", "c.d=2"], True)
+    with pytest.raises(SystemExit) as exit_:
+        cli._parse(cli.build_parser(), ["run", "gemma3", "a.b=1", "--no-ray", "--bogus"])
+    assert exit_.value.code == 2
