@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from specdraft.errors import InputError
-from specdraft.pipeline.config import ConfigError, JobConfig, load_job, read_job_yaml
+from specdraft.pipeline.config import ConfigError, DraftConfig, JobConfig, load_job, read_job_yaml
 
 
 def shipped_job(name: str) -> Path:
@@ -420,9 +420,39 @@ def cmd_check_pair(args) -> int:
         args.draft,
         context_length=args.context_length,
         trust_remote_code=args.trust_remote_code,
+        vocabulary=args.vocabulary,
+        min_intersection=args.min_intersection,
     )
     print(format_report(report, args.target, args.draft))
+    if args.text is not None and report.vocabulary_map is not None:
+        print(text_coverage(report.vocabulary_map, args.target, args.text, args.trust_remote_code))
     return 0 if report.ok else 2
+
+
+def text_coverage(vmap, target: str, text: Path, trust_remote_code: bool) -> str:
+    """The share of the target's tokens on a UTF-8 text file (each line tokenised alone, without
+    special tokens) whose token string the draft holds: what the intersection covers there."""
+    import torch
+
+    from specdraft.drafts.models import load_tokenizer
+    from specdraft.drafts.pair import ModelTrust
+
+    try:
+        lines = Path(text).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--text {text}: cannot be read as UTF-8 text ({err})") from None
+    trust = ModelTrust.of(trust_remote_code).target
+    tokenizer = load_tokenizer(target, trust_remote_code=trust)
+    counts = torch.zeros(len(vmap.target_to_draft), dtype=torch.long)  # (V_t,)
+    for line in filter(str.strip, lines):
+        ids = torch.tensor(tokenizer(line, add_special_tokens=False).input_ids, dtype=torch.long)
+        counts += torch.bincount(ids, minlength=len(counts))[: len(counts)]
+    if not counts.sum():
+        raise InputError(f"--text {text}: holds no text to tokenise")
+    return (
+        f"  on {text}: the intersection covers {vmap.coverage(counts):.1%} of the target's "
+        f"{int(counts.sum())} tokens"
+    )
 
 
 def add_check_pair_arguments(parser) -> None:
@@ -430,6 +460,26 @@ def add_check_pair_arguments(parser) -> None:
     parser.add_argument("draft", help="draft model id or directory")
     parser.add_argument(
         "--context-length", type=int, default=None, help="context the draft must cover"
+    )
+    parser.add_argument(
+        "--vocabulary",
+        default="same",
+        choices=["same", "intersection"],
+        help="`intersection`: the draft may have another tokenizer, served through the token "
+        "strings both vocabularies hold (a job's draft.vocabulary)",
+    )
+    parser.add_argument(
+        "--min-intersection",
+        type=float,
+        default=DraftConfig.min_intersection,
+        help="with --vocabulary intersection: the least share of the draft's vocabulary the "
+        "target must hold (a job's draft.min_intersection; default %(default)s)",
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        help="a UTF-8 text file (e.g. your data): report the share of the target's tokens on it "
+        "that the intersection covers",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"

@@ -58,6 +58,33 @@ TINY = [
 ]
 
 
+# A small job for a pair of real (tiny) models on a JSONL file with `question`, `answer` and
+# `category` fields: tests/test_real_pair.py and tests/test_cross_tokenizer.py.
+SMALL_PAIR = [
+    "name=byo",
+    "data.prompt_field=question",
+    "data.response_field=answer",
+    "data.task_field=category",
+    "data.max_length=64",
+    "data.eval_ratio=0.25",
+    "generate.num_prompts=8",
+    "generate.max_new_tokens=8",
+    "reference.train.steps=2",
+    "reference.train.batch_size=4",
+    "distil.train.steps=2",
+    "distil.train.batch_size=4",
+    "distil.lora.enabled=true",  # not the default: test_real_pair checks the adapter's export
+    "distil.lora.r=4",
+    "evaluate.max_new_tokens=6",
+    "evaluate.prompts_per_task=2",
+    "evaluate.spec_prompts_per_task=1",
+    "generate.resources.cpus=1",
+    "reference.resources.cpus=1",
+    "distil.resources.cpus=1",
+    "evaluate.resources.cpus=1",
+]
+
+
 # The tiers: `pytest -q` runs the unit tier; `pytest -q -m integration` runs whole jobs, Ray, a
 # browser and a served model (CI runs both). Each test file marks its tier itself (a module's
 # `pytestmark`, a test's own marks); collection fails where a mark contradicts what a test uses.

@@ -28,7 +28,15 @@ ARGUMENTS = {
         *("RUN_DIR", "--history", "--out", "--threshold", "--window", "--fail-on-regression"),
         "--code-version",
     ],
-    "check-pair": ["target", "draft", "--context-length", "--trust-remote-code"],
+    "check-pair": [
+        "target",
+        "draft",
+        "--context-length",
+        "--vocabulary",
+        "--min-intersection",
+        "--text",
+        "--trust-remote-code",
+    ],
     "serve-check": [
         "run_dir",
         "--engine",

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import SMALL_PAIR
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -76,31 +77,6 @@ def real_pair(tmp_path_factory):
     return root
 
 
-SMALL = [
-    "name=byo",
-    "data.prompt_field=question",
-    "data.response_field=answer",
-    "data.task_field=category",
-    "data.max_length=64",
-    "data.eval_ratio=0.25",
-    "generate.num_prompts=8",
-    "generate.max_new_tokens=8",
-    "reference.train.steps=2",
-    "reference.train.batch_size=4",
-    "distil.train.steps=2",
-    "distil.train.batch_size=4",
-    "distil.lora.enabled=true",  # not the default: the export of adapters is checked below
-    "distil.lora.r=4",
-    "evaluate.max_new_tokens=6",
-    "evaluate.prompts_per_task=2",
-    "evaluate.spec_prompts_per_task=1",
-    "generate.resources.cpus=1",
-    "reference.resources.cpus=1",
-    "distil.resources.cpus=1",
-    "evaluate.resources.cpus=1",
-]
-
-
 def specdraft(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "specdraft", *args], cwd=cwd, capture_output=True, text=True
@@ -115,7 +91,7 @@ def test_byo_pair_runs_through_overrides_and_exports_a_servable_draft(real_pair)
         f"target={root / 'target'}",
         f"draft={root / 'draft'}",
         f"data={root / 'data.jsonl'}",
-        *SMALL,
+        *SMALL_PAIR,
         f"store={root / 'store'}",
         "--out",
         str(out),
@@ -171,7 +147,7 @@ def test_mismatched_tokenizer_stops_the_run_with_exit_2(real_pair, tmp_path):
         f"target={real_pair / 'target'}",
         f"draft={tmp_path / 'draft'}",
         f"data={real_pair / 'data.jsonl'}",
-        *SMALL,
+        *SMALL_PAIR,
         f"store={store}",
         "--out",
         str(tmp_path / "out"),
@@ -194,9 +170,10 @@ def test_mismatched_tokenizer_stops_the_run_with_exit_2(real_pair, tmp_path):
 def test_bad_data_gets_one_message_before_any_stage(real_pair, tmp_path, data, expected):
     store = tmp_path / "store"
     overrides = (
-        [o for o in SMALL if not o.startswith("data.prompt_field")] + ["data.prompt_field=nope"]
+        [o for o in SMALL_PAIR if not o.startswith("data.prompt_field")]
+        + ["data.prompt_field=nope"]
         if data == "data.jsonl"
-        else SMALL
+        else SMALL_PAIR
     )
     result = specdraft(
         "run",

@@ -30,7 +30,8 @@ from specdraft.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-from tiny_gemma import tiny_gemma3  # noqa: E402
+from served_kd import check_distillation_through_the_map  # noqa: E402
+from tiny_gemma import gemma_wordlevel_tokenizer, tiny_gemma3  # noqa: E402
 
 # --------------------------------------------------------------------------- hand-made vocabularies
 
@@ -176,17 +177,7 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "park", "sun
 
 def gemma_tokenizer() -> PreTrainedTokenizerFast:
     """A SentencePiece-style vocabulary laid out as Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3."""
-    strings = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581"]
-    strings += [f"\u2581{w}" for w in WORDS] + WORDS + list("abcdefghij")
-    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(strings)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-    )
+    return gemma_wordlevel_tokenizer(WORDS, WORDS + list("abcdefghij"))
 
 
 def sequences_of(tokenizer, texts: list[str], prompt_tokens: int = 2) -> list[dict]:
@@ -340,12 +331,6 @@ def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_targ
     distribution restricted to them and renormalised, q the draft's on the target's context mapped
     as the server maps it (an id outside the set as its unk); training lowers it and moves the
     draft's weights."""
-    from datasets import Dataset
-
-    from specdraft.pipeline.config import TrainConfig
-    from specdraft.pipeline.objectives import KDOptions
-    from specdraft.pipeline.trainer import train_kd
-
     tok, _, kept, _ = trimmed_gemma(tmp_path, keep=10)
     target = load_causal_lm(tmp_path / "target")
     draft = load_causal_lm(tmp_path / "trimmed").train()
@@ -356,34 +341,8 @@ def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_targ
     m = served_map_for(tok, len(tok), tmp_path / "trimmed")
     rows = sequences_of(tok, ["the cat sat on a mat", "the dog ran to the park"])
     assert any(i not in kept for row in rows for i in row["input_ids"])  # some context maps to unk
-    ids = torch.tensor([r["input_ids"][:6] for r in rows])  # both have 6 tokens
-    mask = torch.tensor([r["response_mask"][:6] for r in rows])
-    drafts, targets = m.intersection_rows()
-    with torch.no_grad():
-        p = target(ids).logits[:, :-1][:, :, targets].log_softmax(-1)  # (B, T-1, I)
-        q = draft(m.to_draft(ids)).logits[:, :-1][:, :, drafts].log_softmax(-1)
-    counted = mask[:, 1:]  # positions that predict a response token
-    expected = (p.exp() * (p - q)).sum(-1)[counted].mean().item()
-    before = {n: w.detach().clone() for n, w in draft.named_parameters()}
-
-    data = Dataset.from_list(
-        [{"input_ids": r["input_ids"], "response_mask": r["response_mask"]} for r in rows]
-    )
-    train_cfg = TrainConfig(steps=8, batch_size=2, lr=1e-2, log_every=1, packing="padded")
-    history, _ = train_kd(
-        draft,
-        target,
-        data,
-        tok,
-        train_cfg,
-        tmp_path / "train",
-        0,
-        options=KDOptions(divergence="fkl"),
-        vocab_map=m,
-    )
-    assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
-    assert history[-1]["loss"] < history[0]["loss"]
-    assert any(not torch.equal(before[n], w) for n, w in draft.named_parameters())
+    assert {len(r["input_ids"]) for r in rows} == {6}
+    check_distillation_through_the_map(target, draft, m, tok, rows, tmp_path / "train", steps=8)
 
 
 # --------------------------------------------------------------------------- the job's wiring
@@ -428,7 +387,7 @@ def test_what_a_trimmed_draft_cannot_do_is_refused_by_the_config(override, messa
 def test_a_trimmed_drafts_card_says_how_vllm_serves_it(hybrid):
     from specdraft.pipeline.stages.export import model_card
 
-    trimmed = {"rows": 32768, "target_rows": 262144, "hybrid": hybrid}
+    trimmed = {"kind": "trimmed", "rows": 32768, "target_rows": 262144, "hybrid": hybrid}
     card = model_card({"gamma": 3}, "b", "t", "d", 3, "m", "h", trimmed)
     assert '"use_heterogeneous_vocab": true' in card and "32768 of the target's 262144" in card
     assert ("disable_hybrid_kv_cache_manager=True" in card) == hybrid

@@ -9,6 +9,11 @@ requires. Configs and tokenizers are loaded; of a local model's weights only the
 headers and a few bytes per tensor are read (every file its index names there, holding what its
 header says, the embedding's rows fitting the config, not zeroed), never the tensors.
 
+A draft with another tokenizer is a pair only when the caller opts in (`vocabulary="intersection"`:
+the job's draft.vocabulary, check-pair's --vocabulary): vLLM then serves it through the token
+strings both vocabularies hold (drafts/vocab_map.py), and the pair check asks that they make at
+least `min_intersection` of the draft's vocabulary.
+
 Model code shipped in a checkpoint (`auto_map`) runs per model (ModelTrust): trusting the target
 never runs code that came with the draft.
 """
@@ -21,7 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdraft.drafts.vocab_trim import is_trimmed, kept_ids
+from specdraft.drafts.vocab_map import VocabularyMap, served_vocabulary_map
+from specdraft.drafts.vocab_trim import is_intersection, is_trimmed, kept_ids
 from specdraft.errors import InputError
 
 # How many concrete differences one check reports before it summarises the rest.
@@ -77,6 +83,10 @@ class PairReport:
     notes: list[str] = field(default_factory=list)  # informational lines for a printed summary
     # positions both models cover (the smaller max_position_embeddings; inf where none is given)
     context: float = math.inf
+    # how the draft's vocabulary meets the target's: same, trimmed or intersection
+    vocabulary: str = "same"
+    vocabulary_map: VocabularyMap | None = None  # an intersection draft's, as a server maps it
+    remedy: str = ""  # the one setting that makes the problems go, when there is one
 
     @property
     def ok(self) -> bool:
@@ -89,10 +99,15 @@ def check_pair(
     *,
     context_length: int | None = None,
     trust_remote_code: bool | str | ModelTrust = False,
+    vocabulary: str = "same",
+    min_intersection: float | None = None,
 ) -> PairReport:
     """Compare the tokenizers and configs of `target` and `draft` (HF ids or local directories),
     and check the weights of a local directory. Model code runs only for the model whose
-    `trust_remote_code` (ModelTrust.of: one flag for both, or per model) allows it."""
+    `trust_remote_code` (ModelTrust.of: one flag for both, or per model) allows it. With
+    `vocabulary="intersection"` (or a draft that specdraft saved so: its vocabulary.json) the
+    tokenizers may differ, and the intersection must hold `min_intersection` of the draft's
+    tokens (None: draft.min_intersection's default)."""
     trust = ModelTrust.of(trust_remote_code)
     target_tok = _load(target, "tokenizer", trust.target, "target")
     target_cfg = _load(target, "config", trust.target, "target")
@@ -102,18 +117,36 @@ def check_pair(
     report = PairReport()
     report.problems += [p for p in (_pickle_only(target), _pickle_only(draft)) if p]
     report.problems += weight_problems(target, target_cfg) + weight_problems(draft, draft_cfg)
-    trimmed = Path(draft).is_dir() and is_trimmed(draft)
-    if trimmed:  # a vocabulary-trimmed draft: its tokens must be the target's kept ones
+    if Path(draft).is_dir() and is_trimmed(draft):
+        report.vocabulary = "trimmed"  # its tokens must be the target's kept ones
         report.problems += _compare_trimmed(
             target_tok, target_cfg, draft, draft_tok, draft_cfg, report.notes
         )
         report.notes.append(
             f"tokenizer: target {len(target_tok)} tokens, trimmed draft {len(draft_tok)}"
         )
+    elif vocabulary == "intersection" or (Path(draft).is_dir() and is_intersection(draft)):
+        report.vocabulary = "intersection"
+        report.problems += _compare_intersection(
+            target_tok, target_cfg, draft_tok, draft_cfg, min_intersection, report
+        )
     else:
-        report.problems += _compare_tokenizers(target_tok, draft_tok, report.notes)
+        problems = _compare_tokenizers(target_tok, draft_tok, report.notes)
+        if problems:
+            report.remedy = (
+                "a draft with another tokenizer is served only through the token strings both "
+                "vocabularies hold (vLLM's use_heterogeneous_vocab): opt in with "
+                "draft.vocabulary=intersection (check-pair: --vocabulary intersection)"
+            )
+        report.problems += problems
     _check_configs(
-        target_cfg, draft_cfg, target_tok, draft_tok, context_length, report, trimmed=trimmed
+        target_cfg,
+        draft_cfg,
+        target_tok,
+        draft_tok,
+        context_length,
+        report,
+        own_vocabulary=report.vocabulary != "same",
     )
     for side, name, config in (("target", target, target_cfg), ("draft", draft, draft_cfg)):
         report.problems += _transform_problems(side, logit_transforms(config, _head_bias(name)))
@@ -126,16 +159,24 @@ def require_pair(
     *,
     context_length: int | None = None,
     trust_remote_code: bool | str | ModelTrust = False,
+    vocabulary: str = "same",
+    min_intersection: float | None = None,
 ) -> PairReport:
     """The pair check `specdraft run`, `compare` and `eval` stop at: check_pair, and PairError
     listing every problem when the draft cannot serve the target."""
     report = check_pair(
-        target, draft, context_length=context_length, trust_remote_code=trust_remote_code
+        target,
+        draft,
+        context_length=context_length,
+        trust_remote_code=trust_remote_code,
+        vocabulary=vocabulary,
+        min_intersection=min_intersection,
     )
     if not report.ok:
         raise PairError(
             f"target {target} and draft {draft} cannot be used together:\n  - "
             + "\n  - ".join(report.problems)
+            + (f"\n  {report.remedy}" if report.remedy else "")
         )
     return report
 
@@ -168,14 +209,20 @@ def format_report(report: PairReport, target: str, draft: str) -> str:
     """A short summary: the pair, the notes, then OK or every problem."""
     lines = [f"target {target!r}, draft {draft!r}"]
     lines += [f"  {note}" for note in report.notes]
-    if report.ok:
+    if report.ok and report.vocabulary == "same":
         lines.append("OK: the draft shares the target's tokenizer.")
+    elif report.ok:
+        lines.append(
+            f"OK: the draft ({report.vocabulary} vocabulary) is served through the token strings "
+            "both vocabularies hold: vLLM with use_heterogeneous_vocab, greedy drafting only."
+        )
     else:
         count = len(report.problems)
         lines.append(
             f"NOT OK: {count} problem{'s' if count > 1 else ''}; a serving stack would reject this draft:"
         )
         lines += [f"  - {problem}" for problem in report.problems]
+        lines += [f"  {report.remedy}"] if report.remedy else []
     return "\n".join(lines)
 
 
@@ -455,8 +502,6 @@ def _compare_trimmed(
     tokenizer holds exactly the target's strings of its kept ids (draft id i is kept_ids[i]; an
     added unk last), its rows are that vocabulary, and a server's mapping by token string
     (drafts/vocab_map.py) takes every kept id to its target id."""
-    from specdraft.drafts.vocab_map import served_vocabulary_map
-
     kept = kept_ids(draft)
     rows = _text_config(draft_cfg).vocab_size
     target_rows = _text_config(target_cfg).vocab_size
@@ -483,6 +528,46 @@ def _compare_trimmed(
             f"{_count(unmapped, 'kept token')} map to another target id by token string "
             f"(e.g. {_examples(unmapped)}): the draft never proposes them as themselves"
         )
+    return []
+
+
+def _compare_intersection(
+    target_tok, target_cfg, draft_tok, draft_cfg, floor: float | None, report: PairReport
+) -> list[str]:
+    """A draft with another tokenizer (draft.vocabulary=intersection) is a pair with its target
+    when a server's mapping by token string (drafts/vocab_map.py) holds at least `floor` of the
+    draft's tokens. The intersection's size and shares go into the report's notes."""
+    if floor is None:
+        from specdraft.pipeline.config import DraftConfig
+
+        floor = DraftConfig.min_intersection
+    if not _compare_tokenizers(target_tok, draft_tok, []):
+        report.notes.append(
+            "the draft has the target's tokenizer: draft.vocabulary=same serves it without a "
+            "mapping, by every engine"
+        )
+    try:
+        served = served_vocabulary_map(
+            target_tok,
+            draft_tok,
+            _text_config(target_cfg).vocab_size,
+            _text_config(draft_cfg).vocab_size,
+        )
+    except InputError as err:  # a tokenizer with neither unk nor eos
+        return [str(err)]
+    report.vocabulary_map = served
+    size, draft_share = served.intersection, served.intersection / len(draft_tok)
+    report.notes.append(
+        f"intersection: {size} token strings, {draft_share:.1%} of the draft's {len(draft_tok)} "
+        f"tokens and {size / len(target_tok):.1%} of the target's {len(target_tok)}"
+    )
+    if draft_share < floor:
+        return [
+            f"the vocabularies share {size} token strings, {draft_share:.1%} of the draft's "
+            f"{len(draft_tok)} tokens, below draft.min_intersection={floor}: served, the draft "
+            "could propose too little of what it learned to write; give a draft whose tokenizer "
+            "is closer to the target's, or lower draft.min_intersection"
+        ]
     return []
 
 
@@ -703,10 +788,10 @@ def _examples(tokens: list[str]) -> str:
 
 
 def _check_configs(
-    target_cfg, draft_cfg, target_tok, draft_tok, context_length, report, trimmed=False
+    target_cfg, draft_cfg, target_tok, draft_tok, context_length, report, own_vocabulary=False
 ) -> None:
     target_text, draft_text = _text_config(target_cfg), _text_config(draft_cfg)
-    if not trimmed:  # a trimmed draft's rows are its own vocabulary's (_compare_trimmed)
+    if not own_vocabulary:  # a trimmed or intersection draft's rows are its own vocabulary's
         _check_vocab_sizes(target_text, draft_text, target_tok, draft_tok, report)
     target_ctx = getattr(target_text, "max_position_embeddings", None)
     draft_ctx = getattr(draft_text, "max_position_embeddings", None)

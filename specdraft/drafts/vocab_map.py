@@ -100,6 +100,14 @@ class VocabularyMap:
         draft_ids = torch.nonzero(self.draft_mask).view(-1)
         return draft_ids, self.draft_to_target[draft_ids]
 
+    def coverage(self, target_counts: torch.Tensor) -> float:
+        """The share of target tokens inside the intersection, from (V_t,) counts per target id
+        (ids past the target's rows count as outside); nan for no tokens."""
+        counts = target_counts[: len(self.target_to_draft)]
+        covered = counts[self.target_to_draft[: len(counts)] >= 0].sum()
+        total = target_counts.sum()
+        return float(covered) / float(total) if total else float("nan")
+
     def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
         """Target ids (any shape) as the draft sees them: outside the intersection its unk."""
         mapped = self.target_to_draft.to(target_ids.device)[target_ids]

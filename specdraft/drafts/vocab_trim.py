@@ -8,6 +8,11 @@ token strings (draft id i is the target's kept_ids[i]), so a serving engine maps
 by token string (`use_heterogeneous_vocab`, drafts/vocab_map.py). A target without an unk token
 gets one added to the draft (its last id, a string the target lacks): the token the target's
 context becomes outside the kept set. `kept_ids.json` beside the weights records the set.
+
+A draft with another tokenizer (draft.vocabulary=intersection: SmolLM2 for a Gemma-3 target) is
+served the same way, through the intersection of the two vocabularies; `vocabulary.json` beside
+its weights marks it. The functions from `has_own_vocabulary` on serve both kinds: a draft with its
+own vocabulary is trained, judged and exported through the VocabularyMap a server builds.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from specdraft.drafts.models import TOKENIZER_FILES
 from specdraft.errors import InputError
 
 KEPT_IDS_FILE = "kept_ids.json"
+INTERSECTION_FILE = "vocabulary.json"  # marks a draft with another tokenizer (its own, whole)
 ADDED_UNK = "<unk>"
 
 
@@ -194,18 +201,32 @@ def kept_ids(model_dir: str | Path) -> list[int]:
     return json.loads((Path(model_dir) / KEPT_IDS_FILE).read_text())["kept_ids"]
 
 
-# What a trimmed draft's directory holds besides its weights and config: copied along by every
-# stage that saves it again (reference, distil) and by the export.
-DRAFT_VOCABULARY_FILES = (
-    KEPT_IDS_FILE,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+def is_intersection(model_dir: str | Path) -> bool:
+    """Whether the model directory holds a draft with another tokenizer, served through the
+    intersection of the vocabularies (its INTERSECTION_FILE, written by the draft_init stage)."""
+    return (Path(model_dir) / INTERSECTION_FILE).is_file()
+
+
+def mark_intersection(model_dir: Path, source: str) -> None:
+    """Mark the draft saved in `model_dir` (from `source`) as one served through the intersection."""
+    record = {"vocabulary": "intersection", "source": source}
+    (Path(model_dir) / INTERSECTION_FILE).write_text(json.dumps(record))
+
+
+def has_own_vocabulary(model_dir: str | Path) -> bool:
+    """Whether the draft in `model_dir` has a vocabulary of its own, mapped to the target's by
+    token string when served: trimmed (VocabTrim) or another tokenizer (intersection)."""
+    return Path(model_dir).is_dir() and (is_trimmed(model_dir) or is_intersection(model_dir))
+
+
+# What a draft with its own vocabulary holds besides its weights and config: its markers and
+# tokenizer files, copied along by every stage that saves it again (reference, distil) and by
+# the export.
+DRAFT_VOCABULARY_FILES = (KEPT_IDS_FILE, INTERSECTION_FILE, *TOKENIZER_FILES)
 
 
 def copy_draft_vocabulary(src: str | Path, dst: Path) -> list[str]:
-    """Copy a trimmed draft's tokenizer and kept-id files byte for byte from `src` to `dst`."""
+    """Copy a draft's own tokenizer and marker files byte for byte from `src` to `dst`."""
     import shutil
 
     copied = []
@@ -217,8 +238,8 @@ def copy_draft_vocabulary(src: str | Path, dst: Path) -> list[str]:
 
 
 def served_map_for(target_tokenizer, target_rows: int, draft_dir: str | Path):
-    """The VocabularyMap between the target and the trimmed draft in `draft_dir`, from the draft's
-    own tokenizer and config, as a serving engine builds it."""
+    """The VocabularyMap between the target and the draft in `draft_dir` (one with its own
+    vocabulary), from the draft's own tokenizer and config, as a serving engine builds it."""
     from transformers import AutoConfig, AutoTokenizer
 
     from specdraft.drafts.vocab_map import served_vocabulary_map
@@ -228,11 +249,11 @@ def served_map_for(target_tokenizer, target_rows: int, draft_dir: str | Path):
     return served_vocabulary_map(target_tokenizer, draft_tokenizer, target_rows, rows)
 
 
-def trimmed_draft_map(draft_dir: str | Path, target_tokenizer, target_head):
-    """The VocabularyMap a trimmed draft in `draft_dir` is trained and judged through, or None
-    for a draft with the target's vocabulary. `target_head` is the target model or its (V, H)
+def draft_vocabulary_map(draft_dir: str | Path, target_tokenizer, target_head):
+    """The VocabularyMap a draft with its own vocabulary (trimmed or another tokenizer) in
+    `draft_dir` is trained and judged through, or None for a draft with the target's vocabulary. `target_head` is the target model or its (V, H)
     LM head: its rows are the target's vocab_size, as the server counts them."""
-    if not is_trimmed(draft_dir):
+    if not has_own_vocabulary(draft_dir):
         return None
     if not isinstance(target_head, torch.Tensor):
         target_head = target_head.get_output_embeddings().weight
@@ -240,20 +261,21 @@ def trimmed_draft_map(draft_dir: str | Path, target_tokenizer, target_head):
 
 
 def save_draft_vocabulary(draft_dir: str | Path, target_tokenizer, dst: Path) -> None:
-    """The tokenizer of a draft saved again (reference, distil): a trimmed draft's own files, copied
-    byte for byte from `draft_dir`, else the target's."""
-    if is_trimmed(draft_dir):
+    """The tokenizer of a draft saved again (reference, distil): a draft's own files (trimmed or
+    another tokenizer), copied byte for byte from `draft_dir`, else the target's."""
+    if has_own_vocabulary(draft_dir):
         copy_draft_vocabulary(draft_dir, dst)
     else:
         target_tokenizer.save_pretrained(dst)
 
 
 def served_view(draft, draft_dir: str | Path, target_tokenizer, target):
-    """The draft as a serving engine runs it beside `target`: a trimmed draft wrapped in a
-    ServedDraft (target ids in, logits over the target's ids out), any other draft as it is."""
+    """The draft as a serving engine runs it beside `target`: a draft with its own vocabulary
+    wrapped in a ServedDraft (target ids in, logits over the target's ids out), any other draft
+    as it is."""
     from specdraft.drafts.vocab_map import ServedDraft
 
-    vmap = trimmed_draft_map(draft_dir, target_tokenizer, target)
+    vmap = draft_vocabulary_map(draft_dir, target_tokenizer, target)
     if vmap is None:
         return draft
     rows = target.get_output_embeddings().weight.shape[0]

@@ -173,6 +173,29 @@ class DraftConfig(ModelConfig):
         "Below the target's vocabulary size; 0 = off (the draft keeps the target's vocabulary).",
         lo=0,
     )
+    vocabulary: str = opt(
+        "same",
+        "`same`: the draft must have the target's tokenizer (the pair check refuses any "
+        "difference). `intersection`: draft.model may have another tokenizer (e.g. SmolLM2 for a "
+        "Gemma-3 target); it is served as vLLM serves it with use_heterogeneous_vocab: ids mapped "
+        "by token string (the Ġ/▁ space markers read as a space), the target's context tokens "
+        "outside the intersection reaching the draft as its unk, its logits masked to the "
+        "intersection, greedy drafting only. Training feeds it the target's sequences mapped so "
+        "and distils the target's distribution over the intersection; evaluation and the export "
+        "(its own tokenizer, a card saying how to serve it) follow. Needs draft.model; not with "
+        "from_target_layers or keep_vocab (those drafts have the target's own tokens).",
+        choices=["same", "intersection"],
+    )
+    min_intersection: float = opt(
+        0.5,
+        "With draft.vocabulary=intersection: the least share of the draft's vocabulary whose "
+        "token strings the target holds; the pair check refuses a draft below it. The rest of "
+        "the draft's vocabulary is masked away when served, so below half the draft cannot "
+        "propose most of what it learned to write and is a new model rather than a draft; two "
+        "tokenizers made for the same language share far more (SmolLM2's with Gemma-3's: 93 %).",
+        lo=0,
+        hi=1,
+    )
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
 
 
@@ -717,6 +740,7 @@ def _cross_checks(cfg: JobConfig, problems: list[str]) -> None:
             f"(target.arch.num_layers = {cfg.target.arch.num_layers})"
         )
     _keep_vocab_checks(cfg, problems)
+    _intersection_checks(cfg, problems)
     if cfg.data.chat_template and cfg.target.model == "builtin":
         problems.append(
             "data.chat_template: the builtin toy target's tokenizer has no chat template; "
@@ -812,6 +836,50 @@ def _keep_vocab_checks(cfg: JobConfig, problems: list[str]) -> None:
                 f"{section}.divergence=ce with draft.keep_vocab={keep}: cross-entropy on the data's "
                 "tokens needs a draft row for every token; use a KD divergence (fkl, lk, ...)"
             )
+
+
+def _intersection_checks(cfg: JobConfig, problems: list[str]) -> None:
+    """A draft with another tokenizer (draft.vocabulary=intersection) against what it cannot do;
+    the intersection's size against draft.min_intersection is checked with the models, before
+    any stage runs (job.check_models)."""
+    if cfg.draft.vocabulary != "intersection":
+        return
+    opted = "draft.vocabulary=intersection"
+    if cfg.draft.from_target_layers:
+        problems.append(
+            f"{opted} with draft.from_target_layers={cfg.draft.from_target_layers}: a draft cut "
+            "from the target has the target's tokenizer; set draft.vocabulary=same"
+        )
+    elif cfg.draft.model == "builtin":
+        problems.append(
+            f"{opted} with the builtin toy draft: the toy pair shares one tokenizer; give "
+            "draft.model (a model with another tokenizer), or set draft.vocabulary=same"
+        )
+    if cfg.draft.keep_vocab:
+        problems.append(
+            f"{opted} with draft.keep_vocab={cfg.draft.keep_vocab}: keep_vocab trims the target's "
+            "vocabulary for a draft that has it, and a draft with another tokenizer is masked to "
+            "the intersection when served; set one of them"
+        )
+    if cfg.generate.draft_fraction or cfg.distil.later_rounds == "draft":
+        problems.append(
+            f"{opted} with the draft writing training sequences (generate.draft_fraction="
+            f"{cfg.generate.draft_fraction}, distil.later_rounds={cfg.distil.later_rounds}): the "
+            "draft samples in its own tokens, not the target's; set draft_fraction=0 and "
+            "later_rounds=same"
+        )
+    for section in ("distil", "reference"):
+        if getattr(getattr(cfg, section), "divergence", None) == "ce":
+            problems.append(
+                f"{section}.divergence=ce with {opted}: cross-entropy on the data's tokens needs "
+                "a draft row for every target token; use a KD divergence (fkl, lk, ...)"
+            )
+    if cfg.target_outputs.format == "topk":
+        problems.append(
+            f"target_outputs.format=topk with {opted}: the draft is distilled over the "
+            "intersection from the target's hidden states and head, and the stored top-k is not "
+            "mapped into its vocabulary; set target_outputs.format=hidden"
+        )
 
 
 def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:

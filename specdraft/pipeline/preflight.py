@@ -57,7 +57,9 @@ def check_prompt_lengths(job: JobConfig, prompts: list[str]) -> None:
         job.target.trust_remote_code, job.draft.trust_remote_code, job.draft.from_target_layers
     )
     draft = job.target.model if job.draft.from_target_layers else job.draft.model
-    context = check_pair(job.target.model, draft, trust_remote_code=trust).context
+    context = check_pair(
+        job.target.model, draft, trust_remote_code=trust, vocabulary=job.draft.vocabulary
+    ).context
     if not math.isfinite(context):
         return  # no position limit given: nothing to check
     tokenizer = load_tokenizer(job.target.model, trust_remote_code=trust.target)

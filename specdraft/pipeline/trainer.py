@@ -179,9 +179,9 @@ class KDTrainer(Trainer):
     (every loss, ΔL and β then over the stored ids and one bucket); `teacher` may be None.
     `vocab` (the tokenizer's length; train_kd passes it) keeps every head's first `vocab` rows,
     so heads padded to different sizes past the tokenizer are compared over its ids only.
-    With a `vocab_map` (a draft whose vocabulary differs: vocabulary-trimmed) the draft and the
-    reference read the batch mapped as a server maps it (target ids outside the intersection are
-    their unk) and every divergence is taken over the intersection's rows of both heads: the
+    With a `vocab_map` (a draft whose vocabulary differs: trimmed, or another tokenizer) the draft
+    and the reference read the batch mapped as a server maps it (target ids outside the
+    intersection are their unk) and every divergence is taken over the intersection's rows of both heads: the
     target's distribution restricted to the ids the draft can propose, renormalised.
     """
 
@@ -227,9 +227,10 @@ class KDTrainer(Trainer):
         """(N, H) response hidden states and (V, H) head of `model`: the draft or the reference
         (`draft`, read through vocab_map when there is one), or the teacher."""
         counted = inputs["labels"][:, 1:] != -100  # (B, T-1): positions predicting a response token
-        input_ids = inputs["input_ids"]
+        input_ids, vocab = inputs["input_ids"], self.vocab
         if draft and self.vocab_map is not None:
             input_ids = self.vocab_map.to_draft(input_ids)  # (B, T) as the server feeds the draft
+            vocab = None  # its own rows, indexed by the intersection's draft ids below
         # hidden_and_head calls the decoder directly, past the autocast accelerate wraps around
         # the model's forward: bf16 has to be asked for here, for all three models.
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
@@ -238,7 +239,7 @@ class KDTrainer(Trainer):
                 input_ids,
                 inputs.get("attention_mask"),
                 inputs.get("position_ids"),
-                vocab=self.vocab,
+                vocab=vocab,
             )
         if self._rows is not None:
             head = head[self._rows[0 if draft else 1].to(head.device)]  # (I, H)

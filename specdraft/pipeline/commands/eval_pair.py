@@ -204,7 +204,7 @@ def run_eval(req: EvalRequest) -> dict:
     load = dict(dtype=req.dtype, device=device)
     target = load_causal_lm(req.target, trust_remote_code=trust.target, **load)
     draft = load_causal_lm(req.draft, trust_remote_code=trust.draft, **load)
-    if Path(req.draft).is_dir():  # a trimmed draft: judged through the vocabulary map
+    if Path(req.draft).is_dir():  # its own vocabulary (trimmed or another tokenizer): mapped
         from specdraft.drafts.vocab_trim import served_view
 
         draft = served_view(draft, req.draft, tokenizer, target)

@@ -1013,7 +1013,7 @@ def serve_check(
     from specdraft.drafts.models import load_tokenizer
     from specdraft.drafts.vocab_trim import served_view
 
-    # a trimmed draft runs as the engine runs it: through the vocabulary map
+    # a draft with its own vocabulary runs as the engine runs it: through the vocabulary map
     tokenizer = load_tokenizer(str(target), trust_remote_code=trust.target)
     draft_lm = served_view(draft_lm, draft, tokenizer, target_lm)
     model_len = _model_len(target, p)

@@ -13,6 +13,7 @@ from pathlib import Path
 from specdraft.drafts.pair import ModelTrust
 from specdraft.errors import InputError
 from specdraft.pipeline.config import (
+    DraftConfig,
     JobConfig,
     Resources,
     TargetOutputsConfig,
@@ -136,9 +137,12 @@ def build_stages(job: JobConfig) -> list[Stage]:
         if name == "draft_init" and job.draft.from_target_layers:
             deps = ("data", "target")  # the draft is cut from the target's first layers
         config = None
-        if name == "draft_init" and job.draft.keep_vocab:
-            # the draft init is the same for any K: trimming is vocab_trim's, keyed there
-            config = dataclasses.replace(job.draft, keep_vocab=0)
+        if name == "draft_init":
+            # the draft init is the same for any K (trimming is vocab_trim's, keyed there) and
+            # any intersection floor (the pair check's, made before any stage runs)
+            config = dataclasses.replace(
+                job.draft, keep_vocab=0, min_intersection=DraftConfig.min_intersection
+            )
         stage = section_stage(job, name, job.seed, deps=deps, config=config)
         if name in ("target", "draft_init") and (
             stage.config.model != "builtin" or getattr(stage.config, "from_target_layers", 0)
@@ -374,8 +378,9 @@ def read_places(job: JobConfig) -> dict[str, Path]:
 
 
 def check_models(job: JobConfig) -> None:
-    """The pair check, before anything trains: a mismatch raises PairError saying what differs,
-    a draft.keep_vocab the target's vocabulary cannot hold an InputError. Model code runs per
+    """The pair check, before anything trains: a mismatch (a tokenizer that differs without
+    draft.vocabulary=intersection, an intersection below draft.min_intersection) raises PairError
+    saying what differs, a draft.keep_vocab the target's vocabulary cannot hold an InputError. Model code runs per
     model (job_trust): trusting the target never runs the draft's."""
     if job.target.model == "builtin":
         return  # the toy pair shares the data stage's tokenizer by construction
@@ -398,6 +403,8 @@ def check_models(job: JobConfig) -> None:
         job.draft.model,
         context_length=job.data.max_length,
         trust_remote_code=trust,
+        vocabulary=job.draft.vocabulary,
+        min_intersection=job.draft.min_intersection,
     )
 
 

@@ -9,17 +9,20 @@ the weights with the best held-out alpha are kept. With a `target_outputs` input
 (distil.stored_target_outputs) the target model is not loaded: its stored hidden states and head
 are, for the loss, ΔL and the held-out alpha, or its stored top-k (target_outputs.format=topk:
 every divergence over the stored ids and one bucket for the rest, alpha over the stored ids;
-docs/objectives.md). A vocabulary-trimmed draft init (the `vocab_trim`
-stage's, read as `draft_init`) reads its inputs mapped as a server maps them (target ids outside
-its kept set become its unk) and every divergence and alpha is taken over its kept ids: the
-target's distribution restricted to them and renormalised (trainer.KDTrainer).
+docs/objectives.md). A draft init with its own vocabulary (the `vocab_trim` stage's, read as
+`draft_init`, or one with another tokenizer, draft.vocabulary=intersection) reads its inputs
+mapped as a server maps them (target ids outside the intersection become its unk) and every
+divergence and alpha is taken over the intersection: the target's distribution restricted to it
+and renormalised (trainer.KDTrainer).
 
 Reads: `data`, `target` (its tokenizer; its model unless `target_outputs` is an input),
 `draft_init`, `reference` (its model with selection top/bottom), `generate`
 Writes: `model/` (adapters merged), `adapter/` (LoRA), `history.json`, `alpha_history.json`
 (eval_every), `selection.json` (top/bottom), `k_search.json` (distil.k_search); info `model`,
 `adapter`, `best_alpha`, `best_step`, `kept_fraction`, `k` and `k_search` (the k trained with,
-each trial's alpha)
+each trial's alpha), `intersection` and `intersection_coverage` (a draft with its own vocabulary:
+the token strings both vocabularies hold, and the share of the training responses' target tokens
+among them)
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ from transformers import TrainerCallback, set_seed
 from specdraft.drafts.hidden_states import hidden_and_head, real_rows
 from specdraft.drafts.models import device_for
 from specdraft.drafts.vocab_map import VocabularyMap
-from specdraft.drafts.vocab_trim import save_draft_vocabulary, trimmed_draft_map
+from specdraft.drafts.vocab_trim import (
+    count_tokens,
+    draft_vocabulary_map,
+    save_draft_vocabulary,
+)
 from specdraft.errors import InputError
 from specdraft.pipeline.batches import Collator, response_positions
 from specdraft.pipeline.config import DistilConfig
@@ -112,7 +119,7 @@ class BestAlphaCheckpoint(TrainerCallback):
         vocab_map: VocabularyMap | None = None,
     ):
         self.vocab = vocab  # the tokenizer's length: heads compared over their first rows
-        self.vocab_map = vocab_map  # a trimmed draft: inputs mapped, heads over the intersection
+        self.vocab_map = vocab_map  # its own vocabulary: inputs mapped, heads over the intersection
         self.rows = None if vocab_map is None else vocab_map.intersection_rows()
         self.teacher, self.held_out, self.every, self.temperature = (
             teacher,
@@ -142,12 +149,12 @@ class BestAlphaCheckpoint(TrainerCallback):
             else:
                 t_hidden = self.target_outputs.response_hidden(batch["rows"], counted)
                 t_head = real_rows(self.target_outputs.head, self.vocab)
-            draft_ids = batch["input_ids"]
+            draft_ids, draft_vocab = batch["input_ids"], self.vocab
             if self.vocab_map is not None:
-                draft_ids = self.vocab_map.to_draft(draft_ids)
+                draft_ids, draft_vocab = self.vocab_map.to_draft(draft_ids), None  # its own rows
                 t_head = t_head[self.rows[1].to(t_head.device)]  # (I, H)
             s_hidden, s_head = hidden_and_head(
-                model, draft_ids, batch["attention_mask"], vocab=self.vocab
+                model, draft_ids, batch["attention_mask"], vocab=draft_vocab
             )
             if self.vocab_map is not None:
                 s_head = s_head[self.rows[0].to(s_head.device)]  # (I, H)
@@ -231,8 +238,8 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
     model = model.train()
     draft_dir = model_location(inputs["draft_init"])
     target_head = stored.head if stored is not None else teacher
-    vocab_map = trimmed_draft_map(draft_dir, tokenizer, target_head)
-    if vocab_map is None:  # a trimmed draft has its own vocabulary, mapped by token string
+    vocab_map = draft_vocabulary_map(draft_dir, tokenizer, target_head)
+    if vocab_map is None:  # a draft with its own vocabulary is mapped by token string
         check_vocabularies(target_head, model, reference, vocab=len(tokenizer))
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
@@ -241,6 +248,15 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             f"distil: LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable} trainable parameters"
         )
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    info: dict = {}
+    if vocab_map is not None:
+        response, _ = count_tokens(sequences, len(vocab_map.target_to_draft))
+        info["intersection"] = vocab_map.intersection
+        info["intersection_coverage"] = vocab_map.coverage(response)
+        print(
+            f"distil: the intersection ({vocab_map.intersection} tokens) holds "
+            f"{info['intersection_coverage']:.1%} of the target's tokens in the training responses"
+        )
     if stored is not None:  # each sequence's index in what was stored (kept through the split)
         sequences = sequences.add_column("row", list(range(len(sequences))))
     callbacks = []
@@ -306,7 +322,8 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
         target_outputs=stored,
         vocab_map=vocab_map,
     )
-    info: dict = {"k": options.k, "k_search": trials} if selective else {}
+    if selective:
+        info.update({"k": options.k, "k_search": trials})
     if cfg.eval_every:
         checkpoint.restore(model)
         info["best_step"], info["best_alpha"] = checkpoint.best[1], checkpoint.best[0]

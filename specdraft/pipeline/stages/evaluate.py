@@ -76,7 +76,7 @@ def evaluate_tasks(
         if stage not in inputs:
             continue
         draft = load_model_artifact(inputs[stage], device, trust_remote_code=trust.draft)
-        # a trimmed draft is judged as the engine serves it: through the vocabulary map
+        # a draft with its own vocabulary is judged as the engine serves it: through the map
         draft = served_view(draft, model_location(inputs[stage]), tokenizer, target)
         result["drafts"][name] = judge_draft(
             target,

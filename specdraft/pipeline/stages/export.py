@@ -1,8 +1,9 @@
 """Stage `export`: the distilled draft as a plain HF causal-LM directory that serving stacks load:
 merged safetensors weights, config.json, generation_config.json, the target's tokenizer files and a
-model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`. A
-vocabulary-trimmed draft keeps its own vocabulary (its WordLevel tokenizer and kept_ids.json, not
-padded to the target's rows), and its card says how vLLM serves it (use_heterogeneous_vocab).
+model card saying how to serve it. The LoRA adapter is kept beside it in `adapter/`. A draft with
+its own vocabulary keeps it, not padded to the target's rows: a trimmed draft its WordLevel
+tokenizer and kept_ids.json, a draft with another tokenizer its tokenizer files and
+vocabulary.json; its card says how vLLM serves it (use_heterogeneous_vocab).
 
 Reads: `data`, `target`, `draft_init`, `distil`, `evaluate`
 Writes: `draft/` (the servable directory); info `draft`, `adapter`, `dtype`
@@ -20,9 +21,14 @@ import os
 import shutil
 from pathlib import Path
 
-from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm
+from specdraft.drafts.models import copy_tokenizer_files, load_causal_lm, load_tokenizer
 from specdraft.drafts.pair import UNTRUSTED, ModelTrust
-from specdraft.drafts.vocab_trim import copy_draft_vocabulary, is_trimmed
+from specdraft.drafts.vocab_trim import (
+    copy_draft_vocabulary,
+    has_own_vocabulary,
+    is_trimmed,
+    served_map_for,
+)
 from specdraft.pipeline.config import ExportConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -40,7 +46,7 @@ def model_card(
     gamma: int,
     method: str,
     job_hash: str,
-    trimmed: dict | None = None,
+    own_vocabulary: dict | None = None,
 ) -> str:
     final = metrics.get("final", {})
     rows = "\n".join(
@@ -59,7 +65,7 @@ specdraft_job_hash: {job_hash}
 # Draft model for `{target}`
 
 Distilled by specdraft ({method}) on `{data}` to agree with the target in speculative decoding.
-{"It shares the target's tokenizer and vocabulary size." if trimmed is None else trimmed_note(trimmed)}
+{"It shares the target's tokenizer and vocabulary size." if own_vocabulary is None else vocabulary_note(own_vocabulary)}
 
 | task | alpha | alpha_greedy | tau (gamma={gamma}) |
 |---|---|---|---|
@@ -69,26 +75,42 @@ Distilled by specdraft ({method}) on `{data}` to agree with the target in specul
 alpha = mean Σ min(p, q) over target-generated continuations; tau = tokens per target call, bonus
 included, from real speculative decoding at temperature {metrics.get("temperature")}.
 
-{serve_trimmed(target, gamma, trimmed["hybrid"]) if trimmed is not None else SERVE_SAME.format(target=target, gamma=gamma)}"""
+{serve_mapped(target, gamma, own_vocabulary) if own_vocabulary is not None else SERVE_SAME.format(target=target, gamma=gamma)}"""
 
 
-def trimmed_note(trimmed: dict) -> str:
+def vocabulary_note(own: dict) -> str:
+    """What the card says of a draft with its own vocabulary (`own`: export_draft's record)."""
+    if own["kind"] == "intersection":
+        return (
+            f"It has its own tokenizer, not the target's: {own['intersection']} of its "
+            f"{own['rows']} tokens are token strings of the target's {own['target_rows']} (the "
+            "intersection, which it was distilled over). A server maps ids by those strings."
+        )
     return (
-        f"Its vocabulary is trimmed (VocabTrim) to {trimmed['rows']} of the target's "
-        f"{trimmed['target_rows']} tokens, the most frequent in the target's own responses: its "
+        f"Its vocabulary is trimmed (VocabTrim) to {own['rows']} of the target's "
+        f"{own['target_rows']} tokens, the most frequent in the target's own responses: its "
         "embedding and LM head hold those rows only, and its tokenizer (a WordLevel vocabulary of "
         "exactly those token strings; `kept_ids.json` gives each one's target id) is read by "
         "token string, never used to segment text."
     )
 
 
-def serve_trimmed(target: str, gamma: int, hybrid: bool) -> str:
-    """How to serve a vocabulary-trimmed draft: only vLLM maps a draft's vocabulary to the
-    target's (by token string); SGLang and TensorRT-LLM refuse any difference. A target with
-    sliding-window and full-attention layers (`hybrid`: Gemma-3) needs vLLM's hybrid KV-cache
-    manager off: vLLM 0.32 refuses any draft_model for it otherwise."""
+def serve_mapped(target: str, gamma: int, own: dict) -> str:
+    """How to serve a draft with its own vocabulary (trimmed, or another tokenizer): only vLLM
+    maps a draft's vocabulary to the target's (by token string); SGLang and TensorRT-LLM refuse
+    any difference. A target with sliding-window and full-attention layers (`own["hybrid"]`:
+    Gemma-3) needs vLLM's hybrid KV-cache manager off: vLLM 0.32 refuses any draft_model for it
+    otherwise."""
+    kept = "the intersection" if own["kind"] == "intersection" else "the kept set"
+    others = (  # transformers' assisted generation re-tokenises text: not for a WordLevel draft
+        "- SGLang, TensorRT-LLM: not servable (they need the target's tokenizer)."
+        if own["kind"] == "intersection"
+        else "- SGLang, TensorRT-LLM, transformers' assisted generation: not servable (they need "
+        "the target's tokenizer,\n  or re-tokenise text, which the draft's WordLevel tokenizer "
+        "does not segment)."
+    )
     engine = ""
-    if hybrid:
+    if own["hybrid"]:
         engine = (
             "\n  The target mixes sliding-window and full-attention layers: start the engine with "
             "`--disable-hybrid-kv-cache-manager` (`LLM(..., disable_hybrid_kv_cache_manager=True)`); "
@@ -96,13 +118,12 @@ def serve_trimmed(target: str, gamma: int, hybrid: bool) -> str:
         )
     return f"""## Serve it
 Only vLLM serves a draft whose vocabulary differs from the target's: it maps ids by token string,
-feeds the draft the target's context (tokens outside the kept set as the draft's unk), masks the
-draft's logits to the kept set and drafts greedily; the target verifies every token, so the
-output is the target's.
+feeds the draft the target's context (tokens outside {kept} as the draft's unk), masks the
+draft's logits to {kept} and drafts greedily; the target verifies every token, so the output
+is the target's.
 - vLLM (≥ 0.32): `vllm serve {target} --speculative-config '{{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}, "use_heterogeneous_vocab": true}}'`;
   in Python, `LLM(model="{target}", speculative_config={{"method": "draft_model", "model": "<this dir>", "num_speculative_tokens": {gamma}, "use_heterogeneous_vocab": True}})`.{engine}
-- SGLang, TensorRT-LLM, transformers' assisted generation: not servable (they need the target's
-  tokenizer, or re-tokenise text, which the draft's WordLevel tokenizer does not segment).
+{others}
 """
 
 
@@ -136,14 +157,19 @@ def export_draft(
     draft_dir.mkdir(parents=True, exist_ok=True)
     target = model_location(inputs["target"])
     rows = target_vocab_size(target, trust_remote_code=trust.target)
-    trimmed = None
-    if is_trimmed(model_location(inputs["distil"])):  # its own vocabulary, mapped by vLLM
-        copy_draft_vocabulary(model_location(inputs["distil"]), draft_dir)
-        trimmed = {
+    own = None
+    distilled = model_location(inputs["distil"])
+    if has_own_vocabulary(distilled):  # trimmed or another tokenizer: mapped by vLLM
+        copy_draft_vocabulary(distilled, draft_dir)
+        own = {
+            "kind": "trimmed" if is_trimmed(distilled) else "intersection",
             "rows": model.get_input_embeddings().weight.shape[0],
             "target_rows": rows,
             "hybrid": hybrid_attention(target, trust_remote_code=trust.target),
         }
+        if own["kind"] == "intersection":
+            tokenizer = load_tokenizer(target, trust_remote_code=trust.target)
+            own["intersection"] = served_map_for(tokenizer, rows, distilled).intersection
     else:
         copy_tokenizer_files(target, draft_dir)
         match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
@@ -167,7 +193,7 @@ def export_draft(
             gamma,
             method,
             lineage_hash(inputs.values()),
-            trimmed,
+            own,
         )
     )
     readable_like_other_files(draft_dir)

@@ -2,8 +2,9 @@
 forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline.
 With a `target_outputs` input the target is not loaded: its stored hidden states and head are (or
 its stored top-k log-probabilities, target_outputs.format=topk).
-A vocabulary-trimmed draft init (the `vocab_trim` stage's, read as `draft_init`) reads its
-inputs mapped as a server maps them and is distilled over its kept ids (trainer.KDTrainer).
+A draft init with its own vocabulary (the `vocab_trim` stage's, read as `draft_init`, or one with
+another tokenizer, draft.vocabulary=intersection) reads its inputs mapped as a server maps them
+and is distilled over the intersection of the vocabularies (trainer.KDTrainer).
 
 Reads: `data`, `target` (or `target_outputs`), `draft_init`, `generate`
 Writes: `model/`, `history.json`; info `model`, `final_loss`
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdraft.drafts.models import device_for
-from specdraft.drafts.vocab_trim import save_draft_vocabulary, trimmed_draft_map
+from specdraft.drafts.vocab_trim import draft_vocabulary_map, save_draft_vocabulary
 from specdraft.pipeline.config import ReferenceConfig
 from specdraft.pipeline.engine.artifacts import (
     StageContext,
@@ -51,7 +52,7 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
     model = model.train()
     draft_dir = model_location(inputs["draft_init"])
     target_head = stored.head if stored is not None else teacher
-    vocab_map = trimmed_draft_map(draft_dir, tokenizer, target_head)
+    vocab_map = draft_vocabulary_map(draft_dir, tokenizer, target_head)
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
     if stored is not None:  # each sequence's index in what was stored
         sequences = sequences.add_column("row", list(range(len(sequences))))

@@ -1,0 +1,49 @@
+"""Distillation in the served view, checked one way for every draft with a vocabulary of its own
+(trimmed: tests/test_vocab_trim.py; another tokenizer: tests/test_cross_tokenizer.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def check_distillation_through_the_map(
+    target, draft, vmap, tokenizer, rows: list[dict], out: Path, steps: int
+) -> None:
+    """Train `draft` (in train mode) towards `target` through `vmap` on `rows` (input_ids and
+    response_mask, all of one length) and check: the first step's loss is KL(p‖q) over the
+    intersection, p the target's distribution restricted to it and renormalised, q the draft's
+    on the target's context mapped as the server maps it; training lowers it and moves the
+    draft's weights."""
+    from datasets import Dataset
+
+    from specdraft.pipeline.config import TrainConfig
+    from specdraft.pipeline.objectives import KDOptions
+    from specdraft.pipeline.trainer import train_kd
+
+    ids = torch.tensor([r["input_ids"] for r in rows])  # (B, T)
+    mask = torch.tensor([r["response_mask"] for r in rows])
+    drafts, targets = vmap.intersection_rows()
+    with torch.no_grad():
+        p = target(ids).logits[:, :-1][:, :, targets].log_softmax(-1)  # (B, T-1, I)
+        q = draft(vmap.to_draft(ids)).logits[:, :-1][:, :, drafts].log_softmax(-1)
+    counted = mask[:, 1:]  # positions that predict a response token
+    expected = (p.exp() * (p - q)).sum(-1)[counted].mean().item()
+    before = {n: w.detach().clone() for n, w in draft.named_parameters()}
+    train_cfg = TrainConfig(steps=steps, batch_size=2, lr=1e-2, log_every=1, packing="padded")
+    history, _ = train_kd(
+        draft,
+        target,
+        Dataset.from_list(rows),
+        tokenizer,
+        train_cfg,
+        out,
+        0,
+        options=KDOptions(divergence="fkl"),
+        vocab_map=vmap,
+    )
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert any(not torch.equal(before[n], w) for n, w in draft.named_parameters())
