@@ -368,6 +368,7 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the checkpoints"
     )
+    add_vocabulary_argument(parser)
     parser.add_argument(
         "--seed", type=int, default=d.seed, help="seed of sampling and of the toy split"
     )
@@ -455,19 +456,25 @@ def text_coverage(vmap, target: str, text: Path, trust_remote_code: bool) -> str
     )
 
 
+def add_vocabulary_argument(parser) -> None:
+    """--vocabulary of check-pair and eval: a job's draft.vocabulary, its default and choices."""
+    field = DraftConfig.__dataclass_fields__["vocabulary"]
+    parser.add_argument(
+        "--vocabulary",
+        default=field.default,
+        choices=field.metadata["choices"],
+        help="`intersection`: the draft may have another tokenizer, judged and served through the "
+        "token strings both vocabularies hold, as vLLM serves it (a job's draft.vocabulary)",
+    )
+
+
 def add_check_pair_arguments(parser) -> None:
     parser.add_argument("target", help="target model id or directory")
     parser.add_argument("draft", help="draft model id or directory")
     parser.add_argument(
         "--context-length", type=int, default=None, help="context the draft must cover"
     )
-    parser.add_argument(
-        "--vocabulary",
-        default="same",
-        choices=["same", "intersection"],
-        help="`intersection`: the draft may have another tokenizer, served through the token "
-        "strings both vocabularies hold (a job's draft.vocabulary)",
-    )
+    add_vocabulary_argument(parser)
     parser.add_argument(
         "--min-intersection",
         type=float,

@@ -22,7 +22,8 @@ ARGUMENTS = {
         *("--target", "--draft", "--data", "--gamma", "--temperature", "--drafting"),
         "--max-new-tokens",
         *("--num-prompts", "--batch-size", "--prompt-field", "--task-field", "--split"),
-        *("--chat-template", "--dtype", "--device", "--trust-remote-code", "--seed", "--out"),
+        *("--chat-template", "--dtype", "--device", "--trust-remote-code", "--vocabulary"),
+        *("--seed", "--out"),
     ],
     "report": [
         *("RUN_DIR", "--history", "--out", "--threshold", "--window", "--fail-on-regression"),

@@ -136,7 +136,7 @@ def check_pair(
             report.remedy = (
                 "a draft with another tokenizer is served only through the token strings both "
                 "vocabularies hold (vLLM's use_heterogeneous_vocab): opt in with "
-                "draft.vocabulary=intersection (check-pair: --vocabulary intersection)"
+                "draft.vocabulary=intersection (check-pair and eval: --vocabulary intersection)"
             )
         report.problems += problems
     _check_configs(

@@ -269,14 +269,17 @@ def save_draft_vocabulary(draft_dir: str | Path, target_tokenizer, dst: Path) ->
         target_tokenizer.save_pretrained(dst)
 
 
-def served_view(draft, draft_dir: str | Path, target_tokenizer, target):
+def served_view(draft, draft_dir: str | Path, target_tokenizer, target, *, mapped: bool = False):
     """The draft as a serving engine runs it beside `target`: a draft with its own vocabulary
-    wrapped in a ServedDraft (target ids in, logits over the target's ids out), any other draft
-    as it is."""
-    from specdraft.drafts.vocab_map import ServedDraft
+    (marked so in `draft_dir`, or any draft with `mapped`: one with another tokenizer given as it
+    is, a GGUF file included) wrapped in a ServedDraft (target ids in, logits over the target's
+    ids out), any other draft as it is."""
+    from specdraft.drafts.models import load_tokenizer
+    from specdraft.drafts.vocab_map import ServedDraft, served_vocabulary_map
 
-    vmap = draft_vocabulary_map(draft_dir, target_tokenizer, target)
-    if vmap is None:
+    if not (mapped or has_own_vocabulary(draft_dir)):
         return draft
     rows = target.get_output_embeddings().weight.shape[0]
+    draft_rows = draft.config.get_text_config().vocab_size
+    vmap = served_vocabulary_map(target_tokenizer, load_tokenizer(draft_dir), rows, draft_rows)
     return ServedDraft(draft, vmap, rows)

@@ -51,6 +51,9 @@ class EvalRequest:
     device: str = "auto"
     # whose model code may run: True/"both" (the one flag), "target", "draft" (drafts.pair.ModelTrust)
     trust_remote_code: bool | str = False
+    # `intersection`: a draft with another tokenizer, judged as vLLM serves it (a job's
+    # draft.vocabulary)
+    vocabulary: str = "same"
     seed: int = 0
 
 
@@ -71,6 +74,8 @@ def check_request(req: EvalRequest) -> None:
         problems.append(f"--temperature must be >= 0, got {req.temperature}")
     if req.drafting not in ("greedy", "probabilistic"):
         problems.append(f"--drafting must be greedy or probabilistic, got {req.drafting!r}")
+    if req.vocabulary not in ("same", "intersection"):
+        problems.append(f"--vocabulary must be same or intersection, got {req.vocabulary!r}")
     if req.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"--dtype must be float32, bfloat16 or float16, got {req.dtype!r}")
     if problems:
@@ -113,7 +118,12 @@ def check_models(req: EvalRequest) -> float:
     """The pair check (drafts/pair.require_pair); returns the context both models cover."""
     from specdraft.drafts.pair import require_pair
 
-    return require_pair(req.target, req.draft, trust_remote_code=req.trust_remote_code).context
+    return require_pair(
+        req.target,
+        req.draft,
+        trust_remote_code=req.trust_remote_code,
+        vocabulary=req.vocabulary,
+    ).context
 
 
 def load_prompts(req: EvalRequest) -> list[dict]:
@@ -204,10 +214,12 @@ def run_eval(req: EvalRequest) -> dict:
     load = dict(dtype=req.dtype, device=device)
     target = load_causal_lm(req.target, trust_remote_code=trust.target, **load)
     draft = load_causal_lm(req.draft, trust_remote_code=trust.draft, **load)
-    if Path(req.draft).is_dir():  # its own vocabulary (trimmed or another tokenizer): mapped
-        from specdraft.drafts.vocab_trim import served_view
+    from specdraft.drafts.vocab_trim import served_view
 
-        draft = served_view(draft, req.draft, tokenizer, target)
+    # its own vocabulary (trimmed, or another tokenizer): judged through the vocabulary map
+    draft = served_view(
+        draft, req.draft, tokenizer, target, mapped=req.vocabulary == "intersection"
+    )
     cfg = EvaluateConfig(
         gamma=req.gamma,
         temperature=req.temperature,
