@@ -179,6 +179,22 @@ def test_what_a_cross_tokenizer_draft_cannot_do_is_refused_by_the_config(overrid
         load_job(None, ["target=/m/t", "draft.vocabulary=intersection", *overrides])
 
 
+def test_the_floor_is_not_in_the_draft_inits_key_and_the_opt_in_is():
+    """draft.min_intersection is checked before any stage runs: the draft saved is the same for
+    any floor, so its stage (and everything after it) keeps its key; the opt-in changes what
+    draft_init writes (a copy with its mark), so it is keyed."""
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import build_stages
+
+    def draft_init(*overrides):
+        job = load_job(None, ["target=/m/t", "draft=/m/d", *overrides])
+        return next(s for s in build_stages(job) if s.name == "draft_init").config
+
+    opted = draft_init("draft.vocabulary=intersection")
+    assert draft_init("draft.vocabulary=intersection", "draft.min_intersection=0.8") == opted
+    assert draft_init() != opted and opted.vocabulary == "intersection"
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
