@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gguf_tiny import tiny_llama  # noqa: E402
 from served_kd import check_distillation_through_the_map  # noqa: E402
 from tiny_gemma import gemma_wordlevel_tokenizer, tiny_gemma3  # noqa: E402
+from vllm_mapping import needs_vllm, vllm_tables  # noqa: E402
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "park", "sun", "rain"]
 LETTERS = list("bcdefghijk")  # single letters the words do not hold as whole tokens
@@ -101,6 +102,21 @@ def test_the_pairs_mapping_is_vllms_rule():
         tv["<unk>"],
         tv["mat"],
     ]
+
+
+@pytest.mark.integration
+@needs_vllm
+def test_the_pairs_mapping_equals_vllms_own(tmp_path):
+    """vLLM's VocabMapping (the installed engine's) gives our tables on the saved pair."""
+    target, draft = save_pair(tmp_path)
+    ours = served_vocabulary_map(
+        AutoTokenizer.from_pretrained(target),
+        AutoTokenizer.from_pretrained(draft),
+        len(target_tokenizer()),
+        len(draft_tokenizer()),
+    )
+    theirs = vllm_tables(target, draft, len(target_tokenizer()), len(draft_tokenizer()))
+    assert theirs == [ours.target_to_draft.tolist(), ours.draft_to_target.tolist()]
 
 
 def test_coverage_counts_the_target_tokens_inside_the_intersection():

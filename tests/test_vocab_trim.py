@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gguf_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from served_kd import check_distillation_through_the_map  # noqa: E402
 from tiny_gemma import gemma_wordlevel_tokenizer, tiny_gemma3  # noqa: E402
+from vllm_mapping import needs_vllm, vllm_tables  # noqa: E402
 
 # --------------------------------------------------------------------------- hand-made vocabularies
 
@@ -126,41 +127,14 @@ def test_a_draft_without_unk_falls_back_to_its_eos_and_neither_is_refused():
         served_vocabulary_map(target, draft, 9, 2)
 
 
-VLLM_ENV = Path.home() / ".cache" / "specdraft" / "vllm-env"
-VLLM_SCRIPT = """
-import json, sys
-from transformers import AutoTokenizer
-from vllm.v1.spec_decode.vocab_mapping import VocabMapping
-t = AutoTokenizer.from_pretrained(sys.argv[1]); d = AutoTokenizer.from_pretrained(sys.argv[2])
-m = VocabMapping(t, d, int(sys.argv[3]), int(sys.argv[4]), "cpu")
-print(json.dumps([m.target_to_draft_ids.tolist(), m.draft_to_target_ids.tolist()]))
-"""
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(
-    not (VLLM_ENV / "bin" / "python").exists(), reason=f"no vLLM environment at {VLLM_ENV}"
-)
+@needs_vllm
 def test_the_mapping_equals_vllms_own_on_saved_tokenizers(tmp_path):
     """vLLM's VocabMapping (the installed engine's) and ours give the same tables."""
     target, draft = hand_made_pair()
     target.save_pretrained(tmp_path / "t")
     draft.save_pretrained(tmp_path / "d")
-    out = subprocess.run(
-        [
-            str(VLLM_ENV / "bin" / "python"),
-            "-c",
-            VLLM_SCRIPT,
-            tmp_path / "t",
-            tmp_path / "d",
-            "9",
-            "9",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    theirs = vllm_tables(tmp_path / "t", tmp_path / "d", 9, 9)
     ours = served_vocabulary_map(
         AutoTokenizer.from_pretrained(tmp_path / "t"),
         AutoTokenizer.from_pretrained(tmp_path / "d"),
