@@ -208,7 +208,7 @@ def is_intersection(model_dir: str | Path) -> bool:
 
 
 def mark_intersection(model_dir: Path, source: str) -> None:
-    """Mark the draft saved in `model_dir` (from `source`) as one served through the intersection."""
+    """Mark the draft saved in `model_dir` (from `source`) as served through the intersection."""
     record = {"vocabulary": "intersection", "source": source}
     (Path(model_dir) / INTERSECTION_FILE).write_text(json.dumps(record))
 
@@ -237,22 +237,28 @@ def copy_draft_vocabulary(src: str | Path, dst: Path) -> list[str]:
     return copied
 
 
-def served_map_for(target_tokenizer, target_rows: int, draft_dir: str | Path):
+def served_map_for(
+    target_tokenizer, target_rows: int, draft_dir: str | Path, draft_rows: int | None = None
+):
     """The VocabularyMap between the target and the draft in `draft_dir` (one with its own
-    vocabulary), from the draft's own tokenizer and config, as a serving engine builds it."""
-    from transformers import AutoConfig, AutoTokenizer
+    vocabulary; a GGUF file too, given its `draft_rows`), from the draft's own tokenizer and
+    config (its vocab_size, or `draft_rows`), as a serving engine builds it."""
+    from transformers import AutoConfig
 
+    from specdraft.drafts.models import load_tokenizer
     from specdraft.drafts.vocab_map import served_vocabulary_map
 
-    draft_tokenizer = AutoTokenizer.from_pretrained(str(draft_dir))
-    rows = AutoConfig.from_pretrained(str(draft_dir)).get_text_config().vocab_size
-    return served_vocabulary_map(target_tokenizer, draft_tokenizer, target_rows, rows)
+    if draft_rows is None:
+        draft_rows = AutoConfig.from_pretrained(str(draft_dir)).get_text_config().vocab_size
+    draft_tokenizer = load_tokenizer(draft_dir)
+    return served_vocabulary_map(target_tokenizer, draft_tokenizer, target_rows, draft_rows)
 
 
 def draft_vocabulary_map(draft_dir: str | Path, target_tokenizer, target_head):
     """The VocabularyMap a draft with its own vocabulary (trimmed or another tokenizer) in
-    `draft_dir` is trained and judged through, or None for a draft with the target's vocabulary. `target_head` is the target model or its (V, H)
-    LM head: its rows are the target's vocab_size, as the server counts them."""
+    `draft_dir` is trained and judged through, or None for a draft with the target's vocabulary.
+    `target_head` is the target model or its (V, H) LM head: its rows are the target's
+    vocab_size, as the server counts them."""
     if not has_own_vocabulary(draft_dir):
         return None
     if not isinstance(target_head, torch.Tensor):
@@ -274,12 +280,10 @@ def served_view(draft, draft_dir: str | Path, target_tokenizer, target, *, mappe
     (marked so in `draft_dir`, or any draft with `mapped`: one with another tokenizer given as it
     is, a GGUF file included) wrapped in a ServedDraft (target ids in, logits over the target's
     ids out), any other draft as it is."""
-    from specdraft.drafts.models import load_tokenizer
-    from specdraft.drafts.vocab_map import ServedDraft, served_vocabulary_map
+    from specdraft.drafts.vocab_map import ServedDraft
 
     if not (mapped or has_own_vocabulary(draft_dir)):
         return draft
     rows = target.get_output_embeddings().weight.shape[0]
     draft_rows = draft.config.get_text_config().vocab_size
-    vmap = served_vocabulary_map(target_tokenizer, load_tokenizer(draft_dir), rows, draft_rows)
-    return ServedDraft(draft, vmap, rows)
+    return ServedDraft(draft, served_map_for(target_tokenizer, rows, draft_dir, draft_rows), rows)

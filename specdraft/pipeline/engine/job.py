@@ -380,8 +380,8 @@ def read_places(job: JobConfig) -> dict[str, Path]:
 def check_models(job: JobConfig) -> None:
     """The pair check, before anything trains: a mismatch (a tokenizer that differs without
     draft.vocabulary=intersection, an intersection below draft.min_intersection) raises PairError
-    saying what differs, a draft.keep_vocab the target's vocabulary cannot hold an InputError. Model code runs per
-    model (job_trust): trusting the target never runs the draft's."""
+    saying what differs, a draft.keep_vocab the target's vocabulary cannot hold an InputError.
+    Model code runs per model (job_trust): trusting the target never runs the draft's."""
     if job.target.model == "builtin":
         return  # the toy pair shares the data stage's tokenizer by construction
     from specdraft.drafts.pair import check_layer_draft, require_pair
