@@ -541,6 +541,7 @@ def test_a_bad_speed_plan_is_one_message(tmp_path):
 
 def test_vocabulary_kinds_and_the_hybrid_attention_flag(tmp_path):
     from tokenizers import Tokenizer, models
+    from tokenizers.pre_tokenizers import Metaspace
     from transformers import PreTrainedTokenizerFast
 
     def save(folder: Path, vocab: dict) -> Path:
@@ -560,6 +561,20 @@ def test_vocabulary_kinds_and_the_hybrid_attention_flag(tmp_path):
         "intersection": 2,
     }
     assert sc.vocabulary(target, foreign)["kind"] == "intersection"
+    # the intersection as vLLM counts it: space markers normalised on each side
+    marked = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "\u2581a": 1}, unk_token="<unk>")),
+        unk_token="<unk>",
+    )
+    marked.backend_tokenizer.pre_tokenizer = Metaspace(replacement="\u2581", prepend_scheme="never")
+    marked.save_pretrained(tmp_path / "m")
+    byte_level = save(tmp_path / "bl", {"<unk>": 0, "\u0120a": 1, "q": 2})
+    assert sc.vocabulary(tmp_path / "m", byte_level) == {
+        "kind": "intersection",
+        "draft_tokens": 3,
+        "target_tokens": 2,
+        "intersection": 2,  # <unk>, and "▁a" with "Ġa" as " a"
+    }
     from specdraft.errors import InputError
 
     (tmp_path / "empty").mkdir()

@@ -128,26 +128,33 @@ class SpeedPlan:
             )
 
 
-def _tokenizer_vocab(model_dir: Path) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
-
-
 def vocabulary(target: Path, draft: Path) -> dict:
     """How the draft's vocabulary meets the target's: `same` (one tokenizer vocabulary), `trimmed`
     (a subset of the target's token strings) or `intersection` (another tokenizer), with the
-    draft's size and the number of token strings both hold."""
+    draft's size and the number of token strings vLLM maps between them (its space markers
+    normalised: a byte-level draft's "Ġthe" is a SentencePiece target's "▁the")."""
+    from transformers import AutoTokenizer
+
+    from specdraft.drafts.vocab_map import served_vocabulary_map
+
     try:
-        t, d = _tokenizer_vocab(target), _tokenizer_vocab(draft)
+        t_tok, d_tok = (AutoTokenizer.from_pretrained(str(m)) for m in (target, draft))
     except Exception as err:  # a tokenizer transformers cannot read without its code, or damaged
         raise InputError(
             f"could not read the tokenizers of {target} and {draft} to compare their vocabularies "
             f"({type(err).__name__}: {str(err).strip()[:200]})"
         ) from None
-    shared = len(t.keys() & d.keys())
-    kind = "same" if t == d else "trimmed" if shared == len(d) else "intersection"
-    return {"kind": kind, "draft_tokens": len(d), "target_tokens": len(t), "intersection": shared}
+    t, d = t_tok.get_vocab(), d_tok.get_vocab()
+    subset = d.keys() <= t.keys()
+    kind = "same" if t == d else "trimmed" if subset else "intersection"
+    # every id of each tokenizer counted (a config's vocab_size cuts none a tokenizer holds here)
+    served = served_vocabulary_map(t_tok, d_tok, max(t.values()) + 1, max(d.values()) + 1)
+    return {
+        "kind": kind,
+        "draft_tokens": len(d),
+        "target_tokens": len(t),
+        "intersection": served.intersection,
+    }
 
 
 def _hybrid_attention(target: Path) -> bool:
