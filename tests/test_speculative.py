@@ -584,6 +584,56 @@ def counts_of(stats: SpecStats) -> dict:
     return d
 
 
+def _sliding_batch():
+    """A tiny Gemma-3 pair (window 4) and four rows of different lengths, left-padded."""
+    from tiny_gemma import tiny_gemma3
+
+    target, draft = tiny_gemma3(40), tiny_gemma3(40, layers=1, seed=1)
+    rows = [[2, 5, 6], [2, 7, 8, 9, 10], [2, 11], [2, 12, 13, 14]]
+    ids, mask = left_pad(rows)
+    return target, draft, rows, ids, mask
+
+
+def test_sliding_window_batch_with_holes_equals_each_row_alone():
+    """Holes (padding, another row's rejected drafts) count as slots in a sliding window: a batch
+    whose cache can outgrow the window decodes its rows alone, so every row is the target's text."""
+    target, draft, rows, ids, mask = _sliding_batch()
+    outs, stats = speculative_generate_batch(target, draft, ids, mask, gamma=3, max_new_tokens=16)
+    for row, out in zip(rows, outs, strict=True):
+        alone = autoregressive_generate(target, torch.tensor([row]), max_new_tokens=16)
+        assert out.tolist() == alone.tolist()
+    assert sum(s.drafted - s.accepted for s in stats) > 0  # rejections happened
+
+
+def test_sliding_window_batch_without_the_guard_loses_the_targets_text(monkeypatch):
+    """The guard above is needed: decoded in one batch, the same rows leave the target's text."""
+    from specdraft.pipeline import decoding
+
+    monkeypatch.setattr(decoding, "_holes_may_cross_window", lambda *args: False)
+    target, draft, rows, ids, mask = _sliding_batch()
+    outs, _ = speculative_generate_batch(target, draft, ids, mask, gamma=3, max_new_tokens=16)
+    alone = [
+        autoregressive_generate(target, torch.tensor([row]), max_new_tokens=16).tolist()
+        for row in rows
+    ]
+    assert [out.tolist() for out in outs] != alone
+
+
+def test_holes_may_cross_window_only_for_sliding_models_near_their_window(llamas):
+    from specdraft.pipeline.decoding import _holes_may_cross_window
+    from tiny_gemma import tiny_gemma3
+
+    target, drafts = llamas
+    rows = [[1] * 30, [1] * 5]
+    assert not _holes_may_cross_window(target, drafts["near"], rows, 4, 200)  # no sliding layer
+    gemma = tiny_gemma3(40)
+    assert _holes_may_cross_window(gemma, drafts["near"], [[1, 2]], 1, 1)  # 2 + 2 slots >= 4
+    assert not _holes_may_cross_window(gemma, drafts["near"], [[1]], 1, 1)  # 1 + 2 < 4
+    gemma.config.sliding_window = 512
+    assert not _holes_may_cross_window(gemma, drafts["near"], rows, 3, 64)  # 30 + 256 < 512
+    assert _holes_may_cross_window(drafts["near"], gemma, rows, 3, 128)  # the draft's window too
+
+
 BATCH_PROMPTS = [prompt_of(n, seed=n)[0].tolist() for n in (3, 7, 1, 5)]
 
 

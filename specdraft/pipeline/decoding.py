@@ -625,6 +625,39 @@ def _left_padded_rows(
     return rows
 
 
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of ``model``'s sliding-window layers, or None when it has none."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def _holes_may_cross_window(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    rows: list[list[int]],
+    gamma: int,
+    max_new_tokens: int,
+) -> bool:
+    """True when a batch's cache may outgrow a sliding window (of either model) while it holds holes.
+
+    transformers' sliding-window layers count cache slots, not a row's tokens: a hole (another
+    row's padding, a rejected draft kept for another row) inside the window hides one of the row's
+    own tokens, and the layer keeps only the last window's slots. Below the window every slot is
+    seen and the mask is exact. A round adds at most gamma + 1 slots to either cache (the target
+    takes its uncached token and the drafts; the draft at most two uncached tokens, then one per
+    draft), and every round commits at least one token to each active row.
+    """
+    windows = [w for w in (_sliding_window(target), _sliding_window(draft)) if w is not None]
+    if not windows:
+        return False
+    most_slots = max(len(row) for row in rows) + max_new_tokens * (gamma + 1)
+    return most_slots >= min(windows)
+
+
 @torch.no_grad()
 def speculative_generate_batch(
     target: torch.nn.Module,
@@ -647,7 +680,9 @@ def speculative_generate_batch(
     ``*_passes``) are split evenly over its rows, so merging the rows' stats gives the batch's
     forward-pass time and count. Rows run in lockstep: a round drafts while any row still drafts,
     and a row that has finished or stopped drafting feeds nothing.
-    Hugging Face models only: they take ``attention_mask`` and ``position_ids``.
+    Hugging Face models only: they take ``attention_mask`` and ``position_ids``. When a model
+    has sliding-window layers and the batch's cache may outgrow the window, the rows are decoded
+    one at a time (see _holes_may_cross_window): same tokens, no batching gain.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -655,6 +690,22 @@ def speculative_generate_batch(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     tokens = _left_padded_rows(input_ids, attention_mask)
     batch, device = len(tokens), input_ids.device
+    if batch > 1 and _holes_may_cross_window(target, draft, tokens, gamma, max_new_tokens):
+        rows_alone = [
+            speculative_generate_batch(
+                target,
+                draft,
+                torch.tensor([row], dtype=torch.long, device=device),
+                gamma=gamma,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                eos_token_id=eos_token_id,
+                generator=generator,
+                vocab=vocab,
+            )
+            for row in tokens
+        ]
+        return [out[0] for out, _ in rows_alone], [st[0] for _, st in rows_alone]
     prompt_lens = [len(row) for row in tokens]
     stats = [SpecStats(gamma=gamma) for _ in range(batch)]
     eos = _eos_ids(eos_token_id)
