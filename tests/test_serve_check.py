@@ -528,6 +528,69 @@ def test_speed_points_take_medians_and_name_the_best_gamma():
     assert none[0]["predicted_speedup"] is None
 
 
+def test_the_model_card_says_where_the_draft_stops_paying():
+    def point(gamma, users, speedup):
+        return {
+            "gamma": gamma,
+            "concurrency": users,
+            "repeats": 3,
+            "speedup": speedup,
+            "target_only_tokens_per_second": 10.0,
+            "tokens_per_second": 10.0 * speedup,
+            "acceptance_length": 2.0,
+        }
+
+    result = {
+        "engine": "vllm",
+        "engine_version": "0.32.0",
+        "prompts": 8,
+        "max_new_tokens": 64,
+        "best_gamma": 3,
+        "speed": [point(2, 1, 1.4), point(3, 1, 1.6), point(3, 4, 1.1), point(3, 8, 0.7)],
+    }
+    card = sc.card_with_speed("# Draft\n\n## Serve it\n- vLLM\n", result)
+    assert card.startswith("# Draft\n\n## Serve it\n- vLLM\n\n## Measured serving speed")
+    assert "| 3 | 8 | 10.0 | 7.0 | 0.70× | 2.00 |" in card
+    assert "Best γ with 1 request(s) in flight: 3 (1.60×)" in card
+    assert "slower than the target alone with 8 or more requests" in card
+    assert sc.card_with_speed(card, result) == card  # a later check replaces the section
+    result["speed"][-1]["speedup"] = 1.05
+    assert "no measured concurrency was slower" in sc.card_with_speed(card, result)
+
+
+def test_the_model_card_names_how_the_draft_was_distilled():
+    from specdraft.pipeline.stages.export import method_of, model_card
+
+    cfg = {
+        "selection": "all",
+        "k": 0.4,
+        "divergence": "fkl",
+        "temperature": 0.5,
+        "lora": {"enabled": False},
+    }
+    assert method_of(cfg) == "KD on every response token, fkl at temperature 0.5, full fine-tuning"
+    cfg.update(selection="top", temperature=1.0, lora={"enabled": True})
+    assert method_of(cfg) == "AdaSPEC-style selective KD (top k = 0.4), fkl, LoRA merged"
+    served = {
+        "drafting": "greedy",
+        "temperature": 0.0,
+        "acceptance": 0.6646,
+        "acceptance_length": 2.3375,
+    }
+    metrics = {
+        "final": {
+            "alpha": 0.6646,
+            "tau": 2.37,
+            "served": served,
+            "tasks": {"code": {"alpha": 0.561, "tau": 2.06, "served": served}},
+        }
+    }
+    card = model_card(metrics, "b", "t", "d", 3, "m", "h")
+    assert "| **all** | 0.665 | 2.34 | 0.665 | 2.37 |" in card
+    assert "| code | 0.665 | 2.34 | 0.561 | 2.06 |" in card
+    assert "greedy drafting,\nT = 0.0" in card
+
+
 def test_a_bad_speed_plan_is_one_message(tmp_path):
     from specdraft.errors import InputError
 

@@ -620,8 +620,9 @@ def test_sliding_window_batch_without_the_guard_loses_the_targets_text(monkeypat
 
 
 def test_holes_may_cross_window_only_for_sliding_models_near_their_window(llamas):
-    from specdraft.pipeline.decoding import _holes_may_cross_window
     from tiny_gemma import tiny_gemma3
+
+    from specdraft.pipeline.decoding import _holes_may_cross_window
 
     target, drafts = llamas
     rows = [[1] * 30, [1] * 5]

@@ -1085,6 +1085,59 @@ def write_serving(run_dir: Path, report_input: dict, result: dict) -> None:
     atomic_write_text(run_dir / SERVING_FILE, text)
     serving = json.loads(text)  # the page shows what serving.json holds
     write_report(report_input, run_dir / "report", serving=serving)
+    card = run_dir / "draft" / "README.md"
+    if result.get("speed") and card.is_file():
+        atomic_write_text(card, card_with_speed(card.read_text(), result))
+
+
+SPEED_HEADING = "## Measured serving speed"
+
+
+def card_with_speed(card: str, result: dict) -> str:
+    """The draft's model card with its "Measured serving speed" section (serve-check --speed):
+    every point measured, the best γ with one request in flight, and the concurrencies where the
+    draft makes serving slower than the target alone. A section from an earlier check is replaced."""
+    kept = card.split(SPEED_HEADING)[0].rstrip("\n")
+    points = result["speed"]
+    best = result.get("best_gamma")
+    rows = "\n".join(
+        f"| {p['gamma']} | {p['concurrency']} | {_f(p['target_only_tokens_per_second'], '.1f')} | "
+        f"{_f(p['tokens_per_second'], '.1f')} | {_f(p['speedup'], '.2f')}× | "
+        f"{_f(p['acceptance_length'], '.2f')} |"
+        for p in points
+    )
+    at_best = [p for p in points if p["gamma"] == best and p["speedup"] is not None]
+    slower = sorted(p["concurrency"] for p in at_best if p["speedup"] < 1.0)
+    lowest = min(at_best, key=lambda p: p["concurrency"]) if at_best else None
+    if lowest is None:
+        verdict = "No speedup could be measured."
+    else:
+        verdict = (
+            f"Best γ with {lowest['concurrency']} request(s) in flight: {best} "
+            f"({_f(lowest['speedup'], '.2f')}×). "
+        )
+        if slower:
+            verdict += (
+                f"At γ = {best} it is slower than the target alone with {slower[0]} or more "
+                "requests in flight (of those measured): it pays for latency at low load; turn "
+                "speculation off above that."
+            )
+        else:
+            verdict += f"At γ = {best} no measured concurrency was slower than the target alone."
+    return f"""{kept}
+
+{SPEED_HEADING}
+Measured by `specdraft serve-check --speed` in {result["engine"]} {result["engine_version"]} at
+T = 0 over {result["prompts"]} of the job's prompts, up to {result["max_new_tokens"]} new tokens,
+medians of {points[0]["repeats"]} repeats, on the machine serve-check ran on (tokens/s are that
+machine's; the ratios are what carries over, and only roughly).
+
+| γ | requests in flight | target alone, tokens/s | with this draft | speedup | acceptance length |
+|---|---|---|---|---|---|
+{rows}
+
+{verdict}
+"""
 
 
 def format_result(result: dict) -> str:

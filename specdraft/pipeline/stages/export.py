@@ -49,10 +49,11 @@ def model_card(
     own_vocabulary: dict | None = None,
 ) -> str:
     final = metrics.get("final", {})
-    rows = "\n".join(
-        f"| {task} | {m.get('alpha', float('nan')):.3f} | {m.get('alpha_greedy', float('nan')):.3f} | "
-        f"{m.get('tau', float('nan')):.2f} |"
-        for task, m in sorted(final.get("tasks", {}).items())
+    rows = "\n".join(card_row(task, m) for task, m in sorted(final.get("tasks", {}).items()))
+    rule = final.get("served") or {}
+    drafting, temperature = (
+        rule.get("drafting", metrics.get("drafting")),
+        rule.get("temperature", metrics.get("temperature")),
     )
     return f"""---
 library_name: transformers
@@ -67,15 +68,43 @@ specdraft_job_hash: {job_hash}
 Distilled by specdraft ({method}) on `{data}` to agree with the target in speculative decoding.
 {"It shares the target's tokenizer and vocabulary size." if own_vocabulary is None else vocabulary_note(own_vocabulary)}
 
-| task | alpha | alpha_greedy | tau (gamma={gamma}) |
-|---|---|---|---|
+| task | served | acceptance length (γ = {gamma}) | alpha | tau |
+|---|---|---|---|---|
 {rows}
-| **all** | {final.get("alpha", float("nan")):.3f} | {final.get("alpha_greedy", float("nan")):.3f} | {final.get("tau", float("nan")):.2f} |
+{card_row("**all**", final)}
 
-alpha = mean Σ min(p, q) over target-generated continuations; tau = tokens per target call, bonus
-included, from real speculative decoding at temperature {metrics.get("temperature")}.
+served = the acceptance of a drafted token under the rule it is served with ({drafting} drafting,
+T = {temperature}), over target-written continuations of the job's held-out prompts; acceptance
+length = 1 + accepted / drafts as vLLM reports it; alpha = Σ min(p, q), the acceptance had the
+draft sampled; tau = tokens per target call, bonus included, from real speculative decoding.
 
 {serve_mapped(target, gamma, own_vocabulary) if own_vocabulary is not None else SERVE_SAME.format(target=target, gamma=gamma)}"""
+
+
+def card_row(name: str, m: dict) -> str:
+    served = m.get("served") or {}
+    cells = [
+        served.get("acceptance"),
+        served.get("acceptance_length"),
+        m.get("alpha"),
+        m.get("tau"),
+    ]
+    text = [
+        "n/a" if x is None else format(x, ".2f" if i % 2 else ".3f") for i, x in enumerate(cells)
+    ]
+    return f"| {name} | " + " | ".join(text) + " |"
+
+
+def method_of(distil_cfg: dict) -> str:
+    """The card's one-line account of how the draft was distilled (the distil stage's config)."""
+    if distil_cfg.get("selection", "all") == "all":
+        tokens = "KD on every response token"
+    else:
+        tokens = f"AdaSPEC-style selective KD ({distil_cfg['selection']} k = {distil_cfg['k']})"
+    temperature = distil_cfg.get("temperature", 1.0)
+    at = f" at temperature {temperature}" if temperature != 1.0 else ""
+    training = "LoRA merged" if distil_cfg["lora"]["enabled"] else "full fine-tuning"
+    return f"{tokens}, {distil_cfg['divergence']}{at}, {training}"
 
 
 def vocabulary_note(own: dict) -> str:
@@ -180,9 +209,7 @@ def export_draft(
     metrics = json.loads((inputs["evaluate"] / "metrics.json").read_text())
     gamma = metrics.get("gamma", 4)
     distil_cfg = read_manifest(inputs["distil"])["config"]
-    method = f"AdaSPEC-style selective KD, k={distil_cfg['k']}, {distil_cfg['divergence']}" + (
-        ", LoRA merged" if distil_cfg["lora"]["enabled"] else ", full fine-tuning"
-    )
+    method = method_of(distil_cfg)
     base = model_location(inputs["draft_init"]) if "draft_init" in inputs else "draft init"
     (draft_dir / "README.md").write_text(
         model_card(
@@ -259,4 +286,4 @@ def readable_like_other_files(folder: Path) -> None:
 
 def data_name(data_artifact: Path) -> str:
     source = read_manifest(data_artifact)["info"].get("source", "builtin")
-    return "specdraft builtin toy world" if source == "builtin" else source
+    return "specdraft's builtin prompts (the toy world's tasks)" if source == "builtin" else source
