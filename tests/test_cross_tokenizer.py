@@ -185,7 +185,6 @@ def test_check_pair_reports_the_intersection_and_its_coverage_of_a_text(tmp_path
         (["draft=/m/d", "draft.keep_vocab=16"], "set one of them"),
         (["draft=/m/d", "distil.divergence=ce"], "distil.divergence=ce with draft.vocabulary"),
         (["draft=/m/d", "generate.draft_fraction=0.5"], "samples in its own tokens"),
-        (["draft=/m/d", "target_outputs.format=topk"], "not mapped into its vocabulary"),
     ],
 )
 def test_what_a_cross_tokenizer_draft_cannot_do_is_refused_by_the_config(overrides, message):
@@ -241,7 +240,10 @@ def test_a_run_stops_with_one_message_and_writes_nothing(tmp_path, capsys, overr
 # --------------------------------------------------------------------------- training, decoding
 
 
-def test_distilling_a_cross_tokenizer_draft_reads_mapped_context_and_the_intersection(tmp_path):
+@pytest.mark.parametrize("topk", [False, True], ids=["live-target", "stored-topk"])
+def test_distilling_a_cross_tokenizer_draft_reads_mapped_context_and_the_intersection(
+    tmp_path, topk
+):
     """KD of a draft with another tokenizer and more rows than the target: the first step's loss
     is KL(p‖q) over the intersection, p the target's distribution restricted to it and
     renormalised, q the draft's on the target's context mapped as vLLM maps it; training lowers
@@ -255,7 +257,9 @@ def test_distilling_a_cross_tokenizer_draft_reads_mapped_context_and_the_interse
     mask = [i >= 3 for i in range(7)]
     rows = [{"input_ids": tok(t).input_ids, "response_mask": mask} for t in texts]
     assert all(len(r["input_ids"]) == 7 for r in rows)
-    check_distillation_through_the_map(target, draft, m, tok, rows, tmp_path / "train", steps=6)
+    check_distillation_through_the_map(
+        target, draft, m, tok, rows, tmp_path / "train", steps=6, topk=topk
+    )
 
 
 def test_a_marked_draft_decodes_losslessly_in_the_served_view(tmp_path):

@@ -30,6 +30,7 @@ from specdraft.pipeline.stages.target_outputs import target_topk_rows  # noqa: E
 from specdraft.pipeline.stored_target_outputs import (  # noqa: E402
     StoredTopkOutputs,
     load_target_outputs,
+    mapped_topk,
     topk_bytes_per_token,
     topk_log_probs,
     write_topk_outputs,
@@ -102,6 +103,56 @@ def test_lk_at_k_equal_v_with_a_batch_alpha(lk_alpha):
     want = grads(lambda a, b: kd_loss_reference(a, b, th, tw, **opts), sh, sw)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES, ids=[d for d, _ in DIVERGENCES])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_a_topk_mapped_into_a_drafts_rows_at_k_equal_v_is_the_restricted_full_loss(
+    divergence, beta, temperature
+):
+    """k = V mapped into a draft that holds a third of the target's ids (a trimmed or foreign
+    vocabulary, rows in its own order): values and gradients equal the full loss against the
+    target restricted to those ids and renormalised, what the hidden-state path compares."""
+    sh, sw, th, tw, mask = make_inputs()
+    vocab = ODD[1]
+    into = torch.randperm(vocab, generator=torch.Generator().manual_seed(5))[: vocab // 3]
+    target = mapped_topk(exact_topk(th, tw, vocab, temperature), into, vocab)
+    assert (target.ids < 0).any() and target.ids.shape[1] > len(into)
+    opts = dict(divergence=divergence, beta=beta, temperature=temperature, reduction="sum")
+    draft_w = sw[into]  # (I, Hs)
+    got = grads(
+        lambda a, b: fused_topk_kd_loss(a, b, target, mask=mask, chunk_size=8, **opts), sh, draft_w
+    )
+    want = grads(lambda a, b: kd_loss_reference(a, b, th, tw[into], mask=mask, **opts), sh, draft_w)
+    assert want[1].abs().max() > 0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    beta_got = topk_overlap(sh, draft_w, target, temperature)
+    beta_want = token_acceptance(sh, draft_w, th, tw[into], temperature)
+    torch.testing.assert_close(beta_got, beta_want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_mapped_topk_on_hand_made_distributions():
+    """Target p = (.5, .3, .15, .05) over ids 0..3, stored top-2 {0, 1} and tail .2; a draft that
+    holds ids 1, 2, 3 only (rows 0, 1, 2), q = (.5, .3, .2). Id 0 is dropped: buckets p (.3 | .2)
+    renormalised to (.6 | .4), q (.5 | .5): fkl .6 log(.6/.5) + .4 log(.4/.5). A row whose stored
+    ids the draft lacks entirely has nothing to compare: loss 0, gradient 0."""
+    stored = TopkTargets(
+        torch.tensor([[0, 1], [0, 0]]),
+        torch.tensor([[0.5, 0.3], [0.5, 0.5]]).log(),
+        torch.tensor([0.2, 1e-9]).log(),
+    )
+    target = mapped_topk(stored, torch.tensor([1, 2, 3]), 4)
+    assert target.ids.tolist() == [[-1, 0], [-1, -1]]
+    sh, sw = _one_hot_draft(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    loss, grad_h, _ = grads(lambda a, b: fused_topk_kd_loss(a, b, target, reduction="none"), sh, sw)
+    want = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)
+    assert loss.tolist() == pytest.approx([want, 0.0], abs=1e-6)
+    # fkl's gradient q − p̃: row 0 (.5 − .6, then the tail's .4 spread as q's tail is, .6/.4)
+    expected = torch.tensor([[0.5 - 0.6, 0.3 - 0.24, 0.2 - 0.16], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(grad_h, expected, atol=1e-6, rtol=0)
+    overlap = topk_overlap(sh, sw, target)
+    assert overlap.tolist() == pytest.approx([0.5, 0.0], abs=1e-6)  # min(.6, .5) on id 1
 
 
 def rel_err(got, truth) -> float:
@@ -384,6 +435,7 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
         "draft.from_target_layers=1",
         "distil.divergence=fkl",
         "distil.selection=top",
+        "draft.keep_vocab=200",
     ):
         other = _keys(tmp_path, "target_outputs.format=topk", change)
         assert other["target_outputs"] == topk["target_outputs"]
@@ -396,9 +448,8 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
         (["distil.stored_target_outputs=false"], "runs the target live instead"),
         (["distil.fused_loss=false"], "a top-k store does not have"),
         (["distil.temperature=2"], "reference distils from the same store at temperature 1"),
-        (["draft.keep_vocab=200"], "not mapped into its vocabulary"),
     ],
-    ids=["live", "unfused", "temperature", "trimmed-draft"],
+    ids=["live", "unfused", "temperature"],
 )
 def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -408,13 +459,23 @@ def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
 @pytest.mark.integration  # tiny jobs' stages, twice, in this process
 def test_two_draft_shapes_read_one_store_and_a_damaged_shard_is_made_again(tmp_path, capsys):
     """A draft-free generation: the second draft shape reuses data, target, generate and the
-    top-k store and runs its own draft, reference and distil; a truncated shard is then caught on
-    reuse, set aside and made again."""
+    top-k store and runs its own draft, reference and distil; so does a draft with a trimmed
+    vocabulary (the stored ids mapped into its rows); a truncated shard is then caught on reuse,
+    set aside and made again."""
     from conftest import TINY
 
     from specdraft.pipeline.engine.dag import execute
 
-    wanted = ("data", "target", "draft_init", "generate", "target_outputs", "reference", "distil")
+    wanted = (
+        "data",
+        "target",
+        "draft_init",
+        "generate",
+        "target_outputs",
+        "vocab_trim",
+        "reference",
+        "distil",
+    )
     settings = [
         *TINY,
         "distil.rounds=1",
@@ -423,24 +484,30 @@ def test_two_draft_shapes_read_one_store_and_a_damaged_shard_is_made_again(tmp_p
         "target_outputs.k=16",
     ]
     runs = []
-    for width in (16, 24):
-        job = load_job(shipped_job("demo.yaml"), [*settings, f"draft.arch.hidden_size={width}"])
+    for change in (
+        "draft.arch.hidden_size=16",
+        "draft.arch.hidden_size=24",
+        "draft.keep_vocab=200",
+    ):
+        job = load_job(shipped_job("demo.yaml"), [*settings, change])
         log: list[str] = []
         stages = [s for s in build_stages(job) if s.name in wanted]
         runs.append((execute(stages, tmp_path, use_ray=False, say=log.append), log, stages))
-    (first, first_log, _), (second, second_log, stages) = runs
+    (first, first_log, stages), (second, second_log, _), (trimmed, trimmed_log, _) = runs
 
     def made(log):
         return {line.split()[0] for line in log if " started" in line}
 
-    assert made(first_log) == set(wanted)
+    assert made(first_log) == set(wanted) - {"vocab_trim"}
     assert made(second_log) == {"draft_init", "reference", "distil"}
+    assert made(trimmed_log) == {"vocab_trim", "reference", "distil"}
     store = first["target_outputs"].path
-    assert second["target_outputs"].path == store
+    assert second["target_outputs"].path == store == trimmed["target_outputs"].path
     info = first["target_outputs"].manifest["info"]
     assert info["format"] == "topk" and info["bytes_per_token"] == topk_bytes_per_token(16)
-    for run in (first, second):
+    for run in (first, second, trimmed):
         assert run["distil"].manifest["inputs"]["target_outputs"] == str(store)
+    assert trimmed["distil"].manifest["info"]["intersection"] == 199  # and an added unk
     shard = next(store.glob("topk-*.safetensors"))
     with shard.open("r+b") as f:
         f.truncate(shard.stat().st_size - 7)

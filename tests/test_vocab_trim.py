@@ -300,11 +300,13 @@ def test_a_bad_keep_vocab_exits_2_before_any_stage_runs(tmp_path):
 # --------------------------------------------------------------------------- training
 
 
-def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_target(tmp_path):
+@pytest.mark.parametrize("topk", [False, True], ids=["live-target", "stored-topk"])
+def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_target(tmp_path, topk):
     """KD of a trimmed draft: the first step's loss is KL(p‖q) over the kept ids, p the target's
     distribution restricted to them and renormalised, q the draft's on the target's context mapped
     as the server maps it (an id outside the set as its unk); training lowers it and moves the
-    draft's weights."""
+    draft's weights. The target run live, or read from its stored top-k mapped into the draft's
+    rows (k = V: the same loss)."""
     tok, _, kept, _ = trimmed_gemma(tmp_path, keep=10)
     target = load_causal_lm(tmp_path / "target")
     draft = load_causal_lm(tmp_path / "trimmed").train()
@@ -316,7 +318,28 @@ def test_distilling_a_trimmed_draft_reads_mapped_context_and_the_restricted_targ
     rows = sequences_of(tok, ["the cat sat on a mat", "the dog ran to the park"])
     assert any(i not in kept for row in rows for i in row["input_ids"])  # some context maps to unk
     assert {len(r["input_ids"]) for r in rows} == {6}
-    check_distillation_through_the_map(target, draft, m, tok, rows, tmp_path / "train", steps=8)
+    check_distillation_through_the_map(
+        target, draft, m, tok, rows, tmp_path / "train", steps=8, topk=topk
+    )
+
+
+def test_held_out_alpha_of_a_trimmed_draft_from_the_mapped_topk_equals_the_live_one(tmp_path):
+    from served_kd import full_topk_store
+
+    from specdraft.pipeline.stages.distil import BestAlphaCheckpoint
+
+    tok, _, _, _ = trimmed_gemma(tmp_path, keep=10)
+    target = load_causal_lm(tmp_path / "target")
+    draft = load_causal_lm(tmp_path / "trimmed")
+    m = served_map_for(tok, len(tok), tmp_path / "trimmed")
+    rows = sequences_of(tok, ["the cat sat on a mat", "the dog ran to the park"])
+    rows = [{**r, "row": i} for i, r in enumerate(rows)]
+    stored = full_topk_store(target, rows, len(tok))
+    common = dict(vocab=len(tok), vocab_map=m)
+    live = BestAlphaCheckpoint(target, rows, 0, 1, 1.0, **common).alpha(draft)
+    from_store = BestAlphaCheckpoint(None, rows, 0, 1, 1.0, target_outputs=stored, **common)
+    assert 0 < live < 1
+    assert from_store.alpha(draft) == pytest.approx(live, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- the job's wiring

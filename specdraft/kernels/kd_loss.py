@@ -175,10 +175,20 @@ def _topk_divergence_rows(
     """
     ids = ids.long()
     vocab, k = s.shape[1], ids.shape[1]
+    outside = ids < 0  # (C, k): stored ids the draft's vocabulary lacks (TopkTargets)
+    mapped = bool(outside.any())
+    if mapped:
+        ids, first, empty = _outside_filled(ids, outside)
     s_hat = s.gather(1, ids)  # (C, k)
     t_hat = logprobs.float()
-    if k < vocab:  # the tail bucket
+    if mapped:  # an id outside is no outcome: both sides -inf (floored below), 0 in every sum
+        s_hat.masked_fill_(outside, -math.inf)
+        t_hat = t_hat.masked_fill(outside, -math.inf)
+    if k < vocab or mapped:  # the tail bucket
+        kept_first = s[empty, 0].clone() if mapped else None  # a row with no id inside: no S
         s.scatter_(1, ids, -math.inf)  # s: the tail's log q_j, -inf on S
+        if mapped:
+            s[empty, 0] = kept_first
         s_rest = torch.logsumexp(s, dim=1, keepdim=True).clamp_(min=_LOG_FLOOR)  # (C, 1) log q_r
         s_hat = torch.cat([s_hat, s_rest], dim=1)  # (C, k + 1)
         t_hat = torch.cat([t_hat, log_rest.float().unsqueeze(1)], dim=1)
@@ -191,11 +201,27 @@ def _topk_divergence_rows(
     loss, g_hat = _divergence_rows(s_hat, t_hat, divergence, beta, need_grad, lk)
     if not need_grad:
         return loss, None
-    if k < vocab:  # the tail: ĝ_r · q_j / q_r = ĝ_r · exp(s_j − log q_r); 0 on S (s_j = -inf)
+    if k < vocab or mapped:  # the tail: ĝ_r · q_j / q_r = ĝ_r · exp(s_j − log q_r); 0 on S
         grad = s.sub_(s_rest).exp_().mul_(g_hat[:, k:])
     else:
         grad = s.zero_()
-    return loss, grad.scatter_(1, ids, g_hat[:, :k])
+    g_stored = g_hat[:, :k]
+    if mapped:  # a filled slot writes what its id's own slot writes (or, with none, the tail's)
+        fill = torch.where(empty.unsqueeze(1), grad[:, :1], g_stored.gather(1, first))  # (C, 1)
+        g_stored = torch.where(outside, fill, g_stored)
+    return loss, grad.scatter_(1, ids, g_stored)
+
+
+def _outside_filled(
+    ids: torch.Tensor, outside: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored ids with each one outside the draft's vocabulary (-1) replaced by the row's first
+    id inside it, so gathers and scatters stay in range and a scatter writes one value per id;
+    (ids (C, k), the first inside slot (C, 1), rows with no id inside (C,), whose ids become 0)."""
+    first = (~outside).int().argmax(dim=1, keepdim=True)  # (C, 1); 0 where none is inside
+    empty = outside.all(dim=1)  # (C,)
+    filled = torch.where(outside, ids.gather(1, first), ids).masked_fill_(empty.unsqueeze(1), 0)
+    return filled, first, empty
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -589,24 +615,20 @@ def fused_topk_kd_loss(
             "student_hidden and student_weight must be (N, H) and (V, H), got "
             f"{tuple(student_hidden.shape)} and {tuple(student_weight.shape)}"
         )
-    if (
-        ids.shape != (n, k)
-        or logprobs.shape != (n, k)
-        or log_rest.shape != (n,)
-        or not 0 < k <= vocab
-    ):
+    if ids.shape != (n, k) or logprobs.shape != (n, k) or log_rest.shape != (n,) or not 0 < k:
         raise ValueError(
-            f"target must hold ids and logprobs (N, k) = ({n}, k) with 0 < k <= V = {vocab} and "
-            f"log_rest (N,); got {tuple(ids.shape)}, {tuple(logprobs.shape)}, "
-            f"{tuple(log_rest.shape)}"
+            f"target must hold ids and logprobs (N, k) = ({n}, k) with k > 0 and log_rest (N,); "
+            f"got {tuple(ids.shape)}, {tuple(logprobs.shape)}, {tuple(log_rest.shape)}"
         )
     if ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"target ids must be integers, got {ids.dtype}")
-    if n and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if n and (int(ids.min()) < -1 or int(ids.max()) >= vocab):
         raise ValueError(
-            f"target ids must lie in [0, {vocab}) (the draft head's rows); got "
-            f"[{int(ids.min())}, {int(ids.max())}]"
+            f"target ids must lie in [0, {vocab}) (the draft head's rows), or be -1 (not in the "
+            f"draft's vocabulary); got [{int(ids.min())}, {int(ids.max())}]"
         )
+    if k > vocab and not bool((ids < 0).any()):
+        raise ValueError(f"k = {k} stored ids cannot all be rows of a {vocab}-row head")
     _check_inputs(student_hidden, student_weight, student_hidden, student_weight, mask, reduction,
                   weights)  # fmt: skip
     teacher = TopkTargets(ids.detach(), logprobs.detach(), log_rest.detach())
@@ -635,13 +657,16 @@ def topk_overlap(
     for start in range(0, student_hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
         s = _log_probs(student_hidden[rows], student_weight, temperature)  # (C, V)
-        t = logprobs[rows].float()
-        if ids.shape[1] < vocab:
+        chunk_ids = ids[rows].long()
+        outside = chunk_ids < 0  # not in the draft's vocabulary: no overlap there
+        t = logprobs[rows].float().masked_fill(outside, -math.inf)
+        if ids.shape[1] < vocab or bool(outside.any()):
             t_all = torch.cat([t, log_rest[rows].float().unsqueeze(1)], dim=1)
         else:
             t_all = t
         t = t - torch.logsumexp(t_all.clamp(min=_LOG_FLOOR), dim=1, keepdim=True)
-        out.append(torch.minimum(s.gather(1, ids[rows].long()), t).exp_().sum(dim=1))
+        overlap = torch.minimum(s.gather(1, chunk_ids.clamp(min=0)), t).exp_()
+        out.append(overlap.masked_fill_(outside, 0.0).sum(dim=1))
     if not out:
         return student_hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)

@@ -874,12 +874,6 @@ def _intersection_checks(cfg: JobConfig, problems: list[str]) -> None:
                 f"{section}.divergence=ce with {opted}: cross-entropy on the data's tokens needs "
                 "a draft row for every target token; use a KD divergence (fkl, lk, ...)"
             )
-    if cfg.target_outputs.format == "topk":
-        problems.append(
-            f"target_outputs.format=topk with {opted}: the draft is distilled over the "
-            "intersection from the target's hidden states and head, and the stored top-k is not "
-            "mapped into its vocabulary; set target_outputs.format=hidden"
-        )
 
 
 def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
@@ -898,12 +892,6 @@ def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
             "target_outputs.format=topk with distil.fused_loss=false: the plain loss builds the "
             "target's full logits, which a top-k store does not have; set distil.fused_loss=true "
             "or target_outputs.format=hidden"
-        )
-    if cfg.draft.keep_vocab:
-        problems.append(
-            f"target_outputs.format=topk with draft.keep_vocab={cfg.draft.keep_vocab}: a trimmed "
-            "draft is distilled over its kept ids from the target's hidden states and head, and "
-            "the stored top-k is not mapped into its vocabulary; set target_outputs.format=hidden"
         )
     if distil.temperature != 1.0:
         problems.append(

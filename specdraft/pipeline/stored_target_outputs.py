@@ -270,16 +270,43 @@ class StoredTopkOutputs(_StoredRows):
         row count, the vocabulary the top-k was taken over (what the vocabulary checks read)."""
         return torch.empty(self.vocab, 0)
 
-    def targets(self, rows: torch.Tensor, counted: torch.Tensor, vocab: int | None):
-        """The target of a batch as the KD loss takes it: (TopkTargets of (N, k), None)."""
+    def targets(
+        self,
+        rows: torch.Tensor,
+        counted: torch.Tensor,
+        vocab: int | None,
+        into: torch.Tensor | None = None,
+    ):
+        """The target of a batch as the KD loss takes it: (TopkTargets of (N, k), None).
+
+        `into` ((I,) target ids, in the order of a draft head's rows: a trimmed draft's kept ids,
+        the intersection of another tokenizer's) maps each stored id to its row there, or to -1
+        where the draft's vocabulary lacks it: the loss drops the target's mass on those ids and
+        compares the rest renormalised, as the hidden-state path compares the target restricted
+        to the draft's rows (mapped_topk)."""
         if vocab is not None and vocab != self.vocab:
             raise RuntimeError(
                 f"the stored top-k is over {self.vocab} token ids, the tokenizer has {vocab}: "
                 "they were made with another tokenizer"
             )
         picked = self._select(rows, counted, self.target)
+        if into is not None:
+            picked = mapped_topk(TopkTargets(*picked), into, self.vocab)
         moved = (t.to(self.device, non_blocking=True) for t in picked)
         return TopkTargets(*moved), None
+
+
+def mapped_topk(target: TopkTargets, into: torch.Tensor, vocab: int) -> TopkTargets:
+    """`target`'s stored ids (over `vocab` target ids) as rows of a head whose row i is target id
+    into[i]; an id the head lacks becomes -1 (kernels.kd_loss: no outcome of its own). The tail
+    (the mass outside the stored ids) is kept whole: the loss counts it as the draft's mass on
+    its rows outside the stored ids, an upper bound, since part of it may lie on ids the draft
+    lacks (exact when k covers the vocabulary)."""
+    index = torch.full((vocab,), -1, dtype=torch.long)  # (V_t,): target id -> draft row
+    into = into.to("cpu", torch.long)
+    index[into] = torch.arange(len(into))
+    ids = index[target.ids.to("cpu", torch.long)].to(target.ids.dtype)  # (N, k)
+    return TopkTargets(ids, target.logprobs, target.log_rest)
 
 
 def load_target_outputs(

@@ -176,7 +176,8 @@ class KDTrainer(Trainer):
     worker as with many.
     With `target_outputs` the teacher is not run: its hidden states for each batch are read from
     the stored ones (batches carry `rows`) and its head from them too, or its stored top-k
-    (every loss, ΔL and β then over the stored ids and one bucket); `teacher` may be None.
+    (every loss, ΔL and β then over the stored ids and one bucket; for a draft with a
+    vocabulary map, the ids it holds, see StoredTopkOutputs.targets); `teacher` may be None.
     `vocab` (the tokenizer's length; train_kd passes it) keeps every head's first `vocab` rows,
     so heads padded to different sizes past the tokenizer are compared over its ids only.
     With a `vocab_map` (a draft whose vocabulary differs: trimmed, or another tokenizer) the draft
@@ -202,11 +203,6 @@ class KDTrainer(Trainer):
         self._rows = None if vocab_map is None else vocab_map.intersection_rows()  # (I,), (I,)
         if teacher is None and target_outputs is None:
             raise ValueError("KD needs the teacher or its stored outputs")
-        if vocab_map is not None and isinstance(target_outputs, StoredTopkOutputs):
-            raise ValueError(
-                "a vocabulary-mapped draft reads the target's hidden states and head; its stored "
-                "top-k is not mapped yet: use target_outputs.format=hidden"
-            )
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.target_outputs = target_outputs
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
@@ -248,9 +244,10 @@ class KDTrainer(Trainer):
     def _target_hidden(self, inputs):
         """The teacher of a batch: its (N, H) response hidden states and (V, H) head, stored or
         run now; or its stored top-k, (TopkTargets, None) (objectives.target_kd_loss)."""
-        if isinstance(self.target_outputs, StoredTopkOutputs):
+        if isinstance(self.target_outputs, StoredTopkOutputs):  # mapped into the draft's rows
+            into = None if self._rows is None else self._rows[1]
             return self.target_outputs.targets(
-                inputs["rows"], response_positions(inputs), self.vocab
+                inputs["rows"], response_positions(inputs), self.vocab, into
             )
         if self.target_outputs is None:
             return self._response_hidden(self.teacher, inputs, grad=False, draft=False)

@@ -139,8 +139,11 @@ class BestAlphaCheckpoint(TrainerCallback):
             batch = self.collate(self.held_out[start : start + 16])
             batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
             counted = response_positions(batch)
-            if isinstance(self.target_outputs, StoredTopkOutputs):
-                t_hidden, t_head = self.target_outputs.targets(batch["rows"], counted, self.vocab)
+            if isinstance(self.target_outputs, StoredTopkOutputs):  # mapped into its rows
+                into = None if self.rows is None else self.rows[1]
+                t_hidden, t_head = self.target_outputs.targets(
+                    batch["rows"], counted, self.vocab, into
+                )
             elif self.target_outputs is None:
                 t_hidden, t_head = hidden_and_head(
                     self.teacher, batch["input_ids"], batch["attention_mask"], vocab=self.vocab
@@ -152,7 +155,8 @@ class BestAlphaCheckpoint(TrainerCallback):
             draft_ids, draft_vocab = batch["input_ids"], self.vocab
             if self.vocab_map is not None:
                 draft_ids, draft_vocab = self.vocab_map.to_draft(draft_ids), None  # its own rows
-                t_head = t_head[self.rows[1].to(t_head.device)]  # (I, H)
+                if t_head is not None:
+                    t_head = t_head[self.rows[1].to(t_head.device)]  # (I, H)
             s_hidden, s_head = hidden_and_head(
                 model, draft_ids, batch["attention_mask"], vocab=draft_vocab
             )
