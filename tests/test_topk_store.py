@@ -516,3 +516,55 @@ def test_two_draft_shapes_read_one_store_and_a_damaged_shard_is_made_again(tmp_p
     assert f"{shard.name} has" in capsys.readouterr().err
     assert made(log) >= {"target_outputs"}
     assert StoredTopkOutputs.load(again["target_outputs"].path).k == 16
+
+
+@pytest.mark.parametrize("kind", ["hidden", "topk"])
+def test_the_stage_resumes_from_its_finished_parts_and_runs_a_damaged_one_again(
+    tmp_path, monkeypatch, kind
+):
+    """rows_in_parts, as the target_outputs stage runs it (parts of 4 of 11 sequences): killed in
+    its second part, a second attempt reads the first part back and runs only the other two; a
+    truncated part is run again; the rows equal a run without checkpoints."""
+    from specdraft.pipeline.stages import target_outputs as stage
+
+    monkeypatch.setattr(stage, "PART_SEQUENCES", 4)
+    teacher, data = tiny_llama(1, hidden=32, layers=2), sequences(11)
+
+    class Cfg:
+        batch_size, precision, k, temperature = 5, "fp32", 8, 1.0
+
+    def rows_of(part):
+        if kind == "topk":
+            return stage.target_topk_rows(teacher, part, Tok.pad_token_id, Cfg, vocab=40)
+        return stage.target_hidden_rows(teacher, part, Tok.pad_token_id, 5, "fp32")[0]
+
+    calls: list[int] = []
+
+    def compute(part, fail_at=None):
+        calls.append(len(part))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt("killed")
+        return rows_of(part)
+
+    whole = stage.rows_in_parts(data, rows_of, None)
+    folder = tmp_path / ".ckpt-target_outputs"
+    with pytest.raises(KeyboardInterrupt):
+        stage.rows_in_parts(data, lambda part: compute(part, fail_at=2), folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0000000-0000004.safetensors"]
+    calls.clear()
+    resumed = stage.rows_in_parts(data, compute, folder)
+    assert calls == [4, 3]  # the first part read back, not run
+
+    def flat(rows):
+        return [t for row in rows for t in (row if isinstance(row, tuple) else (row,))]
+
+    assert len(resumed) == len(whole) == 11
+    for got, want in zip(flat(resumed), flat(whole), strict=True):
+        torch.testing.assert_close(got, want)
+    part = folder / "part-0000004-0000008.safetensors"
+    part.write_bytes(part.read_bytes()[:-9])
+    calls.clear()
+    again = stage.rows_in_parts(data, compute, folder)
+    assert calls == [4]
+    for got, want in zip(flat(again), flat(whole), strict=True):
+        torch.testing.assert_close(got, want)

@@ -12,6 +12,11 @@ every recipe and draft of a comparison read them instead of running the target a
 Only the positions the KD loss uses are kept: those whose next token is a response token, in the
 order the trainer takes them.
 
+The sequences are run in parts of PART_SEQUENCES; each finished part is saved in the stage's
+checkpoint directory (kept across a failed attempt, removed once the artifact is published), so a
+stage killed mid-way resumes from its last finished part instead of running the target again over
+everything (a damaged part is run again).
+
 Reads: `target` (its model), `generate` (the sequences)
 Writes: sharded safetensors (hidden states and the LM head, or top-k ids and log-probabilities);
 info `format`, `rows`, `tokens`, `bytes_per_token` (and for topk `k`, `vocab`, `temperature`,
@@ -52,16 +57,25 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
     # the stored path multiplies these hidden states by the head weight and nothing else
     refuse_logit_transforms(target, "target")
     sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
+    pad_id = tokenizer.pad_token_id
     if cfg.format == "topk":
         vocab = len(tokenizer)  # the ids KD compares over (head rows past them are padding)
-        rows = target_topk_rows(target, sequences, tokenizer.pad_token_id, cfg, vocab=vocab)
+        rows = rows_in_parts(
+            sequences,
+            lambda part: target_topk_rows(target, part, pad_id, cfg, vocab=vocab),
+            ctx.checkpoints,
+        )
+        rows = [TopkTargets(*row) for row in rows]
         k = min(cfg.k, vocab)
         if k < cfg.k:
             print(f"target_outputs: k={cfg.k} is above the vocabulary's {vocab} ids: storing all")
         return write_topk_outputs(ctx.out, rows, k=k, vocab=vocab, temperature=cfg.temperature)
-    rows, head = target_hidden_rows(
-        target, sequences, tokenizer.pad_token_id, cfg.batch_size, cfg.precision
+    rows = rows_in_parts(
+        sequences,
+        lambda part: target_hidden_rows(target, part, pad_id, cfg.batch_size, cfg.precision)[0],
+        ctx.checkpoints,
     )
+    head = target.get_output_embeddings().weight.detach()
     info = write_target_outputs(ctx.out, rows, head)
     return {
         **info,
@@ -70,6 +84,68 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
         "dtype": cfg.precision,
         "head_dtype": str(head.dtype).removeprefix("torch."),
     }
+
+
+PART_SEQUENCES = 512  # sequences per resumable part
+
+
+def rows_in_parts(sequences, compute, folder: Path | None) -> list:
+    """`compute(sequences)` (a row per sequence: a tensor or a tuple of tensors) over parts of
+    PART_SEQUENCES sequences, in order. With `folder` (the stage's checkpoint directory) each
+    finished part is saved there and read back, not computed, on a later attempt."""
+    rows: list = []
+    bounds = [
+        (a, min(a + PART_SEQUENCES, len(sequences)))
+        for a in range(0, len(sequences), PART_SEQUENCES)
+    ]
+    for a, b in tqdm(bounds, desc="target outputs: parts", disable=len(bounds) < 2):
+        path = None if folder is None else Path(folder) / f"part-{a:07d}-{b:07d}.safetensors"
+        part = _read_part(path, b - a)
+        if part is None:
+            part = compute(sequences.select(range(a, b)))
+            if path is not None:
+                _write_part(path, part)
+        rows += part
+    return rows
+
+
+def _write_part(path: Path, rows: list) -> None:
+    """Save one part's rows (each a tensor, or a tuple of tensors of one length) atomically."""
+    from safetensors.torch import save_file
+
+    fields = (
+        [list(column) for column in zip(*rows, strict=True)]
+        if isinstance(rows[0], tuple)
+        else [rows]
+    )
+    tensors = {"lengths": torch.tensor([len(field_row) for field_row in fields[0]])}
+    for i, column in enumerate(fields):
+        tensors[f"field{i}"] = torch.cat(column).contiguous()
+    metadata = {"tuple": str(isinstance(rows[0], tuple))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def _read_part(path: Path | None, n: int) -> list | None:
+    """A saved part's rows, or None when there is none or it cannot be read whole (run it again)."""
+    if path is None or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            lengths = f.get_tensor("lengths").tolist()
+            is_tuple = (f.metadata() or {}).get("tuple") == "True"
+            names = sorted((k for k in f.keys() if k != "lengths"), key=lambda k: int(k[5:]))
+            columns = [f.get_tensor(k).split(lengths) for k in names]
+    except Exception as e:  # noqa: BLE001 - a damaged part is made again
+        print(f"target_outputs: {path.name} cannot be read ({e}): running it again")
+        return None
+    if len(lengths) != n or not columns:
+        return None
+    return [tuple(row) for row in zip(*columns, strict=True)] if is_tuple else list(columns[0])
 
 
 def target_hidden_rows(
