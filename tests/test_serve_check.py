@@ -382,6 +382,33 @@ def test_vllm_agrees_with_specdraft_on_the_toy_draft(tiny_run):
     assert os.access(out / "serving.json", os.R_OK)
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not (VLLM_ENV / sc.READY).exists(),
+    reason=f"no vLLM environment at {VLLM_ENV} (`specdraft serve-check --setup`; CI makes it)",
+)
+def test_vllm_agrees_with_specdraft_on_a_trimmed_draft(tmp_path):
+    """The tiny job with draft.keep_vocab=200 run whole: vLLM serves its exported trimmed draft
+    through use_heterogeneous_vocab, and at T = 0 its accepted / drafted agrees with specdraft's
+    served view on the same prompts within 0.02, with the target's greedy text."""
+    from conftest import TINY
+
+    from specdraft.pipeline.config import load_job
+    from specdraft.pipeline.engine.job import run_job
+
+    settings = [*TINY, "generate.draft_fraction=0", "draft.keep_vocab=200"]
+    job = load_job(None, [*settings, f"store={tmp_path / 'store'}"])
+    out = tmp_path / "out"
+    run_job(job, out, use_ray=False)
+    result = sc.serve_check(out, gamma=3, temperature=0.0)
+    assert result["vocabulary"]["kind"] == "trimmed" and result["vocabulary"]["draft_tokens"] == 200
+    t0 = result["temperature_0"]
+    assert t0["lossless"]["engine_target_only_equals_specdraft"], result["explanations"]
+    assert t0["lossless"]["engine_speculative_equals_specdraft"], result["explanations"]
+    assert t0["engine"]["drafted"] > 0, result
+    assert abs(t0["accept_rate_difference"]) <= 0.02, result
+
+
 def _serving_result() -> dict:
     served, replays = _served_with_defect()
     result = sc.compare(_spec(), served, _target_only(), temperature=1.0, replays=replays)

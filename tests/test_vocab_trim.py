@@ -395,8 +395,8 @@ def test_a_trimmed_drafts_card_says_how_vllm_serves_it(hybrid):
 def test_the_toy_pipeline_trains_a_trimmed_draft_up_to_distil(tmp_path):
     """The tiny toy job with draft.keep_vocab: vocab_trim keeps K rows (an unk added: the toy
     tokenizer has none), and reference and both distil rounds train it and save it with its own
-    vocabulary. (evaluate, export and report are left out: the served-view evaluation of a
-    trimmed draft is not wired yet.)"""
+    vocabulary. (evaluate, export and report are left out here; the whole job with a trimmed
+    draft runs in tests/test_serve_check.py, served by vLLM.)"""
     from conftest import TINY
 
     from specdraft.pipeline.config import load_job

@@ -130,7 +130,9 @@ class SpeedPlan:
 
 def vocabulary(target: Path, draft: Path) -> dict:
     """How the draft's vocabulary meets the target's: `same` (one tokenizer vocabulary), `trimmed`
-    (a subset of the target's token strings) or `intersection` (another tokenizer), with the
+    (a VocabTrim draft, kept_ids.json beside it, or any subset of the target's token strings; an
+    unk added to a trimmed draft is its one string the target lacks) or `intersection` (another
+    tokenizer), with the
     draft's size and the number of token strings vLLM maps between them (its space markers
     normalised: a byte-level draft's "Ġthe" is a SentencePiece target's "▁the")."""
     from transformers import AutoTokenizer
@@ -145,7 +147,9 @@ def vocabulary(target: Path, draft: Path) -> dict:
             f"({type(err).__name__}: {str(err).strip()[:200]})"
         ) from None
     t, d = t_tok.get_vocab(), d_tok.get_vocab()
-    subset = d.keys() <= t.keys()
+    from specdraft.drafts.vocab_trim import is_trimmed
+
+    subset = d.keys() <= t.keys() or is_trimmed(draft)
     kind = "same" if t == d else "trimmed" if subset else "intersection"
     # every id of each tokenizer counted (a config's vocab_size cuts none a tokenizer holds here)
     served = served_vocabulary_map(t_tok, d_tok, max(t.values()) + 1, max(d.values()) + 1)
