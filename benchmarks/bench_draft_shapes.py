@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from specdraft.pipeline.engine.artifacts import atomic_write_text
 from specdraft.pipeline.engine.machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -164,9 +165,7 @@ def main() -> None:
         "shapes": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)  # atomic: a killed run leaves no half-written result
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # a killed run leaves no half
     print(f"wrote {out}")
 
 

@@ -691,21 +691,20 @@ def speculative_generate_batch(
     tokens = _left_padded_rows(input_ids, attention_mask)
     batch, device = len(tokens), input_ids.device
     if batch > 1 and _holes_may_cross_window(target, draft, tokens, gamma, max_new_tokens):
+        options = dict(temperature=temperature, eos_token_id=eos_token_id, generator=generator)
         rows_alone = [
-            speculative_generate_batch(
+            speculative_generate(
                 target,
                 draft,
                 torch.tensor([row], dtype=torch.long, device=device),
                 gamma=gamma,
                 max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                eos_token_id=eos_token_id,
-                generator=generator,
                 vocab=vocab,
+                **options,
             )
             for row in tokens
         ]
-        return [out[0] for out, _ in rows_alone], [st[0] for _, st in rows_alone]
+        return [out for out, _ in rows_alone], [stats for _, stats in rows_alone]
     prompt_lens = [len(row) for row in tokens]
     stats = [SpecStats(gamma=gamma) for _ in range(batch)]
     eos = _eos_ids(eos_token_id)

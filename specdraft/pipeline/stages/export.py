@@ -82,16 +82,15 @@ draft sampled; tau = tokens per target call, bonus included, from real speculati
 
 
 def card_row(name: str, m: dict) -> str:
+    """One row of the card's table: served acceptance, acceptance length, alpha, tau."""
     served = m.get("served") or {}
     cells = [
-        served.get("acceptance"),
-        served.get("acceptance_length"),
-        m.get("alpha"),
-        m.get("tau"),
+        (served.get("acceptance"), ".3f"),
+        (served.get("acceptance_length"), ".2f"),
+        (m.get("alpha"), ".3f"),
+        (m.get("tau"), ".2f"),
     ]
-    text = [
-        "n/a" if x is None else format(x, ".2f" if i % 2 else ".3f") for i, x in enumerate(cells)
-    ]
+    text = ["n/a" if x is None else format(x, spec) for x, spec in cells]
     return f"| {name} | " + " | ".join(text) + " |"
 
 
