@@ -510,6 +510,7 @@ def cmd_serve_check(args) -> int:
         n_prompts=args.prompts,
         drafting=args.drafting,
         speed=sc.SpeedPlan(args.gammas, args.concurrency, args.repeats) if args.speed else None,
+        baseline=args.baseline,
     )
     print(sc.format_result(result))
     print(f"\nwritten: {Path(args.run_dir) / sc.SERVING_FILE}")
@@ -550,6 +551,13 @@ def add_serve_check_arguments(parser) -> None:
         help="requests in flight at once for --speed (default 1,4)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each --speed point")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also serve the run's starting draft (before distillation) on the same prompts at "
+        "T = 0, with --speed at the run's γ: serving.json's `baseline`, with the served "
+        "acceptance length distillation gained",
+    )
     parser.add_argument(
         "--setup",
         action="store_true",

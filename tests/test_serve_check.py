@@ -400,13 +400,19 @@ def test_vllm_agrees_with_specdraft_on_a_trimmed_draft(tmp_path):
     job = load_job(None, [*settings, f"store={tmp_path / 'store'}"])
     out = tmp_path / "out"
     run_job(job, out, use_ray=False)
-    result = sc.serve_check(out, gamma=3, temperature=0.0)
+    result = sc.serve_check(out, gamma=3, temperature=0.0, baseline=True)
     assert result["vocabulary"]["kind"] == "trimmed" and result["vocabulary"]["draft_tokens"] == 200
     t0 = result["temperature_0"]
     assert t0["lossless"]["engine_target_only_equals_specdraft"], result["explanations"]
     assert t0["lossless"]["engine_speculative_equals_specdraft"], result["explanations"]
     assert t0["engine"]["drafted"] > 0, result
     assert abs(t0["accept_rate_difference"]) <= 0.02, result
+    # the starting (trimmed, untrained) draft served through the same path agrees too
+    base = result["baseline"]
+    assert "draft_init-" in base["draft"] and base["engine"]["drafted"] > 0, base
+    assert abs(base["engine"]["accept_rate"] - base["specdraft"]["accept_rate"]) <= 0.02, base
+    assert base["distilled_acceptance_length"] == t0["engine"]["acceptance_length"]
+    assert json.loads((out / "serving.json").read_text())["baseline"] == base
 
 
 def _serving_result() -> dict:
@@ -553,6 +559,29 @@ def test_speed_points_take_medians_and_name_the_best_gamma():
     assert sc.best_gamma([]) is None
     none = sc.speed_points(drafted, alone, {}, cost_ratio=None, repeats=2)
     assert none[0]["predicted_speedup"] is None
+
+
+def test_the_starting_draft_is_put_beside_the_distilled_one():
+    """serving.json's `baseline`: the starting draft's served counts, specdraft's prediction for
+    it, and the served acceptance length distillation gained (engine runs on the same prompts)."""
+    predicted = {"accept_rate": 0.25, "acceptance_length": 1.75, "drafted": 40, "drafts": 10}
+    start = _served(accepted=8, drafted=40, drafts=10)  # L = 1 + 8 / 10
+    distilled = _served(accepted=30, drafted=40, drafts=10)  # L = 4.0
+    base = sc.baseline_comparison("/store/draft_init-1", start, predicted, distilled)
+    assert base["engine"]["accept_rate"] == 0.2 and base["engine"]["acceptance_length"] == 1.8
+    assert base["specdraft"] == {"accept_rate": 0.25, "acceptance_length": 1.75, "drafted": 40}
+    assert base["distilled_acceptance_length"] == 4.0
+    assert base["acceptance_length_gain"] == pytest.approx(4.0 / 1.8 - 1)
+    assert "speed" not in base
+    text = "\n".join(sc.format_baseline(base))
+    assert "1.80" in text and "+122.2%" in text
+    nothing = sc.baseline_comparison(
+        "x", _served(accepted=0, drafted=0, drafts=0), predicted, start
+    )
+    assert nothing["engine"]["accept_rate"] is None and nothing["acceptance_length_gain"] is None
+    points = [{**_speed(1, 2.0), "gamma": 4}]
+    with_speed = sc.baseline_comparison("x", start, predicted, distilled, points)
+    assert with_speed["speed"] == points
 
 
 def test_the_model_card_says_where_the_draft_stops_paying():

@@ -598,12 +598,13 @@ def predicted_acceptance_lengths(
     }
 
 
-def _run_cost_ratio(run_dir: Path) -> float | None:
-    """c of the run's final draft as its evaluate stage measured it (metrics.json: transformers on
-    the machine the run was on), for the predicted speedup."""
+def _run_cost_ratio(run_dir: Path, role: str = "final") -> float | None:
+    """c of the run's `role` draft (final, or baseline: the starting draft) as its evaluate stage
+    measured it (metrics.json: transformers on the machine the run was on), for the predicted
+    speedup."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        value = metrics["final"]["cost_ratio"]
+        value = metrics[role]["cost_ratio"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return value if isinstance(value, int | float) and math.isfinite(value) else None
@@ -943,11 +944,13 @@ def serve_check(
     n_prompts: int | None = None,
     drafting: str = "both",
     speed: SpeedPlan | None = None,
+    baseline: bool = False,
 ) -> dict:
     """Serve the run's target with its exported draft and beside it specdraft's numbers on the same
     prompts: at T = 0, and at `temperature` (default: the run's) when it is above 0 with each
-    drafting rule `drafting` names (`greedy`, `probabilistic` or `both`); writes serving.json into
-    the run directory and returns its contents."""
+    drafting rule `drafting` names (`greedy`, `probabilistic` or `both`); with `baseline` also the
+    run's starting draft (before distillation) at T = 0, with `speed` at the run's γ; writes
+    serving.json into the run directory and returns its contents."""
     from specdraft.drafts.pair import shipped_code
     from specdraft.pipeline.engine.rundir import read_run, read_run_job, run_store, run_trust
 
@@ -973,10 +976,16 @@ def serve_check(
     job = read_run_job(run_dir)
     store, trust = run_store(job), run_trust(job)  # the store in use now; the run's own trust
     p, target, draft = run_prompts(run_dir, run, n_prompts, store=store, trust=trust)
+    starting = _artifact(run, "draft_init", store) if baseline else None  # before any work
     # vLLM gives the draft the target's trust_remote_code: it runs model code only when the run
     # trusts both models, and a model with code it may not run is refused before the engine starts
     engine_trust = trust.target and trust.draft
-    for role, folder in (("target", target), ("draft", draft)):
+    models = [("target", target), ("draft", draft)]
+    if starting is not None:
+        from specdraft.pipeline.engine.artifacts import model_location
+
+        models.append(("starting draft", Path(model_location(starting))))
+    for role, folder in models:
         modules = [] if engine_trust else shipped_code(str(folder))
         if modules:
             raise InputError(
@@ -1016,6 +1025,9 @@ def serve_check(
             drafted_speed[gamma] = engine_side(
                 target, draft, other, [], trust_remote_code=engine_trust, speed=speed
             )["speed"]
+    starting_served = (
+        serve_starting_draft(starting, target, p, speed, trust, engine_trust) if baseline else None
+    )
     print("[specdraft] specdraft's own decoding on the same prompts", file=sys.stderr)
     from specdraft.drafts.models import load_causal_lm
 
@@ -1032,13 +1044,31 @@ def serve_check(
     extended = extended_outputs(target_lm, p, max([p.gamma, *(speed.gammas if speed else [])]))
     spec = specdraft_side(target_lm, draft_lm, p, p.temperature, model_len, extended)
     replays = sampled_side(target_lm, draft_lm, p, served, model_len)
-    speed_result = {}
+    extra = {}  # the speed points and the starting draft's numbers, when asked for
     if speed is not None:
         lengths = predicted_acceptance_lengths(draft_lm, p, speed.gammas, model_len, extended)
         points = speed_points(
             drafted_speed, target_only["speed"], lengths, _run_cost_ratio(run_dir), speed.repeats
         )
-        speed_result = {"speed": points, "best_gamma": best_gamma(points)}
+        extra.update(speed=points, best_gamma=best_gamma(points))
+    if starting_served is not None:
+        folder = model_location(starting)
+        starting_lm = served_view(
+            load_causal_lm(folder, trust_remote_code=trust.draft), folder, tokenizer, target_lm
+        )
+        predicted = engine_rules(starting_lm, p, extended, model_len)
+        starting_points = None
+        if speed is not None:
+            starting_points = speed_points(
+                {p.gamma: starting_served["speed"]},
+                target_only["speed"],
+                {p.gamma: predicted["acceptance_length"]},
+                _run_cost_ratio(run_dir, "baseline"),
+                speed.repeats,
+            )
+        extra["baseline"] = baseline_comparison(
+            folder, starting_served, predicted, served, starting_points
+        )
     result = {
         "engine": served["engine"],
         "engine_version": served["version"],
@@ -1051,10 +1081,62 @@ def serve_check(
         "seconds": round(time.time() - start, 1),
         "vocabulary": vocabulary(target, draft),
         **compare(spec, served, target_only, p.temperature, replays),
-        **speed_result,
+        **extra,
     }
     write_serving(run_dir, report_input, result)
     return result
+
+
+def serve_starting_draft(
+    start: Path, target: Path, p: Prompts, speed: SpeedPlan | None, trust, engine_trust: bool
+) -> dict:
+    """Serve the run's starting draft (its draft_init artifact: the model distillation began
+    from), written as the export writes a draft, at T = 0 on the same prompts; with `speed` at the
+    run's γ only."""
+    from specdraft.pipeline.engine.artifacts import model_location
+    from specdraft.pipeline.stages.export import write_servable_model
+
+    print("[specdraft] the starting draft (before distillation), for the baseline", file=sys.stderr)
+    plan = dataclasses.replace(speed, gammas=[p.gamma]) if speed is not None else None
+    with tempfile.TemporaryDirectory(prefix="specdraft-baseline-") as tmp:
+        folder = Path(tmp) / "draft"
+        write_servable_model(model_location(start), str(target), folder, "float32", trust=trust)
+        return engine_side(target, folder, p, [0.0], trust_remote_code=engine_trust, speed=plan)
+
+
+def baseline_comparison(
+    model: str,
+    served: dict,
+    predicted: dict,
+    distilled: dict,
+    points: list[dict] | None = None,
+) -> dict:
+    """serving.json's `baseline`: the starting draft served at T = 0 (`served`: its engine run)
+    beside specdraft's prediction for it (`predicted`: engine_rules), and what distillation
+    changed in the served acceptance length: the distilled draft's engine run (`distilled`) on the
+    same prompts over the starting draft's, less one; with `points` (speed_points at the run's γ)
+    the same at each concurrency."""
+    run = served["runs"][0]
+    drafted = run["num_draft_tokens"]
+    engine = {
+        "accepted": run["num_accepted_tokens"],
+        "drafted": drafted,
+        "accept_rate": run["num_accepted_tokens"] / drafted if drafted else None,
+        "drafts": run["num_drafts"],
+        "acceptance_length": _acceptance_length(run),
+    }
+    after = _acceptance_length(distilled["runs"][0])
+    before = engine["acceptance_length"]
+    out = {
+        "draft": model,
+        "engine": engine,
+        "specdraft": {k: predicted[k] for k in ("accept_rate", "acceptance_length", "drafted")},
+        "distilled_acceptance_length": after,
+        "acceptance_length_gain": after / before - 1 if after and before else None,
+    }
+    if points is not None:
+        out["speed"] = points
+    return out
 
 
 def report_page_input(run: dict, *, store=None) -> dict:
@@ -1212,8 +1294,26 @@ def format_result(result: dict) -> str:
         )
     if result.get("speed"):
         lines += ["", format_speed(result["speed"], result.get("best_gamma"))]
+    if result.get("baseline"):
+        lines += ["", *format_baseline(result["baseline"])]
     lines += ["", *("- " + n for n in result["explanations"])]
     return "\n".join(lines)
+
+
+def format_baseline(base: dict) -> list[str]:
+    """The starting draft's lines: its served acceptance beside the distilled draft's."""
+    f = _f
+    e, s = base["engine"], base["specdraft"]
+    lines = [
+        f"starting draft (before distillation), T = 0: accepted / drafted {f(e['accept_rate'])} "
+        f"(specdraft {f(s['accept_rate'])}), acceptance length {f(e['acceptance_length'], '.2f')} "
+        f"(specdraft {f(s['acceptance_length'], '.2f')}); the distilled draft's "
+        f"{f(base['distilled_acceptance_length'], '.2f')}: "
+        f"{f(base['acceptance_length_gain'], '+.1%')} from distillation, served"
+    ]
+    if base.get("speed"):
+        lines.append(format_speed(base["speed"], None))
+    return lines
 
 
 def format_speed(points: list[dict], best: int | None) -> str:

@@ -179,29 +179,10 @@ def export_draft(
 ) -> None:
     """Write the servable draft directory from a run's distil, target, evaluate and data artifacts;
     model code runs per model as `trust` (the job's settings) allows."""
-    model = load_causal_lm(
-        model_location(inputs["distil"]), dtype=dtype, trust_remote_code=trust.draft
-    )
-    draft_dir.mkdir(parents=True, exist_ok=True)
     target = model_location(inputs["target"])
-    rows = target_vocab_size(target, trust_remote_code=trust.target)
-    own = None
-    distilled = model_location(inputs["distil"])
-    if has_own_vocabulary(distilled):  # trimmed or another tokenizer: mapped by vLLM
-        copy_draft_vocabulary(distilled, draft_dir)
-        own = {
-            "kind": "trimmed" if is_trimmed(distilled) else "intersection",
-            "rows": model.get_input_embeddings().weight.shape[0],
-            "target_rows": rows,
-            "hybrid": hybrid_attention(target, trust_remote_code=trust.target),
-        }
-        if own["kind"] == "intersection":
-            tokenizer = load_tokenizer(target, trust_remote_code=trust.target)
-            own["intersection"] = served_map_for(tokenizer, rows, distilled).intersection
-    else:
-        copy_tokenizer_files(target, draft_dir)
-        match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
-    model.save_pretrained(draft_dir, safe_serialization=True)
+    own = write_servable_model(
+        model_location(inputs["distil"]), target, draft_dir, dtype, trust=trust
+    )
     adapter = inputs["distil"] / "adapter"
     if adapter.exists():  # kept beside the merged weights for users who want the adapter itself
         shutil.copytree(adapter, draft_dir / "adapter")
@@ -223,6 +204,35 @@ def export_draft(
         )
     )
     readable_like_other_files(draft_dir)
+
+
+def write_servable_model(
+    model_dir: str, target: str, draft_dir: Path, dtype: str, *, trust: ModelTrust = UNTRUSTED
+) -> dict | None:
+    """Write the draft model at `model_dir` (a distilled or a starting draft of a run) into
+    `draft_dir` as an engine loads it beside `target`: with the target's tokenizer and head rows,
+    or, for a draft with its own vocabulary, its own tokenizer files and map. Returns what
+    the card says of such a vocabulary (None for the target's own)."""
+    model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust.draft)
+    draft_dir.mkdir(parents=True, exist_ok=True)
+    rows = target_vocab_size(target, trust_remote_code=trust.target)
+    own = None
+    if has_own_vocabulary(model_dir):  # trimmed or another tokenizer: mapped by vLLM
+        copy_draft_vocabulary(model_dir, draft_dir)
+        own = {
+            "kind": "trimmed" if is_trimmed(model_dir) else "intersection",
+            "rows": model.get_input_embeddings().weight.shape[0],
+            "target_rows": rows,
+            "hybrid": hybrid_attention(target, trust_remote_code=trust.target),
+        }
+        if own["kind"] == "intersection":
+            tokenizer = load_tokenizer(target, trust_remote_code=trust.target)
+            own["intersection"] = served_map_for(tokenizer, rows, model_dir).intersection
+    else:
+        copy_tokenizer_files(target, draft_dir)
+        match_target_vocab_size(model, rows, draft_dir, trust_remote_code=trust.target)
+    model.save_pretrained(draft_dir, safe_serialization=True)
+    return own
 
 
 def target_vocab_size(target: str, *, trust_remote_code: bool = False) -> int:
