@@ -442,6 +442,48 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
         assert other["distil"] != topk["distil"]
 
 
+@pytest.mark.parametrize("kind", ["hidden", "topk"])
+def test_workers_share_out_the_parts_and_store_the_same_rows(tmp_path, monkeypatch, kind):
+    """target_outputs.resources.workers=3 over parts of 4 of the tiny job's sequences (run here,
+    one shard after another, as map_shards runs them outside a Ray cluster): every part once, in
+    order, and the same stored tensors as one worker."""
+    from conftest import TINY
+
+    from specdraft.pipeline.engine.dag import execute
+    from specdraft.pipeline.stages import target_outputs as stage
+
+    monkeypatch.setattr(stage, "PART_SEQUENCES", 4)
+    shards: list[list] = []
+    monkeypatch.setattr(
+        stage,
+        "map_shards",
+        lambda fn, args, resources, ctx: [shards.append(a[2]) or fn(*a) for a in args],
+    )
+    wanted = ("data", "target", "generate", "target_outputs")
+    settings = [*TINY, "generate.draft_fraction=0", f"target_outputs.format={kind}"]
+    stored = []
+    for workers in (1, 3):
+        change = f"target_outputs.workers={workers}"
+        job = load_job(shipped_job("demo.yaml"), [*settings, change])
+        stages = [s for s in build_stages(job) if s.name in wanted]
+        made = execute(stages, tmp_path / f"store-{workers}", use_ray=False, say=lambda _: None)
+        stored.append(made["target_outputs"])
+    one, three = stored
+    assert three.manifest["info"]["workers"] == 3
+    parts = [bounds for shard in shards[1:] for bounds in shard]
+    assert len(shards) == 4 and shards[0] == parts  # one worker's parts == three's, in order
+    assert parts[0][0] == 0 and all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+    files = [sorted(p.name for p in s.path.glob("*.safetensors")) for s in stored]
+    assert files[0] == files[1] and files[0]
+    from safetensors.torch import load_file
+
+    for name in files[0]:
+        a, b = load_file(one.path / name), load_file(three.path / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

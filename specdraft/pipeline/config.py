@@ -441,6 +441,13 @@ class TargetStoreConfig:
         "vocabulary, all of it (exact). Unused with format=hidden.",
         lo=1,
     )
+    workers: int = opt(
+        1,
+        "Ray workers that run the target over the stage's resumable parts (512 sequences each), "
+        "each with distil.resources' cpus and gpus and its own copy of the target; the stored "
+        "rows are the same for any count.",
+        lo=1,
+    )
 
 
 @dataclass

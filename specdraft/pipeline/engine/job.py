@@ -184,7 +184,7 @@ def target_outputs_stage(job: JobConfig, seed: int, generate: str, readers) -> S
         format=job.target_outputs.format,
         k=job.target_outputs.k if topk else 0,
         temperature=job.distil.temperature if topk else 0.0,
-        resources=Resources(cpus=res.cpus, gpus=res.gpus),
+        resources=Resources(cpus=res.cpus, gpus=res.gpus, workers=job.target_outputs.workers),
     )
     return section_stage(
         job,

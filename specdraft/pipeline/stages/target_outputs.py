@@ -15,11 +15,13 @@ order the trainer takes them.
 The sequences are run in parts of PART_SEQUENCES; each finished part is saved in the stage's
 checkpoint directory (kept across a failed attempt, removed once the artifact is published), so a
 stage killed mid-way resumes from its last finished part instead of running the target again over
-everything (a damaged part is run again).
+everything (a damaged part is run again). `resources.workers` > 1 spreads the parts over Ray
+workers, each with its own copy of the target (contiguous runs of parts; the rows are the same
+for any count); a worker on a machine without the checkpoint directory keeps no parts.
 
 Reads: `target` (its model), `generate` (the sequences)
 Writes: sharded safetensors (hidden states and the LM head, or top-k ids and log-probabilities);
-info `format`, `rows`, `tokens`, `bytes_per_token` (and for topk `k`, `vocab`, `temperature`,
+info `format`, `rows`, `tokens`, `bytes_per_token`, `workers` (and for topk `k`, `vocab`, `temperature`,
 `tail_mass_mean`, `tail_mass_max`)
 """
 
@@ -40,6 +42,7 @@ from specdraft.pipeline.engine.artifacts import (
     load_model_artifact,
     load_tokenizer_artifact,
 )
+from specdraft.pipeline.engine.parallel import map_shards, shard_bounds
 from specdraft.pipeline.sequences import load_sequences
 from specdraft.pipeline.stored_target_outputs import (
     TopkTargets,
@@ -50,31 +53,28 @@ from specdraft.pipeline.stored_target_outputs import (
 
 
 def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
-    trust = ctx.trust.target  # only the target is loaded
-    device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust)
-    target = load_model_artifact(inputs["target"], device, trust_remote_code=trust).eval()
-    # the stored path multiplies these hidden states by the head weight and nothing else
-    refuse_logit_transforms(target, "target")
-    sequences = load_sequences(inputs["generate"]).select_columns(["input_ids", "response_mask"])
-    pad_id = tokenizer.pad_token_id
+    """The target over the generate stage's sequences in parts; `resources.workers` > 1 spreads
+    the parts over Ray workers (the rows are the same for any count)."""
+    sequences = load_sequences(inputs["generate"])
+    tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=ctx.trust.target)
+    parts = part_bounds(len(sequences))
+    paths = {k: str(v) for k, v in inputs.items()}
+    folder = None if ctx.checkpoints is None else str(ctx.checkpoints)
+    shards = [
+        (paths, cfg, parts[a:b], folder, ctx.trust.target)
+        for a, b in shard_bounds(len(parts), cfg.resources.workers, 1)
+    ]
+    done = map_shards(target_output_parts, shards, cfg.resources, ctx)
+    rows = [row for shard in done for row in shard]
     if cfg.format == "topk":
         vocab = len(tokenizer)  # the ids KD compares over (head rows past them are padding)
-        rows = rows_in_parts(
-            sequences,
-            lambda part: target_topk_rows(target, part, pad_id, cfg, vocab=vocab),
-            ctx.checkpoints,
-        )
-        rows = [TopkTargets(*row) for row in rows]
         k = min(cfg.k, vocab)
         if k < cfg.k:
             print(f"target_outputs: k={cfg.k} is above the vocabulary's {vocab} ids: storing all")
-        return write_topk_outputs(ctx.out, rows, k=k, vocab=vocab, temperature=cfg.temperature)
-    rows = rows_in_parts(
-        sequences,
-        lambda part: target_hidden_rows(target, part, pad_id, cfg.batch_size, cfg.precision)[0],
-        ctx.checkpoints,
-    )
+        rows = [TopkTargets(*row) for row in rows]
+        info = write_topk_outputs(ctx.out, rows, k=k, vocab=vocab, temperature=cfg.temperature)
+        return {**info, "workers": len(shards)}
+    target = load_model_artifact(inputs["target"], "cpu", trust_remote_code=ctx.trust.target)
     head = target.get_output_embeddings().weight.detach()
     info = write_target_outputs(ctx.out, rows, head)
     return {
@@ -83,21 +83,59 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
         "vocab": int(head.shape[0]),
         "dtype": cfg.precision,
         "head_dtype": str(head.dtype).removeprefix("torch."),
+        "workers": len(shards),
     }
+
+
+def target_output_parts(
+    inputs: dict[str, str],
+    cfg: TargetOutputsConfig,
+    parts: list[tuple[int, int]],
+    folder: str | None,
+    trust: bool,
+) -> list:
+    """One worker's share: the target's rows (hidden states, or top-k tuples) for the sequences
+    of `parts`, in order, each part read from or saved to `folder` (the stage's checkpoint
+    directory) when this machine has it."""
+    inputs_ = {k: Path(v) for k, v in inputs.items()}
+    device = device_for(cfg.resources.gpus)
+    tokenizer = load_tokenizer_artifact(inputs_["target"], trust_remote_code=trust)
+    target = load_model_artifact(inputs_["target"], device, trust_remote_code=trust).eval()
+    # the stored path multiplies these hidden states by the head weight and nothing else
+    refuse_logit_transforms(target, "target")
+    sequences = load_sequences(inputs_["generate"]).select_columns(["input_ids", "response_mask"])
+    pad_id = tokenizer.pad_token_id
+    if cfg.format == "topk":
+        vocab = len(tokenizer)
+
+        def compute(part):
+            return target_topk_rows(target, part, pad_id, cfg, vocab=vocab)
+    else:
+
+        def compute(part):
+            return target_hidden_rows(target, part, pad_id, cfg.batch_size, cfg.precision)[0]
+
+    here = Path(folder) if folder is not None and Path(folder).is_dir() else None
+    return rows_in_parts(sequences, compute, here, parts)
 
 
 PART_SEQUENCES = 512  # sequences per resumable part
 
 
-def rows_in_parts(sequences, compute, folder: Path | None) -> list:
-    """`compute(sequences)` (a row per sequence: a tensor or a tuple of tensors) over parts of
-    PART_SEQUENCES sequences, in order. With `folder` (the stage's checkpoint directory) each
-    finished part is saved there and read back, not computed, on a later attempt."""
+def part_bounds(n: int) -> list[tuple[int, int]]:
+    """(start, end) of the resumable parts of PART_SEQUENCES sequences covering range(n)."""
+    return [(a, min(a + PART_SEQUENCES, n)) for a in range(0, n, PART_SEQUENCES)]
+
+
+def rows_in_parts(
+    sequences, compute, folder: Path | None, bounds: list[tuple[int, int]] | None = None
+) -> list:
+    """`compute(sequences)` (a row per sequence: a tensor or a tuple of tensors) over the parts
+    `bounds` (default: every part, part_bounds), in order. With `folder` (the stage's checkpoint
+    directory) each finished part is saved there and read back, not computed, on a later
+    attempt."""
     rows: list = []
-    bounds = [
-        (a, min(a + PART_SEQUENCES, len(sequences)))
-        for a in range(0, len(sequences), PART_SEQUENCES)
-    ]
+    bounds = part_bounds(len(sequences)) if bounds is None else bounds
     for a, b in tqdm(bounds, desc="target outputs: parts", disable=len(bounds) < 2):
         path = None if folder is None else Path(folder) / f"part-{a:07d}-{b:07d}.safetensors"
         part = _read_part(path, b - a)
