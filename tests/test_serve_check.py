@@ -579,9 +579,19 @@ def test_the_starting_draft_is_put_beside_the_distilled_one():
         "x", _served(accepted=0, drafted=0, drafts=0), predicted, start
     )
     assert nothing["engine"]["accept_rate"] is None and nothing["acceptance_length_gain"] is None
-    points = [{**_speed(1, 2.0), "gamma": 4}]
-    with_speed = sc.baseline_comparison("x", start, predicted, distilled, points)
+    alone = [_speed(1, 4.0), _speed(4, 2.0)]
+    points = sc.speed_points(  # the starting draft at γ 3: L 2.0 with 1 and 4 requests in flight
+        {3: [_speed(1, 4.0, drafts=16, accepted=16), _speed(4, 2.0, drafts=16, accepted=16)]},
+        alone,
+        {3: 2.0},
+        0.1,
+        1,
+    )
+    after = sc.speed_points({3: [_speed(1, 2.0, drafts=16, accepted=24)]}, alone, {3: 2.5}, 0.1, 1)
+    with_speed = sc.baseline_comparison("x", start, predicted, distilled, points, after)
     assert with_speed["speed"] == points
+    assert with_speed["acceptance_length_gain_by_concurrency"] == {"1": 0.25}  # 4: not measured
+    assert "by requests in flight: 1: +25.0%" in "\n".join(sc.format_baseline(with_speed))
 
 
 def test_the_model_card_says_where_the_draft_stops_paying():

@@ -1067,7 +1067,7 @@ def serve_check(
                 speed.repeats,
             )
         extra["baseline"] = baseline_comparison(
-            folder, starting_served, predicted, served, starting_points
+            folder, starting_served, predicted, served, starting_points, extra.get("speed")
         )
     result = {
         "engine": served["engine"],
@@ -1110,12 +1110,13 @@ def baseline_comparison(
     predicted: dict,
     distilled: dict,
     points: list[dict] | None = None,
+    distilled_points: list[dict] | None = None,
 ) -> dict:
     """serving.json's `baseline`: the starting draft served at T = 0 (`served`: its engine run)
     beside specdraft's prediction for it (`predicted`: engine_rules), and what distillation
     changed in the served acceptance length: the distilled draft's engine run (`distilled`) on the
-    same prompts over the starting draft's, less one; with `points` (speed_points at the run's γ)
-    the same at each concurrency."""
+    same prompts over the starting draft's, less one; with `points` (its speed_points at the run's
+    γ) and the distilled draft's (`distilled_points`) the same at each concurrency."""
     run = served["runs"][0]
     drafted = run["num_draft_tokens"]
     engine = {
@@ -1136,6 +1137,14 @@ def baseline_comparison(
     }
     if points is not None:
         out["speed"] = points
+        after_at = {
+            (q["gamma"], q["concurrency"]): q["acceptance_length"] for q in distilled_points or []
+        }
+        out["acceptance_length_gain_by_concurrency"] = {
+            str(q["concurrency"]): after_at[key] / q["acceptance_length"] - 1
+            for q in points
+            if after_at.get(key := (q["gamma"], q["concurrency"])) and q["acceptance_length"]
+        }
     return out
 
 
@@ -1313,6 +1322,12 @@ def format_baseline(base: dict) -> list[str]:
     ]
     if base.get("speed"):
         lines.append(format_speed(base["speed"], None))
+        gains = base.get("acceptance_length_gain_by_concurrency") or {}
+        if gains:
+            lines.append(
+                "served acceptance length gained from distillation, by requests in flight: "
+                + ", ".join(f"{c}: {g:+.1%}" for c, g in gains.items())
+            )
     return lines
 
 
