@@ -85,13 +85,14 @@ def test_identical_counts_agree_with_no_difference_to_explain():
     assert "30 / 36" in result["explanations"][1] and "30 / 40" in result["explanations"][1]
 
 
-def test_a_difference_on_the_same_text_is_blamed_on_the_drafts_argmax():
+def test_a_difference_on_the_same_text_points_at_the_requests_in_flight():
     result = sc.compare(_spec(), _served(accepted=26), _target_only(), temperature=0.0)
     t0 = result["temperature_0"]
     assert t0["accept_rate_difference"] == pytest.approx(26 / 40 - 0.75)
     assert not t0["agree"]
     text = " ".join(result["explanations"])
-    assert "differs by -0.100" in text and "draft's argmax breaks near-ties" in text
+    assert "differs by -0.100" in text and "engine's drafts differ from specdraft's" in text
+    assert "several requests in flight" in text
 
 
 def test_diverging_greedy_text_is_blamed_on_kernel_numerics_and_flagged():
@@ -559,6 +560,16 @@ def test_speed_points_take_medians_and_name_the_best_gamma():
     assert sc.best_gamma([]) is None
     none = sc.speed_points(drafted, alone, {}, cost_ratio=None, repeats=2)
     assert none[0]["predicted_speedup"] is None
+
+
+def test_acceptance_by_requests_in_flight_is_noted_beside_the_prediction():
+    alone = [_speed(1, 4.0), _speed(4, 2.0)]
+    drafted = {3: [_speed(4, 2.0, drafts=16, accepted=20), _speed(1, 4.0, drafts=16, accepted=24)]}
+    points = sc.speed_points(drafted, alone, {3: 2.5}, 0.1, 1)
+    (note,) = sc.lengths_by_concurrency(points, 3)
+    assert note.endswith("1: 2.50, 4: 2.25; specdraft predicts 2.50 at any number.")
+    assert sc.lengths_by_concurrency(points, 2) == []
+    assert sc.lengths_by_concurrency(sc.speed_points(drafted, alone, {}, 0.1, 1), 3) == []
 
 
 def test_the_starting_draft_is_put_beside_the_distilled_one():

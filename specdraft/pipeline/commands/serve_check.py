@@ -915,8 +915,12 @@ def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> lis
         notes.append(
             f"accepted / drafted differs by {diff:+.3f} (more than {AGREEMENT}). "
             + (
-                "The greedy texts are the same, so the drafts differ: the draft's argmax breaks "
-                "near-ties differently under the engine's kernels."
+                "The greedy texts are the same, so the engine's drafts differ from specdraft's. "
+                "This pass serves every prompt at once: with several requests in flight vLLM "
+                "0.32's draft_model has been seen to accept less than at one request, by more "
+                "the more often a draft is accepted in full, while at one request it matched "
+                "specdraft's prediction (results/gemma3-smollm2/); `--speed` measures "
+                "acceptance at each concurrency."
                 if lossless["engine_target_only_equals_specdraft"]
                 else "The target's greedy text differs in the engine (near-ties in its logits "
                 "break differently under another attention kernel), so the sequences diverge and "
@@ -1083,8 +1087,25 @@ def serve_check(
         **compare(spec, served, target_only, p.temperature, replays),
         **extra,
     }
+    result["explanations"] += lengths_by_concurrency(result.get("speed") or [], p.gamma)
     write_serving(run_dir, report_input, result)
     return result
+
+
+def lengths_by_concurrency(points: list[dict], gamma: int) -> list[str]:
+    """The --speed points at `gamma` as a note: served against predicted acceptance length per
+    number of requests in flight."""
+    mine = [q for q in points if q["gamma"] == gamma and q["acceptance_length"]]
+    if not mine or mine[0]["predicted_acceptance_length"] is None:
+        return []
+    parts = [
+        f"{q['concurrency']}: {q['acceptance_length']:.2f}"
+        for q in sorted(mine, key=lambda q: q["concurrency"])
+    ]
+    return [
+        f"Acceptance length at γ = {gamma} by requests in flight (--speed): {', '.join(parts)}; "
+        f"specdraft predicts {mine[0]['predicted_acceptance_length']:.2f} at any number."
+    ]
 
 
 def serve_starting_draft(
