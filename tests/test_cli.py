@@ -49,6 +49,7 @@ ARGUMENTS = {
         "--gammas",
         "--concurrency",
         "--repeats",
+        "--baseline",
         "--setup",
     ],
     "verify-store": ["--store", "--repair"],

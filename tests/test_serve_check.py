@@ -550,6 +550,8 @@ def test_speed_points_take_medians_and_name_the_best_gamma():
     g2 = points[0]
     assert g2["target_only_tokens_per_second"] == pytest.approx(64 / 6.0)  # median of 8, 10.7, 16
     assert g2["tokens_per_second"] == pytest.approx((16 + 4) / 2)  # median of two repeats
+    assert g2["tokens_per_second_repeats"] == [16.0, 4.0]
+    assert g2["target_only_tokens_per_second_repeats"] == [8.0, 64 / 6.0, 16.0]
     assert g2["speedup"] == pytest.approx(10 / (64 / 6.0))
     assert g2["acceptance_length"] == 1 + 40 / 40 and g2["predicted_acceptance_length"] == 2.0
     assert g2["predicted_speedup"] == pytest.approx(2.0 / (2 * 0.1 + 1))

@@ -190,13 +190,15 @@ def speed_points(
     implied by the served numbers (tokens/s = L / (t_target (1 + γ c)))."""
     from specdraft.pipeline.evaluation import acceptance_length
 
-    def tps(points: list[dict], concurrency: int) -> float | None:
-        rates = [
+    def rates(points: list[dict], concurrency: int) -> list[float]:
+        return [
             p["generated_tokens"] / p["seconds"]
             for p in points
             if p["concurrency"] == concurrency and p["seconds"] > 0
         ]
-        return _median(rates)
+
+    def tps(points: list[dict], concurrency: int) -> float | None:
+        return _median(rates(points, concurrency))
 
     out = []
     for gamma, points in sorted(drafted.items()):
@@ -224,6 +226,9 @@ def speed_points(
                     "engine_cost_ratio": (length / speedup - 1) / gamma
                     if length and speedup
                     else None,
+                    # every repeat's rate, in the order run: the spread behind the medians
+                    "tokens_per_second_repeats": rates(points, concurrency),
+                    "target_only_tokens_per_second_repeats": rates(target_only, concurrency),
                 }
             )
     return out
