@@ -921,11 +921,11 @@ def explain(spec: dict, engine: dict, lossless: dict, diff: float | None) -> lis
             f"accepted / drafted differs by {diff:+.3f} (more than {AGREEMENT}). "
             + (
                 "The greedy texts are the same, so the engine's drafts differ from specdraft's. "
-                "This pass serves every prompt at once: with several requests in flight vLLM "
-                "0.32's draft_model has been seen to accept less than at one request, by more "
-                "the more often a draft is accepted in full, while at one request it matched "
-                "specdraft's prediction (results/gemma3-smollm2/); `--speed` measures "
-                "acceptance at each concurrency."
+                "This pass serves every prompt at once: with several requests in flight vLLM's "
+                "draft_model has been measured to accept less than at one request, by more the "
+                "more often a draft is accepted in full, while at one request it matched "
+                "specdraft's prediction (docs/serve-check.md); `--speed` measures acceptance at "
+                "each concurrency."
                 if lossless["engine_target_only_equals_specdraft"]
                 else "The target's greedy text differs in the engine (near-ties in its logits "
                 "break differently under another attention kernel), so the sequences diverge and "
@@ -961,6 +961,7 @@ def serve_check(
     run's starting draft (before distillation) at T = 0, with `speed` at the run's γ; writes
     serving.json into the run directory and returns its contents."""
     from specdraft.drafts.pair import shipped_code
+    from specdraft.pipeline.engine.artifacts import model_location
     from specdraft.pipeline.engine.rundir import read_run, read_run_job, run_store, run_trust
 
     if engine not in ENGINES:
@@ -991,8 +992,6 @@ def serve_check(
     engine_trust = trust.target and trust.draft
     models = [("target", target), ("draft", draft)]
     if starting is not None:
-        from specdraft.pipeline.engine.artifacts import model_location
-
         models.append(("starting draft", Path(model_location(starting))))
     for role, folder in models:
         modules = [] if engine_trust else shipped_code(str(folder))
