@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import sqlite3
 import statistics
+import time
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,7 +66,7 @@ CREATE TABLE IF NOT EXISTS acceptance (
 
 def _connect(history_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(Path(history_dir) / HISTORY_FILE, timeout=BUSY_TIMEOUT_S)
-    conn.execute("PRAGMA journal_mode=WAL")
+    _set_wal(conn)
     conn.execute(SCHEMA)
     have = {row[1] for row in conn.execute("PRAGMA table_info(acceptance)")}
     for column in OPTIONAL:  # a history made before the column existed gains it, empty
@@ -72,6 +74,21 @@ def _connect(history_dir: Path) -> sqlite3.Connection:
             conn.execute(f"ALTER TABLE acceptance ADD COLUMN {column} REAL")
     conn.execute("CREATE INDEX IF NOT EXISTS acceptance_run ON acceptance (run_id)")
     return conn
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, waiting as the busy timeout waits: SQLite answers a journal-mode change that meets
+    another connection's lock (two processes opening a new history at once) with "database is
+    locked" at once, without calling its busy handler, so the change is retried here."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.05)
 
 
 def _metric(entry: dict, name: str):
