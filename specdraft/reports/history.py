@@ -77,9 +77,10 @@ def _connect(history_dir: Path) -> sqlite3.Connection:
 
 
 def _set_wal(conn: sqlite3.Connection) -> None:
-    """WAL mode, waiting as the busy timeout waits: SQLite answers a journal-mode change that meets
-    another connection's lock (two processes opening a new history at once) with "database is
-    locked" at once, without calling its busy handler, so the change is retried here."""
+    """WAL mode, waiting as the busy timeout waits: a journal-mode change that meets another
+    connection's lock (two processes opening a new history at once) can fail with "database is
+    locked" without SQLite's busy handler waiting (a lock it could only wait for by deadlocking),
+    so the change is retried here until the timeout."""
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while True:
         try:
