@@ -458,7 +458,7 @@ def test_workers_share_out_the_parts_and_store_the_same_rows(tmp_path, monkeypat
         stage,
         "map_shards",
         lambda fn, args, resources, ctx: [shards.append(a[2]) or fn(*a) for a in args],
-    )
+    )  # a[2]: the shard's parts
     wanted = ("data", "target", "generate", "target_outputs")
     settings = [*TINY, "generate.draft_fraction=0", f"target_outputs.format={kind}"]
     stored = []

@@ -21,8 +21,8 @@ for any count); a worker on a machine without the checkpoint directory keeps no 
 
 Reads: `target` (its model), `generate` (the sequences)
 Writes: sharded safetensors (hidden states and the LM head, or top-k ids and log-probabilities);
-info `format`, `rows`, `tokens`, `bytes_per_token`, `workers` (and for topk `k`, `vocab`, `temperature`,
-`tail_mass_mean`, `tail_mass_max`)
+info `format`, `rows`, `tokens`, `bytes_per_token`, `workers` (and for topk `k`, `vocab`,
+`temperature`, `tail_mass_mean`, `tail_mass_max`)
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
     parts = part_bounds(len(sequences))
     paths = {k: str(v) for k, v in inputs.items()}
     folder = None if ctx.checkpoints is None else str(ctx.checkpoints)
+    bounds = shard_bounds(len(parts), cfg.resources.workers, 1)
+    # the first worker also hands back the target's head (the hidden format stores it)
     shards = [
-        (paths, cfg, parts[a:b], folder, ctx.trust.target)
-        for a, b in shard_bounds(len(parts), cfg.resources.workers, 1)
+        (paths, cfg, parts[a:b], folder, ctx.trust.target, i == 0 and cfg.format == "hidden")
+        for i, (a, b) in enumerate(bounds)
     ]
     done = map_shards(target_output_parts, shards, cfg.resources, ctx)
-    rows = [row for shard in done for row in shard]
+    rows = [row for shard_rows, _ in done for row in shard_rows]
     if cfg.format == "topk":
         vocab = len(tokenizer)  # the ids KD compares over (head rows past them are padding)
         k = min(cfg.k, vocab)
@@ -74,8 +76,7 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
         rows = [TopkTargets(*row) for row in rows]
         info = write_topk_outputs(ctx.out, rows, k=k, vocab=vocab, temperature=cfg.temperature)
         return {**info, "workers": len(shards)}
-    target = load_model_artifact(inputs["target"], "cpu", trust_remote_code=ctx.trust.target)
-    head = target.get_output_embeddings().weight.detach()
+    head = done[0][1]
     info = write_target_outputs(ctx.out, rows, head)
     return {
         **info,
@@ -93,17 +94,19 @@ def target_output_parts(
     parts: list[tuple[int, int]],
     folder: str | None,
     trust: bool,
-) -> list:
+    with_head: bool = False,
+) -> tuple[list, torch.Tensor | None]:
     """One worker's share: the target's rows (hidden states, or top-k tuples) for the sequences
     of `parts`, in order, each part read from or saved to `folder` (the stage's checkpoint
-    directory) when this machine has it."""
-    inputs_ = {k: Path(v) for k, v in inputs.items()}
+    directory) when this machine has it; and with `with_head` the target's (V, H) LM head on
+    the CPU (else None)."""
+    found = {k: Path(v) for k, v in inputs.items()}
     device = device_for(cfg.resources.gpus)
-    tokenizer = load_tokenizer_artifact(inputs_["target"], trust_remote_code=trust)
-    target = load_model_artifact(inputs_["target"], device, trust_remote_code=trust).eval()
+    tokenizer = load_tokenizer_artifact(found["target"], trust_remote_code=trust)
+    target = load_model_artifact(found["target"], device, trust_remote_code=trust).eval()
     # the stored path multiplies these hidden states by the head weight and nothing else
     refuse_logit_transforms(target, "target")
-    sequences = load_sequences(inputs_["generate"]).select_columns(["input_ids", "response_mask"])
+    sequences = load_sequences(found["generate"]).select_columns(["input_ids", "response_mask"])
     pad_id = tokenizer.pad_token_id
     if cfg.format == "topk":
         vocab = len(tokenizer)
@@ -116,7 +119,8 @@ def target_output_parts(
             return target_hidden_rows(target, part, pad_id, cfg.batch_size, cfg.precision)[0]
 
     here = Path(folder) if folder is not None and Path(folder).is_dir() else None
-    return rows_in_parts(sequences, compute, here, parts)
+    head = target.get_output_embeddings().weight.detach().cpu() if with_head else None
+    return rows_in_parts(sequences, compute, here, parts), head
 
 
 PART_SEQUENCES = 512  # sequences per resumable part
