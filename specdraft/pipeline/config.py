@@ -401,6 +401,14 @@ class DistilConfig:
         "them with the target's LM head; false runs the target forward at every step (the live "
         "path, kept for comparison). The reference follows the job's setting, a recipe its own.",
     )
+    stored_k: int = opt(
+        0,
+        "With target_outputs.format=topk: read each token's first stored_k stored ids (the "
+        "target's most likely), the mass of the others joining the tail bucket, as if the store "
+        "had been made at k = stored_k; 0 reads all target_outputs.k. One store at the largest k "
+        "then serves a comparison of smaller ones.",
+        lo=0,
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
     resources: Resources = field(default_factory=lambda: Resources(cpus=2))
@@ -885,9 +893,20 @@ def _intersection_checks(cfg: JobConfig, problems: list[str]) -> None:
 
 def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
     """target_outputs.format=topk against the settings that need the target itself."""
-    if cfg.target_outputs.format != "topk":
-        return
     distil = cfg.distil
+    if cfg.target_outputs.format != "topk":
+        if distil.stored_k:
+            problems.append(
+                f"distil.stored_k={distil.stored_k} with target_outputs.format="
+                f"{cfg.target_outputs.format}: stored_k reads part of a top-k store; set "
+                "target_outputs.format=topk or distil.stored_k=0"
+            )
+        return
+    if distil.stored_k > cfg.target_outputs.k:
+        problems.append(
+            f"distil.stored_k={distil.stored_k} above target_outputs.k={cfg.target_outputs.k}: "
+            "the store holds k ids a token; raise target_outputs.k or lower distil.stored_k"
+        )
     if not distil.stored_target_outputs:
         problems.append(
             "target_outputs.format=topk with distil.stored_target_outputs=false: the top-k is "

@@ -296,6 +296,21 @@ class StoredTopkOutputs(_StoredRows):
         return TopkTargets(*moved), None
 
 
+def topk_prefix(target: TopkTargets, k: int) -> TopkTargets:
+    """`target` (stored sorted, most likely first) as if stored at `k` ids: its first k, and the
+    log of the rest with the mass of the ids after the k-th folded in (summed in fp32, stored
+    back in the values' dtype). `target` itself when it holds no more than k."""
+    if target.ids.shape[1] <= k:
+        return target
+    dropped = target.logprobs[:, k:].float()  # (M, k_stored - k)
+    rest = torch.cat([target.log_rest.float()[:, None], dropped], dim=1).logsumexp(dim=1)
+    return TopkTargets(
+        target.ids[:, :k].contiguous(),
+        target.logprobs[:, :k].contiguous(),
+        rest.to(target.log_rest.dtype),
+    )
+
+
 def mapped_topk(target: TopkTargets, into: torch.Tensor, vocab: int) -> TopkTargets:
     """`target`'s stored ids (over `vocab` target ids) as rows of a head whose row i is target id
     into[i]; an id the head lacks becomes -1 (kernels.kd_loss: no outcome of its own). The tail
@@ -310,12 +325,19 @@ def mapped_topk(target: TopkTargets, into: torch.Tensor, vocab: int) -> TopkTarg
 
 
 def load_target_outputs(
-    folder: Path, device="cpu", *, temperature: float
+    folder: Path, device="cpu", *, temperature: float, k: int = 0
 ) -> StoredTargetOutputs | StoredTopkOutputs:
     """The target_outputs artifact `folder` in the format it was written in. `temperature` is
     the one the reader's losses use: a top-k stored at another is refused (its log-probabilities
-    are at one temperature; hidden states serve any)."""
+    are at one temperature; hidden states serve any). `k` > 0 reads a top-k store's first k ids
+    a token (topk_prefix): one store at a larger k serves every smaller one; a hidden-state store
+    or a top-k one with fewer ids is refused (ValueError)."""
     if not any(Path(folder).glob("topk-*-of-*.safetensors")):
+        if k:
+            raise ValueError(
+                f"{folder}: distil.stored_k={k} reads a top-k store; this one holds hidden "
+                "states (target_outputs.format=hidden)"
+            )
         return StoredTargetOutputs.load(folder, device)
     stored = StoredTopkOutputs.load(folder, device)
     if not math.isclose(stored.temperature, temperature):
@@ -323,4 +345,11 @@ def load_target_outputs(
             f"{folder}: the stored top-k is at temperature {stored.temperature}, this stage "
             f"distils at {temperature}"
         )
+    if k > stored.k:
+        raise ValueError(
+            f"{folder}: distil.stored_k={k}, but the store holds {stored.k} ids a token "
+            f"(target_outputs.k); set distil.stored_k <= {stored.k}"
+        )
+    if k:
+        stored.target = topk_prefix(stored.target, k)
     return stored

@@ -11,8 +11,12 @@ A comparison file is a job YAML plus a `compare:` section:
           set: {distil.selection: all}
 
 Every recipe is the job with its `set` overrides applied (then the command line's, which win), and
-may change only `generate.*` and `distil.*`: data, target, draft init, the dataset-response sequences
-and the reference are computed once and shared by every recipe through the stage cache. Each recipe
+may change only `generate.*`, `distil.*` and `target_outputs.*`: data, target, draft init, the
+dataset-response sequences and the reference are computed once and shared by every recipe through
+the stage cache. A recipe on the shared sequences whose stored target outputs differ from the
+shared ones (another target_outputs.format or k, a top-k at another distil.temperature) gets
+`target_outputs.<recipe>`, made once for all its seeds (the first recipe with those settings names
+it, later ones reuse it). Each recipe
 × seed gets its own `generate.<recipe>.s<seed>` (when its generation differs from the shared one;
 the first recipe with those settings names it, later ones reuse it),
 `distil.<recipe>.s<seed>` and `evaluate.<recipe>.s<seed>`; every evaluation uses the job's seed, so
@@ -41,12 +45,13 @@ from specdraft.pipeline.engine.job import (
     recipe_stages,
     resolve_local_paths,
     section_stage,
+    target_outputs_stage,
 )
 from specdraft.pipeline.engine.rundir import check_apart, check_destination, write_run_dir
 from specdraft.pipeline.preflight import check_inputs
 
 SHARED = ("data", "target", "draft_init", "generate", "target_outputs", "vocab_trim", "reference")
-RECIPE_SECTIONS = ("generate", "distil")  # what a recipe may change
+RECIPE_SECTIONS = ("generate", "distil", "target_outputs")  # what a recipe may change
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -157,13 +162,30 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     generations = {
         (json.dumps(dataclasses.asdict(base.generate), sort_keys=True), None): "generate"
     }
+    stores = {}
+    if base.distil.stored_target_outputs:
+        stores[_store_settings(base, base)] = "target_outputs"
     for recipe in comp.recipes:
+        stored = None
+        if recipe.job.distil.stored_target_outputs:
+            # on the shared sequences: the shared store, or the first one of these settings
+            settings = _store_settings(recipe.job, base)
+            if settings not in stores:
+                store = _recipe_store(recipe, base)
+                stages.append(store)
+                stores[settings] = store.name
+            stored = stores[settings]
         for seed in comp.seeds:
             suffix = "." + run_name(recipe.name, seed)
             settings = json.dumps(dataclasses.asdict(recipe.job.generate), sort_keys=True)
             generate = generations.get((settings, None)) or generations.get((settings, seed))
             chain, made, evaluate = recipe_stages(
-                recipe.job, seed, suffix=suffix, generate=generate, eval_seed=base.seed
+                recipe.job,
+                seed,
+                suffix=suffix,
+                generate=generate,
+                eval_seed=base.seed,
+                stored=stored if generate == "generate" else None,
             )
             # the first recipe with this generation makes it, for all
             generations.setdefault((settings, seed), made)
@@ -187,6 +209,27 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
         )
     )
     return stages
+
+
+def _store_readers(job: JobConfig, base: JobConfig) -> tuple:
+    """The training sections whose precision a store on the shared sequences follows: the shared
+    reference's and `job`'s distil (target_outputs_stage)."""
+    return (base.reference.train, job.distil.train)
+
+
+def _recipe_store(recipe: Recipe, base: JobConfig) -> Stage:
+    """`recipe`'s target_outputs stage on the shared sequences, `target_outputs.<recipe>`: its
+    format, k and temperature."""
+    readers = _store_readers(recipe.job, base)
+    return target_outputs_stage(
+        recipe.job, base.seed, "generate", readers, suffix="." + recipe.name
+    )
+
+
+def _store_settings(job: JobConfig, base: JobConfig) -> str:
+    """What `job`'s stored target outputs on the shared sequences depend on, as a dict key."""
+    store = target_outputs_stage(job, base.seed, "generate", _store_readers(job, base))
+    return json.dumps(dataclasses.asdict(store.config), sort_keys=True)
 
 
 def resolve_comparison_paths(comp: Comparison) -> None:

@@ -169,13 +169,16 @@ def target_outputs_name(generate: str) -> str:
     return "target_outputs" + generate.removeprefix("generate")
 
 
-def target_outputs_stage(job: JobConfig, seed: int, generate: str, readers) -> Stage:
+def target_outputs_stage(
+    job: JobConfig, seed: int, generate: str, readers, *, suffix: str | None = None
+) -> Stage:
     """The target's outputs for `generate`'s sequences, stored once in target_outputs.format:
     the target forward in bf16 when every training section in `readers` (the TrainConfigs of the
     stages reading them) runs in bf16, on the device distil trains on. k and the temperature
     are keyed with format=topk only (the hidden states depend on neither), so jobs and recipes
     that differ only in them share a hidden-state store; nothing of the draft is keyed, so every
-    draft shape, recipe and seed on one draft-free generation shares either store."""
+    draft shape, recipe and seed on one draft-free generation shares either store. Named after `generate` (target_outputs_name)
+    unless `suffix` names it `target_outputs<suffix>`."""
     bf16 = all(train.precision == "bf16" for train in readers)
     res = job.distil.resources
     topk = job.target_outputs.format == "topk"
@@ -192,7 +195,7 @@ def target_outputs_stage(job: JobConfig, seed: int, generate: str, readers) -> S
         seed,
         deps=("data", "target", _alias("generate", generate)),
         config=config,
-        suffix=generate.removeprefix("generate"),
+        suffix=generate.removeprefix("generate") if suffix is None else suffix,
     )
 
 
@@ -204,7 +207,12 @@ def _stored_input(job: JobConfig, generate: str) -> tuple[str, ...]:
 
 
 def distil_chain(
-    job: JobConfig, seed: int, *, generate: str = "generate", suffix: str = ""
+    job: JobConfig,
+    seed: int,
+    *,
+    generate: str = "generate",
+    suffix: str = "",
+    stored: str | None = None,
 ) -> tuple[list[Stage], str]:
     """`distil<suffix>` on `generate`'s sequences, then on-policy rounds r = 2..R unrolled as
     `generate_r<r><suffix>` (the previous round's draft samples: with generate's shares, or all
@@ -219,8 +227,13 @@ def distil_chain(
     of the cache keys (dag.stage_key hashes the entries), so they are kept rather than renamed.
 
     With distil.stored_target_outputs each round reads its sequences' stored target outputs as
-    `target_outputs` (round 1 those of `generate`, made by whoever made it; round r its own
-    `target_outputs_r<r><suffix>`, in the chain)."""
+    `target_outputs` (round 1 those of `generate`, made by whoever made it, or the stage
+    `stored` when given; round r its own `target_outputs_r<r><suffix>`, in the chain)."""
+    first_store = (
+        (_alias("target_outputs", stored),)
+        if stored and job.distil.stored_target_outputs
+        else _stored_input(job, generate)
+    )
     stages = [
         section_stage(
             job,
@@ -232,7 +245,7 @@ def distil_chain(
                 draft_input(job),
                 "reference",
                 _alias("generate", generate),
-                *_stored_input(job, generate),
+                *first_store,
             ),
             suffix=suffix,
         )
@@ -276,20 +289,27 @@ def distil_chain(
 
 
 def recipe_stages(
-    job: JobConfig, seed: int, *, suffix: str, generate: str | None, eval_seed: int
+    job: JobConfig,
+    seed: int,
+    *,
+    suffix: str,
+    generate: str | None,
+    eval_seed: int,
+    stored: str | None = None,
 ) -> tuple[list[Stage], str, str]:
     """A comparison recipe's chain, every stage named with `suffix`: its own generation
     `generate<suffix>` (and its stored target outputs) when `generate` is None (else it trains on
-    that stage's sequences and their target outputs), its distil_chain, and `evaluate<suffix>` of its last draft alone, seeded `eval_seed` (every recipe
-    is judged on the same prompts and continuations). Returns the stages, the generation's name
-    and the evaluation's name."""
+    that stage's sequences and their target outputs, or those of the stage `stored` when given),
+    its distil_chain, and `evaluate<suffix>` of its last draft alone, seeded `eval_seed` (every
+    recipe is judged on the same prompts and continuations). Returns the stages, the
+    generation's name and the evaluation's name."""
     stages = []
     if generate is None:
         stages.append(section_stage(job, "generate", seed, suffix=suffix))
-        generate = stages[0].name
+        generate, stored = stages[0].name, None
         if job.distil.stored_target_outputs:
             stages.append(target_outputs_stage(job, seed, generate, (job.distil.train,)))
-    chain, last = distil_chain(job, seed, generate=generate, suffix=suffix)
+    chain, last = distil_chain(job, seed, generate=generate, suffix=suffix, stored=stored)
     stages += chain
     evaluate = section_stage(
         job, "evaluate", eval_seed, deps=evaluate_deps(("distil",), last), suffix=suffix

@@ -9,7 +9,7 @@ the weights with the best held-out alpha are kept. With a `target_outputs` input
 (distil.stored_target_outputs) the target model is not loaded: its stored hidden states and head
 are, for the loss, ΔL and the held-out alpha, or its stored top-k (target_outputs.format=topk:
 every divergence over the stored ids and one bucket for the rest, alpha over the stored ids;
-docs/objectives.md). A draft init with its own vocabulary (the `vocab_trim` stage's, read as
+docs/objectives.md; with distil.stored_k only each token's first stored_k ids). A draft init with its own vocabulary (the `vocab_trim` stage's, read as
 `draft_init`, or one with another tokenizer, draft.vocabulary=intersection) reads its inputs
 mapped as a server maps them (target ids outside the intersection become its unk) and every
 divergence and alpha is taken over the intersection: the target's distribution restricted to it
@@ -229,7 +229,9 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     stored = teacher = None
     if "target_outputs" in inputs:
-        stored = load_target_outputs(inputs["target_outputs"], device, temperature=cfg.temperature)
+        stored = load_target_outputs(
+            inputs["target_outputs"], device, temperature=cfg.temperature, k=cfg.stored_k
+        )
     else:
         teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
     selective = cfg.selection != "all"
@@ -261,6 +263,8 @@ def distil(cfg: DistilConfig, inputs: dict[str, Path], ctx: StageContext) -> dic
             f"distil: the intersection ({vocab_map.intersection} tokens) holds "
             f"{info['intersection_coverage']:.1%} of the target's tokens in the training responses"
         )
+    if isinstance(stored, StoredTopkOutputs):
+        info["stored_k"] = stored.k  # the ids a token training read (distil.stored_k or all)
     if stored is not None:  # each sequence's index in what was stored (kept through the split)
         sequences = sequences.add_column("row", list(range(len(sequences))))
     callbacks = []
