@@ -103,6 +103,61 @@ def test_shared_stages_appear_once_and_evaluations_share_one_seed(tmp_path):
     assert "offline.s3=evaluate.offline.s3" in stages["comparison"].deps
 
 
+def test_recipes_with_other_store_settings_get_one_store_each_for_all_seeds(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "seeds": [0, 1],
+            "recipes": {
+                "top16": {"set": {}},
+                "top4": {"set": {"distil.stored_k": 4}},
+                "exact": {"set": {"target_outputs.format": "hidden"}},
+                "exact_fkl": {
+                    "set": {"target_outputs.format": "hidden", "distil.divergence": "fkl"}
+                },
+                "exact_online": {
+                    "set": {"target_outputs.format": "hidden", "generate.dataset_fraction": 0.0}
+                },
+            },
+        },
+        generate={"dataset_fraction": 1.0, "draft_fraction": 0.0},
+        target_outputs={"format": "topk", "k": 16},
+    )
+    stages = {s.name: s for s in build_comparison_stages(load_comparison(path))}
+    stores = sorted(n for n in stages if n.startswith("target_outputs"))
+    # the shared top-16 store, the exact recipes' hidden states on the shared sequences (made
+    # once: exact_fkl reuses exact's), and the online recipe's own per seed
+    assert stores == [
+        "target_outputs",
+        "target_outputs.exact",
+        "target_outputs.exact_online.s0",
+        "target_outputs.exact_online.s1",
+    ]
+    assert stages["target_outputs"].config.format == "topk"
+    assert stages["target_outputs.exact"].config.format == "hidden"
+    assert stages["target_outputs.exact"].seed == stages["target_outputs"].seed
+
+    def store(run):
+        return [d for d in stages[f"distil.{run}"].deps if d.startswith("target_outputs")]
+
+    for seed in (0, 1):
+        assert store(f"top16.s{seed}") == store(f"top4.s{seed}") == ["target_outputs"]
+        assert store(f"exact.s{seed}") == ["target_outputs=target_outputs.exact"]
+        assert store(f"exact_fkl.s{seed}") == ["target_outputs=target_outputs.exact"]
+        assert store(f"exact_online.s{seed}") == [
+            f"target_outputs=target_outputs.exact_online.s{seed}"
+        ]
+    assert stages["distil.top4.s0"].config.stored_k == 4
+    with pytest.raises(ConfigError, match="compare.recipes.wide: distil.stored_k=32 above"):
+        load_comparison(
+            write(
+                tmp_path,
+                {"recipes": {"top16": {}, "wide": {"set": {"distil.stored_k": 32}}}},
+                target_outputs={"format": "topk", "k": 16},
+            )
+        )
+
+
 @pytest.mark.integration  # a whole (tiny) job
 def test_a_tiny_comparison_end_to_end(tmp_path):
     """Two copies of one recipe train identically (paired difference 0, p = 1); the table holds

@@ -33,6 +33,7 @@ from specdraft.pipeline.stored_target_outputs import (  # noqa: E402
     mapped_topk,
     topk_bytes_per_token,
     topk_log_probs,
+    topk_prefix,
     write_topk_outputs,
 )
 
@@ -290,6 +291,35 @@ def test_stored_values_are_fp16_and_the_tail_is_the_rest_of_the_mass():
     assert torch.isneginf(whole.log_rest).all()  # k = V: nothing left outside
 
 
+def test_a_store_read_at_a_smaller_k_is_the_store_made_at_it():
+    _, _, th, tw, _ = make_inputs((40, 300, 8, 16))
+    stored = topk_log_probs(th, tw, 64, temperature=1.3)
+    for k in (1, 8, 32):
+        read, made = topk_prefix(stored, k), topk_log_probs(th, tw, k, temperature=1.3)
+        assert torch.equal(read.ids, made.ids) and torch.equal(read.logprobs, made.logprobs)
+        assert read.log_rest.dtype == torch.float16
+        # the folded tail sums fp16 values: within their rounding of the directly stored one
+        torch.testing.assert_close(read.log_rest.float(), made.log_rest.float(), atol=4e-3, rtol=0)
+    assert topk_prefix(stored, 64) is stored and topk_prefix(stored, 500) is stored
+    whole = topk_log_probs(th, tw, 300, temperature=1.0)  # k = V: the tail is empty until folded
+    assert torch.isfinite(topk_prefix(whole, 299).log_rest).all()
+
+
+def test_a_store_is_read_in_part_and_refused_beyond_what_it_holds(tmp_path):
+    teacher, data = tiny_llama(1, hidden=32, layers=2), sequences(7)
+    stored, _ = topk_outputs(teacher, data, tmp_path / "topk", k=8)
+    part = load_target_outputs(tmp_path / "topk", temperature=1.0, k=3)
+    assert part.k == 3 and torch.equal(part.target.ids, stored.target.ids[:, :3])
+    mass = part.target.logprobs.float().exp().sum(1) + part.target.log_rest.float().exp()
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=3e-3, rtol=0)
+    assert load_target_outputs(tmp_path / "topk", temperature=1.0, k=8).k == 8
+    with pytest.raises(ValueError, match="holds 8 ids a token"):
+        load_target_outputs(tmp_path / "topk", temperature=1.0, k=9)
+    stored_outputs(teacher, data, tmp_path / "hidden")
+    with pytest.raises(ValueError, match="this one holds hidden states"):
+        load_target_outputs(tmp_path / "hidden", temperature=1.0, k=3)
+
+
 def topk_outputs(teacher, data, folder, k, temperature=1.0):
     class Cfg:
         batch_size, precision = 5, "fp32"
@@ -442,6 +472,12 @@ def test_the_stage_is_keyed_by_format_and_k_and_shared_across_drafts(tmp_path):
         assert other["distil"] != topk["distil"]
 
 
+def test_reading_a_store_in_part_keys_distil_only(tmp_path):
+    full = _keys(tmp_path, "target_outputs.format=topk")
+    part = _keys(tmp_path, "target_outputs.format=topk", "distil.stored_k=32")
+    assert part["target_outputs"] == full["target_outputs"] and part["distil"] != full["distil"]
+
+
 @pytest.mark.parametrize("kind", ["hidden", "topk"])
 def test_workers_share_out_the_parts_and_store_the_same_rows(tmp_path, monkeypatch, kind):
     """target_outputs.resources.workers=3 over parts of 4 of the tiny job's sequences (run here,
@@ -490,12 +526,18 @@ def test_workers_share_out_the_parts_and_store_the_same_rows(tmp_path, monkeypat
         (["distil.stored_target_outputs=false"], "runs the target live instead"),
         (["distil.fused_loss=false"], "a top-k store does not have"),
         (["distil.temperature=2"], "reference distils from the same store at temperature 1"),
+        (["target_outputs.k=16", "distil.stored_k=17"], "above target_outputs.k=16"),
     ],
-    ids=["live", "unfused", "temperature"],
+    ids=["live", "unfused", "temperature", "more-than-stored"],
 )
 def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_job(shipped_job("demo.yaml"), ["target_outputs.format=topk", *overrides])
+
+
+def test_reading_part_of_a_hidden_state_store_is_refused():
+    with pytest.raises(ConfigError, match="stored_k reads part of a top-k store"):
+        load_job(shipped_job("demo.yaml"), ["distil.stored_k=8"])
 
 
 @pytest.mark.integration  # tiny jobs' stages, twice, in this process
