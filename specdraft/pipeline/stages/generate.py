@@ -2,6 +2,14 @@
 samples responses to training prompts. `draft_fraction` of the prompts are answered by the draft
 instead (on-policy) and `dataset_fraction` keep the dataset's responses.
 
+The sampled prompts run in parts of whole batches (PART_PROMPTS prompts, rounded up to
+batch_size); each finished part's responses are saved in the stage's checkpoint directory (kept
+across a failed attempt, removed once the artifact is published), so a stage killed mid-way
+resumes from its last finished part. Each batch is seeded by its position in the prompt list, so
+the responses are the same however the prompts are cut into parts and shards (`resources.workers`
+Ray workers, each with its own copy of the model); a worker on a machine without the checkpoint
+directory keeps no parts.
+
 Reads: `data` (prompts), `target` and `draft_init` (their models and the target's tokenizer;
 `draft_init` only with draft_fraction > 0, else it is not an input: a draft-free generation is
 shared by every draft)
@@ -11,6 +19,8 @@ Writes: `sequences/` (input_ids, response_mask, prompt, response, task, source);
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -32,6 +42,15 @@ from specdraft.pipeline.sequences import (
     sample_responses,
 )
 
+PART_PROMPTS = 128  # prompts per resumable part, rounded up to whole batches
+
+
+def part_bounds(start: int, end: int, batch_size: int) -> list[tuple[int, int]]:
+    """(a, b) of the resumable parts covering prompts start..end (start a batch boundary, as
+    shard_bounds cuts them): whole batches, so every batch keeps its position and its seed."""
+    size = max(1, -(-PART_PROMPTS // batch_size)) * batch_size
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
+
 
 def sample_shard(
     model_dir: str,
@@ -43,24 +62,70 @@ def sample_shard(
     desc: str,
     model_trusted: bool,
     tokenizer_trusted: bool,
+    folder: str | None = None,
+    source: str = "target",
 ) -> tuple[list[list[int]], list[int]]:
     """One worker's responses to `prompts` (prompts[first_index:...] of the whole list), and the
-    GPUs it ran on. Model code runs per model: the sampling model's when `model_trusted`, the
-    tokenizer's (the target's) when `tokenizer_trusted`."""
-    device = device_for(cfg.resources.gpus)
-    model = load_model_artifact(Path(model_dir), device, trust_remote_code=model_trusted)
-    responses = sample_responses(
-        model,
-        load_tokenizer_artifact(Path(tokenizer_dir), trust_remote_code=tokenizer_trusted),
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        desc=desc,
-        first_index=first_index,
-    )
+    GPUs it ran on, part after part (part_bounds); each part is read from or saved to `folder`
+    (the stage's checkpoint directory, as `<source>-<first>-<end>.json`) when this machine has it, and the model is loaded only
+    when a part has to be sampled. Model code runs per model: the sampling model's when
+    `model_trusted`, the tokenizer's (the target's) when `tokenizer_trusted`."""
+    here = Path(folder) if folder is not None and Path(folder).is_dir() else None
+    loaded: list = []
+    responses: list[list[int]] = []
+    for a, b in part_bounds(first_index, first_index + len(prompts), cfg.batch_size):
+        path = None if here is None else here / f"{source}-{a:07d}-{b:07d}.json"
+        part = _read_part(path, b - a)
+        if part is None:
+            if not loaded:
+                device = device_for(cfg.resources.gpus)
+                loaded = [
+                    load_model_artifact(Path(model_dir), device, trust_remote_code=model_trusted),
+                    load_tokenizer_artifact(
+                        Path(tokenizer_dir), trust_remote_code=tokenizer_trusted
+                    ),
+                ]
+            part = sample_responses(
+                *loaded,
+                prompts[a - first_index : b - first_index],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                batch_size=cfg.batch_size,
+                seed=seed,
+                desc=f"{desc} {a}-{b}",
+                first_index=a,
+            )
+            if path is not None:
+                _write_part(path, part)
+        responses += part
     return responses, worker_gpu_ids()
+
+
+def _write_part(path: Path, responses: list[list[int]]) -> None:
+    """One part's responses, written atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"responses": responses}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _read_part(path: Path | None, n: int) -> list[list[int]] | None:
+    """A saved part's `n` responses, or None when there is none or it cannot be read whole."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        responses = json.loads(path.read_text())["responses"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"generate: {path.name} cannot be read ({e}): sampling it again")
+        return None
+    if len(responses) != n or not all(
+        isinstance(r, list) and all(isinstance(t, int) for t in r) for r in responses
+    ):
+        print(f"generate: {path.name} does not hold {n} responses: sampling it again")
+        return None
+    return responses
 
 
 def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict:
@@ -82,6 +147,10 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
             "or generate.dataset_fraction=0"
         )
     records = [dataset_record(tokenizer, row, chat, max_length) for row in rows[:n_data]]
+    folder = None
+    if ctx.checkpoints is not None:  # finished parts are kept here until the stage publishes
+        ctx.checkpoints.mkdir(parents=True, exist_ok=True)
+        folder = str(ctx.checkpoints)
     parts = (("draft", rows[n_data : n_data + n_draft]), ("target", rows[n_data + n_draft :]))
     gpu_ids = []
     for source, part in parts:
@@ -101,6 +170,8 @@ def run(cfg: GenerateConfig, inputs: dict[str, Path], ctx: StageContext) -> dict
                 f"generate ({source})",
                 trust.of_input(model_input),
                 trust.target,
+                folder,
+                source,
             )
             for a, b in shard_bounds(len(prompts), cfg.resources.workers, cfg.batch_size)
         ]

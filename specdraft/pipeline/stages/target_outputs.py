@@ -59,7 +59,10 @@ def run(cfg: TargetOutputsConfig, inputs: dict[str, Path], ctx: StageContext) ->
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=ctx.trust.target)
     parts = part_bounds(len(sequences))
     paths = {k: str(v) for k, v in inputs.items()}
-    folder = None if ctx.checkpoints is None else str(ctx.checkpoints)
+    folder = None
+    if ctx.checkpoints is not None:  # finished parts are kept here until the stage publishes
+        ctx.checkpoints.mkdir(parents=True, exist_ok=True)
+        folder = str(ctx.checkpoints)
     bounds = shard_bounds(len(parts), cfg.resources.workers, 1)
     # the first worker also hands back the target's head (the hidden format stores it)
     shards = [
