@@ -346,6 +346,7 @@ def test_the_stage_rows_and_manifest(tmp_path):
     assert load_target_outputs(tmp_path, temperature=1.0).k == 8
     with pytest.raises(ValueError, match="at temperature 1.0, this stage distils at 2.0"):
         load_target_outputs(tmp_path, temperature=2.0)
+    assert load_target_outputs(tmp_path, temperature=None).temperature == 1.0  # its own
 
 
 def test_a_k_above_the_vocabulary_stores_all_of_it(tmp_path):
@@ -525,10 +526,9 @@ def test_workers_share_out_the_parts_and_store_the_same_rows(tmp_path, monkeypat
     [
         (["distil.stored_target_outputs=false"], "runs the target live instead"),
         (["distil.fused_loss=false"], "a top-k store does not have"),
-        (["distil.temperature=2"], "reference distils from the same store at temperature 1"),
         (["target_outputs.k=16", "distil.stored_k=17"], "above target_outputs.k=16"),
     ],
-    ids=["live", "unfused", "temperature", "more-than-stored"],
+    ids=["live", "unfused", "more-than-stored"],
 )
 def test_settings_a_topk_store_cannot_serve_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -652,3 +652,19 @@ def test_the_stage_resumes_from_its_finished_parts_and_runs_a_damaged_one_again(
     assert calls == [4]
     for got, want in zip(flat(again), flat(whole), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_the_reference_distils_at_the_temperature_of_the_store_it_reads(tmp_path):
+    """A top-k store made at distil.temperature 0.5 (the gemma3 job's): the reference stage reads
+    it at 0.5, where the store's log-probabilities are; a hidden-state store leaves it at 1."""
+    from conftest import TINY
+
+    from specdraft.pipeline.engine.dag import execute
+
+    wanted = ("data", "target", "generate", "target_outputs", "draft_init", "reference")
+    for kind, expected in (("topk", 0.5), ("hidden", 1.0)):
+        settings = ["generate.draft_fraction=0", f"target_outputs.format={kind}"]
+        job = load_job(shipped_job("demo.yaml"), [*TINY, *settings, "distil.temperature=0.5"])
+        stages = [s for s in build_stages(job) if s.name in wanted]
+        made = execute(stages, tmp_path / "store", use_ray=False, say=lambda _: None)
+        assert made["reference"].manifest["info"]["temperature"] == expected

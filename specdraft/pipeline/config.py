@@ -919,13 +919,6 @@ def _target_store_checks(cfg: JobConfig, problems: list[str]) -> None:
             "target's full logits, which a top-k store does not have; set distil.fused_loss=true "
             "or target_outputs.format=hidden"
         )
-    if distil.temperature != 1.0:
-        problems.append(
-            f"target_outputs.format=topk with distil.temperature={distil.temperature}: the "
-            "store holds the target's log-probabilities at one temperature, and the reference "
-            "distils from the same store at temperature 1; set distil.temperature=1 or "
-            "target_outputs.format=hidden"
-        )
 
 
 def _objective_checks(distil: DistilConfig, problems: list[str]) -> None:

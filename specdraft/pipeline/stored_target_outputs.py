@@ -325,11 +325,11 @@ def mapped_topk(target: TopkTargets, into: torch.Tensor, vocab: int) -> TopkTarg
 
 
 def load_target_outputs(
-    folder: Path, device="cpu", *, temperature: float, k: int = 0
+    folder: Path, device="cpu", *, temperature: float | None, k: int = 0
 ) -> StoredTargetOutputs | StoredTopkOutputs:
     """The target_outputs artifact `folder` in the format it was written in. `temperature` is
     the one the reader's losses use: a top-k stored at another is refused (its log-probabilities
-    are at one temperature; hidden states serve any). `k` > 0 reads a top-k store's first k ids
+    are at one temperature; hidden states serve any); None takes a top-k's own. `k` > 0 reads a top-k store's first k ids
     a token (topk_prefix): one store at a larger k serves every smaller one; a hidden-state store
     or a top-k one with fewer ids is refused (ValueError)."""
     if not any(Path(folder).glob("topk-*-of-*.safetensors")):
@@ -340,7 +340,7 @@ def load_target_outputs(
             )
         return StoredTargetOutputs.load(folder, device)
     stored = StoredTopkOutputs.load(folder, device)
-    if not math.isclose(stored.temperature, temperature):
+    if temperature is not None and not math.isclose(stored.temperature, temperature):
         raise ValueError(
             f"{folder}: the stored top-k is at temperature {stored.temperature}, this stage "
             f"distils at {temperature}"

@@ -1,7 +1,8 @@
 """Stage `reference`: AdaSPEC's reference model, the draft init distilled towards the target with
 forward KL on all response tokens (full fine-tuning). It is also the DistillSpec-style baseline.
 With a `target_outputs` input the target is not loaded: its stored hidden states and head are (or
-its stored top-k log-probabilities, target_outputs.format=topk).
+its stored top-k log-probabilities, target_outputs.format=topk, at whose temperature it then
+distils: distil.temperature, with which the store was made; 1 otherwise).
 A draft init with its own vocabulary (the `vocab_trim` stage's, read as `draft_init`, or one with
 another tokenizer, draft.vocabulary=intersection) reads its inputs mapped as a server maps them
 and is distilled over the intersection of the vocabularies (trainer.KDTrainer).
@@ -41,11 +42,11 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
     tokenizer = load_tokenizer_artifact(inputs["target"], trust_remote_code=trust.target)
     stored = None
     teacher = None
+    temperature = KDOptions().temperature
     if "target_outputs" in inputs:
-        # hidden states, or the top-k at the temperature the reference distils at
-        stored = load_target_outputs(
-            inputs["target_outputs"], device, temperature=KDOptions().temperature
-        )
+        # hidden states, or the top-k at its own temperature (the one distil reads it at)
+        stored = load_target_outputs(inputs["target_outputs"], device, temperature=None)
+        temperature = getattr(stored, "temperature", temperature)
     else:
         teacher = load_model_artifact(inputs["target"], device, trust_remote_code=trust.target)
     model = load_model_artifact(inputs["draft_init"], device, trust_remote_code=trust.draft)
@@ -64,7 +65,7 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
         cfg.train,
         out,
         seed,
-        options=KDOptions(),
+        options=KDOptions(temperature=temperature),
         ctx=ctx,
         target_outputs=stored,
         vocab_map=vocab_map,
@@ -75,5 +76,6 @@ def train_reference(cfg: ReferenceConfig, inputs: dict[str, Path], ctx: StageCon
     return {
         "model": "model",
         "final_loss": history[-1]["loss"] if history else None,
+        "temperature": temperature,
         **replica_checksum(model),
     }
