@@ -177,8 +177,8 @@ def target_outputs_stage(
     stages reading them) runs in bf16, on the device distil trains on. k and the temperature
     are keyed with format=topk only (the hidden states depend on neither), so jobs and recipes
     that differ only in them share a hidden-state store; nothing of the draft is keyed, so every
-    draft shape, recipe and seed on one draft-free generation shares either store. Named after `generate` (target_outputs_name)
-    unless `suffix` names it `target_outputs<suffix>`."""
+    draft shape, recipe and seed on one draft-free generation shares either store. Named after
+    `generate` (target_outputs_name) unless `suffix` names it `target_outputs<suffix>`."""
     bf16 = all(train.precision == "bf16" for train in readers)
     res = job.distil.resources
     topk = job.target_outputs.format == "topk"
