@@ -45,7 +45,9 @@ class Killer:
         return self.fn(*args, **kwargs)
 
 
-def test_generate_and_target_outputs_resume_from_their_finished_parts(tmp_path, monkeypatch):
+def test_generate_and_target_outputs_resume_from_their_finished_parts(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(generate, "PART_PROMPTS", 4)  # parts of 2 batches of 2: 4 + 4 + 3
     monkeypatch.setattr(target_outputs, "PART_SEQUENCES", 4)  # 4 + 4 + 3 sequences
     quiet = {"use_ray": False, "say": lambda _: None}
@@ -66,6 +68,7 @@ def test_generate_and_target_outputs_resume_from_their_finished_parts(tmp_path, 
     with pytest.raises(Exception, match="killed mid-stage"):
         execute(stages(), store, **quiet)
     assert sampler.calls == 2  # the first part read back, the other two sampled
+    assert "4 of 11 responses read back from a previous attempt" in capsys.readouterr().out
     assert not list(store.glob(".ckpt-generate-*"))  # published: its parts are gone
     (kept,) = store.glob(".ckpt-target_outputs-*")
     assert len(list(kept.glob("part-*.safetensors"))) == 2
@@ -74,6 +77,7 @@ def test_generate_and_target_outputs_resume_from_their_finished_parts(tmp_path, 
     monkeypatch.setattr(target_outputs, "target_topk_rows", rows)
     made = execute(stages(), store, **quiet)
     assert rows.calls == 1  # only the third part
+    assert "8 sequences' rows read back from a previous attempt" in capsys.readouterr().out
     assert not list(store.glob(".ckpt-*"))
     assert made["generate"].key == whole["generate"].key  # same stages, same keys
     a, b = (load_sequences(r["generate"].path) for r in (whole, made))

@@ -73,9 +73,11 @@ def sample_shard(
     here = Path(folder) if folder is not None and Path(folder).is_dir() else None
     loaded: list = []
     responses: list[list[int]] = []
+    reused = 0
     for a, b in part_bounds(first_index, first_index + len(prompts), cfg.batch_size):
         path = None if here is None else here / f"{source}-{a:07d}-{b:07d}.json"
         part = _read_part(path, b - a)
+        reused += len(part or [])
         if part is None:
             if not loaded:
                 device = device_for(cfg.resources.gpus)
@@ -98,6 +100,8 @@ def sample_shard(
             if path is not None:
                 _write_part(path, part)
         responses += part
+    if reused:
+        print(f"{desc}: {reused} of {len(prompts)} responses read back from a previous attempt")
     return responses, worker_gpu_ids()
 
 

@@ -143,14 +143,18 @@ def rows_in_parts(
     attempt."""
     rows: list = []
     bounds = part_bounds(len(sequences)) if bounds is None else bounds
+    reused = 0
     for a, b in tqdm(bounds, desc="target outputs: parts", disable=len(bounds) < 2):
         path = None if folder is None else Path(folder) / f"part-{a:07d}-{b:07d}.safetensors"
         part = _read_part(path, b - a)
+        reused += 0 if part is None else b - a
         if part is None:
             part = compute(sequences.select(range(a, b)))
             if path is not None:
                 _write_part(path, part)
         rows += part
+    if reused:
+        print(f"target_outputs: {reused} sequences' rows read back from a previous attempt")
     return rows
 
 
