@@ -67,17 +67,23 @@ def sample_shard(
 ) -> tuple[list[list[int]], list[int]]:
     """One worker's responses to `prompts` (prompts[first_index:...] of the whole list), and the
     GPUs it ran on, part after part (part_bounds); each part is read from or saved to `folder`
-    (the stage's checkpoint directory, as `<source>-<first>-<end>.json`) when this machine has it, and the model is loaded only
-    when a part has to be sampled. Model code runs per model: the sampling model's when
-    `model_trusted`, the tokenizer's (the target's) when `tokenizer_trusted`."""
+    (the stage's checkpoint directory, as `<source>-<first>-<end>.json`) when this machine has
+    it, and the model is loaded only when a part has to be sampled. Model code runs per model:
+    the sampling model's when `model_trusted`, the tokenizer's (the target's) when
+    `tokenizer_trusted`."""
     here = Path(folder) if folder is not None and Path(folder).is_dir() else None
+    paths = {
+        (a, b): None if here is None else here / f"{source}-{a:07d}-{b:07d}.json"
+        for a, b in part_bounds(first_index, first_index + len(prompts), cfg.batch_size)
+    }
+    done = {bounds: _read_part(path, bounds[1] - bounds[0]) for bounds, path in paths.items()}
+    reused = sum(len(part) for part in done.values() if part is not None)
+    if reused:
+        print(f"{desc}: {reused} of {len(prompts)} responses read back from a previous attempt")
     loaded: list = []
     responses: list[list[int]] = []
-    reused = 0
-    for a, b in part_bounds(first_index, first_index + len(prompts), cfg.batch_size):
-        path = None if here is None else here / f"{source}-{a:07d}-{b:07d}.json"
-        part = _read_part(path, b - a)
-        reused += len(part or [])
+    for (a, b), path in paths.items():
+        part = done[a, b]
         if part is None:
             if not loaded:
                 device = device_for(cfg.resources.gpus)
@@ -100,8 +106,6 @@ def sample_shard(
             if path is not None:
                 _write_part(path, part)
         responses += part
-    if reused:
-        print(f"{desc}: {reused} of {len(prompts)} responses read back from a previous attempt")
     return responses, worker_gpu_ids()
 
 
