@@ -118,6 +118,7 @@ def test_recipes_with_other_store_settings_get_one_store_each_for_all_seeds(tmp_
                 "exact_online": {
                     "set": {"target_outputs.format": "hidden", "generate.dataset_fraction": 0.0}
                 },
+                "top8_online": {"set": {"target_outputs.k": 8, "generate.dataset_fraction": 0.0}},
             },
         },
         generate={"dataset_fraction": 1.0, "draft_fraction": 0.0},
@@ -126,13 +127,17 @@ def test_recipes_with_other_store_settings_get_one_store_each_for_all_seeds(tmp_
     stages = {s.name: s for s in build_comparison_stages(load_comparison(path))}
     stores = sorted(n for n in stages if n.startswith("target_outputs"))
     # the shared top-16 store, the exact recipes' hidden states on the shared sequences (made
-    # once: exact_fkl reuses exact's), and the online recipe's own per seed
+    # once: exact_fkl reuses exact's), and the online recipes' own per seed (none on the shared
+    # sequences for them)
     assert stores == [
         "target_outputs",
         "target_outputs.exact",
         "target_outputs.exact_online.s0",
         "target_outputs.exact_online.s1",
+        "target_outputs.top8_online.s0",
+        "target_outputs.top8_online.s1",
     ]
+    assert stages["target_outputs.top8_online.s1"].config.k == 8
     assert stages["target_outputs"].config.format == "topk"
     assert stages["target_outputs.exact"].config.format == "hidden"
     assert stages["target_outputs.exact"].seed == stages["target_outputs"].seed
@@ -147,6 +152,12 @@ def test_recipes_with_other_store_settings_get_one_store_each_for_all_seeds(tmp_
         assert store(f"exact_online.s{seed}") == [
             f"target_outputs=target_outputs.exact_online.s{seed}"
         ]
+        # exact_online's sequences, read through a top-8 store of its own
+        assert store(f"top8_online.s{seed}") == [
+            f"target_outputs=target_outputs.top8_online.s{seed}"
+        ]
+        own = stages[f"target_outputs.top8_online.s{seed}"]
+        assert f"generate=generate.exact_online.s{seed}" in own.deps and own.seed == seed
     assert stages["distil.top4.s0"].config.stored_k == 4
     with pytest.raises(ConfigError, match="compare.recipes.wide: distil.stored_k=32 above"):
         load_comparison(

@@ -16,7 +16,8 @@ dataset-response sequences and the reference are computed once and shared by eve
 the stage cache. A recipe on the shared sequences whose stored target outputs differ from the
 shared ones (another target_outputs.format or k, a top-k at another distil.temperature) gets
 `target_outputs.<recipe>`, made once for all its seeds (the first recipe with those settings names
-it, later ones reuse it). Each recipe
+it, later ones reuse it); so does a recipe on another recipe's sequences, as
+`target_outputs.<recipe>.s<seed>`. Each recipe
 × seed gets its own `generate.<recipe>.s<seed>` (when its generation differs from the shared one;
 the first recipe with those settings names it, later ones reuse it),
 `distil.<recipe>.s<seed>` and `evaluate.<recipe>.s<seed>`; every evaluation uses the job's seed, so
@@ -45,6 +46,7 @@ from specdraft.pipeline.engine.job import (
     recipe_stages,
     resolve_local_paths,
     section_stage,
+    target_outputs_name,
     target_outputs_stage,
 )
 from specdraft.pipeline.engine.rundir import check_apart, check_destination, write_run_dir
@@ -162,31 +164,46 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     generations = {
         (json.dumps(dataclasses.asdict(base.generate), sort_keys=True), None): "generate"
     }
+    # (generation stage, what its store depends on) -> the target_outputs stage that holds it
     stores = {}
     if base.distil.stored_target_outputs:
-        stores[_store_settings(base, base)] = "target_outputs"
+        stores["generate", _store_settings(base, (base.reference.train, base.distil.train))] = (
+            "target_outputs"
+        )
     for recipe in comp.recipes:
-        stored = None
-        if recipe.job.distil.stored_target_outputs:
-            # on the shared sequences: the shared store, or the first one of these settings
-            settings = _store_settings(recipe.job, base)
-            if settings not in stores:
-                store = _recipe_store(recipe, base)
-                stages.append(store)
-                stores[settings] = store.name
-            stored = stores[settings]
         for seed in comp.seeds:
             suffix = "." + run_name(recipe.name, seed)
             settings = json.dumps(dataclasses.asdict(recipe.job.generate), sort_keys=True)
             generate = generations.get((settings, None)) or generations.get((settings, seed))
+            stored = None
+            if generate is not None and recipe.job.distil.stored_target_outputs:
+                # another stage's sequences: the store made on them with these settings, or
+                # this recipe's own (on the shared sequences once for all seeds)
+                shared = generate == "generate"
+                readers = _store_readers(recipe.job, base, shared)
+                key = (generate, _store_settings(recipe.job, readers))
+                if key not in stores:
+                    store = target_outputs_stage(
+                        recipe.job,
+                        base.seed if shared else seed,
+                        generate,
+                        readers,
+                        suffix="." + recipe.name if shared else suffix,
+                    )
+                    stages.append(store)
+                    stores[key] = store.name
+                stored = stores[key]
             chain, made, evaluate = recipe_stages(
                 recipe.job,
                 seed,
                 suffix=suffix,
                 generate=generate,
                 eval_seed=base.seed,
-                stored=stored if generate == "generate" else None,
+                stored=stored,
             )
+            if generate is None and recipe.job.distil.stored_target_outputs:
+                readers = _store_readers(recipe.job, base, False)
+                stores[made, _store_settings(recipe.job, readers)] = target_outputs_name(made)
             # the first recipe with this generation makes it, for all
             generations.setdefault((settings, seed), made)
             stages += chain
@@ -211,24 +228,15 @@ def build_comparison_stages(comp: Comparison) -> list[Stage]:
     return stages
 
 
-def _store_readers(job: JobConfig, base: JobConfig) -> tuple:
-    """The training sections whose precision a store on the shared sequences follows: the shared
-    reference's and `job`'s distil (target_outputs_stage)."""
-    return (base.reference.train, job.distil.train)
+def _store_readers(job: JobConfig, base: JobConfig, shared: bool) -> tuple:
+    """The training sections whose precision a store follows (target_outputs_stage): on the
+    shared sequences the shared reference's and `job`'s distil; on a recipe's own, its distil."""
+    return (base.reference.train, job.distil.train) if shared else (job.distil.train,)
 
 
-def _recipe_store(recipe: Recipe, base: JobConfig) -> Stage:
-    """`recipe`'s target_outputs stage on the shared sequences, `target_outputs.<recipe>`: its
-    format, k and temperature."""
-    readers = _store_readers(recipe.job, base)
-    return target_outputs_stage(
-        recipe.job, base.seed, "generate", readers, suffix="." + recipe.name
-    )
-
-
-def _store_settings(job: JobConfig, base: JobConfig) -> str:
-    """What `job`'s stored target outputs on the shared sequences depend on, as a dict key."""
-    store = target_outputs_stage(job, base.seed, "generate", _store_readers(job, base))
+def _store_settings(job: JobConfig, readers: tuple) -> str:
+    """What `job`'s stored target outputs depend on besides their sequences, as a dict key."""
+    store = target_outputs_stage(job, 0, "generate", readers)
     return json.dumps(dataclasses.asdict(store.config), sort_keys=True)
 
 
